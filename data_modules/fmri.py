@@ -1,0 +1,262 @@
+"""Stream fMRI trials (active patches) from a neurovision store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from neurovision.store import SPLITS, Store
+from neurovision.tasks.base import DataSpec
+
+Condition = Literal["average", "single"]
+
+
+class FMRITrials(Dataset):
+    """Items of one split of a store: single trials (training) or evaluation items per (subject, stimulus).
+
+    ``mode="trials"``: every trial is an item; with ``mixup_prob > 0`` a trial is mixed with a random other
+    repeat of the same image for the same subject (λ ~ Beta(α, α)), the paper's MixUp between repeats.
+    ``mode="average"``: one item per (subject, stimulus), the mean of all its repeats.
+    ``mode="single"``: one item per (subject, stimulus), its first repeat only.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        split: str,
+        subjects: list[int],
+        mode: Literal["trials", "average", "single"] = "trials",
+        mixup_prob: float = 0.0,
+        mixup_alpha: float = 1.0,
+        return_images: bool = False,
+    ) -> None:
+        self.store = store
+        self.mode = mode
+        self.mixup_prob = mixup_prob
+        self.mixup_alpha = mixup_alpha
+        self.return_images = return_images
+        t = store.trials
+        keep = store.split_mask(split) & np.isin(t["subject"], subjects)
+        idx = np.nonzero(keep)[0]
+        key = t["subject"][idx].astype(np.int64) * (int(t["stimulus"].max()) + 1) + t["stimulus"][idx]
+        order = np.lexsort((t["repeat"][idx], key))  # group by (subject, stimulus), repeats in order
+        idx, key = idx[order], key[order]
+        starts = np.r_[0, np.nonzero(np.diff(key))[0] + 1]
+        self.groups = np.split(idx, starts[1:]) if len(idx) else []  # trial indices of each (subj, stim)
+        self.group_of_trial = {int(i): g for g, grp in enumerate(self.groups) for i in grp}
+        self.items = idx if mode == "trials" else np.array([g[0] for g in self.groups], dtype=np.int64)
+        self._beta = torch.distributions.Beta(torch.tensor(float(mixup_alpha)), torch.tensor(float(mixup_alpha)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, trial: int) -> np.ndarray:
+        return self.store.patches(trial).astype(np.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        trial = int(self.items[i])
+        t = self.store.trials
+        if self.mode == "average":
+            grp = self.groups[self.group_of_trial[trial]]
+            x = np.mean([self._load(int(j)) for j in grp], axis=0)
+            n_rep = len(grp)
+        else:
+            x = self._load(trial)
+            n_rep = 1
+            if self.mode == "trials" and self.mixup_prob > 0:
+                # torch's RNG: seeded by Lightning/DataLoader per worker and epoch, so runs are reproducible
+                grp = self.groups[self.group_of_trial[trial]]
+                others = grp[grp != trial]
+                if len(others) and float(torch.rand(())) < self.mixup_prob:
+                    other = int(others[int(torch.randint(len(others), ()))])
+                    lam = float(self._beta.sample())
+                    x = lam * x + (1 - lam) * self._load(other)
+        item: dict[str, Any] = {
+            "patches": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "subject": int(t["subject"][trial]),
+            "stimulus": int(t["stimulus"][trial]),
+            "trial": trial if self.mode != "average" else -1,
+            "n_repeats": n_rep,
+        }
+        if self.return_images:
+            img = self.store.image(int(t["stimulus"][trial]))
+            item["image"] = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # uint8 (3, H, W)
+        return item
+
+
+class StoreDataModule(L.LightningDataModule):
+    """Base class of the datamodules that read a neurovision store; holds what the data decides.
+
+    ``store`` is opened lazily (``setup``) and only its header is read when a model asks for sizes
+    (``num_active_patches``, ``patch_dim``, ``num_subjects``, ...) through ``link_arguments``.
+    """
+
+    def __init__(self, store: str | Path) -> None:
+        super().__init__()
+        self.store_path = Path(store)
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if not self.store_path.exists():
+                raise FileNotFoundError(
+                    f"{self.store_path}: store file does not exist (YAML key data.init_args.store); "
+                    f"create it with `neurovision prepare <source> --out {self.store_path}`")
+            self._store = Store(self.store_path)
+        return self._store
+
+    def prepare_data(self) -> None:
+        _ = self.store  # validates the file; one clear error if missing or foreign
+
+    # values the data decides (for LightningCLI.link_arguments, apply_on="instantiate") ----------------
+    @property
+    def spec(self) -> DataSpec:
+        """Everything a task needs to size itself (linked to ``model.init_args.data_spec``)."""
+        g = self.store.grid
+        return DataSpec(
+            num_active_patches=g.n_active, patch_size=g.patch_size, grid_shape=g.shape,
+            patch_coords=tuple(tuple(int(v) for v in c) for c in g.active_coords),  # type: ignore[misc]
+            num_subjects=len(self.store.subjects), image_shape=self.store.image_shape,  # type: ignore[arg-type]
+        )
+
+    @property
+    def num_active_patches(self) -> int:
+        return self.store.grid.n_active
+
+    @property
+    def patch_size(self) -> int:
+        return self.store.grid.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.store.grid.patch_size**3
+
+    @property
+    def grid_shape(self) -> list[int]:
+        return list(self.store.grid.shape)
+
+    @property
+    def patch_coords(self) -> list[list[int]]:
+        return self.store.grid.active_coords.tolist()
+
+    @property
+    def num_subjects(self) -> int:
+        return len(self.store.subjects)
+
+    @property
+    def image_shape(self) -> list[int]:
+        return list(self.store.image_shape)
+
+    def _subject_indices(self, names: list[str] | None, key: str) -> list[int]:
+        if names is None:
+            return [s.index for s in self.store.subjects]
+        out = []
+        for n in names:
+            match = [s.index for s in self.store.subjects if s.name == n]
+            if not match:
+                raise ValueError(f"{self.store_path}: field 'subjects': no subject {n!r} (YAML key {key}); "
+                                 f"available: {self.store.subject_names}")
+            out.append(match[0])
+        return out
+
+
+class FMRIDataModule(StoreDataModule):
+    """fMRI trials from a store: train on single trials (optional MixUp), evaluate per image.
+
+    Validation and test return one dataloader per entry of ``eval_conditions``: ``average`` (the mean over
+    an image's repeats, the paper's main condition) and/or ``single`` (its first repeat only). ``predict``
+    uses the test split with the first condition.
+
+    Args:
+        store: path of the store file (``neurovision prepare``).
+        subjects: subjects to train on (names such as ``sub-01``); all when omitted.
+        eval_subjects: subjects to validate/test on; ``subjects`` when omitted. Naming a subject left out of
+            ``subjects`` evaluates it zero-shot.
+        batch_size: items per batch.
+        num_workers: DataLoader worker processes (each opens its own file handle).
+        eval_conditions: evaluation conditions, one val/test dataloader each.
+        mixup_prob: probability of mixing a training trial with another repeat of the same image.
+        mixup_alpha: Beta(α, α) parameter of the MixUp weight.
+        return_images: also return the stimulus image (uint8, channels first).
+        pin_memory: pin host memory (for GPU training).
+    """
+
+    def __init__(
+        self,
+        store: str | Path,
+        subjects: list[str] | None = None,
+        eval_subjects: list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        eval_conditions: list[Condition] | None = None,
+        mixup_prob: float = 0.0,
+        mixup_alpha: float = 1.0,
+        return_images: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(store)
+        self.save_hyperparameters()
+        self.subjects = subjects
+        self.eval_subjects = eval_subjects
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.eval_conditions: list[Condition] = list(eval_conditions or ["average", "single"])
+        if not self.eval_conditions or any(c not in ("average", "single") for c in self.eval_conditions):
+            raise ValueError(f"eval_conditions must be a non-empty list of 'average'/'single', "
+                             f"got {eval_conditions}")
+        if not 0 <= mixup_prob <= 1:
+            raise ValueError(f"mixup_prob must be in [0, 1], got {mixup_prob}")
+        self.mixup_prob = mixup_prob
+        self.mixup_alpha = mixup_alpha
+        self.return_images = return_images
+        self.pin_memory = pin_memory
+        self.datasets: dict[str, Any] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        train_s = self._subject_indices(self.subjects, "data.init_args.subjects")
+        eval_s = self._subject_indices(self.eval_subjects, "data.init_args.eval_subjects") \
+            if self.eval_subjects is not None else train_s
+        kw = {"return_images": self.return_images}
+        if stage in ("fit", None):
+            self.datasets["train"] = FMRITrials(self.store, "train", train_s, "trials", self.mixup_prob,
+                                                self.mixup_alpha, **kw)
+            if len(self.datasets["train"]) == 0:
+                raise ValueError(f"{self.store_path}: field 'trials/split': no training trials for subjects "
+                                 f"{[self.store.subject_names[i] for i in train_s]}")
+        for split in ("val", "test"):
+            self.datasets[split] = [FMRITrials(self.store, split, eval_s, c, **kw) for c in self.eval_conditions]
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(d, False) for d in self.datasets["val"]]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(d, False) for d in self.datasets["test"]]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"][0], False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"store": str(self.store_path), "fingerprint": self.store.attrs.get("fingerprint", "")}
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+__all__ = ["FMRIDataModule", "FMRITrials", "StoreDataModule", "SPLITS"]

@@ -1,0 +1,414 @@
+"""Natural Scenes Dataset (NSD) -> neurovision store.
+
+Reads the public NSD layout under ``root``::
+
+    nsddata/experiments/nsd/nsd_expdesign.mat              masterordering, subjectim, sharedix (1-based)
+    nsddata/experiments/nsd/nsd_stim_info_merged.csv       nsdId (0-based), cocoId, cocoSplit, shared1000
+    nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5           imgBrick uint8 (73000, 425, 425, 3)
+    nsddata_stimuli/stimuli/nsd/annotations/captions_{train,val}2017.json   COCO captions (optional)
+    nsddata/ppdata/subjXX/func1pt8mm/roi/nsdgeneral.nii.gz NIfTI X*Y*Z: -1 outside brain, 0 brain, 1 ROI
+    nsddata/ppdata/subjXX/func1pt8mm/brainmask.nii.gz      optional
+    nsddata_betas/ppdata/subjXX/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_sessionYY.hdf5
+                                                           betas int16 (trials, Z, Y, X): % signal change * 300
+
+Every subject's single-trial betas (divided by 300, optionally z-scored per voxel within each session, zeroed
+outside the brain mask when one exists) are resized trilinearly onto subject ``grid_subject``'s grid (the
+paper's choice: subj01, 81x104x83), padded to a multiple of ``patch_size`` and stored as the patches that
+touch the union of the subjects' nsdgeneral ROIs. One session is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from neurovision.sources import log, up_to_date
+from neurovision.store import StoreError, StoreWriter, fingerprint
+
+CONVERTER_VERSION = "1"
+N_NSD_SUBJECTS = 8
+_TRIAL_BATCH = 32  # trials resampled at once
+_STIM_BATCH = 64  # images copied at once
+_ZSCORE_BLOCK = 1 << 24  # floats per z-scoring block (64 MB)
+
+
+# --------------------------------------------------------------------------------------------- layout
+def expdesign_path(root: Path) -> Path:
+    return root / "nsddata" / "experiments" / "nsd" / "nsd_expdesign.mat"
+
+
+def stim_info_path(root: Path) -> Path:
+    return root / "nsddata" / "experiments" / "nsd" / "nsd_stim_info_merged.csv"
+
+
+def stimuli_path(root: Path) -> Path:
+    return root / "nsddata_stimuli" / "stimuli" / "nsd" / "nsd_stimuli.hdf5"
+
+
+def captions_paths(root: Path) -> list[Path]:
+    d = root / "nsddata_stimuli" / "stimuli" / "nsd" / "annotations"
+    return [d / "captions_train2017.json", d / "captions_val2017.json"]
+
+
+def nsdgeneral_path(root: Path, subject: int) -> Path:
+    return root / "nsddata" / "ppdata" / f"subj{subject:02d}" / "func1pt8mm" / "roi" / "nsdgeneral.nii.gz"
+
+
+def brainmask_path(root: Path, subject: int) -> Path:
+    return root / "nsddata" / "ppdata" / f"subj{subject:02d}" / "func1pt8mm" / "brainmask.nii.gz"
+
+
+def betas_dir(root: Path, subject: int) -> Path:
+    return (root / "nsddata_betas" / "ppdata" / f"subj{subject:02d}" / "func1pt8mm"
+            / "betas_fithrf_GLMdenoise_RR")
+
+
+def betas_path(root: Path, subject: int, session: int) -> Path:
+    return betas_dir(root, subject) / f"betas_session{session:02d}.hdf5"
+
+
+def _need_file(path: Path, field: str, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: field '{field}': file not found ({what})")
+    return path
+
+
+def _session_files(root: Path, subject: int, sessions: int | None) -> list[Path]:
+    """The betas files of sessions 1..N (N = ``sessions`` or all found), checked to be contiguous."""
+    d = betas_dir(root, subject)
+    found = sorted(d.glob("betas_session[0-9][0-9].hdf5")) if d.is_dir() else []
+    n = len(found) if sessions is None else sessions
+    if n == 0:
+        raise FileNotFoundError(f"{betas_path(root, subject, 1)}: field 'betas': file not found "
+                                f"(no betas_sessionYY.hdf5 for subject {subject} in {d})")
+    paths = [betas_path(root, subject, s) for s in range(1, n + 1)]
+    for p in paths:
+        _need_file(p, "betas", f"subject {subject} has {len(found)} session file(s), {n} needed")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- readers
+def _load_expdesign(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masterordering 0-based columns, subjectim 0-based nsdIds (8, C), sharedix 0-based nsdIds)."""
+    from scipy.io import loadmat
+
+    _need_file(path, "<file>", "NSD experimental design")
+    try:
+        mat = loadmat(str(path))
+    except Exception as e:  # scipy raises several exception types for foreign files
+        raise StoreError(path, "<file>", f"not a readable MATLAB file: {e}") from e
+    out = []
+    for name in ("masterordering", "subjectim", "sharedix"):
+        if name not in mat:
+            raise StoreError(path, name, "missing")
+        a = np.asarray(mat[name])
+        if a.dtype.kind not in "iuf" or a.size == 0:
+            raise StoreError(path, name, f"expected a numeric array, got {a.dtype} {a.shape}")
+        out.append(a)
+    order, subjectim, shared = out
+    order = order.reshape(-1).astype(np.int64) - 1
+    shared = shared.reshape(-1).astype(np.int64) - 1
+    subjectim = subjectim.astype(np.int64) - 1
+    if subjectim.ndim != 2:
+        raise StoreError(path, "subjectim", f"expected (subjects, images), got shape {subjectim.shape}")
+    if order.min() < 0 or order.max() >= subjectim.shape[1]:
+        raise StoreError(path, "masterordering", f"values outside 1..{subjectim.shape[1]} (columns of subjectim)")
+    if subjectim.min() < 0 or shared.min() < 0:
+        raise StoreError(path, "subjectim", "1-based ids expected, found values < 1")
+    return order, subjectim, shared
+
+
+def _load_stim_info(path: Path) -> dict[int, tuple[int, str]]:
+    """nsdId -> (cocoId, cocoSplit)."""
+    import pandas as pd
+
+    _need_file(path, "<file>", "NSD stimulus info")
+    df = pd.read_csv(path)
+    for col in ("nsdId", "cocoId"):
+        if col not in df.columns:
+            raise StoreError(path, col, f"missing column (found {list(df.columns)[:12]})")
+    split = df["cocoSplit"].astype(str) if "cocoSplit" in df.columns else pd.Series([""] * len(df))
+    return {int(n): (int(c), s) for n, c, s in zip(df["nsdId"], df["cocoId"], split, strict=True)}
+
+
+def _load_captions(paths: Sequence[Path], coco_ids: Sequence[int]) -> list[list[str]]:
+    """COCO captions per stimulus; empty lists (and a warning) when the annotation files are absent."""
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        warnings.warn(f"{paths[0].parent}: COCO caption files not found; captions will be empty",
+                      UserWarning, stacklevel=3)
+        return [[] for _ in coco_ids]
+    wanted = set(int(c) for c in coco_ids)
+    by_image: dict[int, list[str]] = {}
+    for p in present:
+        try:
+            anns = json.loads(p.read_text(encoding="utf-8"))["annotations"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise StoreError(p, "annotations", f"not a COCO caption file: {e!r}") from e
+        for a in anns:
+            i = int(a["image_id"])
+            if i in wanted:
+                by_image.setdefault(i, []).append(str(a["caption"]).strip())
+    missing = sum(1 for c in coco_ids if int(c) not in by_image)
+    if missing:
+        warnings.warn(f"{present[0].parent}: {missing} stimuli have no COCO caption", UserWarning, stacklevel=3)
+    return [by_image.get(int(c), []) for c in coco_ids]
+
+
+def _load_nifti(path: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    _need_file(path, field, "NIfTI volume")
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if data.ndim != 3:
+        raise StoreError(path, field, f"expected a 3-D volume, got shape {data.shape}")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _betas_header(path: Path) -> tuple[int, tuple[int, int, int]]:
+    """(trials, NIfTI-order shape) of a betas file, validating dataset, dtype and rank."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(path, "<file>", f"not a readable HDF5 file: {e}") from e
+    with f:
+        if "betas" not in f:
+            raise StoreError(path, "betas", f"missing dataset (found {list(f.keys())})")
+        ds = f["betas"]
+        if ds.dtype != np.int16 or ds.ndim != 4:
+            raise StoreError(path, "betas", f"dtype {ds.dtype} shape {ds.shape}, expected int16 (trials, Z, Y, X)")
+        t, z, y, x = (int(s) for s in ds.shape)
+    return t, (x, y, z)
+
+
+def _read_betas(path: Path) -> np.ndarray:
+    """(trials, X, Y, Z) float32 percent signal change."""
+    with h5py.File(path, "r") as f:
+        raw = f["betas"][()]
+    out = np.ascontiguousarray(raw.transpose(0, 3, 2, 1), dtype=np.float32)
+    del raw
+    out /= 300.0
+    return out
+
+
+def _zscore_inplace(vols: np.ndarray) -> None:
+    """Per-voxel z-score over the trials of one session, in voxel blocks to bound memory."""
+    from neurovision.preprocessing import zscore_by_session
+
+    t = vols.shape[0]
+    flat = vols.reshape(t, -1)
+    labels = np.zeros(t, dtype=np.int64)
+    step = max(1, _ZSCORE_BLOCK // max(t, 1))
+    for j in range(0, flat.shape[1], step):
+        flat[:, j:j + step] = zscore_by_session(flat[:, j:j + step], labels).numpy()
+
+
+# --------------------------------------------------------------------------------------------- trial table
+def _repeats(ids: np.ndarray) -> np.ndarray:
+    """0-based count of earlier occurrences of each id."""
+    seen: dict[int, int] = {}
+    out = np.empty(len(ids), dtype=np.int64)
+    for i, v in enumerate(ids.tolist()):
+        out[i] = seen.get(v, 0)
+        seen[v] = out[i] + 1
+    return out
+
+
+def _image_batches(brick: h5py.Dataset, ids: np.ndarray, image_size: int | None) -> Iterator[np.ndarray]:
+    from PIL import Image
+
+    for b in range(0, len(ids), _STIM_BATCH):
+        imgs = brick[ids[b:b + _STIM_BATCH]]  # h5py fancy indexing: increasing ids
+        if image_size is not None:
+            imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
+                             for im in imgs])
+        yield imgs
+
+
+def _write_stimuli(writer: StoreWriter, path: Path, ids: np.ndarray, image_size: int | None) -> None:
+    """Stream the used images into /stimuli (StoreWriter.set_stimuli needs them all in memory: 73k*0.5 MB)."""
+    with h5py.File(path, "r") as f:
+        if "imgBrick" not in f:
+            raise StoreError(path, "imgBrick", f"missing dataset (found {list(f.keys())})")
+        brick = f["imgBrick"]
+        if brick.dtype != np.uint8 or brick.ndim != 4 or brick.shape[-1] != 3:
+            raise StoreError(path, "imgBrick", f"dtype {brick.dtype} shape {brick.shape}, expected uint8 (N, H, W, 3)")
+        if np.any(np.diff(ids) <= 0):
+            raise ValueError("stimulus ids must be strictly increasing")
+        if len(ids) and int(ids.max()) >= brick.shape[0]:
+            raise StoreError(path, "imgBrick", f"{brick.shape[0]} images, but nsdId {int(ids.max())} is used")
+        hw = brick.shape[1:3] if image_size is None else (image_size, image_size)
+        ds = writer.create_stimuli(len(ids), (*hw, 3), ids)
+        start = 0
+        for batch in _image_batches(brick, ids, image_size):
+            ds[start:start + len(batch)] = batch
+            start += len(batch)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def prepare(
+    root: Path,
+    out: Path,
+    subjects: list[int] = [1, 2, 5, 7],  # noqa: B006 - never mutated; a list for the CLI
+    sessions: int | None = None,
+    patch_size: int = 14,
+    grid_subject: int = 1,
+    zscore: bool = True,
+    image_size: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Convert the Natural Scenes Dataset at ``root`` into a neurovision store at ``out``.
+
+    Args:
+        root: NSD root folder (holding ``nsddata``, ``nsddata_betas`` and ``nsddata_stimuli``).
+        out: the store file to write.
+        subjects: NSD subjects (1..8) to include; the paper uses 1, 2, 5 and 7 (those who did all 40 sessions).
+        sessions: use the first N sessions of each subject; None uses every session file found.
+        patch_size: edge of the cubic patches the grid is cut into.
+        grid_subject: the subject whose voxel grid is the common grid (the paper: subj01).
+        zscore: z-score each voxel within each session (NSD practice) before resampling.
+        image_size: resize stimuli to this square size (PIL bicubic); None keeps 425x425.
+        val_fraction: fraction of the train images (never shared1000) moved to the val split.
+        seed: seed of the val-image draw.
+        force: rebuild even when an up-to-date store exists at ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    from neurovision.preprocessing import GridSpec, resize_grid_affine
+
+    root, out = Path(root), Path(out)
+    subjects = [int(s) for s in subjects]
+    if not subjects or len(set(subjects)) != len(subjects):
+        raise ValueError(f"subjects must be distinct NSD subjects, got {subjects}")
+    for s in [*subjects, grid_subject]:
+        if not 1 <= s <= N_NSD_SUBJECTS:
+            raise ValueError(f"NSD subjects are 1..{N_NSD_SUBJECTS}, got {s}")
+    if sessions is not None and sessions < 1:
+        raise ValueError(f"sessions must be >= 1 or None, got {sessions}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1 or None, got {image_size}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: field 'root': NSD root folder not found")
+
+    # ---- inputs and fingerprint
+    design_p, info_p, stim_p = expdesign_path(root), stim_info_path(root), stimuli_path(root)
+    for p, what in ((design_p, "NSD experimental design"), (info_p, "NSD stimulus info"),
+                    (stim_p, "NSD stimulus images")):
+        _need_file(p, "<file>", what)
+    roi_p = {s: _need_file(nsdgeneral_path(root, s), "nsdgeneral", f"ROI of subject {s}")
+             for s in dict.fromkeys([*subjects, grid_subject])}
+    mask_p = {s: brainmask_path(root, s) for s in subjects if brainmask_path(root, s).is_file()}
+    sess_p = {s: _session_files(root, s, sessions) for s in subjects}
+    cap_p = [p for p in captions_paths(root) if p.is_file()]
+    options: dict[str, Any] = {
+        "root": str(root.resolve()), "subjects": subjects, "sessions": sessions, "patch_size": patch_size,
+        "grid_subject": grid_subject, "zscore": zscore, "image_size": image_size,
+        "val_fraction": val_fraction, "seed": seed,
+    }
+    files = [design_p, info_p, stim_p, *roi_p.values(), *mask_p.values(), *cap_p,
+             *(p for ps in sess_p.values() for p in ps)]
+    fp = fingerprint({"converter_version": CONVERTER_VERSION, **options}, files)
+    if up_to_date(out, fp, force):
+        return out
+
+    # ---- experimental design and betas headers
+    order, subjectim, shared = _load_expdesign(design_p)
+    if subjectim.shape[0] < max(subjects):
+        raise StoreError(design_p, "subjectim", f"{subjectim.shape[0]} rows, subject {max(subjects)} requested")
+    rois: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for s, p in roi_p.items():
+        data, affine = _load_nifti(p, "nsdgeneral")
+        rois[s] = (data > 0, affine)
+    first = sess_p[subjects[0]][0]
+    n_per_session = _betas_header(first)[0]  # 750 in NSD; read from the data, checked against the design
+    for s in subjects:
+        shape = rois[s][0].shape
+        for p in sess_p[s]:
+            t, bshape = _betas_header(p)
+            if bshape != shape:
+                raise StoreError(p, "betas", f"volume shape {bshape} (X, Y, Z) differs from the subject's "
+                                 f"nsdgeneral {shape} ({roi_p[s]})")
+            if t != n_per_session or t == 0:
+                raise StoreError(p, "betas", f"{t} trials, expected {n_per_session} like {first}")
+        if len(sess_p[s]) * n_per_session > len(order):
+            raise StoreError(design_p, "masterordering", f"{len(order)} trials, but subject {s} has "
+                             f"{len(sess_p[s])} sessions of {n_per_session} trials")
+
+    # ---- trial table and stimuli
+    nsd_ids: dict[int, np.ndarray] = {}
+    repeats: dict[int, np.ndarray] = {}
+    sess_of: dict[int, np.ndarray] = {}
+    for s in subjects:
+        n = len(sess_p[s]) * n_per_session
+        nsd_ids[s] = subjectim[s - 1, order[:n]]
+        repeats[s] = _repeats(nsd_ids[s])
+        sess_of[s] = np.arange(n) // n_per_session + 1
+    stim_ids = np.unique(np.concatenate(list(nsd_ids.values())))
+    stim_split = np.where(np.isin(stim_ids, shared), 2, 0).astype(np.uint8)
+    train = np.nonzero(stim_split == 0)[0]
+    n_val = int(round(val_fraction * len(train)))
+    if n_val:
+        stim_split[np.random.default_rng(seed).choice(train, n_val, replace=False)] = 1
+    info = _load_stim_info(info_p)
+    missing = [int(i) for i in stim_ids if int(i) not in info]
+    if missing:
+        raise StoreError(info_p, "nsdId", f"{len(missing)} used images missing, e.g. nsdId {missing[0]}")
+    coco_ids = np.array([info[int(i)][0] for i in stim_ids], dtype=np.int64)
+    captions = _load_captions(captions_paths(root), coco_ids.tolist())
+
+    # ---- common grid and active patches
+    grid_shape = rois[grid_subject][0].shape
+    spec = GridSpec(grid_shape, patch_size)
+    grid_aff = {s: resize_grid_affine(rois[s][1], rois[s][0].shape, grid_shape) for s in subjects}
+    union = spec.set_active_from_masks([spec.mask_to_grid(rois[s][0], rois[s][1], grid_aff[s]) for s in subjects])
+    assert spec.active_index is not None
+    log.info("nsd: grid %s, %d active patches of %d^3, %d stimuli, %d subjects", grid_shape,
+             len(spec.active_index), patch_size, len(stim_ids), len(subjects))
+
+    with StoreWriter(out, source="nsd", converter_version=CONVERTER_VERSION, options=options,
+                     fingerprint=fp) as w:
+        w.set_grid(grid_shape, patch_size, spec.active_index, union)
+        for s in subjects:
+            w.add_subject(f"subj{s:02d}", affine=rois[s][1], grid_affine=grid_aff[s],
+                          original_shape=rois[s][0].shape, roi=rois[s][0])
+        bar = tqdm(total=sum(len(v) for v in sess_p.values()), desc="nsd sessions", unit="session")
+        for si, s in enumerate(subjects):
+            brain = None
+            if s in mask_p:
+                bm, _ = _load_nifti(mask_p[s], "brainmask")
+                if bm.shape != rois[s][0].shape:
+                    raise StoreError(mask_p[s], "brainmask", f"shape {bm.shape} != nsdgeneral {rois[s][0].shape}")
+                brain = bm > 0
+            stim_row = np.searchsorted(stim_ids, nsd_ids[s])
+            for k, p in enumerate(sess_p[s]):
+                vols = _read_betas(p)
+                if zscore:
+                    _zscore_inplace(vols)
+                if brain is not None:
+                    vols *= brain
+                lo = k * n_per_session
+                for b in range(0, n_per_session, _TRIAL_BATCH):
+                    e = min(b + _TRIAL_BATCH, n_per_session)
+                    patches = spec.forward(vols[b:e], rois[s][1], grid_aff[s]).numpy()
+                    rows = stim_row[lo + b:lo + e]
+                    w.append_trials(subject=si, stimulus=rows, repeat=repeats[s][lo + b:lo + e],
+                                    session=sess_of[s][lo + b:lo + e], split=stim_split[rows], patches=patches)
+                del vols
+                bar.update(1)
+        bar.close()
+        _write_stimuli(w, stim_p, stim_ids, image_size)
+        w.set_annotations("captions", captions)
+        w.set_extra("coco_ids", coco_ids)
+        w.set_extra("shared1000", np.isin(stim_ids, shared).astype(np.uint8))
+    return out

@@ -1,0 +1,508 @@
+"""The neurovision HDF5 store: the one contract every stage reads.
+
+One file per dataset, written once by ``neurovision prepare <source>`` through :class:`StoreWriter`
+(temp file + atomic rename) and read by :class:`Store`, which validates the schema on open and names the
+offending file and field on any mismatch. Layout (``SCHEMA_VERSION`` 1)::
+
+    /                       attrs: schema="neurovision.store", schema_version, source, converter_version,
+                                   options (JSON), fingerprint, created, complete
+    /grid                   attrs: shape (3,), padded_shape (3,), patch_size
+      active_index          int64 (A,)    flat index of each active patch in the padded patch grid (C order)
+      active_coords         int32 (A, 3)  patch-grid coordinates of each active patch
+      union_mask            uint8 grid    union of all subjects' ROI masks on the common grid
+    /subjects/<name>        attrs: index, original_shape (3,), affine (4,4) subject voxel -> world (mm),
+                                   grid_affine (4,4) common-grid voxel -> world for this subject
+      roi                   uint8 original_shape   the subject's ROI in its own space
+    /trials
+      subject               int16 (T,)   index into the subject list (attr ``names``)
+      stimulus              int32 (T,)   row of /stimuli
+      repeat                int16 (T,)   0-based repeat of this stimulus for this subject
+      session               int16 (T,)
+      split                 uint8 (T,)   0 train, 1 val, 2 test (attr ``names``)
+      patches               float16 (T, A, P**3)  active patches, one chunk per trial, uncompressed
+    /stimuli
+      images                uint8 (S, H, W, 3), one chunk per image
+      ids                   int64 (S,)   the source's own stimulus id (e.g. NSD 73k index)
+    /annotations/<kind>     variable-length UTF-8 JSON, one entry per stimulus (captions, concepts, ...)
+    /extras/...             source-specific arrays (e.g. the phantom's planted concept maps)
+
+Readers open the file lazily per process (a forked DataLoader worker reopens its own handle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA = "neurovision.store"
+SCHEMA_VERSION = 1
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+class StoreError(ValueError):
+    """A store file is missing, foreign, truncated, of another schema version or internally inconsistent."""
+
+    def __init__(self, path: str | os.PathLike[str], field: str, problem: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{self.path}: field '{field}': {problem}")
+
+
+# --------------------------------------------------------------------------------------------- writing
+class StoreWriter:
+    """Write a store atomically: everything goes to a temp file in the target folder, renamed on success.
+
+    Use as a context manager; an exception (or a killed process) leaves the target untouched and no file
+    that opens as a valid store (``complete`` is set only right before the rename).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        source: str,
+        converter_version: str,
+        options: dict[str, Any],
+        fingerprint: str = "",
+    ) -> None:
+        self.path = Path(path)
+        self.source = source
+        self.converter_version = converter_version
+        self.options = options
+        self.fingerprint = fingerprint
+        self._tmp: Path | None = None
+        self.h5: h5py.File | None = None
+        self._n_trials = 0
+        self._subjects: list[str] = []
+
+    # context management -------------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self.h5 = h5py.File(self._tmp, "w", libver="latest")
+        a = self.h5.attrs
+        a["schema"] = SCHEMA
+        a["schema_version"] = SCHEMA_VERSION
+        a["source"] = self.source
+        a["converter_version"] = self.converter_version
+        a["options"] = json.dumps(self.options, sort_keys=True, default=str)
+        a["fingerprint"] = self.fingerprint
+        a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        a["complete"] = False
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self.h5 is not None and self._tmp is not None
+        try:
+            if exc_type is None:
+                self._finalise()
+                self.h5.attrs["complete"] = True
+                self.h5.flush()
+            self.h5.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()
+
+    @property
+    def _f(self) -> h5py.File:
+        if self.h5 is None:
+            raise RuntimeError("StoreWriter must be used as a context manager")
+        return self.h5
+
+    # content ------------------------------------------------------------------------------------
+    def set_grid(
+        self,
+        shape: Sequence[int],
+        patch_size: int,
+        active_index: np.ndarray,
+        union_mask: np.ndarray,
+    ) -> None:
+        from neurovision.preprocessing import padded_shape, patch_grid_shape
+
+        g = self._f.create_group("grid")
+        shape = tuple(int(s) for s in shape)
+        pshape = padded_shape(shape, patch_size)
+        g.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+        g.attrs["padded_shape"] = np.asarray(pshape, dtype=np.int64)
+        g.attrs["patch_size"] = int(patch_size)
+        active_index = np.asarray(active_index, dtype=np.int64)
+        g.create_dataset("active_index", data=active_index)
+        coords = np.stack(np.unravel_index(active_index, patch_grid_shape(shape, patch_size)), axis=1)
+        g.create_dataset("active_coords", data=coords.astype(np.int32))
+        g.create_dataset("union_mask", data=np.asarray(union_mask, dtype=np.uint8), compression="gzip")
+        n_active, p3 = len(active_index), int(patch_size) ** 3
+        t = self._f.create_group("trials")
+        t.create_dataset(
+            "patches", shape=(0, n_active, p3), maxshape=(None, n_active, p3), dtype=np.float16,
+            chunks=(1, n_active, p3),
+        )
+        for name, dt in (("subject", np.int16), ("stimulus", np.int32), ("repeat", np.int16),
+                         ("session", np.int16), ("split", np.uint8)):
+            t.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+        t["split"].attrs["names"] = json.dumps(list(SPLITS))
+
+    def add_subject(
+        self,
+        name: str,
+        *,
+        affine: np.ndarray,
+        grid_affine: np.ndarray,
+        original_shape: Sequence[int],
+        roi: np.ndarray,
+    ) -> int:
+        if name in self._subjects:
+            raise ValueError(f"subject {name!r} added twice")
+        s = self._f.require_group("subjects").create_group(name)
+        s.attrs["index"] = len(self._subjects)
+        s.attrs["original_shape"] = np.asarray(original_shape, dtype=np.int64)
+        s.attrs["affine"] = np.asarray(affine, dtype=np.float64)
+        s.attrs["grid_affine"] = np.asarray(grid_affine, dtype=np.float64)
+        s.create_dataset("roi", data=np.asarray(roi, dtype=np.uint8), compression="gzip")
+        self._subjects.append(name)
+        return len(self._subjects) - 1
+
+    def append_trials(
+        self,
+        *,
+        subject: int | np.ndarray,
+        stimulus: np.ndarray,
+        repeat: np.ndarray,
+        session: np.ndarray,
+        split: np.ndarray,
+        patches: np.ndarray,
+    ) -> None:
+        """Append a batch of trials; ``patches`` is (B, A, P**3), cast to float16 (must be finite)."""
+        t = self._f["trials"]
+        n = len(stimulus)
+        patches = np.asarray(patches)
+        expected = t["patches"].shape[1:]
+        if patches.shape != (n, *expected):
+            raise ValueError(f"patches shape {patches.shape} != {(n, *expected)}")
+        p16 = patches.astype(np.float16)
+        if not np.isfinite(p16).all():
+            raise ValueError("patches contain NaN/inf (after float16 cast): z-score or clip the input first")
+        cols = {
+            "subject": np.broadcast_to(np.asarray(subject), (n,)),
+            "stimulus": stimulus, "repeat": repeat, "session": session, "split": split,
+        }
+        start = self._n_trials
+        for name, values in cols.items():
+            ds = t[name]
+            ds.resize((start + n,))
+            ds[start:] = np.asarray(values)
+        ds = t["patches"]
+        ds.resize((start + n, *expected))
+        for i in range(n):  # one chunk per trial: direct chunk-sized writes
+            ds[start + i] = p16[i]
+        self._n_trials += n
+
+    def create_stimuli(self, n: int, image_shape: Sequence[int], ids: np.ndarray | None = None) -> h5py.Dataset:
+        """Allocate /stimuli for ``n`` uint8 images of ``image_shape`` (H, W, 3), to be filled in batches."""
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"image_shape must be (H, W, 3), got {shape}")
+        ids = np.arange(n) if ids is None else np.asarray(ids)
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} stimulus ids for {n} images")
+        g = self._f.require_group("stimuli")
+        ds = g.create_dataset("images", shape=(n, *shape), dtype=np.uint8, chunks=(1, *shape))
+        g.create_dataset("ids", data=ids.astype(np.int64))
+        return ds
+
+    def set_stimuli(self, images: np.ndarray, ids: np.ndarray | None = None) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"stimuli must be uint8 (S, H, W, 3), got {images.dtype} {images.shape}")
+        self.create_stimuli(len(images), images.shape[1:], ids)[:] = images
+
+    def set_annotations(self, kind: str, per_stimulus: Sequence[Any]) -> None:
+        """One JSON-serialisable entry per stimulus (a list of captions, a dict of QA pairs, ...)."""
+        g = self._f.require_group("annotations")
+        data = np.array([json.dumps(x) for x in per_stimulus], dtype=object)
+        g.create_dataset(kind, data=data, dtype=_STR)
+
+    def set_extra(self, name: str, data: np.ndarray, **attrs: Any) -> None:
+        ds = self._f.require_group("extras").create_dataset(name, data=data, compression="gzip")
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+
+    def _finalise(self) -> None:
+        f = self._f
+        for required in ("grid", "trials", "subjects", "stimuli"):
+            if required not in f:
+                raise ValueError(f"store incomplete: group '{required}' was never written")
+        f["trials/subject"].attrs["names"] = json.dumps(self._subjects)
+        n_stim = len(f["stimuli/images"])
+        if self._n_trials and int(f["trials/stimulus"][:].max()) >= n_stim:
+            raise ValueError("trials reference stimuli beyond /stimuli/images")
+
+
+def fingerprint(payload: Any, files: Iterable[str | os.PathLike[str]] = ()) -> str:
+    """Hash of the converter's options and its input files' (path, size, mtime): same inputs -> same id."""
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    for p in sorted(str(f) for f in files):
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def existing_fingerprint(path: str | os.PathLike[str]) -> str | None:
+    """The fingerprint of a valid store at ``path``, or None when absent or invalid."""
+    try:
+        return Store(path).attrs["fingerprint"]
+    except (StoreError, FileNotFoundError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Grid:
+    shape: tuple[int, int, int]
+    padded_shape: tuple[int, int, int]
+    patch_size: int
+    active_index: np.ndarray
+    active_coords: np.ndarray
+
+    @property
+    def n_active(self) -> int:
+        return len(self.active_index)
+
+    @property
+    def n_patches(self) -> int:
+        return int(np.prod(self.padded_shape)) // self.patch_size**3
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    index: int
+    original_shape: tuple[int, int, int]
+    affine: np.ndarray
+    grid_affine: np.ndarray
+
+
+_TRIAL_FIELDS = {"subject": "i", "stimulus": "i", "repeat": "i", "session": "i", "split": "u"}
+
+
+class Store:
+    """Validated, lazily opened read access to a store file. Safe to pickle into DataLoader workers."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        with self._open_checked() as f:
+            self._validate(f)
+            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+            g = f["grid"]
+            self.grid = Grid(
+                shape=tuple(int(x) for x in g.attrs["shape"]),  # type: ignore[arg-type]
+                padded_shape=tuple(int(x) for x in g.attrs["padded_shape"]),  # type: ignore[arg-type]
+                patch_size=int(g.attrs["patch_size"]),
+                active_index=g["active_index"][:],
+                active_coords=g["active_coords"][:],
+            )
+            names = json.loads(f["trials/subject"].attrs["names"])
+            self.subjects: list[Subject] = []
+            for name in names:
+                s = f["subjects"][name]
+                self.subjects.append(Subject(
+                    name=name, index=int(s.attrs["index"]),
+                    original_shape=tuple(int(x) for x in s.attrs["original_shape"]),  # type: ignore[arg-type]
+                    affine=np.asarray(s.attrs["affine"]), grid_affine=np.asarray(s.attrs["grid_affine"]),
+                ))
+            self.trials: dict[str, np.ndarray] = {k: f["trials"][k][:] for k in _TRIAL_FIELDS}
+            self.stimulus_ids = f["stimuli/ids"][:]
+            self.image_shape = tuple(f["stimuli/images"].shape[1:])
+            self.annotation_kinds = sorted(f["annotations"].keys()) if "annotations" in f else []
+            self.extras = sorted(f["extras"].keys()) if "extras" in f else []
+
+    # opening ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _open_checked(self) -> Iterator[h5py.File]:
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: store file does not exist (run `neurovision prepare`)")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StoreError(self.path, "<file>", f"not a readable HDF5 file (foreign or truncated): {e}") from e
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def _validate(self, f: h5py.File) -> None:
+        def need(cond: bool, field: str, problem: str) -> None:
+            if not cond:
+                raise StoreError(self.path, field, problem)
+
+        need(f.attrs.get("schema") == SCHEMA, "/.schema",
+             f"expected {SCHEMA!r}, found {_plain(f.attrs.get('schema'))!r} (not a neurovision store)")
+        version = _plain(f.attrs.get("schema_version"))
+        need(version == SCHEMA_VERSION, "/.schema_version",
+             f"expected {SCHEMA_VERSION}, found {version} (re-run `neurovision prepare` with this version)")
+        need(bool(f.attrs.get("complete", False)), "/.complete",
+             "the file was not finished (interrupted `prepare`?)")
+        for path in ("grid/active_index", "grid/active_coords", "grid/union_mask", "trials/patches",
+                     "stimuli/images", "stimuli/ids", *(f"trials/{k}" for k in _TRIAL_FIELDS)):
+            need(path in f, path, "missing")
+        for attr in ("shape", "padded_shape", "patch_size"):
+            need(attr in f["grid"].attrs, f"grid.{attr}", "missing attribute")
+        need("names" in f["trials/subject"].attrs, "trials/subject.names", "missing attribute")
+        p = int(f["grid"].attrs["patch_size"])
+        n_active = len(f["grid/active_index"])
+        pt = f["trials/patches"]
+        need(pt.dtype == np.float16, "trials/patches", f"dtype {pt.dtype}, expected float16")
+        need(pt.ndim == 3 and pt.shape[1:] == (n_active, p**3), "trials/patches",
+             f"shape {pt.shape}, expected (T, {n_active}, {p ** 3})")
+        n = pt.shape[0]
+        for k, kind in _TRIAL_FIELDS.items():
+            ds = f["trials"][k]
+            need(ds.shape == (n,), f"trials/{k}", f"shape {ds.shape}, expected ({n},) like trials/patches")
+            need(ds.dtype.kind in "iu", f"trials/{k}", f"dtype {ds.dtype}, expected an integer type")
+        img = f["stimuli/images"]
+        need(img.dtype == np.uint8 and img.ndim == 4, "stimuli/images",
+             f"dtype {img.dtype} shape {img.shape}, expected uint8 (S, H, W, 3)")
+        need(f["stimuli/ids"].shape == (img.shape[0],), "stimuli/ids", "length differs from stimuli/images")
+        names = json.loads(f["trials/subject"].attrs["names"])
+        for name in names:
+            need(f"subjects/{name}/roi" in f, f"subjects/{name}", "missing (named in trials/subject.names)")
+            for attr in ("affine", "grid_affine", "original_shape", "index"):
+                need(attr in f["subjects"][name].attrs, f"subjects/{name}.{attr}", "missing attribute")
+        if n:
+            subj = f["trials/subject"][:]
+            need(int(subj.min()) >= 0 and int(subj.max()) < len(names), "trials/subject",
+                 f"values outside 0..{len(names) - 1}")
+            stim = f["trials/stimulus"][:]
+            need(int(stim.min()) >= 0 and int(stim.max()) < img.shape[0], "trials/stimulus",
+                 f"values outside 0..{img.shape[0] - 1}")
+            split = f["trials/split"][:]
+            need(int(split.max()) < len(SPLITS), "trials/split", f"values outside 0..{len(SPLITS) - 1}")
+
+    @property
+    def h5(self) -> h5py.File:
+        """The per-process file handle, opened on first use (and again after a fork)."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_pid"] = None
+        return state
+
+    # access -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.trials["stimulus"])
+
+    @property
+    def subject_names(self) -> list[str]:
+        return [s.name for s in self.subjects]
+
+    def subject(self, name_or_index: str | int) -> Subject:
+        for s in self.subjects:
+            if name_or_index in (s.name, s.index):
+                return s
+        raise KeyError(f"{self.path}: field 'subjects': no subject {name_or_index!r}; "
+                       f"available: {self.subject_names}")
+
+    def patches(self, index: int) -> np.ndarray:
+        """Active patches of one trial, float16 (A, P**3)."""
+        return self.h5["trials/patches"][int(index)]
+
+    def image(self, stimulus: int) -> np.ndarray:
+        return self.h5["stimuli/images"][int(stimulus)]
+
+    def roi(self, subject: str | int) -> np.ndarray:
+        return self.h5[f"subjects/{self.subject(subject).name}/roi"][:]
+
+    def union_mask(self) -> np.ndarray:
+        return self.h5["grid/union_mask"][:].astype(bool)
+
+    def annotations(self, kind: str, stimulus: int | None = None) -> Any:
+        if kind not in self.annotation_kinds:
+            raise KeyError(f"{self.path}: field 'annotations/{kind}': missing; available: "
+                           f"{self.annotation_kinds}")
+        ds = self.h5[f"annotations/{kind}"]
+        if stimulus is None:
+            return [json.loads(x) for x in ds.asstr()[:]]
+        return json.loads(ds.asstr()[int(stimulus)])
+
+    def extra(self, name: str) -> np.ndarray:
+        if name not in self.extras:
+            raise KeyError(f"{self.path}: field 'extras/{name}': missing; available: {self.extras}")
+        return self.h5[f"extras/{name}"][()]
+
+    def split_mask(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.trials["split"] == SPLITS.index(split)
+
+    # summary ------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        g = self.grid
+        per_subject = {}
+        for s in self.subjects:
+            m = self.trials["subject"] == s.index
+            per_subject[s.name] = {
+                "original_shape": list(s.original_shape),
+                **{sp: int((m & self.split_mask(sp)).sum()) for sp in SPLITS},
+                "images": int(len(np.unique(self.trials["stimulus"][m]))),
+            }
+        bytes_trial = g.n_active * g.patch_size**3 * 2
+        return {
+            "file": str(self.path),
+            "source": self.attrs.get("source"),
+            "converter_version": self.attrs.get("converter_version"),
+            "schema_version": self.attrs.get("schema_version"),
+            "created": self.attrs.get("created"),
+            "grid": list(g.shape),
+            "padded_grid": list(g.padded_shape),
+            "patch_size": g.patch_size,
+            "active_patches": g.n_active,
+            "total_patches": g.n_patches,
+            "trials": len(self),
+            "splits": {sp: int(self.split_mask(sp).sum()) for sp in SPLITS},
+            "stimuli": len(self.stimulus_ids),
+            "image_shape": list(self.image_shape),
+            "subjects": per_subject,
+            "annotations": self.annotation_kinds,
+            "extras": self.extras,
+            "bytes_per_trial_stored": bytes_trial,
+            "bytes_per_trial_full_grid_float16": int(np.prod(g.shape)) * 2,
+            "file_bytes": self.path.stat().st_size,
+        }
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v

@@ -1,0 +1,6 @@
+"""LightningModules (tasks): a base class with small hooks, and the concrete experiments."""
+
+from neurovision.tasks.base import BaseTask, DataSpec
+from neurovision.tasks.linear import LinearDecoder
+
+__all__ = ["BaseTask", "DataSpec", "LinearDecoder"]

@@ -1,0 +1,76 @@
+"""Base task: ``save_hyperparameters`` then three hooks (models, losses, metrics); injected optimisers."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data decides, passed from the datamodule to the task by ``link_arguments``."""
+
+    num_active_patches: int
+    patch_size: int
+    grid_shape: tuple[int, int, int]
+    patch_coords: tuple[tuple[int, int, int], ...]
+    num_subjects: int
+    image_shape: tuple[int, int, int]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**3
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class BaseTask(L.LightningModule):
+    """Subclasses fill :meth:`configure_models`, :meth:`configure_losses`, :meth:`configure_metrics`.
+
+    Args:
+        data_spec: sizes decided by the data (linked from the datamodule by the CLI; leave unset in YAML).
+        optimizer: optimiser factory (``class_path`` + ``init_args`` in YAML).
+        scheduler: optional learning-rate scheduler factory.
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec | None = None,
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if data_spec is None:
+            raise ValueError("data_spec is unset: run through `neurovision` (it links data.spec) or pass "
+                             "DataSpec explicitly")
+        self.spec = data_spec
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "data_spec"])
+        self.hparams["data_spec"] = dataclasses.asdict(data_spec)
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the networks."""
+
+    def configure_losses(self) -> None:
+        """Build the loss functions."""
+
+    def configure_metrics(self) -> None:
+        """Build the metrics."""
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}

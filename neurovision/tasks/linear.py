@@ -1,0 +1,91 @@
+"""A linear baseline: fMRI active patches -> a small grayscale thumbnail of the stimulus."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+
+
+def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, size*size) grayscale in [0, 1]."""
+    g = images.float().mean(1, keepdim=True) / 255.0
+    return F.adaptive_avg_pool2d(g, size).flatten(1)
+
+
+def pixel_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample Pearson r between flattened prediction and target, (B,)."""
+    p = pred - pred.mean(1, keepdim=True)
+    t = target - target.mean(1, keepdim=True)
+    return (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(1e-8)
+
+
+class LinearDecoder(BaseTask):
+    """Ridge-like linear decoding of stimulus thumbnails: the sanity baseline of a new store.
+
+    Needs ``data.init_args.return_images: true``. Logs ``{split}/{condition}/pixcorr`` (mean per-image
+    Pearson r) and ``.../identification`` (two-way identification among the batch's images).
+
+    Args:
+        thumbnail: side of the grayscale thumbnail that is predicted.
+        weight_decay: L2 penalty on the linear map (added to the loss, so any optimiser works).
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec | None = None,
+        thumbnail: int = 8,
+        weight_decay: float = 1e-3,
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        self.thumbnail = thumbnail
+        self.weight_decay = weight_decay
+        super().__init__(data_spec, optimizer, scheduler)
+
+    def configure_models(self) -> None:
+        self.decoder = nn.Linear(self.spec.num_active_patches * self.spec.patch_dim, self.thumbnail**2)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.decoder(patches.flatten(1))
+
+    def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "image" not in batch:
+            raise ValueError("LinearDecoder needs images: set data.init_args.return_images: true")
+        target = thumbnails(batch["image"], self.thumbnail)
+        pred = self(batch["patches"])
+        loss = F.mse_loss(pred, target) + self.weight_decay * self.decoder.weight.pow(2).sum()
+        return loss, pred, target
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["patches"]))
+        return loss
+
+    def _eval(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        loss, pred, target = self._step(batch)
+        conds = getattr(self.trainer.datamodule, "eval_conditions", None) or [str(dataloader_idx)]
+        name = f"{split}/{conds[dataloader_idx]}"
+        r = pixel_correlation(pred, target)
+        # two-way identification: is corr(pred_i, target_i) > corr(pred_i, target_j), over all j != i
+        c = pixel_correlation(pred.repeat_interleave(len(pred), 0), target.repeat(len(pred), 1)).view(len(pred), -1)
+        ident = (c.diag()[:, None] > c).float().sum(1) / max(len(pred) - 1, 1)
+        kw = {"batch_size": len(pred), "add_dataloader_idx": False}
+        self.log(f"{name}/loss", loss, **kw)
+        self.log(f"{name}/pixcorr", r.mean(), prog_bar=True, **kw)
+        self.log(f"{name}/identification", ident.mean(), **kw)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {"stimulus": batch["stimulus"], "subject": batch["subject"], "thumbnail": self(batch["patches"])}
