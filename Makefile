@@ -24,7 +24,7 @@ install: $(BIN)/neurovision ## create .venv and install neurovision with the pin
 
 demo: install ## prepare the demo phantom and print its summary
 	$(BIN)/neurovision prepare phantom --preset demo --out data/phantom_demo.h5
-	$(BIN)/neurovision inspect data/phantom_demo.h5
+	$(BIN)/neurovision inspect data/phantom_demo.h5 --plot runs/demo/phantom_overview.png
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

@@ -9,8 +9,8 @@ a store's summary.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
 
 import neurovision  # noqa: F401  (torchvision fix first)
 
@@ -89,9 +89,15 @@ def inspect_main(args: list[str]) -> int:
     parser = ArgumentParser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"])
     parser.add_argument("store", type=str, help="path of the store file")
     parser.add_argument("--json", type=bool, default=False, help="print JSON instead of a table")
+    parser.add_argument("--plot", type=str | None, default=None,
+                        help="also write a PNG overview (stimuli, active patches, ROIs) to this path")
     cfg = parser.parse_args(args)
     s = Store(cfg.store)
     summary = s.summary()
+    if cfg.plot:
+        from neurovision.plots import store_overview
+
+        print(f"overview: {store_overview(s, cfg.plot)}", file=sys.stderr)
     if cfg.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -144,7 +150,15 @@ def main(args: list[str] | None = None) -> int:
         print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
         return 1
     if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
-        _make_cli_class()(args=None if args is None else argv)
+        from neurovision.store import StoreError
+
+        try:
+            _make_cli_class()(args=None if args is None else argv)
+        except (FileNotFoundError, StoreError) as e:  # bad input: one line (NEUROVISION_TRACEBACK=1: full)
+            if os.environ.get("NEUROVISION_TRACEBACK"):
+                raise
+            print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
+            return 1
         return 0
     print(f"neurovision: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2

@@ -109,12 +109,17 @@ class StoreWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self.h5 is not None and self._tmp is not None
         try:
+            try:
+                if exc_type is None:
+                    self._finalise()
+                    self.h5.attrs["complete"] = True
+                    self.h5.flush()
+            finally:
+                self.h5.close()
             if exc_type is None:
-                self._finalise()
-                self.h5.attrs["complete"] = True
-                self.h5.flush()
-            self.h5.close()
-            if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it 0600; a store is for sharing
                 os.replace(self._tmp, self.path)
         finally:
             if self._tmp.exists():
@@ -202,6 +207,9 @@ class StoreWriter:
             "subject": np.broadcast_to(np.asarray(subject), (n,)),
             "stimulus": stimulus, "repeat": repeat, "session": session, "split": split,
         }
+        for name, values in cols.items():
+            if np.shape(values) != (n,):
+                raise ValueError(f"trial column {name!r} has shape {np.shape(values)}, expected ({n},)")
         start = self._n_trials
         for name, values in cols.items():
             ds = t[name]
@@ -342,6 +350,9 @@ class Store:
         try:
             f = h5py.File(self.path, "r")
         except OSError as e:
+            if "already open for write" in str(e):  # a writer was killed before closing the file
+                raise StoreError(self.path, "/.complete",
+                                 "the file was not finished (interrupted `prepare`?)") from e
             raise StoreError(self.path, "<file>", f"not a readable HDF5 file (foreign or truncated): {e}") from e
         try:
             yield f
@@ -373,7 +384,7 @@ class Store:
         need(pt.ndim == 3 and pt.shape[1:] == (n_active, p**3), "trials/patches",
              f"shape {pt.shape}, expected (T, {n_active}, {p ** 3})")
         n = pt.shape[0]
-        for k, kind in _TRIAL_FIELDS.items():
+        for k in _TRIAL_FIELDS:
             ds = f["trials"][k]
             need(ds.shape == (n,), f"trials/{k}", f"shape {ds.shape}, expected ({n},) like trials/patches")
             need(ds.dtype.kind in "iu", f"trials/{k}", f"dtype {ds.dtype}, expected an integer type")
@@ -456,6 +467,24 @@ class Store:
         if name not in self.extras:
             raise KeyError(f"{self.path}: field 'extras/{name}': missing; available: {self.extras}")
         return self.h5[f"extras/{name}"][()]
+
+    def grid_spec(self):  # -> neurovision.preprocessing.GridSpec
+        """The store's grid, patch size and active patches, with the forward and inverse maps."""
+        from neurovision.preprocessing import GridSpec
+
+        return GridSpec(self.grid.shape, self.grid.patch_size, self.grid.active_index)
+
+    def to_subject_nifti(self, patches: Any, subject: str | int):  # -> nibabel.Nifti1Image
+        """A map over the active patches (A, P**3) -> a NIfTI image in the subject's own space."""
+        from neurovision.preprocessing import to_nifti
+
+        s = self.subject(subject)
+        shape = np.shape(patches)
+        if shape != (self.grid.n_active, self.grid.patch_size**3):
+            raise ValueError(f"{self.path}: field 'grid/active_index': patches of shape {shape}, expected "
+                             f"({self.grid.n_active}, {self.grid.patch_size ** 3})")
+        vol = self.grid_spec().to_subject(patches, s.affine, s.grid_affine, s.original_shape)
+        return to_nifti(vol, s.affine)
 
     def split_mask(self, split: str) -> np.ndarray:
         if split not in SPLITS:

@@ -77,7 +77,9 @@ def test_prepare_inspect_and_noop(tmp_path, capsys):
     assert run_cli(["prepare", "phantom", "--preset", "tiny", "--n_subjects", "2", "--out", str(out)]) == 0
     assert out.stat().st_mtime_ns == mtime
     assert "up to date" in capsys.readouterr().out
-    assert run_cli(["inspect", str(out)]) == 0
+    png = tmp_path / "overview.png"
+    assert run_cli(["inspect", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = capsys.readouterr().out
     for word in ("sub-01", "sub-02", "active of", "train=", "test=", "20x24x20"):
         assert word in text
@@ -118,3 +120,12 @@ def test_fit_test_predict_on_tiny_phantom(tiny_store, tmp_path):
     # the saved config is overwritten (not refused) on a second run in the same folder
     assert run_cli(["test", *common, f"--ckpt_path={ckpts[0]}"]) == 0
     assert run_cli(["predict", *common, f"--ckpt_path={ckpts[0]}"]) == 0
+
+
+def test_fit_with_missing_store_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "absent.h5"
+    code = run_cli(["fit", "-c", str(EXPERIMENTS / "baseline_linear.yaml"), f"--data.init_args.store={missing}",
+                    f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "absent.h5" in err and "data.init_args.store" in err and "neurovision prepare" in err

@@ -126,3 +126,25 @@ def test_two_workers_stream_the_same_items(tiny_store):
 
 def test_splits_constant():
     assert SPLITS == ("train", "val", "test")
+
+
+def test_patches_back_to_subject_nifti(tiny_store):
+    """The union ROI mask on the grid, cut into active patches and mapped back to a subject's space, covers
+    that subject's own ROI (the inverse chain lands where the forward chain came from)."""
+    import torch
+
+    from neurovision.preprocessing import to_active_patches
+
+    s = Store(tiny_store)
+    subj = s.subject("sub-02")
+    roi = s.roi("sub-02").astype(bool)
+    union = torch.as_tensor(s.union_mask(), dtype=torch.float32)[None]
+    patches = to_active_patches(union, s.grid.patch_size, s.grid.active_index)[0].numpy()
+    img = s.to_subject_nifti(patches, "sub-02")
+    assert img.shape == subj.original_shape
+    np.testing.assert_allclose(img.affine, subj.affine)
+    data = np.asarray(img.dataobj)
+    assert (data[roi] > 0.5).mean() > 0.9  # ROI voxels come back inside the union
+    assert (data[~roi] > 0.5).mean() < 0.5  # and the map is not everywhere
+    with pytest.raises(ValueError, match="grid/active_index"):
+        s.to_subject_nifti(patches[:-1], "sub-02")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import neurovision  # noqa: F401  (first: spawned ranks unpickle this module and need the torchvision fix)
-import lightning as L  # noqa: I001
+import lightning as L
 import pytest
 import torch
 
+import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
 from data_modules import FMRIDataModule
 from neurovision.store import Store
 

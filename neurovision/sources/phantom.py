@@ -267,7 +267,9 @@ def prepare(
             truth = np.zeros((len(scenes.CONCEPTS), *brain.shape), np.float32)
             truth[:, brain.mask] = mc
             w.set_extra(f"concept_maps_{brain.name}", truth, concepts=json.dumps(scenes.CONCEPTS))
-            signal_of = lambda st: brain.gain * (presence[st] @ mc_s + cfg.retinotopic * contrast[st] @ g)  # noqa: E731
+            def signal_of(st: np.ndarray, b: _Brain = brain, m: np.ndarray = mc_s, g: np.ndarray = g) -> np.ndarray:
+                return b.gain * (presence[st] @ m + cfg.retinotopic * contrast[st] @ g)
+
             ref = signal_of(np.arange(cfg.n_test))[:, brain.roi[brain.mask]]
             noise_sd = float(np.sqrt(ref.var(0).mean() / cfg.snr))
             n_brain = int(brain.mask.sum())

@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 
