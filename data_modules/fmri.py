@@ -55,15 +55,16 @@ class FMRITrials(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, trial: int) -> np.ndarray:
-        return self.store.patches(trial).astype(np.float32)
+    def _load(self, trial: int) -> torch.Tensor:
+        # torch converts float16 -> float32 ~10x faster than numpy's astype
+        return torch.from_numpy(self.store.patches(trial)).float()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         trial = int(self.items[i])
         t = self.store.trials
         if self.mode == "average":
             grp = self.groups[self.group_of_trial[trial]]
-            x = np.mean([self._load(int(j)) for j in grp], axis=0)
+            x = torch.stack([self._load(int(j)) for j in grp]).mean(0)
             n_rep = len(grp)
         else:
             x = self._load(trial)
@@ -77,7 +78,7 @@ class FMRITrials(Dataset):
                     lam = float(self._beta.sample())
                     x = lam * x + (1 - lam) * self._load(other)
         item: dict[str, Any] = {
-            "patches": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "patches": x,
             "subject": int(t["subject"][trial]),
             "stimulus": int(t["stimulus"][trial]),
             "trial": trial if self.mode != "average" else -1,

@@ -148,3 +148,28 @@ def test_patches_back_to_subject_nifti(tiny_store):
     assert (data[~roi] > 0.5).mean() < 0.5  # and the map is not everywhere
     with pytest.raises(ValueError, match="grid/active_index"):
         s.to_subject_nifti(patches[:-1], "sub-02")
+
+
+def test_direct_chunk_reads_equal_h5py_selection(tiny_store, tmp_path):
+    import shutil
+
+    import h5py
+
+    s = Store(tiny_store)
+    with h5py.File(tiny_store, "r") as f:
+        ref = f["trials/patches"]
+        for i in (0, 1, len(s) // 2, len(s) - 1, -1):
+            np.testing.assert_array_equal(s.patches(i), ref[i])
+    assert s._direct
+    with pytest.raises(IndexError, match="trials/patches"):
+        s.patches(len(s))
+    # a re-chunked (compressed) copy takes the h5py path and gives the same values
+    copy = tmp_path / "gz.h5"
+    shutil.copy(tiny_store, copy)
+    with h5py.File(copy, "r+") as f:
+        data = f["trials/patches"][:]
+        del f["trials/patches"]
+        f.create_dataset("trials/patches", data=data, chunks=(4, *data.shape[1:]), compression="gzip")
+    g = Store(copy)
+    np.testing.assert_array_equal(g.patches(3), data[3])
+    assert not g._direct

@@ -1,4 +1,4 @@
-"""A linear baseline: fMRI active patches -> a small grayscale thumbnail of the stimulus."""
+"""A linear baseline: fMRI active patches -> a small colour thumbnail of the stimulus."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, size*size) grayscale in [0, 1]."""
-    g = images.float().mean(1, keepdim=True) / 255.0
-    return F.adaptive_avg_pool2d(g, size).flatten(1)
+    """uint8 (B, 3, H, W) -> float (B, 3*size*size) RGB in [0, 1] (colour matters: on the phantom's grey
+    background, red, green and blue objects are nearly invisible in grayscale)."""
+    return F.adaptive_avg_pool2d(images.float() / 255.0, size).flatten(1)
 
 
 def pixel_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -26,30 +26,29 @@ def pixel_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class LinearDecoder(BaseTask):
-    """Ridge-like linear decoding of stimulus thumbnails: the sanity baseline of a new store.
+    """Linear decoding of stimulus thumbnails: the sanity baseline of a new store.
 
     Needs ``data.init_args.return_images: true``. Logs ``{split}/{condition}/pixcorr`` (mean per-image
     Pearson r) and ``.../identification`` (two-way identification among the batch's images).
 
     Args:
-        thumbnail: side of the grayscale thumbnail that is predicted.
-        weight_decay: L2 penalty on the linear map (added to the loss, so any optimiser works).
+        thumbnail: side of the RGB thumbnail that is predicted.
+        optimizer: optimiser factory; regularise with its (decoupled) weight decay.
+        scheduler: optional learning-rate scheduler factory.
     """
 
     def __init__(
         self,
         data_spec: DataSpec | None = None,
         thumbnail: int = 8,
-        weight_decay: float = 1e-3,
         optimizer: OptimizerCallable = _adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         self.thumbnail = thumbnail
-        self.weight_decay = weight_decay
         super().__init__(data_spec, optimizer, scheduler)
 
     def configure_models(self) -> None:
-        self.decoder = nn.Linear(self.spec.num_active_patches * self.spec.patch_dim, self.thumbnail**2)
+        self.decoder = nn.Linear(self.spec.num_active_patches * self.spec.patch_dim, 3 * self.thumbnail**2)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.decoder(patches.flatten(1))
@@ -59,7 +58,7 @@ class LinearDecoder(BaseTask):
             raise ValueError("LinearDecoder needs images: set data.init_args.return_images: true")
         target = thumbnails(batch["image"], self.thumbnail)
         pred = self(batch["patches"])
-        loss = F.mse_loss(pred, target) + self.weight_decay * self.decoder.weight.pow(2).sum()
+        loss = F.mse_loss(pred, target)
         return loss, pred, target
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,5 @@
+"""Networks shared by the tasks."""
+
+from neurovision.models.vit3d import ViT3D, ViT3DOutput
+
+__all__ = ["ViT3D", "ViT3DOutput"]
