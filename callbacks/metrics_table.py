@@ -45,10 +45,11 @@ class MetricsTable(L.Callback):
             w.writerows(self.rows)
         os.replace(tmp, path)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # *_end (not *_epoch_end): runs after the module's epoch-end hook has logged its epoch metrics
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._collect(trainer, "val")
 
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._collect(trainer, "test")
 
     def state_dict(self) -> dict[str, Any]:

@@ -52,9 +52,17 @@ def test_stage_print_config(stage, capsys):
     assert "class_path" in cfg["model"] and "class_path" in cfg["data"]
 
 
+def _base_for(group: Path) -> Path:
+    """A stage-specific preset (``presets/<stage>_*.yaml``) composes with its stage; others with the baseline."""
+    for stage in STAGES:
+        if group.stem.startswith(stage.stem + "_"):
+            return stage
+    return EXPERIMENTS / "baseline_linear.yaml"
+
+
 @pytest.mark.parametrize("group", DATA + PRESETS, ids=lambda p: p.name)
 def test_data_groups_and_presets_compose(group, capsys):
-    base = EXPERIMENTS / "baseline_linear.yaml"
+    base = _base_for(group)
     flag = ["--data", str(group)] if group in DATA else ["-c", str(group)]
     assert run_cli(["fit", "-c", str(base), *flag, "--print_config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
