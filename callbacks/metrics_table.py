@@ -29,14 +29,16 @@ class MetricsTable(L.Callback):
         return Path(root) / self.filename
 
     def _collect(self, trainer: L.Trainer, stage: str) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
+            return
+        path = self._path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if not trainer.is_global_zero:
             return
         for name, value in sorted(trainer.callback_metrics.items()):
             if name.startswith(("val/", "test/")) and name.split("/")[0] != stage:
                 continue
             self.rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "stage": stage,
                               "metric": name, "value": float(value)})
-        path = self._path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from neurovision.store import SPLITS, Store
 from neurovision.tasks.base import DataSpec
@@ -34,8 +35,10 @@ class FMRITrials(Dataset):
         mixup_prob: float = 0.0,
         mixup_alpha: float = 1.0,
         return_images: bool = False,
+        seed: int = 0,
     ) -> None:
         self.store = store
+        self.seed = seed
         self.mode = mode
         self.mixup_prob = mixup_prob
         self.mixup_alpha = mixup_alpha
@@ -50,7 +53,6 @@ class FMRITrials(Dataset):
         self.groups = np.split(idx, starts[1:]) if len(idx) else []  # trial indices of each (subj, stim)
         self.group_of_trial = {int(i): g for g, grp in enumerate(self.groups) for i in grp}
         self.items = idx if mode == "trials" else np.array([g[0] for g in self.groups], dtype=np.int64)
-        self._beta = torch.distributions.Beta(torch.tensor(float(mixup_alpha)), torch.tensor(float(mixup_alpha)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,7 +61,10 @@ class FMRITrials(Dataset):
         # torch converts float16 -> float32 ~10x faster than numpy's astype
         return torch.from_numpy(self.store.patches(trial)).float()
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        # (index, epoch) from EpochSampler: MixUp draws are a function of (seed, epoch, index), so a run
+        # resumed from a checkpoint, or split over DDP ranks or workers, draws exactly the same mixes
+        i, epoch = (int(i[0]), int(i[1])) if isinstance(i, tuple) else (int(i), 0)
         trial = int(self.items[i])
         t = self.store.trials
         if self.mode == "average":
@@ -70,12 +75,12 @@ class FMRITrials(Dataset):
             x = self._load(trial)
             n_rep = 1
             if self.mode == "trials" and self.mixup_prob > 0:
-                # torch's RNG: seeded by Lightning/DataLoader per worker and epoch, so runs are reproducible
                 grp = self.groups[self.group_of_trial[trial]]
                 others = grp[grp != trial]
-                if len(others) and float(torch.rand(())) < self.mixup_prob:
-                    other = int(others[int(torch.randint(len(others), ()))])
-                    lam = float(self._beta.sample())
+                rng = np.random.default_rng((self.seed, epoch, i))
+                if len(others) and rng.random() < self.mixup_prob:
+                    other = int(others[rng.integers(len(others))])
+                    lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
                     x = lam * x + (1 - lam) * self._load(other)
         item: dict[str, Any] = {
             "patches": x,
@@ -88,6 +93,44 @@ class FMRITrials(Dataset):
             img = self.store.image(int(t["stimulus"][trial]))
             item["image"] = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # uint8 (3, H, W)
         return item
+
+
+class EpochSampler(DistributedSampler):
+    """Yields ``(index, epoch)``: a permutation seeded by (seed, epoch), or the plain order; sharded over DDP.
+
+    Lightning calls :meth:`set_epoch` before every epoch (also after resuming from a checkpoint), so the order
+    and the MixUp draws of epoch k are the same whether or not the run was interrupted. Under DDP rank r takes
+    items r, r + W, r + 2W, ... of that order (padded to equal length), so one step over W ranks with batch
+    b sees exactly the items one process with batch W*b sees. It is a ``DistributedSampler``, so Lightning
+    keeps it instead of wrapping it.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+        self.n = n
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def __len__(self) -> int:
+        world, _ = self._world()
+        return -(-self.n // world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        world, rank = self._world()
+        per_rank = -(-self.n // world)
+        order = (order * (1 + world))[: per_rank * world] if order else order
+        return iter([(i, self.epoch) for i in order[rank::world]])
 
 
 class StoreDataModule(L.LightningDataModule):
@@ -186,6 +229,8 @@ class FMRIDataModule(StoreDataModule):
         mixup_alpha: Beta(α, α) parameter of the MixUp weight.
         return_images: also return the stimulus image (uint8, channels first).
         pin_memory: pin host memory (for GPU training).
+        shuffle: shuffle the training trials (a permutation seeded by ``seed`` and the epoch).
+        seed: seed of the training order and of the MixUp draws.
     """
 
     def __init__(
@@ -200,6 +245,8 @@ class FMRIDataModule(StoreDataModule):
         mixup_alpha: float = 1.0,
         return_images: bool = False,
         pin_memory: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__(store)
         self.save_hyperparameters()
@@ -217,6 +264,8 @@ class FMRIDataModule(StoreDataModule):
         self.mixup_alpha = mixup_alpha
         self.return_images = return_images
         self.pin_memory = pin_memory
+        self.shuffle = shuffle
+        self.seed = seed
         self.datasets: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -226,7 +275,7 @@ class FMRIDataModule(StoreDataModule):
         kw = {"return_images": self.return_images}
         if stage in ("fit", None):
             self.datasets["train"] = FMRITrials(self.store, "train", train_s, "trials", self.mixup_prob,
-                                                self.mixup_alpha, **kw)
+                                                self.mixup_alpha, seed=self.seed, **kw)
             if len(self.datasets["train"]) == 0:
                 raise ValueError(f"{self.store_path}: field 'trials/split': no training trials for subjects "
                                  f"{[self.store.subject_names[i] for i in train_s]}")
@@ -234,8 +283,9 @@ class FMRIDataModule(StoreDataModule):
             self.datasets[split] = [FMRITrials(self.store, split, eval_s, c, **kw) for c in self.eval_conditions]
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        sampler = EpochSampler(len(ds), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
@@ -260,4 +310,4 @@ class FMRIDataModule(StoreDataModule):
             self._store.close()
 
 
-__all__ = ["FMRIDataModule", "FMRITrials", "StoreDataModule", "SPLITS"]
+__all__ = ["EpochSampler", "FMRIDataModule", "FMRITrials", "StoreDataModule", "SPLITS"]

@@ -22,33 +22,8 @@ TOOL_COMMANDS = {
 
 
 def _make_cli_class():
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from neurovision.lightning_cli import NeuroVisionCLI
 
-    from data_modules.fmri import StoreDataModule
-    from neurovision.tasks.base import BaseTask
-
-    class NeuroVisionCLI(LightningCLI):
-        """LightningCLI with neurovision's base task and datamodule; links what the data decides."""
-
-        def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-            super().__init__(
-                model_class=BaseTask,
-                datamodule_class=StoreDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                seed_everything_default=0,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={"parser_mode": "yaml"},
-                args=args,
-                run=run,
-                auto_configure_optimizers=False,
-            )
-
-        def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-            parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
-
-    _ = L
     return NeuroVisionCLI
 
 

@@ -1,0 +1,281 @@
+"""Stage 1 of Shen et al.: one ViT3D for all subjects, aligned to CLIP image embeddings and SD-VAE latents."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from neurovision.metrics import retrieval_top1, two_way_identification
+from neurovision.models import ViT3D
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+
+
+class MLPHead(nn.Sequential):
+    """The paper's 2-layer MLP head: Linear -> GELU -> Linear (hidden 1024)."""
+
+    def __init__(self, dim: int, hidden: int, out: int) -> None:
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised predictions and targets (in-batch negatives).
+
+    Items of the batch that share a target (repeats, MixUp partners) are treated as positives of each other.
+    """
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    logits = p @ t.T / temperature
+    same = (t @ t.T) > 1 - 1e-6  # identical targets
+    labels = same.float() / same.float().sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def soft_clip(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SoftCLIP (MindEye): cross-entropy towards the target-target similarity distribution."""
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    soft = F.softmax(t @ t.T / temperature, dim=-1)
+    logits = p @ t.T / temperature
+    return 0.5 * (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft))
+
+
+class AlignmentTask(BaseTask):
+    """ViT3D (CLS) -> two 2-layer MLP heads -> CLIP image embedding and VAE latent of the stimulus.
+
+    Loss = MSE(clip) + ``alpha`` * MSE(vae) + ``contrastive_weight`` * (InfoNCE | SoftCLIP on the CLIP head).
+    Teacher targets come from the teachers' cache (computed once per stimulus, see
+    :class:`neurovision.teachers.TeacherCache`) and are looked up by the batch's ``stimulus`` index.
+
+    Validation/test log, per condition of the datamodule (``average``, ``single``) and per subject:
+    ``retrieval_fmri2img`` and ``retrieval_img2fmri`` (top-1 among ``retrieval_candidates`` images,
+    averaged over ``retrieval_draws`` random draws), ``identification`` (two-way, CLIP space) and
+    ``vae_mse``.
+
+    Args:
+        data_spec: sizes the data decides (linked by the CLI).
+        clip_teacher: the CLIP image teacher (``neurovision.teachers.OpenCLIPImageTeacher``).
+        vae_teacher: the VAE teacher (``neurovision.teachers.VAETeacher``); None drops the VAE stream.
+        dim: ViT3D width (paper 768).
+        depth: ViT3D layers (paper 16).
+        heads: attention heads.
+        mlp_ratio: transformer MLP width / dim.
+        dropout: dropout in the transformer.
+        drop_path: stochastic depth (linearly increasing over the blocks).
+        head_hidden: hidden width of the two MLP heads (paper 1024).
+        alpha: weight of the VAE-latent MSE (paper 1/64).
+        contrastive: the optional contrastive term on the CLIP head.
+        contrastive_weight: its weight (0 = the paper's pure regression).
+        temperature: contrastive temperature.
+        subject_embedding: add a learned subject embedding (off = one model, no subject-specific parts).
+        gradient_checkpointing: recompute activations in the backward pass (memory for compute).
+        retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
+        retrieval_draws: random candidate sets averaged in the retrieval metric.
+        cache_dtype: dtype of the cached teacher targets.
+        optimizer: optimiser factory (paper: AdamW, lr 5e-4).
+        scheduler: learning-rate scheduler factory.
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec | None = None,
+        clip_teacher: OpenCLIPImageTeacher | None = None,
+        vae_teacher: VAETeacher | None = None,
+        dim: int = 768,
+        depth: int = 16,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        drop_path: float = 0.1,
+        head_hidden: int = 1024,
+        alpha: float = 1 / 64,
+        contrastive: Literal["none", "infonce", "softclip"] = "none",
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.05,
+        subject_embedding: bool = False,
+        gradient_checkpointing: bool = False,
+        retrieval_candidates: int = 300,
+        retrieval_draws: int = 30,
+        cache_dtype: Literal["float32", "float16"] = "float32",
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if clip_teacher is None:
+            raise ValueError("AlignmentTask needs model.init_args.clip_teacher (e.g. OpenCLIPImageTeacher)")
+        self.clip_teacher = clip_teacher
+        self.vae_teacher = vae_teacher
+        self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
+        self.dropout, self.drop_path, self.head_hidden = dropout, drop_path, head_hidden
+        self.alpha = alpha
+        self.contrastive = contrastive
+        self.contrastive_weight = contrastive_weight
+        self.temperature = temperature
+        self.subject_embedding = subject_embedding
+        self.gradient_checkpointing = gradient_checkpointing
+        self.retrieval_candidates = retrieval_candidates
+        self.retrieval_draws = retrieval_draws
+        self.cache_dtype = cache_dtype
+        super().__init__(data_spec, optimizer, scheduler)
+        # hparams hold init args only (LightningCLI re-parses them on --ckpt_path); teachers are objects
+        self.hparams.pop("clip_teacher", None)
+        self.hparams.pop("vae_teacher", None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["teacher_ids"] = {
+            "clip": self.clip_teacher.id, "vae": None if self.vae_teacher is None else self.vae_teacher.id}
+
+    # hooks ------------------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        spec = self.spec
+        self.encoder = ViT3D(
+            patch_dim=spec.patch_dim, patch_coords=spec.patch_coords, dim=self.dim, depth=self.depth,
+            heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout, drop_path=self.drop_path,
+            num_subjects=spec.num_subjects if self.subject_embedding else 0,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        self.clip_dim = int(self.clip_teacher.dim)
+        self.clip_head = MLPHead(self.dim, self.head_hidden, self.clip_dim)
+        if self.vae_teacher is not None:
+            self.latent_shape = tuple(int(s) for s in self.vae_teacher.latent_shape)
+            self.vae_head = MLPHead(self.dim, self.head_hidden, math.prod(self.latent_shape))
+        self.register_buffer("clip_targets", torch.empty(0), persistent=False)
+        self.register_buffer("vae_targets", torch.empty(0), persistent=False)
+
+    def configure_losses(self) -> None:
+        self.contrastive_fn = {"infonce": info_nce, "softclip": soft_clip}.get(self.contrastive)
+
+    def configure_metrics(self) -> None:
+        self._eval_outputs: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    # targets ----------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.clip_targets.numel():
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        store = getattr(dm, "store", None)
+        if store is None:
+            raise ValueError("AlignmentTask needs a datamodule with a neurovision store (data.init_args.store)")
+        cache = TeacherCache(dtype=self.cache_dtype)
+        self.clip_targets = torch.from_numpy(np.asarray(cache.get(store, self.clip_teacher))).float()
+        if self.vae_teacher is not None:
+            self.vae_targets = torch.from_numpy(np.asarray(cache.get(store, self.vae_teacher))).float()
+        self.clip_targets = self.clip_targets.to(self.device)
+        self.vae_targets = self.vae_targets.to(self.device)
+
+    # forward ----------------------------------------------------------------------------------------
+    def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.encoder(patches, subject if self.subject_embedding else None)
+        pred = {"clip": self.clip_head(out.cls)}
+        if self.vae_teacher is not None:
+            pred["vae"] = self.vae_head(out.cls).view(-1, *self.latent_shape)
+        return pred
+
+    def _targets(self, stimulus: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = {"clip": self.clip_targets[stimulus]}
+        if self.vae_teacher is not None:
+            t["vae"] = self.vae_targets[stimulus]
+        return t
+
+    def _losses(self, pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        losses = {"mse_clip": F.mse_loss(pred["clip"].float(), tgt["clip"])}
+        total = losses["mse_clip"]
+        if "vae" in pred:
+            losses["mse_vae"] = F.mse_loss(pred["vae"].float(), tgt["vae"])
+            total = total + self.alpha * losses["mse_vae"]
+        if self.contrastive_fn is not None and self.contrastive_weight > 0:
+            losses["contrastive"] = self.contrastive_fn(pred["clip"], tgt["clip"], self.temperature)
+            total = total + self.contrastive_weight * losses["contrastive"]
+        losses["loss"] = total
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        pred = self(batch["patches"], batch["subject"])
+        losses = self._losses(pred, self._targets(batch["stimulus"]))
+        n = len(batch["patches"])
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, prog_bar=k == "loss", batch_size=n)
+        return losses["loss"]
+
+    # evaluation -------------------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        pred = self(batch["patches"], batch["subject"])
+        losses = self._losses(pred, self._targets(batch["stimulus"]))
+        self.log(f"{split}/{self._condition(dataloader_idx)}/loss", losses["loss"], batch_size=len(pred["clip"]),
+                 add_dataloader_idx=False, sync_dist=True)
+        store = self._eval_outputs.setdefault(dataloader_idx, defaultdict(list))
+        store["clip"].append(pred["clip"].detach().float())
+        if "vae" in pred:
+            store["vae"].append(pred["vae"].detach().float())
+        store["stimulus"].append(batch["stimulus"].detach())
+        store["subject"].append(batch["subject"].detach())
+
+    def _condition(self, dataloader_idx: int) -> str:
+        conds = getattr(self.trainer.datamodule, "eval_conditions", None)
+        return conds[dataloader_idx] if conds else str(dataloader_idx)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _gather(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(xs)
+        if self.trainer.world_size > 1:
+            x = self.all_gather(x).flatten(0, 1)
+        return x
+
+    def _eval_epoch_end(self, split: str) -> None:
+        names = self.trainer.datamodule.store.subject_names if self.trainer.datamodule else []
+        for idx, out in sorted(self._eval_outputs.items()):
+            cond = self._condition(idx)
+            stim = self._gather(out["stimulus"])
+            subj = self._gather(out["subject"])
+            clip = self._gather(out["clip"])
+            vae = self._gather(out["vae"]) if out.get("vae") else None
+            # distributed samplers pad with repeats: keep one row per (subject, stimulus)
+            key = subj.long() * (int(stim.max()) + 1) + stim.long()
+            _, first = np.unique(key.cpu().numpy(), return_index=True)
+            keep = torch.as_tensor(first, device=clip.device)
+            stim, subj, clip = stim[keep], subj[keep], clip[keep]
+            vae = vae[keep] if vae is not None else None
+            groups = {"": torch.ones_like(subj, dtype=torch.bool)}
+            groups.update({f"{names[int(s)]}/" if names else f"s{int(s)}/": subj == s for s in subj.unique()})
+            for prefix, m in groups.items():
+                if int(m.sum()) < 2:
+                    continue
+                metrics = self._metrics(clip[m], stim[m], None if vae is None else vae[m])
+                for k, v in metrics.items():
+                    self.log(f"{split}/{cond}/{prefix}{k}", v, sync_dist=False)  # same value on every rank
+        self._eval_outputs.clear()
+
+    def _metrics(self, clip: torch.Tensor, stim: torch.Tensor, vae: torch.Tensor | None) -> dict[str, float]:
+        tgt = self.clip_targets[stim]
+        r = retrieval_top1(clip.cpu(), tgt.cpu(), self.retrieval_candidates, self.retrieval_draws)
+        m = {
+            "retrieval_fmri2img": r["fmri2img"],
+            "retrieval_img2fmri": r["img2fmri"],
+            "retrieval_chance": 1.0 / r["candidates"],
+            "identification": two_way_identification(clip.cpu(), tgt.cpu()),
+            "clip_cosine": F.cosine_similarity(clip, tgt, dim=1).mean().item(),
+        }
+        if vae is not None:
+            m["vae_mse"] = F.mse_loss(vae, self.vae_targets[stim]).item()
+        return m
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        pred = self(batch["patches"], batch["subject"])
+        return {"stimulus": batch["stimulus"], "subject": batch["subject"], **pred}

@@ -1,0 +1,709 @@
+"""Teachers for stage-1 alignment: what the fMRI encoder regresses onto, computed once per stimulus.
+
+- :class:`OpenCLIPImageTeacher`: an ``open_clip`` CLIP model (``ViT-L-14`` + a local checkpoint in real runs;
+  a tiny model from a custom config JSON for CPU runs and tests). ``encode`` gives the (L2-normalised) image
+  embedding after the model's own preprocessing; ``encode_text`` the text embedding (concept words, captions).
+- :class:`VAETeacher`: a ``diffusers`` :class:`~diffusers.AutoencoderKL` (the ``vae`` folder of SD-2.1 in real
+  runs; a tiny config for CPU runs). ``encode`` gives ``latent_dist.mean * scaling_factor``; ``decode`` the
+  inverse, back to uint8 images.
+- :class:`TeacherCache`: targets for every stimulus of a store, cached in ``<store stem>.teachers.h5`` next
+  to the store, keyed by the teacher's :attr:`id` (model + weights digest + preprocessing) and validated
+  against the store's fingerprint.
+
+Nothing here downloads: a checkpoint is always a local path, and a missing one is a
+:class:`FileNotFoundError` naming the path and the YAML key that sets it. Teachers are plain objects, not
+``nn.Module``s, so a LightningModule holding one does not put hundreds of millions of frozen weights into
+its checkpoints or its optimiser.
+
+Cache file layout (``CACHE_SCHEMA_VERSION`` 1)::
+
+    /                   attrs: schema="neurovision.teachers", schema_version, store (path when written)
+    /entries/<sha256(teacher id|dtype)[:32]>   (S, *output_shape) float16|float32, chunked by rows
+                        attrs: teacher_id, store_fingerprint, n_stimuli, image_shape, complete, created
+
+Write protocol (chosen over in-place appends because HDF5 is not crash-safe while a file is open for
+writing): a writer takes an exclusive ``flock`` on ``<cache>.lock``, re-checks the entry (another process
+may have written it meanwhile: DDP ranks wait for rank 0 instead of recomputing), then builds a *new* file
+(``.<cache>.*.partial``) holding a copy of every other still-valid entry plus the new one, computed straight
+into it batch by batch, and ``os.replace``-s it over the cache. Readers never lock: they see either the old
+or the new complete file. An exception or a killed process leaves the old cache untouched (and at most a
+``*.partial`` file, removed on exceptions). Adding an entry copies the others (cheap: entries are a few MB
+for the phantom; ~GB for full NSD VAE latents, and a new teacher is rare). Entries written for another store
+fingerprint (the store was regenerated) are stale: recomputed on request and pruned on the next write.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurovision.store import Store
+
+log = logging.getLogger("neurovision.teachers")
+
+CLIP_CHECKPOINT_KEY = "model.init_args.clip_teacher.init_args.checkpoint"
+CLIP_CONFIG_KEY = "model.init_args.clip_teacher.init_args.model_config"
+VAE_PATH_KEY = "model.init_args.vae_teacher.init_args.path"
+VAE_CONFIG_KEY = "model.init_args.vae_teacher.init_args.config"
+
+CACHE_SCHEMA = "neurovision.teachers"
+CACHE_SCHEMA_VERSION = 1
+
+#: A tiny AutoencoderKL for 64 px CPU runs: 3 blocks (2 downsamplings) -> 4 x 16 x 16 latents at 64 px.
+#: (SD's VAE has 4 blocks, /8; two blocks would give only /2, i.e. 32 x 32 latents at 64 px.) Channels
+#: (16, 32, 64): a first block of 32 channels at full resolution made training ~4x slower on a CPU. Four
+#: GroupNorm groups: with one channel per group (16 groups) GroupNorm is an instance norm that erases each
+#: channel's absolute level, and the VAE reached 28.9 dB test PSNR on the phantom instead of 32.6 dB.
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What :class:`TeacherCache` needs: a unique id, the per-stimulus output shape and ``encode``."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def output_shape(self) -> tuple[int, ...]: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------- helpers
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's content (memoised per process by path, size and mtime)."""
+    p = os.path.realpath(path)
+    st = os.stat(p)
+    key = (p, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _dir_digest(path: Path) -> str:
+    """Digest of a ``from_pretrained`` folder: its config and weight files (names and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt"}):
+            h.update(f.name.encode())
+            h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[1] != 3:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        dtype = getattr(images, "dtype", "?")
+        raise ValueError(f"images must be a uint8 tensor (B, 3, H, W), got {dtype} {shape}")
+    return images
+
+
+def resize_images(x: torch.Tensor, size: int | Sequence[int], interpolation: str = "bicubic",
+                  resize_mode: str = "shortest", fill: float = 0.0) -> torch.Tensor:
+    """Resize float images (B, C, H, W) like open_clip's eval transform, on tensors.
+
+    ``shortest``: shortest side to ``size`` then centre crop; ``longest``: longest side to ``size`` then pad
+    with ``fill``; ``squash``: straight to ``size`` (aspect not kept). A no-op when already that size.
+    """
+    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = x.shape[-2:]
+    if (h, w) == (th, tw):
+        return x
+    mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}.get(interpolation, "bicubic")
+    kw: dict[str, Any] = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
+
+    def interp(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(t, size=hw, mode=mode, **kw)
+
+    if resize_mode == "squash":
+        return interp(x, (th, tw))
+    if resize_mode == "longest":
+        s = min(th / h, tw / w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        y = interp(x, (nh, nw))
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        return F.pad(y, (left, tw - nw - left, top, th - nh - top), value=fill)
+    s = max(th / h, tw / w)  # shortest side -> target, then centre crop
+    nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+    y = interp(x, (nh, nw))
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return y[..., top:top + th, left:left + tw]
+
+
+# --------------------------------------------------------------------------------------------- open_clip
+_OC_REGISTRY_DIR: Path | None = None
+
+
+def read_clip_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, preprocess overrides) from an open_clip config JSON.
+
+    Accepts both open_clip's ``model_configs/*.json`` form (``embed_dim``, ``vision_cfg``, ``text_cfg``) and
+    its ``open_clip_config.json`` form (``{"model_cfg": ..., "preprocess_cfg": ...}``).
+    """
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    pp: dict[str, Any] = {}
+    if "model_cfg" in cfg:
+        pp = dict(cfg.get("preprocess_cfg") or {})
+        cfg = cfg["model_cfg"]
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: not an open_clip model config (missing {missing})")
+    return cfg, pp
+
+
+def register_clip_config(model_name: str, cfg: dict[str, Any]) -> str:
+    """Register ``cfg`` with open_clip under a name unique to its content; returns that name.
+
+    ``open_clip.add_model_config`` keys configs by file stem, so two different configs both called
+    ``tiny_clip.json`` would overwrite each other; we register a copy named ``<model_name>-<digest>``.
+    """
+    import open_clip
+
+    name = f"{model_name.replace('/', '-')}-{_json_digest(cfg)[:12]}"
+    if name in open_clip.list_models():
+        return name
+    global _OC_REGISTRY_DIR
+    if _OC_REGISTRY_DIR is None:
+        _OC_REGISTRY_DIR = Path(tempfile.mkdtemp(prefix="neurovision-open_clip-configs-"))
+        atexit.register(shutil.rmtree, _OC_REGISTRY_DIR, True)
+    f = _OC_REGISTRY_DIR / f"{name}.json"
+    f.write_text(json.dumps(cfg, sort_keys=True))
+    open_clip.add_model_config(f)
+    return name
+
+
+class OpenCLIPImageTeacher:
+    """CLIP image (and text) embeddings from an ``open_clip`` model, with the model's own preprocessing.
+
+    Args:
+        model_name: an open_clip architecture (``ViT-L-14``; OpenAI weights need ``ViT-L-14-quickgelu``),
+            or the name to give the architecture in ``model_config``.
+        checkpoint: a local open_clip checkpoint file (state dict, ``.bin``/``.pt``/``.safetensors``). ``None``
+            initialises the weights randomly (seeded by ``seed``). Pretrained *tags* are never downloaded.
+        model_config: path to an open_clip model config JSON (a custom, e.g. tiny, architecture).
+        image_size: override the vision tower's input size (positional embeddings are interpolated).
+        normalize: L2-normalise the embeddings (CLIP's convention; the paper's target).
+        seed: seed of the random initialisation when there is no checkpoint.
+        device: where the model runs (default: CUDA when available).
+        batch_size: chunk size of :meth:`encode_text` and the default batch of :class:`TeacherCache`.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        checkpoint: str | None = None,
+        model_config: str | None = None,
+        image_size: int | None = None,
+        normalize: bool = True,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        import open_clip
+
+        self.model_name = model_name
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.model_config = None if model_config is None else str(model_config)
+        self.normalize = normalize
+        self.seed = seed
+        self.batch_size = batch_size
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(
+                f"CLIP teacher checkpoint not found: {self.checkpoint} (set `{CLIP_CHECKPOINT_KEY}` to a local "
+                "open_clip checkpoint file; nothing is downloaded)")
+        pp_override: dict[str, Any] = {}
+        if self.model_config is not None:
+            if not Path(self.model_config).is_file():
+                raise FileNotFoundError(
+                    f"open_clip model config not found: {self.model_config} (set `{CLIP_CONFIG_KEY}`)")
+            cfg, pp_override = read_clip_config(self.model_config)
+            arch = register_clip_config(model_name, cfg)
+        else:
+            cfg = open_clip.get_model_config(model_name)
+            if cfg is None:
+                raise ValueError(f"unknown open_clip architecture {model_name!r}: pass `{CLIP_CONFIG_KEY}` "
+                                 f"(a config JSON) or one of open_clip.list_models()")
+            arch = model_name
+        self._arch = arch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(
+                arch, pretrained=self.checkpoint, force_image_size=image_size,
+                force_preprocess_cfg=pp_override or None, device="cpu",
+            )
+        model.eval().requires_grad_(False)
+        self.model = model
+        self.device = _default_device(device)
+        self.model.to(self.device)
+        self.preprocess_cfg: dict[str, Any] = dict(open_clip.get_model_preprocess_cfg(model))
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self._cfg = cfg
+        self._dim = int(cfg["embed_dim"])
+        weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.checkpoint else f"random(seed={seed})"
+        pp = self.preprocess_cfg
+        size = pp["size"] if isinstance(pp["size"], int) else "x".join(str(s) for s in pp["size"])
+        self._id = (
+            f"open_clip:{model_name}|arch={_json_digest(cfg)[:12]}|weights={weights}"
+            f"|pp={size}px,{pp.get('interpolation')},{pp.get('resize_mode')},"
+            f"mean={_fmt(pp['mean'])},std={_fmt(pp['std'])}|l2norm={int(normalize)}"
+        )
+
+    # identity -------------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """Unique to architecture, weights content and preprocessing (the cache key)."""
+        return self._id
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self._dim,)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.preprocess_cfg["size"]
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    def to(self, device: str | torch.device) -> OpenCLIPImageTeacher:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"OpenCLIPImageTeacher({self._id})"
+
+    # encoding -------------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> the float, resized, normalised input of the vision tower (on its device)."""
+        x = _check_images(images).to(self.device, torch.float32) / 255.0
+        pp = self.preprocess_cfg
+        fill = float(pp.get("fill_color", 0)) / 255.0
+        x = resize_images(x, self.image_size, pp.get("interpolation", "bicubic"),
+                          pp.get("resize_mode", "shortest"), fill).clamp_(0, 1)
+        mean = torch.as_tensor(pp["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(pp["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> float32 image embeddings (B, D) on the CPU."""
+        feats = self.model.encode_image(self.preprocess(images), normalize=self.normalize)
+        return feats.float().cpu()
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> float32 text embeddings (B, D) on the CPU (normalised like the images)."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not a single string")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[i:i + self.batch_size])).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=self.normalize).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self._dim)
+
+
+def _fmt(v: Any) -> str:
+    return "(" + ",".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+# --------------------------------------------------------------------------------------------- diffusers
+class VAETeacher:
+    """SD-VAE latents of the stimuli from a ``diffusers`` :class:`~diffusers.AutoencoderKL`.
+
+    Args:
+        path: a local ``from_pretrained`` folder: SD-2.1's ``vae`` folder (or the pipeline root holding it).
+        config: instead of ``path``, build a randomly initialised VAE from a config: a JSON file path or the
+            built-in ``"tiny"`` preset (:data:`TINY_VAE_CONFIG`).
+        image_size: images are resized (bicubic, square) to this before encoding (SD-2.1: 512 or 768).
+        sample: encode with ``latent_dist.sample()`` (seeded) instead of its mean.
+        seed: seed of the random initialisation (``config``) and of the sampling.
+        device: where the model runs (default: CUDA when available).
+        batch_size: the default batch of :class:`TeacherCache`.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        config: str | None = None,
+        image_size: int = 512,
+        sample: bool = False,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        from diffusers import AutoencoderKL
+
+        if (path is None) == (config is None):
+            raise ValueError(f"VAETeacher needs exactly one of `path` ({VAE_PATH_KEY}) and `config` "
+                             f"({VAE_CONFIG_KEY}), got path={path!r}, config={config!r}")
+        self.path = None if path is None else str(path)
+        self.config = None if config is None else str(config)
+        self.image_size = int(image_size)
+        self.sample = sample
+        self.seed = seed
+        self.batch_size = batch_size
+        if self.path is not None:
+            p = Path(self.path)
+            if (p / "vae" / "config.json").is_file():  # the root of a diffusers pipeline
+                p = p / "vae"
+            if not (p / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"VAE teacher folder not found (no config.json): {self.path} (set `{VAE_PATH_KEY}` to a "
+                    "local AutoencoderKL folder, e.g. stable-diffusion-2-1/vae; nothing is downloaded)")
+            vae = AutoencoderKL.from_pretrained(p, local_files_only=True)
+            weights = f"sha256:{_dir_digest(p)[:16]}"
+        else:
+            if self.config == "tiny":
+                cfg = dict(TINY_VAE_CONFIG)
+            else:
+                if not Path(self.config).is_file():  # type: ignore[arg-type]
+                    raise FileNotFoundError(f"VAE config not found: {self.config} (set `{VAE_CONFIG_KEY}` to "
+                                            "a config JSON or 'tiny')")
+                cfg = json.loads(Path(self.config).read_text())  # type: ignore[arg-type]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                vae = AutoencoderKL.from_config(cfg)
+            weights = f"random(seed={seed})"
+        vae.eval().requires_grad_(False)
+        self.vae = vae
+        self.device = _default_device(device)
+        self.vae.to(self.device)
+        c = vae.config
+        self.scaling_factor = float(c.scaling_factor)
+        self.shift_factor = None if c.shift_factor is None else float(c.shift_factor)
+        self.downsample = 2 ** (len(c.block_out_channels) - 1)
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE's downsampling "
+                             f"factor {self.downsample}")
+        arch = {k: v for k, v in dict(c).items() if not k.startswith("_")}
+        self._id = (
+            f"diffusers:AutoencoderKL|arch={_json_digest(arch)[:12]}|weights={weights}"
+            f"|pp={self.image_size}px,bicubic,squash,[-1,1]|z={f'sample(seed={seed})' if sample else 'mean'}"
+            f"*{self.scaling_factor:.6g}" + (f"-{self.shift_factor:.6g}" if self.shift_factor is not None else "")
+        )
+
+    @property
+    def id(self) -> str:
+        """Unique to architecture, weights content, image size, scaling and mean/sample."""
+        return self._id
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.image_size // self.downsample
+        return (int(self.vae.config.latent_channels), s, s)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.latent_shape
+
+    def to(self, device: str | torch.device) -> VAETeacher:
+        self.device = torch.device(device)
+        self.vae.to(self.device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"VAETeacher({self._id})"
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float in [-1, 1] at ``image_size`` (on the VAE's device)."""
+        x = _check_images(images).to(self.device, torch.float32) / 255.0
+        x = resize_images(x, self.image_size, "bicubic", "squash").clamp_(0, 1)
+        return x * 2 - 1
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> scaled latents (B, C, h, w), float32 on the CPU."""
+        dist = self.vae.encode(self.preprocess(images)).latent_dist
+        if self.sample:
+            g = torch.Generator(device=self.device).manual_seed(self.seed)
+            z = dist.sample(generator=g)
+        else:
+            z = dist.mean
+        if self.shift_factor is not None:
+            z = z - self.shift_factor
+        return (z * self.scaling_factor).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> uint8 images (B, 3, image_size, image_size) on the CPU."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor
+        if self.shift_factor is not None:
+            z = z + self.shift_factor
+        x = self.vae.decode(z).sample
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# --------------------------------------------------------------------------------------------- cache
+def store_key(store: Store) -> str:
+    """What a cache entry must match: the store's fingerprint, else the file's size and mtime."""
+    fp = str(store.attrs.get("fingerprint") or "")
+    if fp:
+        return fp
+    st = store.path.stat()
+    return f"file:{st.st_size}:{st.st_mtime_ns}"
+
+
+def entry_name(teacher_id: str, dtype: str = "float32") -> str:
+    """The HDF5 name of the entry for a teacher id stored as ``dtype``."""
+    return hashlib.sha256(f"{teacher_id}|{np.dtype(dtype).name}".encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``<path>.lock`` (the lock file itself is left in place)."""
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class TeacherCache:
+    """Teacher targets for every stimulus of a store, computed once and kept in ``<store stem>.teachers.h5``.
+
+    Args:
+        path: the cache file; default: ``<store stem>.teachers.h5`` next to each store passed to :meth:`get`.
+        dtype: storage (and returned) dtype, ``float32`` or ``float16`` (half the disk; ~1e-3 relative error).
+        batch_size: images per ``encode`` call (default: the teacher's ``batch_size`` attribute, else 64).
+        progress: show a tqdm bar while computing.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        dtype: Literal["float32", "float16"] = "float32",
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        self.path = None if path is None else Path(path)
+        self.dtype = np.dtype(dtype)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @staticmethod
+    def default_path(store_path: str | os.PathLike[str]) -> Path:
+        p = Path(store_path)
+        return p.with_name(f"{p.stem}.teachers.h5")
+
+    def cache_path(self, store: Store) -> Path:
+        return self.path if self.path is not None else self.default_path(store.path)
+
+    # public ---------------------------------------------------------------------------------------
+    def get(self, store: Store | str | os.PathLike[str], teacher: Teacher, *, force: bool = False) -> np.ndarray:
+        """(S, *teacher.output_shape) targets for all S stimuli of ``store``: read, or computed and cached."""
+        store = store if isinstance(store, Store) else Store(store)
+        path = self.cache_path(store)
+        if not force:
+            data = self._read(path, store, teacher)
+            if data is not None:
+                return data
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            if not force:  # another process may have computed it while we waited for the lock
+                data = self._read(path, store, teacher, quiet=True)
+                if data is not None:
+                    return data
+            self._compute_and_write(path, store, teacher)
+        data = self._read(path, store, teacher)
+        if data is None:  # pragma: no cover - we just wrote it
+            raise RuntimeError(f"{path}: entry for {teacher.id} unreadable right after writing it")
+        return data
+
+    def entries(self, store: Store | str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Attributes (``teacher_id``, ``store_fingerprint``, ..., ``shape``, ``dtype``) of every entry in the
+        cache of ``store`` (empty when there is no cache)."""
+        store = store if isinstance(store, Store) else Store(store)
+        path = self.cache_path(store)
+        out: list[dict[str, Any]] = []
+        if not path.exists():
+            return out
+        with h5py.File(path, "r") as f:
+            for name, ds in f.get("entries", {}).items():
+                a = {k: _plain(v) for k, v in ds.attrs.items()}
+                a.update(shape=tuple(ds.shape), dtype=str(ds.dtype), name=name)
+                out.append(a)
+        return out
+
+    # internals ------------------------------------------------------------------------------------
+    def _invalid(self, ds: h5py.Dataset, store: Store, teacher: Teacher) -> str | None:
+        """Why an entry cannot be used for (store, teacher), or None when it can."""
+        a = ds.attrs
+        n = len(store.stimulus_ids)
+        if not bool(a.get("complete", False)):
+            return "incomplete"
+        if _plain(a.get("teacher_id")) != teacher.id:
+            return f"teacher id {_plain(a.get('teacher_id'))!r} != {teacher.id!r}"
+        if _plain(a.get("store_fingerprint")) != store_key(store):
+            return "written for another version of the store (fingerprint differs)"
+        if ds.shape[0] != n or int(a.get("n_stimuli", -1)) != n:
+            return f"{ds.shape[0]} rows for {n} stimuli"
+        expected = tuple(getattr(teacher, "output_shape", ds.shape[1:]))
+        if tuple(ds.shape[1:]) != expected:
+            return f"row shape {tuple(ds.shape[1:])} != teacher output {expected}"
+        if ds.dtype != self.dtype:
+            return f"dtype {ds.dtype} != {self.dtype}"
+        return None
+
+    def _read(self, path: Path, store: Store, teacher: Teacher, quiet: bool = False) -> np.ndarray | None:
+        if not path.exists():
+            return None
+        try:
+            with h5py.File(path, "r") as f:
+                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA or \
+                        int(_plain(f.attrs.get("schema_version", -1))) != CACHE_SCHEMA_VERSION:
+                    log.warning("%s: not a neurovision teacher cache of schema version %d; it will be rebuilt",
+                                path, CACHE_SCHEMA_VERSION)
+                    return None
+                name = entry_name(teacher.id, self.dtype.name)
+                if name not in f.get("entries", {}):
+                    return None
+                ds = f["entries"][name]
+                why = self._invalid(ds, store, teacher)
+                if why is not None:
+                    if not quiet:
+                        log.warning("%s: entry for %s is stale (%s); recomputing", path, teacher.id, why)
+                    return None
+                data = ds[()]
+        except OSError as e:
+            log.warning("%s: unreadable teacher cache (%s); it will be rebuilt", path, e)
+            return None
+        if not np.isfinite(data).all():
+            log.warning("%s: entry for %s holds NaN/inf; recomputing", path, teacher.id)
+            return None
+        return data
+
+    def _compute_and_write(self, path: Path, store: Store, teacher: Teacher) -> None:
+        from tqdm.auto import tqdm
+
+        key = store_key(store)
+        name = entry_name(teacher.id, self.dtype.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with h5py.File(tmp, "w") as out:
+                out.attrs["schema"] = CACHE_SCHEMA
+                out.attrs["schema_version"] = CACHE_SCHEMA_VERSION
+                out.attrs["store"] = str(store.path)
+                entries = out.create_group("entries")
+                self._copy_others(path, entries, skip=name, store_key_=key)
+                images = store.h5["stimuli/images"]
+                n = images.shape[0]
+                bs = int(self.batch_size or getattr(teacher, "batch_size", 64))
+                ds = None
+                bar = tqdm(total=n, desc=f"teacher {teacher.id[:48]}", unit="img", disable=not self.progress)
+                for i0 in range(0, n, bs):
+                    i1 = min(i0 + bs, n)
+                    x = torch.from_numpy(images[i0:i1]).permute(0, 3, 1, 2).contiguous()
+                    y = teacher.encode(x)
+                    y = (y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+                    if y.shape[0] != i1 - i0:
+                        raise ValueError(f"teacher {teacher.id} returned {y.shape[0]} rows for {i1 - i0} images")
+                    if not np.isfinite(y).all():
+                        raise ValueError(f"teacher {teacher.id} returned NaN/inf for stimuli {i0}..{i1 - 1}")
+                    if ds is None:
+                        row = y.shape[1:]
+                        row_bytes = max(1, int(np.prod(row)) * self.dtype.itemsize)
+                        chunk_rows = int(min(n, max(1, (1 << 20) // row_bytes)))
+                        ds = entries.create_dataset(name, shape=(n, *row), dtype=self.dtype,
+                                                    chunks=(chunk_rows, *row))
+                        ds.attrs["complete"] = False
+                    ds[i0:i1] = y.astype(self.dtype)
+                    bar.update(i1 - i0)
+                bar.close()
+                if ds is None:
+                    raise ValueError(f"{store.path}: the store has no stimuli")
+                ds.attrs["teacher_id"] = teacher.id
+                ds.attrs["store_fingerprint"] = key
+                ds.attrs["n_stimuli"] = n
+                ds.attrs["image_shape"] = np.asarray(images.shape[1:], dtype=np.int64)
+                ds.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+                ds.attrs["complete"] = True
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a cache is for sharing
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @staticmethod
+    def _copy_others(path: Path, entries: h5py.Group, skip: str, store_key_: str) -> None:
+        """Copy every complete entry of the current cache (other than ``skip``) made for this store."""
+        if not path.exists():
+            return
+        try:
+            with h5py.File(path, "r") as f:
+                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA:
+                    return
+                for name, ds in f.get("entries", {}).items():
+                    if name == skip or not bool(ds.attrs.get("complete", False)):
+                        continue
+                    if _plain(ds.attrs.get("store_fingerprint")) != store_key_:
+                        log.info("%s: pruning stale entry %s (another store fingerprint)", path,
+                                 _plain(ds.attrs.get("teacher_id")))
+                        continue
+                    f.copy(ds, entries, name=name)
+        except OSError as e:
+            log.warning("%s: unreadable teacher cache (%s); starting a new one", path, e)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

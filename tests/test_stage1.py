@@ -1,0 +1,69 @@
+"""Stage 1 (AlignmentTask) end to end on the tiny phantom through the CLI, with tiny real teachers."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurovision.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
+TINY = ROOT / "experiments" / "presets" / "stage1_vit3d_tiny.yaml"
+
+
+def _run(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _metrics(root: Path) -> dict[str, float]:
+    (table,) = sorted(root.rglob("metrics_table.csv"))[-1:]
+    with open(table) as f:
+        return {r["metric"]: float(r["value"]) for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stage1")
+    store = tmp / "tiny.h5"
+    shutil.copy(tiny_store, store)
+    args = ["fit", "-c", str(STAGE1), "-c", str(TINY), f"--data.init_args.store={store}",
+            f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
+            "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1",
+            f"--model.init_args.clip_teacher.init_args.model_config={ROOT / 'experiments/teachers/tiny_clip.json'}"]
+    assert _run(args) == 0
+    return tmp, store, args
+
+
+def test_fit_logs_retrieval_per_condition_and_subject(stage1_run):
+    tmp, _, _ = stage1_run
+    m = _metrics(tmp)
+    for cond in ("average", "single"):
+        for k in ("retrieval_fmri2img", "retrieval_img2fmri", "identification", "vae_mse", "retrieval_chance"):
+            assert f"val/{cond}/{k}" in m
+        assert f"val/{cond}/sub-01/retrieval_fmri2img" in m
+    assert m["val/average/retrieval_chance"] == pytest.approx(1 / 16)  # 4 val images x 4 subjects
+
+
+def test_teacher_targets_are_cached_and_reused(stage1_run):
+    tmp, store, args = stage1_run
+    cache = store.with_name("tiny.teachers.h5")
+    assert cache.is_file()
+    before = cache.stat().st_mtime_ns
+    assert _run(["validate", *args[1:-2]]) == 0
+    assert cache.stat().st_mtime_ns == before
+
+
+def test_checkpoint_loads_with_weights_only(stage1_run):
+    tmp, _, _ = stage1_run
+    ckpt = sorted(tmp.rglob("last.ckpt"))[0]
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert any(k.startswith("encoder.") for k in state["state_dict"])
+    assert not any("teacher" in k for k in state["state_dict"])  # frozen teachers are not part of the model
