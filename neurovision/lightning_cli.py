@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import neurovision  # noqa: F401  (torchvision fix first)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import neurovision  # noqa: F401  (torchvision fix first)
 from data_modules.fmri import StoreDataModule
 from neurovision.tasks.base import BaseTask
 
