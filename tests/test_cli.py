@@ -68,7 +68,11 @@ def test_data_groups_and_presets_compose(group, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     wanted = yaml.safe_load(group.read_text())
     wanted_store = (wanted.get("init_args") or wanted.get("data", {}).get("init_args", {})).get("store")
-    assert cfg["data"]["init_args"]["store"] == wanted_store
+    if wanted_store is not None:
+        assert cfg["data"]["init_args"]["store"] == wanted_store
+    for key, value in (wanted.get("trainer") or {}).items():
+        if not isinstance(value, dict):
+            assert cfg["trainer"][key] == value, key
 
 
 def test_unknown_yaml_key_is_one_clear_error(tmp_path, capsys):
