@@ -54,7 +54,8 @@ class AlignmentTask(BaseTask):
     Teacher targets come from the teachers' cache (computed once per stimulus, see
     :class:`neurovision.teachers.TeacherCache`) and are looked up by the batch's ``stimulus`` index.
 
-    Validation/test log, per condition of the datamodule (``average``, ``single``) and per subject:
+    Validation/test log, per condition of the datamodule (``average``, ``single``), per subject and as the mean
+    over subjects:
     ``retrieval_fmri2img`` and ``retrieval_img2fmri`` (top-1 among ``retrieval_candidates`` images,
     averaged over ``retrieval_draws`` random draws), ``identification`` (two-way, CLIP space) and
     ``vae_mse``.
@@ -252,14 +253,20 @@ class AlignmentTask(BaseTask):
             keep = torch.as_tensor(first, device=clip.device)
             stim, subj, clip = stim[keep], subj[keep], clip[keep]
             vae = vae[keep] if vae is not None else None
-            groups = {"": torch.ones_like(subj, dtype=torch.bool)}
-            groups.update({f"{names[int(s)]}/" if names else f"s{int(s)}/": subj == s for s in subj.unique()})
-            for prefix, m in groups.items():
+            # per subject (each image once per candidate set), then the mean over subjects: pooling subjects
+            # would put the same image (identical targets) several times in one candidate set
+            per_subject: list[dict[str, float]] = []
+            for s in subj.unique():
+                m = subj == s
                 if int(m.sum()) < 2:
                     continue
                 metrics = self._metrics(clip[m], stim[m], None if vae is None else vae[m])
+                per_subject.append(metrics)
+                name = names[int(s)] if names else f"s{int(s)}"
                 for k, v in metrics.items():
-                    self.log(f"{split}/{cond}/{prefix}{k}", v, sync_dist=False)  # same value on every rank
+                    self.log(f"{split}/{cond}/{name}/{k}", v, sync_dist=False)  # same value on every rank
+            for k in per_subject[0] if per_subject else []:
+                self.log(f"{split}/{cond}/{k}", float(np.mean([d[k] for d in per_subject])), sync_dist=False)
         self._eval_outputs.clear()
 
     def _metrics(self, clip: torch.Tensor, stim: torch.Tensor, vae: torch.Tensor | None) -> dict[str, float]:
