@@ -136,8 +136,8 @@ class EpochSampler(DistributedSampler):
 class StoreDataModule(L.LightningDataModule):
     """Base class of the datamodules that read a neurovision store; holds what the data decides.
 
-    ``store`` is opened lazily (``setup``) and only its header is read when a model asks for sizes
-    (``num_active_patches``, ``patch_dim``, ``num_subjects``, ...) through ``link_arguments``.
+    ``store`` is opened lazily (``setup``) and only its header is read when the CLI links ``spec`` (sizes the
+    data decides) into the model.
     """
 
     def __init__(self, store: str | Path) -> None:
@@ -168,34 +168,6 @@ class StoreDataModule(L.LightningDataModule):
             patch_coords=tuple(tuple(int(v) for v in c) for c in g.active_coords),  # type: ignore[misc]
             num_subjects=len(self.store.subjects), image_shape=self.store.image_shape,  # type: ignore[arg-type]
         )
-
-    @property
-    def num_active_patches(self) -> int:
-        return self.store.grid.n_active
-
-    @property
-    def patch_size(self) -> int:
-        return self.store.grid.patch_size
-
-    @property
-    def patch_dim(self) -> int:
-        return self.store.grid.patch_size**3
-
-    @property
-    def grid_shape(self) -> list[int]:
-        return list(self.store.grid.shape)
-
-    @property
-    def patch_coords(self) -> list[list[int]]:
-        return self.store.grid.active_coords.tolist()
-
-    @property
-    def num_subjects(self) -> int:
-        return len(self.store.subjects)
-
-    @property
-    def image_shape(self) -> list[int]:
-        return list(self.store.image_shape)
 
     def _subject_indices(self, names: list[str] | None, key: str) -> list[int]:
         if names is None:

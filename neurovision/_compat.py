@@ -78,10 +78,8 @@ def patch_torchvision() -> bool:
     global _LIB
     if _LIB is not None or torchvision_ops_loadable():
         return False
-    if _LIB is not None:  # patched re-entrantly while probing
-        return False
     lib = torch.library.Library("torchvision", "FRAGMENT")
-    _LIB = lib  # set before any further work, so a re-entrant call is a no-op
+    _LIB = lib
     for name, schema in _SCHEMAS.items():
         if not _op_exists(name):
             lib.define(schema)

@@ -21,12 +21,6 @@ TOOL_COMMANDS = {
 }
 
 
-def _make_cli_class():
-    from neurovision.lightning_cli import NeuroVisionCLI
-
-    return NeuroVisionCLI
-
-
 def _usage() -> str:
     lines = ["usage: neurovision <command> [options]", "", "training (LightningCLI; `neurovision fit --help`):"]
     lines += [f"  {c:<10} {c} a task with a YAML config: -c experiments/<stage>.yaml" for c in TRAINER_COMMANDS]
@@ -125,10 +119,11 @@ def main(args: list[str] | None = None) -> int:
         print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
         return 1
     if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
+        from neurovision.lightning_cli import NeuroVisionCLI
         from neurovision.store import StoreError
 
         try:
-            _make_cli_class()(args=None if args is None else argv)
+            NeuroVisionCLI(args=None if args is None else argv)
         except (FileNotFoundError, StoreError) as e:  # bad input: one line (NEUROVISION_TRACEBACK=1: full)
             if os.environ.get("NEUROVISION_TRACEBACK"):
                 raise

@@ -9,7 +9,7 @@ import h5py
 import pytest
 import yaml
 
-from neurovision.cli import main
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -18,12 +18,6 @@ DATA = sorted((EXPERIMENTS / "data").glob("*.yaml"))
 PRESETS = sorted((EXPERIMENTS / "presets").glob("*.yaml"))
 ALL_YAML = sorted(EXPERIMENTS.rglob("*.yaml"))
 
-
-def run_cli(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as e:  # LightningCLI/jsonargparse exit after --help / --print_config / errors
-        return int(e.code or 0)
 
 
 def test_every_yaml_is_tested():

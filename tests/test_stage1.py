@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurovision.cli import main
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
 TINY = ROOT / "experiments" / "presets" / "stage1_vit3d_tiny.yaml"
 
-
-def _run(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def _metrics(root: Path) -> dict[str, float]:
@@ -38,7 +32,7 @@ def stage1_run(tiny_store, tmp_path_factory):
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
             "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1",
             f"--model.init_args.clip_teacher.init_args.model_config={ROOT / 'experiments/teachers/tiny_clip.json'}"]
-    assert _run(args) == 0
+    assert run_cli(args) == 0
     return tmp, store, args
 
 
@@ -57,7 +51,7 @@ def test_teacher_targets_are_cached_and_reused(stage1_run):
     cache = store.with_name("tiny.teachers.h5")
     assert cache.is_file()
     before = cache.stat().st_mtime_ns
-    assert _run(["validate", *args[1:-2]]) == 0
+    assert run_cli(["validate", *args[1:-2]]) == 0
     assert cache.stat().st_mtime_ns == before
 
 

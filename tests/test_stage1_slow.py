@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from neurovision.cli import main
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
 TINY = ROOT / "experiments" / "presets" / "stage1_vit3d_tiny.yaml"
 KEYS = ("val/average/loss", "val/average/vae_mse", "val/average/clip_cosine", "val/single/clip_cosine")
 
-
-def _run(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def _final(root: Path) -> dict[str, float]:
@@ -51,15 +45,15 @@ def store(tiny_store, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(store, tmp_path_factory) -> dict[str, float]:
     out = tmp_path_factory.mktemp("full")
-    assert _run(_args(store, out, "--trainer.max_epochs=3", "--data.init_args.batch_size=16")) == 0
+    assert run_cli(_args(store, out, "--trainer.max_epochs=3", "--data.init_args.batch_size=16")) == 0
     return _final(out)
 
 
 @pytest.mark.slow
 def test_resume_from_mid_run_checkpoint_gives_the_same_metrics(store, uninterrupted, tmp_path):
-    assert _run(_args(store, tmp_path, "--trainer.max_epochs=1", "--data.init_args.batch_size=16")) == 0
+    assert run_cli(_args(store, tmp_path, "--trainer.max_epochs=1", "--data.init_args.batch_size=16")) == 0
     (ckpt,) = list(tmp_path.rglob("last.ckpt"))
-    assert _run(_args(store, tmp_path, "--trainer.max_epochs=3", "--data.init_args.batch_size=16",
+    assert run_cli(_args(store, tmp_path, "--trainer.max_epochs=3", "--data.init_args.batch_size=16",
                       f"--ckpt_path={ckpt}")) == 0
     resumed = _final(tmp_path)
     for k in KEYS:
@@ -68,7 +62,7 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_metrics(store, uninterrup
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(store, uninterrupted, tmp_path):
-    assert _run(_args(store, tmp_path, "--trainer.max_epochs=3", "--data.init_args.batch_size=8",
+    assert run_cli(_args(store, tmp_path, "--trainer.max_epochs=3", "--data.init_args.batch_size=8",
                       "--trainer.devices=2", "--trainer.strategy=ddp_spawn")) == 0
     ddp = _final(tmp_path)
     for k in KEYS:

@@ -167,8 +167,7 @@ class AlignmentTask(BaseTask):
         self.clip_targets = torch.from_numpy(np.asarray(cache.get(store, self.clip_teacher))).float()
         if self.vae_teacher is not None:
             self.vae_targets = torch.from_numpy(np.asarray(cache.get(store, self.vae_teacher))).float()
-        self.clip_targets = self.clip_targets.to(self.device)
-        self.vae_targets = self.vae_targets.to(self.device)
+        # buffers: the strategy moves them to the device with the module, after the setup hooks
 
     # forward ----------------------------------------------------------------------------------------
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
