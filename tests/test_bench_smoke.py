@@ -53,3 +53,22 @@ def test_bench_datamodule_smoke(tmp_path: Path) -> None:
                        "--workers", "0", "--cache-modes", "warm", "--repeats", "1", "--no-numpy-diagnostic", "--no-progress",
                        "--json", str(out_json)])
     assert res2["store"]["reused"] and res2["flat_file"]["reused"]
+
+
+def test_bench_stage1_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_stage1", BENCH.with_name("bench_stage1.py"))
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json = tmp_path / "stage1.json"
+    res = bench.main(["--preset", "tiny", "--dim", "32", "--depth", "1", "--heads", "2", "--head-hidden", "32",
+                      "--clip-dim", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--n-train", "8",
+                      "--epoch-dim", "16", "--epoch-depth", "1", "--workdir", str(tmp_path), "--json", str(out_json),
+                      "--no-progress"])
+    assert json.loads(out_json.read_text())["config"]["preset"] == "tiny"
+    tok = res["tokens"]
+    assert tok["all"]["patches"] == 150 and tok["active"]["patches"] == 37  # the tiny phantom's grid
+    assert tok["token_ratio"] == 151 / 38
+    tgt = res["targets"]
+    assert tgt["cached"]["samples"] == tgt["recomputed"]["samples"] == 4 * 8 * 3  # subjects x images x repeats
+    assert tgt["cache_build_s"] > 0 and tgt["ratio_recomputed_over_cached"] > 0

@@ -207,3 +207,25 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     sa, sc = Store(a), Store(c)
     assert sa.attrs["fingerprint"] != sc.attrs["fingerprint"]
     assert sa.annotations("captions") != sc.annotations("captions")
+
+
+def test_shared_test_scenes_are_distinct(store: Store) -> None:
+    test = np.unique(store.trials["stimulus"][store.split_mask("test")])
+    keys = [_scene(store.annotations("scenes", int(i))).key for i in test]
+    assert len(set(keys)) == len(keys) == phantom.PRESETS["tiny"].n_test
+
+
+def test_sample_distinct_draws_distinct_scenes_or_says_it_cannot() -> None:
+    rng = np.random.default_rng(0)
+    got = scenes.sample_distinct(rng, 200)
+    assert len({s.key for s in got}) == 200
+    # one object per scene: 4 shapes x 4 colours x 2 sizes x 9 cells = 288 distinct scenes exist
+    assert len({s.key for s in scenes.sample_distinct(rng, 288, max_objects=1)}) == 288
+    with pytest.raises(ValueError, match="289 distinct"):
+        scenes.sample_distinct(rng, 289, max_objects=1)
+
+
+def test_geometry_matches_the_prepared_grid(store: Store) -> None:
+    spec = phantom.geometry("tiny")
+    assert spec.shape == store.grid.shape and spec.patch_size == store.grid.patch_size
+    np.testing.assert_array_equal(spec.active_index, store.grid.active_index)

@@ -6,6 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,39 @@ def test_checkpoint_loads_with_weights_only(stage1_run):
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert any(k.startswith("encoder.") for k in state["state_dict"])
     assert not any("teacher" in k for k in state["state_dict"])  # frozen teachers are not part of the model
+
+
+def test_shuffle_targets_trains_on_a_derangement_of_the_training_images(tiny_store, tmp_path):
+    import lightning as L
+
+    from data_modules import FMRIDataModule
+    from neurovision.tasks import AlignmentTask
+    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
+
+    store = tmp_path / "tiny.h5"
+    shutil.copy(tiny_store, store)
+    dm = FMRIDataModule(store=str(store), batch_size=8)
+    clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
+                                device="cpu")
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen["index"] = module.train_target_index.clone()
+            seen["stimulus"] = batch["stimulus"].clone()
+            seen["targets"] = module._targets(module.train_target_index[batch["stimulus"]])["clip"].clone()
+
+    task = AlignmentTask(data_spec=dm.spec, clip_teacher=clip, vae_teacher=None, dim=32, depth=1, heads=2,
+                         head_hidden=32, shuffle_targets=True)
+    L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[Spy()],
+              enable_progress_bar=False, enable_model_summary=False).fit(task, dm)
+    index = seen["index"].numpy()
+    st = dm.store
+    train = np.unique(st.trials["stimulus"][st.split_mask("train")])
+    others = np.setdiff1d(np.arange(len(index)), train)
+    assert sorted(index[train]) == sorted(train)  # a permutation of the training images
+    assert (index[train] != train).all()  # none keeps its own target
+    np.testing.assert_array_equal(index[others], others)  # val/test images keep theirs (evaluation is honest)
+    truth = torch.from_numpy(np.asarray(TeacherCache().get(st, clip))).float()
+    assert torch.allclose(seen["targets"], truth[index[seen["stimulus"].numpy()]])
+    assert not torch.allclose(seen["targets"], truth[seen["stimulus"]])

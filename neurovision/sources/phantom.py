@@ -1,9 +1,10 @@
 """The phantom source: a seeded, procedural fMRI experiment with planted ground truth.
 
 Scenes (:mod:`neurovision.sources.scenes`) are shown to K subjects, 3 repeats each; every subject sees its own
-training images and one shared test set (like NSD's shared1000). Each subject's brain is nilearn's bundled
-MNI152 brain mask, warped by a subject-specific affine (scale, small rotation, shift) and sampled on the
-subject's own voxel grid (its field of view = its brain's bounding box), with an occipito-temporal ROI.
+training images and one shared test set of distinct scenes (like NSD's shared1000). Each subject's brain is
+nilearn's bundled MNI152 brain mask, warped by a subject-specific affine (scale, small rotation, shift) and
+sampled on the subject's own voxel grid (its field of view = its brain's bounding box), with an
+occipito-temporal ROI.
 
 A trial's response, in the subject's space, is
 
@@ -34,7 +35,7 @@ from neurovision.preprocessing import GridSpec, resample, resize_grid_affine, to
 from neurovision.sources import scenes, up_to_date
 from neurovision.store import SPLITS, Store, StoreWriter, fingerprint
 
-CONVERTER_VERSION = "phantom-1"
+CONVERTER_VERSION = "phantom-2"  # 2: the shared test scenes are distinct
 _RF = 6  # receptive fields per image axis for the retinotopic term
 
 
@@ -188,6 +189,25 @@ def _design(cfg: PhantomConfig, rng: np.random.Generator):
     return n_stim, stim_split, trials
 
 
+def _anatomy(cfg: PhantomConfig, rng: np.random.Generator, mni: tuple[np.ndarray, np.ndarray]):
+    """Subjects' brains, their grid affines, the common GridSpec with its active patches, and the union mask."""
+    brains = [_make_brain(f"sub-{i + 1:02d}", cfg, rng, mni) for i in range(cfg.n_subjects)]
+    spec = GridSpec(cfg.grid, cfg.patch_size)
+    grid_affines = [resize_grid_affine(b.affine, b.shape, cfg.grid) for b in brains]
+    union = spec.set_active_from_masks(
+        [spec.mask_to_grid(b.roi, b.affine, ga) for b, ga in zip(brains, grid_affines, strict=True)])
+    return brains, grid_affines, spec, union
+
+
+def geometry(preset: Literal["tiny", "demo", "nsd"] = "nsd", seed: int = 0, n_subjects: int | None = None) -> GridSpec:
+    """The common grid and active patches ``prepare`` would produce for these options, without any trials
+    (for benchmarks and model sizing)."""
+    cfg = PRESETS[preset]
+    cfg = dataclasses.replace(cfg, n_subjects=n_subjects or cfg.n_subjects)
+    rng_anat = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])  # the stream prepare uses
+    return _anatomy(cfg, rng_anat, _mni_mask())[2]
+
+
 # --------------------------------------------------------------------------------------------- prepare
 def prepare(
     out: Path,
@@ -229,20 +249,16 @@ def prepare(
     root = np.random.SeedSequence(seed)
     rng_design, rng_anat, rng_maps, *rng_subj = (np.random.default_rng(s) for s in root.spawn(3 + cfg.n_subjects))
     n_stim, stim_split, trial_lists = _design(cfg, rng_design)
-    scene_list = [scenes.sample_scene(rng_design, cfg.max_objects) for _ in range(n_stim)]
+    scene_list = scenes.sample_distinct(rng_design, cfg.n_test, cfg.max_objects)  # test stimuli come first
+    scene_list += [scenes.sample_scene(rng_design, cfg.max_objects) for _ in range(n_stim - cfg.n_test)]
     images = np.stack([scenes.render(sc, cfg.image_size) for sc in scene_list])
     presence = np.stack([scenes.presence(sc) for sc in scene_list])
     contrast = np.stack([_contrast(im) for im in images])
 
     mni = _mni_mask()
-    brains = [_make_brain(f"sub-{i + 1:02d}", cfg, rng_anat, mni) for i in range(cfg.n_subjects)]
+    brains, grid_affines, spec, union = _anatomy(cfg, rng_anat, mni)
     mni_xyz = _world(mni[1], mni[0].shape)[mni[0].reshape(-1) > 0]
     maps = _planted_maps(cfg, rng_maps, mni_xyz[_roi_mni(mni_xyz)])
-
-    spec = GridSpec(cfg.grid, cfg.patch_size)
-    grid_affines = [resize_grid_affine(b.affine, b.shape, cfg.grid) for b in brains]
-    union = spec.set_active_from_masks(
-        [spec.mask_to_grid(b.roi, b.affine, ga) for b, ga in zip(brains, grid_affines, strict=True)])
 
     with StoreWriter(out, source="phantom", converter_version=CONVERTER_VERSION, options=options,
                      fingerprint=fp) as w:

@@ -61,6 +61,11 @@ class Scene:
     def to_json(self) -> list[dict[str, Any]]:
         return [asdict(o) for o in self.objects]
 
+    @property
+    def key(self) -> tuple[tuple[str, str, str, int], ...]:
+        """What the words can tell apart: (shape, colour, size, cell) per object, jitter left out."""
+        return tuple((o.shape, o.colour, o.size, o.position) for o in self.objects)
+
 
 def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> Scene:
     n = int(rng.integers(1, max_objects + 1))
@@ -73,6 +78,21 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> Scene:
             dx=float(rng.uniform(-0.03, 0.03)), dy=float(rng.uniform(-0.03, 0.03)),
         ))
     return Scene(tuple(sorted(objs, key=lambda o: o.position)))
+
+
+def sample_distinct(rng: np.random.Generator, n: int, max_objects: int = 2) -> list[Scene]:
+    """``n`` scenes no two of which share a :attr:`Scene.key` (a test set of distinct images, like NSD's
+    shared1000: otherwise retrieval would have to tell apart scenes that differ only by sub-cell jitter)."""
+    out: list[Scene] = []
+    seen: set[tuple[tuple[str, str, str, int], ...]] = set()
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            return out
+        sc = sample_scene(rng, max_objects)
+        if sc.key not in seen:
+            seen.add(sc.key)
+            out.append(sc)
+    raise ValueError(f"scenes: cannot draw {n} distinct scenes with at most {max_objects} objects")
 
 
 # --------------------------------------------------------------------------------------------- rendering

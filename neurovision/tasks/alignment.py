@@ -79,6 +79,8 @@ class AlignmentTask(BaseTask):
         gradient_checkpointing: recompute activations in the backward pass (memory for compute).
         retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
         retrieval_draws: random candidate sets averaged in the retrieval metric.
+        shuffle_targets: control run: train on the targets of other training images (a fixed derangement of
+            the training stimuli, seed 0); evaluation uses the true targets, so its metrics should sit at chance.
         cache_dtype: dtype of the cached teacher targets.
         optimizer: optimiser factory (paper: AdamW, lr 5e-4).
         scheduler: learning-rate scheduler factory.
@@ -104,6 +106,7 @@ class AlignmentTask(BaseTask):
         gradient_checkpointing: bool = False,
         retrieval_candidates: int = 300,
         retrieval_draws: int = 30,
+        shuffle_targets: bool = False,
         cache_dtype: Literal["float32", "float16"] = "float32",
         optimizer: OptimizerCallable = _adamw,
         scheduler: LRSchedulerCallable | None = None,
@@ -122,6 +125,7 @@ class AlignmentTask(BaseTask):
         self.gradient_checkpointing = gradient_checkpointing
         self.retrieval_candidates = retrieval_candidates
         self.retrieval_draws = retrieval_draws
+        self.shuffle_targets = shuffle_targets
         self.cache_dtype = cache_dtype
         super().__init__(data_spec, optimizer, scheduler)
         # hparams hold init args only (LightningCLI re-parses them on --ckpt_path); teachers are objects
@@ -148,6 +152,7 @@ class AlignmentTask(BaseTask):
             self.vae_head = MLPHead(self.dim, self.head_hidden, math.prod(self.latent_shape))
         self.register_buffer("clip_targets", torch.empty(0), persistent=False)
         self.register_buffer("vae_targets", torch.empty(0), persistent=False)
+        self.register_buffer("train_target_index", torch.empty(0, dtype=torch.long), persistent=False)
 
     def configure_losses(self) -> None:
         self.contrastive_fn = {"infonce": info_nce, "softclip": soft_clip}.get(self.contrastive)
@@ -167,6 +172,12 @@ class AlignmentTask(BaseTask):
         self.clip_targets = torch.from_numpy(np.asarray(cache.get(store, self.clip_teacher))).float()
         if self.vae_teacher is not None:
             self.vae_targets = torch.from_numpy(np.asarray(cache.get(store, self.vae_teacher))).float()
+        index = torch.arange(len(self.clip_targets))
+        if self.shuffle_targets:
+            train = np.unique(store.trials["stimulus"][store.split_mask("train")])
+            order = train[np.random.default_rng(0).permutation(len(train))]
+            index[order] = torch.from_numpy(np.roll(order, 1)).long()  # a derangement: no image keeps its own target
+        self.train_target_index = index
         # buffers: the strategy moves them to the device with the module, after the setup hooks
 
     # forward ----------------------------------------------------------------------------------------
@@ -197,7 +208,7 @@ class AlignmentTask(BaseTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         pred = self(batch["patches"], batch["subject"])
-        losses = self._losses(pred, self._targets(batch["stimulus"]))
+        losses = self._losses(pred, self._targets(self.train_target_index[batch["stimulus"]]))
         n = len(batch["patches"])
         for k, v in losses.items():
             self.log(f"train/{k}", v, prog_bar=k == "loss", batch_size=n)
