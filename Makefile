@@ -22,9 +22,16 @@ $(BIN)/neurovision: pyproject.toml constraints.txt
 
 install: $(BIN)/neurovision ## create .venv and install neurovision with the pinned CPU stack
 
-demo: install ## prepare the demo phantom and print its summary
+STAGE1_DEMO := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
+LAST_CKPT = $$(ls -t runs/stage1_demo/tb/*/checkpoints/last.ckpt | head -1)
+
+demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1 fit + test (~45 min on 2 cores)
 	$(BIN)/neurovision prepare phantom --preset demo --out data/phantom_demo.h5
 	$(BIN)/neurovision inspect data/phantom_demo.h5 --plot runs/demo/phantom_overview.png
+	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
+		--clip-epochs 40 --clip-max-minutes 20
+	$(BIN)/neurovision fit $(STAGE1_DEMO)
+	$(BIN)/neurovision test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

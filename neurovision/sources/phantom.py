@@ -62,7 +62,7 @@ PRESETS: dict[str, PhantomConfig] = {
     "tiny": PhantomConfig(),
     "demo": PhantomConfig(
         n_train=600, n_val=40, n_test=300, image_size=64, voxel_mm=4.0, grid=(36, 44, 36), patch_size=6,
-        trials_per_session=300, snr=1.0, blob_mm=10.0,
+        trials_per_session=300, snr=3.0, blob_mm=10.0,
     ),
     "nsd": PhantomConfig(
         n_train=1500, n_val=50, n_test=1000, image_size=128, voxel_mm=1.8, grid=(83, 104, 81), patch_size=14,
