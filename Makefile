@@ -25,7 +25,7 @@ install: $(BIN)/neurovision ## create .venv and install neurovision with the pin
 STAGE1_DEMO := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
 LAST_CKPT = $$(ls -t runs/stage1_demo/tb/*/checkpoints/last.ckpt | head -1)
 
-demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1 fit + test (~45 min on 2 cores)
+demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1 fit + test (~40 min on 2 cores)
 	$(BIN)/neurovision prepare phantom --preset demo --out data/phantom_demo.h5
 	$(BIN)/neurovision inspect data/phantom_demo.h5 --plot runs/demo/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 import neurovision  # noqa: F401  (torchvision compatibility fix; must precede lightning, i.e. data_modules)
 from data_modules.fmri import FMRIDataModule
+from neurovision.atomic import atomic_path
 from neurovision.models import ViT3D
 from neurovision.preprocessing import patch_grid_shape
 from neurovision.sources import phantom
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     res: dict[str, Any] = {
-        "config": {k: v for k, v in vars(args).items()},
+        "config": dict(vars(args)),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
@@ -230,10 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  recomputed / cached = {t['ratio_recomputed_over_cached']:.2f}x")
     res["runtime_s"] = time.perf_counter() - t_start
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(res, f, indent=2, default=str)
-    os.replace(f.name, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(res, indent=2, default=str))
     print(f"\nresults: {out}")
     return res
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from neurovision.atomic import atomic_path
 
 
 class MetricsTable(L.Callback):
@@ -39,13 +40,10 @@ class MetricsTable(L.Callback):
                 continue
             self.rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "stage": stage,
                               "metric": name, "value": float(value)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["epoch", "step", "stage", "metric", "value"])
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, path)
 
     # *_end (not *_epoch_end): runs after the module's epoch-end hook has logged its epoch metrics
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

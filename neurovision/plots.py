@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neurovision.atomic import atomic_path
 from neurovision.store import Store
 
 
@@ -49,11 +50,9 @@ def store_overview(store: Store, out: str | os.PathLike[str], n_images: int = 8,
                  f"{store.grid.n_active}/{store.grid.n_patches} active patches", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out, suffix=out.suffix or ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

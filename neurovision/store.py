@@ -36,7 +36,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from neurovision.atomic import atomic_path
 
 SCHEMA = "neurovision.store"
 SCHEMA_VERSION = 1
@@ -90,10 +91,8 @@ class StoreWriter:
 
     # context management -------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
         self.h5 = h5py.File(self._tmp, "w", libver="latest")
         a = self.h5.attrs
         a["schema"] = SCHEMA
@@ -109,21 +108,16 @@ class StoreWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self.h5 is not None and self._tmp is not None
         try:
-            try:
-                if exc_type is None:
-                    self._finalise()
-                    self.h5.attrs["complete"] = True
-                    self.h5.flush()
-            finally:
-                self.h5.close()
             if exc_type is None:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it 0600; a store is for sharing
-                os.replace(self._tmp, self.path)
+                self._finalise()
+                self.h5.attrs["complete"] = True
+                self.h5.flush()
+        except BaseException as e:
+            exc_type, exc, tb = type(e), e, e.__traceback__
+            raise
         finally:
-            if self._tmp.exists():
-                self._tmp.unlink()
+            self.h5.close()
+            self._atomic.__exit__(exc_type, exc, tb)  # renames over the target only when all went well
 
     @property
     def _f(self) -> h5py.File:

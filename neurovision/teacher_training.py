@@ -30,7 +30,6 @@ both, skipping what already exists (``--force`` retrains).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from neurovision.atomic import atomic_path, shared_mode
 from neurovision.store import SPLITS, Store
 
 CLIP_NAME = "tiny_clip"
@@ -102,26 +102,8 @@ def load_images(store: Store, index: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2).contiguous()
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; renamed over it when the block succeeds, removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    t = Path(tmp)
-    try:
-        yield t
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(t, 0o666 & ~umask)
-        os.replace(t, path)
-    finally:
-        if t.exists():
-            t.unlink()
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    with _atomic_path(path) as t:
+    with atomic_path(path) as t:
         t.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -143,6 +125,44 @@ def _lr_at(step: int, total: int, base: float, warmup: int, time_progress: float
 
 def _time_progress(t_start: float, max_minutes: float | None) -> float:
     return 0.0 if max_minutes is None else (time.time() - t_start) / (60 * max_minutes)
+
+
+class _StepLoop:
+    """The teachers' training loop: shuffled batches of ``batch_size`` of ``n`` items for ``epochs`` (the last
+    partial batch dropped), each optimiser group's lr set before every step (warm-up over 5 % of the steps,
+    cosine decay, times the group's ``lr_scale``), a tqdm bar, and the time budget ``max_minutes`` counted
+    from ``t_start``. Afterwards ``step`` and ``stopped_early`` say how far it got."""
+
+    def __init__(self, n: int, batch_size: int, epochs: int, lr: float, rng: np.random.Generator,
+                 t_start: float, max_minutes: float | None, desc: str, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.n, self.batch_size, self.epochs, self.lr, self.rng = n, batch_size, epochs, lr, rng
+        self.t_start, self.max_minutes = t_start, max_minutes
+        self.steps_per_epoch = max(1, n // batch_size)
+        self.total = epochs * self.steps_per_epoch
+        self.warmup = max(1, self.total // 20)
+        self.step, self.stopped_early = 0, False
+        self.bar = tqdm(total=self.total, desc=desc, unit="step", disable=not progress)
+
+    def batches(self, opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+        """Yield the item indices of each batch; the body of the loop does the step."""
+        try:
+            for _epoch in range(self.epochs):
+                order = self.rng.permutation(self.n)
+                for b in range(self.steps_per_epoch):
+                    lr = _lr_at(self.step, self.total, self.lr, self.warmup,
+                                _time_progress(self.t_start, self.max_minutes))
+                    for g in opt.param_groups:
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
+                    yield torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size])
+                    self.step += 1
+                    self.bar.update(1)
+                    if _time_progress(self.t_start, self.max_minutes) >= 1.0:
+                        self.stopped_early = True
+                        return
+        finally:
+            self.bar.close()
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -193,7 +213,6 @@ def train_tiny_clip(
         ``out_dir``.
     """
     from open_clip import ClipLoss
-    from tqdm.auto import tqdm
 
     from neurovision.teachers import OpenCLIPImageTeacher
 
@@ -219,48 +238,30 @@ def train_tiny_clip(
     model.train().requires_grad_(True)
     loss_fn = ClipLoss()
     groups = _param_groups(model, weight_decay)
-    for g in groups:
-        g["lr_scale"] = 1.0
     temperature = [p for name, p in model.named_parameters() if name in ("logit_scale", "logit_bias")]
     groups.append({"params": temperature, "weight_decay": 0.0, "lr_scale": logit_scale_lr / lr})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(idx)
-    steps_per_epoch = max(1, n // batch_size)  # drop the last partial batch (fewer negatives)
-    total = epochs * steps_per_epoch
-    warmup = max(1, total // 20)
     losses: list[float] = []
-    bar = tqdm(total=total, desc="tiny CLIP", unit="step", disable=not progress)
-    step, stopped_early = 0, False
-    for _epoch in range(epochs):
-        order = rng.permutation(n)
-        for b in range(steps_per_epoch):
-            sel = torch.from_numpy(order[b * batch_size:(b + 1) * batch_size])
-            cap = torch.from_numpy(rng.integers(0, n_caps, len(sel)))
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, lr, warmup, _time_progress(t_start, max_minutes)) * g["lr_scale"]
-            x = teacher.preprocess(images[sel])
-            img_f = model.encode_image(x, normalize=True)
-            txt_f = model.encode_text(tokens[sel, cap], normalize=True)
-            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{model.logit_scale.detach().exp().item():.1f}")
-            if _time_progress(t_start, max_minutes) >= 1.0:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-    bar.close()
+    loop = _StepLoop(n, batch_size, epochs, lr, rng, t_start, max_minutes, "tiny CLIP", progress)
+    for sel in loop.batches(opt):
+        cap = torch.from_numpy(rng.integers(0, n_caps, len(sel)))
+        x = teacher.preprocess(images[sel])
+        img_f = model.encode_image(x, normalize=True)
+        txt_f = model.encode_text(tokens[sel, cap], normalize=True)
+        loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        loop.bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{model.logit_scale.detach().exp().item():.1f}")
+    step, stopped_early, steps_per_epoch = loop.step, loop.stopped_early, loop.steps_per_epoch
     model.eval().requires_grad_(False)
     train_s = time.time() - t_start
     ckpt = out / f"{CLIP_NAME}.pt"
-    with _atomic_path(ckpt) as t:
+    with atomic_path(ckpt) as t:
         torch.save(model.state_dict(), t)
 
     metrics: dict[str, Any] = {
@@ -379,7 +380,6 @@ def train_tiny_vae(
     Returns:
         ``out_dir``.
     """
-    from tqdm.auto import tqdm
 
     from neurovision.teachers import VAETeacher
 
@@ -398,39 +398,24 @@ def train_tiny_vae(
     idx = stimuli_of(st, ("train", "val"))
     x_all = teacher.preprocess(load_images(st, idx))  # [-1, 1] at `size`
     n = len(idx)
-    steps_per_epoch = max(1, n // batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, total // 20)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    bar = tqdm(total=total, desc="tiny VAE", unit="step", disable=not progress)
-    step, stopped_early = 0, False
-    for _epoch in range(epochs):
-        order = rng.permutation(n)
-        for b in range(steps_per_epoch):
-            x = x_all[torch.from_numpy(order[b * batch_size:(b + 1) * batch_size])]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, lr, warmup, _time_progress(t_start, max_minutes))
-            dist = vae.encode(x).latent_dist
-            rec = vae.decode(dist.sample(generator=gen)).sample
-            mse = (rec - x).pow(2).mean()
-            kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-            loss = mse + kl_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(mse.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(mse=f"{losses[-1]:.4f}", kl=f"{kl.item():.2f}")
-            if _time_progress(t_start, max_minutes) >= 1.0:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-    bar.close()
+    loop = _StepLoop(n, batch_size, epochs, lr, rng, t_start, max_minutes, "tiny VAE", progress)
+    for sel in loop.batches(opt):
+        x = x_all[sel]
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(generator=gen)).sample
+        mse = (rec - x).pow(2).mean()
+        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(mse.item())
+        loop.bar.set_postfix(mse=f"{losses[-1]:.4f}", kl=f"{kl.item():.2f}")
+    step, stopped_early, steps_per_epoch = loop.step, loop.stopped_early, loop.steps_per_epoch
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD's convention: scale latents to unit variance
         zs = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
@@ -444,8 +429,8 @@ def train_tiny_vae(
     try:
         vae.save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors writes 0600
-            os.chmod(f, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(f, shared_mode())
+        os.chmod(tmp, shared_mode(0o777))
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{VAE_DIR}.old.", dir=out))
@@ -470,12 +455,6 @@ def train_tiny_vae(
     metrics["wall_s"] = round(time.time() - t_start, 1)
     _write_json(out / f"{VAE_DIR}_metrics.json", metrics)
     return out
-
-
-def _umask() -> int:
-    u = os.umask(0)
-    os.umask(u)
-    return u
 
 
 @torch.no_grad()

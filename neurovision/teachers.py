@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neurovision.atomic import atomic_path
 from neurovision.store import Store
 
 log = logging.getLogger("neurovision.teachers")
@@ -630,10 +631,7 @@ class TeacherCache:
 
         key = store_key(store)
         name = entry_name(teacher.id, self.dtype.name)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as out:
                 out.attrs["schema"] = CACHE_SCHEMA
                 out.attrs["schema_version"] = CACHE_SCHEMA_VERSION
@@ -672,13 +670,6 @@ class TeacherCache:
                 ds.attrs["image_shape"] = np.asarray(images.shape[1:], dtype=np.int64)
                 ds.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
                 ds.attrs["complete"] = True
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a cache is for sharing
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @staticmethod
     def _copy_others(path: Path, entries: h5py.Group, skip: str, store_key_: str) -> None:

@@ -1,0 +1,41 @@
+"""Atomic file writes: write to a temp file beside the target, then rename it over the target.
+
+A reader sees the old file or the new one, never half of one; a failed write leaves the old file as it was,
+and a killed process leaves at most a hidden ``.<name>.*.partial`` file (never a valid target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def shared_mode(mode: int = 0o666) -> int:
+    """``mode`` with this process's umask applied (what ``open`` would have created)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a fresh temp path in ``path``'s folder (created if needed) to write to.
+
+    When the block succeeds the temp file gets the umask's permissions (``mkstemp`` makes it 0600) and
+    replaces ``path``; when it raises, the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, shared_mode())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
