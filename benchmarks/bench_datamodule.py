@@ -37,7 +37,6 @@ import mmap
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +50,7 @@ from tqdm.auto import tqdm
 
 import neurovision  # noqa: F401  (torchvision compatibility fix; must precede lightning, i.e. data_modules)
 from data_modules.fmri import FMRIDataModule, FMRITrials
+from neurovision.atomic import atomic_path
 from neurovision.sources import phantom
 from neurovision.store import Store
 
@@ -147,18 +147,12 @@ def build_flat(store_path: Path, rows: np.ndarray, out: Path, progress: bool) ->
     t0 = time.perf_counter()
     ds = store.h5["trials/patches"]
     buf = np.empty(ds.shape[1:], dtype=np.float16)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            for t in tqdm(rows, desc="flat file", unit="trial", disable=not progress, file=sys.stderr):
-                ds.read_direct(buf, np.s_[int(t)])
-                f.write(memoryview(buf).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp, open(tmp, "wb", buffering=0) as f:
+        for t in tqdm(rows, desc="flat file", unit="trial", disable=not progress, file=sys.stderr):
+            ds.read_direct(buf, np.s_[int(t)])
+            f.write(memoryview(buf).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
     _atomic_write(meta_path, json.dumps(meta, indent=1))
     store.close()
     return False, time.perf_counter() - t0
@@ -378,15 +372,8 @@ def _fmt_table(res: dict[str, Any]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        tmp.write_text(text)
 
 
 def _int_list(s: str) -> list[int]:

@@ -98,3 +98,54 @@ def test_shuffle_targets_trains_on_a_derangement_of_the_training_images(tiny_sto
     truth = torch.from_numpy(np.asarray(TeacherCache().get(st, clip))).float()
     assert torch.allclose(seen["targets"], truth[index[seen["stimulus"].numpy()]])
     assert not torch.allclose(seen["targets"], truth[seen["stimulus"]])
+
+
+def test_bank_infonce_equals_infonce_when_the_bank_is_the_batch():
+    from neurovision.tasks.alignment import info_nce, info_nce_bank
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    bank = torch.nn.functional.normalize(target, dim=-1)
+    same = info_nce_bank(pred, target, torch.arange(6), bank, 0.1)
+    assert same.item() == pytest.approx(info_nce(pred, target, 0.1).item(), rel=1e-5)
+    # a near-duplicate of item 0's image in the bank (but not in the batch) is a hard negative: the loss rises
+    twin = torch.nn.functional.normalize(target[:1] + 0.05 * torch.randn(1, 16, generator=g), dim=-1)
+    harder = info_nce_bank(pred, target, torch.arange(6), torch.cat([bank, twin]), 0.1)
+    assert harder.item() > same.item()
+
+
+def test_train_negatives_bank_holds_the_trained_subjects_training_images(tiny_store, tmp_path):
+    import lightning as L
+
+    from data_modules import FMRIDataModule
+    from neurovision.tasks import AlignmentTask
+    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
+
+    store = tmp_path / "tiny.h5"
+    shutil.copy(tiny_store, store)
+    dm = FMRIDataModule(store=str(store), batch_size=8, subjects=["sub-01", "sub-02"])
+    clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
+                                device="cpu")
+    with pytest.raises(ValueError, match="negatives='train' needs contrastive='infonce'"):
+        AlignmentTask(data_spec=dm.spec, clip_teacher=clip, negatives="train")
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen["contrastive"] = trainer.callback_metrics["train/contrastive"].clone()
+
+    task = AlignmentTask(data_spec=dm.spec, clip_teacher=clip, vae_teacher=None, dim=32, depth=1, heads=2,
+                         head_hidden=32, contrastive="infonce", contrastive_weight=1.0, negatives="train")
+    L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[Spy()],
+              enable_progress_bar=False, enable_model_summary=False).fit(task, dm)
+    st = dm.store
+    t = st.trials
+    mask = st.split_mask("train") & np.isin(t["subject"], [0, 1])
+    train = np.unique(t["stimulus"][mask])
+    assert len(train) < len(np.unique(t["stimulus"][st.split_mask("train")]))  # sub-03/04's images left out
+    truth = torch.nn.functional.normalize(torch.from_numpy(np.asarray(TeacherCache().get(st, clip))).float(), dim=-1)
+    assert torch.allclose(task.bank, truth[train], atol=1e-6)
+    row = task.bank_row.numpy()
+    np.testing.assert_array_equal(row[train], np.arange(len(train)))
+    assert (np.delete(row, train) == -1).all()
+    assert torch.isfinite(seen["contrastive"])

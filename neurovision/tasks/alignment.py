@@ -38,6 +38,24 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> to
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
+def info_nce_bank(pred: torch.Tensor, target: torch.Tensor, row: torch.Tensor, bank: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """InfoNCE whose fMRI->image direction ranks each prediction against a whole bank of image embeddings.
+
+    ``bank`` holds the (L2-normalised) embeddings of every training image and ``row`` the bank row of each
+    item's own image: the negatives are all other training images, not only the few in the batch, so the
+    rare near-duplicates (same shape and colour, another position) are seen as negatives at every step. The
+    image->fMRI direction stays in-batch (the other images' fMRI predictions exist only for the batch).
+    """
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    f2i = F.cross_entropy(p @ bank.T / temperature, row)
+    same = (t @ t.T) > 1 - 1e-6
+    labels = same.float() / same.float().sum(1, keepdim=True)
+    i2f = F.cross_entropy((p @ t.T).T / temperature, labels)
+    return 0.5 * (f2i + i2f)
+
+
 def soft_clip(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
     """SoftCLIP (MindEye): cross-entropy towards the target-target similarity distribution."""
     p = F.normalize(pred.float(), dim=-1)
@@ -75,6 +93,8 @@ class AlignmentTask(BaseTask):
         contrastive: the optional contrastive term on the CLIP head.
         contrastive_weight: its weight (0 = the paper's pure regression).
         temperature: contrastive temperature.
+        negatives: negatives of the InfoNCE term's fMRI->image direction: ``batch`` (the other images of the
+            batch) or ``train`` (every training image: the cached targets make this one matrix product).
         subject_embedding: add a learned subject embedding (off = one model, no subject-specific parts).
         gradient_checkpointing: recompute activations in the backward pass (memory for compute).
         retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
@@ -102,6 +122,7 @@ class AlignmentTask(BaseTask):
         contrastive: Literal["none", "infonce", "softclip"] = "none",
         contrastive_weight: float = 0.0,
         temperature: float = 0.05,
+        negatives: Literal["batch", "train"] = "batch",
         subject_embedding: bool = False,
         gradient_checkpointing: bool = False,
         retrieval_candidates: int = 300,
@@ -121,6 +142,12 @@ class AlignmentTask(BaseTask):
         self.contrastive = contrastive
         self.contrastive_weight = contrastive_weight
         self.temperature = temperature
+        if negatives not in ("batch", "train"):
+            raise ValueError(f"model.init_args.negatives must be 'batch' or 'train', got {negatives!r}")
+        if negatives == "train" and contrastive != "infonce":
+            raise ValueError("model.init_args.negatives='train' needs contrastive='infonce', "
+                             f"got contrastive={contrastive!r}")
+        self.negatives = negatives
         self.subject_embedding = subject_embedding
         self.gradient_checkpointing = gradient_checkpointing
         self.retrieval_candidates = retrieval_candidates
@@ -153,6 +180,8 @@ class AlignmentTask(BaseTask):
         self.register_buffer("clip_targets", torch.empty(0), persistent=False)
         self.register_buffer("vae_targets", torch.empty(0), persistent=False)
         self.register_buffer("train_target_index", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("bank_row", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("bank", torch.empty(0), persistent=False)
 
     def configure_losses(self) -> None:
         self.contrastive_fn = {"infonce": info_nce, "softclip": soft_clip}.get(self.contrastive)
@@ -178,6 +207,15 @@ class AlignmentTask(BaseTask):
             order = train[np.random.default_rng(0).permutation(len(train))]
             index[order] = torch.from_numpy(np.roll(order, 1)).long()  # a derangement: no image keeps its own target
         self.train_target_index = index
+        if self.negatives == "train":
+            # the bank: every training image of the trained subjects (the datamodule's training trials)
+            train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
+            trials = train.items if train is not None else np.flatnonzero(store.split_mask("train"))
+            stimuli = np.unique(store.trials["stimulus"][np.asarray(trials)])
+            row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
+            row[torch.from_numpy(stimuli).long()] = torch.arange(len(stimuli))
+            self.bank_row = row
+            self.bank = F.normalize(self.clip_targets[torch.from_numpy(stimuli).long()], dim=-1)
         # buffers: the strategy moves them to the device with the module, after the setup hooks
 
     # forward ----------------------------------------------------------------------------------------
@@ -194,21 +232,28 @@ class AlignmentTask(BaseTask):
             t["vae"] = self.vae_targets[stimulus]
         return t
 
-    def _losses(self, pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _losses(self, pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
+                stimulus: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms; ``stimulus`` (the targets' images) switches on the bank negatives in training."""
         losses = {"mse_clip": F.mse_loss(pred["clip"].float(), tgt["clip"])}
         total = losses["mse_clip"]
         if "vae" in pred:
             losses["mse_vae"] = F.mse_loss(pred["vae"].float(), tgt["vae"])
             total = total + self.alpha * losses["mse_vae"]
         if self.contrastive_fn is not None and self.contrastive_weight > 0:
-            losses["contrastive"] = self.contrastive_fn(pred["clip"], tgt["clip"], self.temperature)
+            if stimulus is not None and self.negatives == "train":
+                losses["contrastive"] = info_nce_bank(pred["clip"], tgt["clip"], self.bank_row[stimulus],
+                                                      self.bank, self.temperature)
+            else:
+                losses["contrastive"] = self.contrastive_fn(pred["clip"], tgt["clip"], self.temperature)
             total = total + self.contrastive_weight * losses["contrastive"]
         losses["loss"] = total
         return losses
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         pred = self(batch["patches"], batch["subject"])
-        losses = self._losses(pred, self._targets(self.train_target_index[batch["stimulus"]]))
+        target_stimulus = self.train_target_index[batch["stimulus"]]
+        losses = self._losses(pred, self._targets(target_stimulus), target_stimulus)
         n = len(batch["patches"])
         for k, v in losses.items():
             self.log(f"train/{k}", v, prog_bar=k == "loss", batch_size=n)
