@@ -25,16 +25,18 @@ class MLPHead(nn.Sequential):
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
-def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between L2-normalised predictions and targets (in-batch negatives).
-
-    Items of the batch that share a target (repeats, MixUp partners) are treated as positives of each other.
-    """
+def _in_batch(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction-target logits of a batch and its soft labels: items sharing a target (repeats, MixUp
+    partners) are positives of each other."""
     p = F.normalize(pred.float(), dim=-1)
     t = F.normalize(target.float(), dim=-1)
-    logits = p @ t.T / temperature
     same = (t @ t.T) > 1 - 1e-6  # identical targets
-    labels = same.float() / same.float().sum(1, keepdim=True)
+    return p @ t.T / temperature, same.float() / same.float().sum(1, keepdim=True)
+
+
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised predictions and targets (in-batch negatives)."""
+    logits, labels = _in_batch(pred, target, temperature)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
@@ -47,13 +49,9 @@ def info_nce_bank(pred: torch.Tensor, target: torch.Tensor, row: torch.Tensor, b
     rare near-duplicates (same shape and colour, another position) are seen as negatives at every step. The
     image->fMRI direction stays in-batch (the other images' fMRI predictions exist only for the batch).
     """
-    p = F.normalize(pred.float(), dim=-1)
-    t = F.normalize(target.float(), dim=-1)
-    f2i = F.cross_entropy(p @ bank.T / temperature, row)
-    same = (t @ t.T) > 1 - 1e-6
-    labels = same.float() / same.float().sum(1, keepdim=True)
-    i2f = F.cross_entropy((p @ t.T).T / temperature, labels)
-    return 0.5 * (f2i + i2f)
+    logits, labels = _in_batch(pred, target, temperature)
+    f2i = F.cross_entropy(F.normalize(pred.float(), dim=-1) @ bank.T / temperature, row)
+    return 0.5 * (f2i + F.cross_entropy(logits.T, labels))
 
 
 def soft_clip(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -211,11 +209,10 @@ class AlignmentTask(BaseTask):
             # the bank: every training image of the trained subjects (the datamodule's training trials)
             train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
             trials = train.items if train is not None else np.flatnonzero(store.split_mask("train"))
-            stimuli = np.unique(store.trials["stimulus"][np.asarray(trials)])
-            row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
-            row[torch.from_numpy(stimuli).long()] = torch.arange(len(stimuli))
-            self.bank_row = row
-            self.bank = F.normalize(self.clip_targets[torch.from_numpy(stimuli).long()], dim=-1)
+            stimuli = torch.from_numpy(np.unique(store.trials["stimulus"][np.asarray(trials)])).long()
+            self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
+            self.bank_row[stimuli] = torch.arange(len(stimuli))
+            self.bank = F.normalize(self.clip_targets[stimuli], dim=-1)
         # buffers: the strategy moves them to the device with the module, after the setup hooks
 
     # forward ----------------------------------------------------------------------------------------
