@@ -24,14 +24,24 @@ install: $(BIN)/neurovision ## create .venv and install neurovision with the pin
 
 STAGE1_DEMO := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
 LAST_CKPT = $$(ls -t runs/stage1_demo/tb/*/checkpoints/last.ckpt | head -1)
+STAGE2_DEMO = -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml \
+	--model.init_args.stage1=$(LAST_CKPT)
+A_CKPT = $$(ls -t runs/stage2_demo_a/tb/*/checkpoints/last.ckpt | head -1)
+B_CKPT = $$(ls -t runs/stage2_demo/tb/*/checkpoints/last.ckpt | head -1)
 
-demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1 fit + test (~40 min on 2 cores)
+demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1, stage 2 (~70 min on 2 cores)
 	$(BIN)/neurovision prepare phantom --preset demo --out data/phantom_demo.h5
 	$(BIN)/neurovision inspect data/phantom_demo.h5 --plot runs/demo/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
 		--clip-epochs 40 --clip-max-minutes 20
 	$(BIN)/neurovision fit $(STAGE1_DEMO)
 	$(BIN)/neurovision test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
+	$(BIN)/neurovision localize --ckpt $(LAST_CKPT) --out runs/demo/concept_maps
+	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
+	$(BIN)/neurovision fit $(STAGE2_DEMO) -c experiments/presets/stage2_instruct_phase_a.yaml \
+		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a
+	$(BIN)/neurovision fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
+	$(BIN)/neurovision test $(STAGE2_DEMO) --ckpt_path=$(B_CKPT)
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

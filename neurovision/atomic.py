@@ -39,3 +39,28 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".partial") -> Itera
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], suffix: str = ".partial") -> Iterator[Path]:
+    """Like :func:`atomic_path` for a directory: yield a fresh empty temp directory beside ``path``; on success
+    it replaces ``path`` (an existing directory is moved aside first and removed after), on failure it is
+    removed and ``path`` is untouched."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, shared_mode(0o777))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

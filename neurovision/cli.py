@@ -3,7 +3,7 @@
 ``neurovision fit|validate|test|predict -c experiments/<stage>.yaml`` is a :class:`NeuroVisionCLI`
 (a LightningCLI in subclass mode for model and data, seed 0 by default, config.yaml saved with overwrite).
 ``neurovision prepare <source> ...`` converts a source into a store; ``neurovision inspect <store>`` prints
-a store's summary.
+a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
     "prepare": "convert a data source (phantom, nsd) into a neurovision store",
     "inspect": "print a store's summary (subjects, trials, grid, active patches, splits, sizes)",
+    "localize": "concept maps (GradCAM of CLIP text embeddings) of stage-1 checkpoints, as NIfTI + PNG + r",
 }
 
 
@@ -74,6 +75,95 @@ def inspect_main(args: list[str]) -> int:
     return 0
 
 
+def _run_config(ckpt: str) -> str | None:
+    """The run's saved ``config.yaml`` beside a checkpoint: ``<x>.config.yaml`` or ``<log_dir>/config.yaml``."""
+    from pathlib import Path
+
+    p = Path(ckpt)
+    for c in (p.with_suffix(".config.yaml"), p.parent / "config.yaml", p.parent.parent / "config.yaml"):
+        if c.is_file():
+            return str(c)
+    return None
+
+
+def localize_main(args: list[str]) -> int:
+    import argparse
+    from pathlib import Path
+
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog="neurovision localize", description=TOOL_COMMANDS["localize"],
+        epilog="The CLIP teacher is --clip-* when given, else the run's config.yaml (--run-config, or found beside "
+               "the first checkpoint: <ckpt>.config.yaml, <log_dir>/config.yaml); --store likewise.")
+    parser.add_argument("--ckpt", action="append", required=True, help="stage-1 checkpoint (repeat to ensemble)")
+    parser.add_argument("--store", default=None, help="store file (default: the run config's data.init_args.store)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--run-config", default=None, help="the training run's config.yaml (for the CLIP teacher)")
+    parser.add_argument("--clip-model-name", default=None, help="open_clip architecture name (e.g. tiny_clip)")
+    parser.add_argument("--clip-config", default=None, help="open_clip model config JSON")
+    parser.add_argument("--clip-checkpoint", default=None, help="open_clip checkpoint file")
+    parser.add_argument("--concepts", nargs="+", default=None, help="concept words (default: the store's)")
+    parser.add_argument("--subjects", nargs="+", default=None, help="subjects (default: all)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--condition", default="average", choices=["average", "single"])
+    parser.add_argument("--method", default="gradcam", choices=["gradcam", "pattern"])
+    parser.add_argument("--aggregate", default="present", choices=["present", "contrast"])
+    parser.add_argument("--upsample", default="trilinear", choices=["trilinear", "nearest"])
+    parser.add_argument("--mask", default="roi", choices=["roi", "active"])
+    parser.add_argument("--no-relu", action="store_true", help="signed GradCAM (no ReLU)")
+    parser.add_argument("--prompt", default="{}", help="text template of a concept, e.g. 'a picture of a {}'")
+    parser.add_argument("--png", default="glass", choices=["glass", "stat", "none"], help="PNG per map")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    cfg = parser.parse_args(args)
+
+    for c in cfg.ckpt:  # before loading anything
+        if not Path(c).is_file():
+            raise FileNotFoundError(f"{c}: stage-1 checkpoint does not exist (--ckpt)")
+    run_cfg_path = cfg.run_config or _run_config(cfg.ckpt[0])
+    if cfg.run_config and not Path(cfg.run_config).is_file():
+        raise FileNotFoundError(f"{cfg.run_config}: run config does not exist (--run-config)")
+    run_cfg = yaml.safe_load(Path(run_cfg_path).read_text()) if run_cfg_path else {}
+    store = cfg.store or ((run_cfg.get("data") or {}).get("init_args") or {}).get("store")
+    if not store:
+        raise ValueError("no store: pass --store (the run config names none)")
+    from neurovision.teachers import OpenCLIPImageTeacher
+
+    if cfg.clip_config or cfg.clip_checkpoint or cfg.clip_model_name:
+        kw = {"model_name": cfg.clip_model_name or "ViT-L-14", "model_config": cfg.clip_config,
+              "checkpoint": cfg.clip_checkpoint}
+    else:
+        teacher = ((run_cfg.get("model") or {}).get("init_args") or {}).get("clip_teacher") or {}
+        if not teacher:
+            raise ValueError("no CLIP teacher: pass --clip-config/--clip-checkpoint/--clip-model-name or "
+                             "--run-config (the training run's config.yaml)")
+        kw = dict(teacher.get("init_args") or {})
+    kw["device"] = cfg.device
+    clip = OpenCLIPImageTeacher(**kw)
+
+    from neurovision.interpretation import localize
+
+    loc = localize(cfg.ckpt, store, clip, cfg.out, concepts=cfg.concepts, split=cfg.split, condition=cfg.condition,
+                   method=cfg.method, aggregate_mode=cfg.aggregate, upsample=cfg.upsample, mask=cfg.mask,
+                   relu=not cfg.no_relu, prompt=cfg.prompt, batch_size=cfg.batch_size, device=cfg.device,
+                   subjects=cfg.subjects, png=cfg.png != "none", png_kind="stat" if cfg.png == "stat" else "glass")
+    if loc.rows:
+        import numpy as np
+
+        print(f"{'concept':<12} {'r':>7} {'r_abs':>7}   (mean over subjects; mask: {loc.mask})")
+        for c in loc.per_concept:
+            rows = [r for r in loc.rows if r["concept"] == c]
+            print(f"{c:<12} {np.nanmean([r['r'] for r in rows]):>7.3f} {np.nanmean([r['r_abs'] for r in rows]):>7.3f}")
+        print(f"{'mean':<12} {loc.r_mean:>7.3f} {np.nanmean([r['r_abs'] for r in loc.rows]):>7.3f}")
+        for m, rows in loc.rows_by_mask.items():
+            if m != loc.mask:
+                print(f"(mask {m}: mean r {np.nanmean([r['r'] for r in rows]):.3f}, "
+                      f"r_abs {np.nanmean([r['r_abs'] for r in rows]):.3f})")
+    print(f"maps: {cfg.out} ({len(loc.files)} files)")
+    return 0
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -115,6 +205,8 @@ def main(args: list[str] | None = None) -> int:
             return prepare_main(argv[1:])
         if cmd == "inspect":
             return inspect_main(argv[1:])
+        if cmd == "localize":
+            return localize_main(argv[1:])
     except (FileNotFoundError, ValueError, KeyError) as e:  # one clear line, not a traceback
         print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from neurovision.cli import main
 
+TINY_CLIP = {  # a random-weight open_clip model config (nothing downloaded)
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
 
 def run_cli(args: list[str]) -> int:
     """``neurovision <args>`` in-process; the exit code (LightningCLI/jsonargparse exit via SystemExit)."""

@@ -23,12 +23,8 @@ from neurovision.teachers import (
     VAETeacher,
     entry_name,
 )
+from tests.helpers import TINY_CLIP
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 TINY_VAE = {  # smaller than the built-in "tiny" preset: tests only need the shapes and the plumbing
     "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
     "block_out_channels": [8, 16], "norm_num_groups": 8, "latent_channels": 4, "sample_size": 32,

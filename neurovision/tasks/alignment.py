@@ -154,8 +154,7 @@ class AlignmentTask(BaseTask):
         self.cache_dtype = cache_dtype
         super().__init__(data_spec, optimizer, scheduler)
         # hparams hold init args only (LightningCLI re-parses them on --ckpt_path); teachers are objects
-        self.hparams.pop("clip_teacher", None)
-        self.hparams.pop("vae_teacher", None)
+        self.drop_hparams("clip_teacher", "vae_teacher")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_ids"] = {
@@ -338,3 +337,62 @@ class AlignmentTask(BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         pred = self(batch["patches"], batch["subject"])
         return {"stimulus": batch["stimulus"], "subject": batch["subject"], **pred}
+
+
+class Stage1Parts(nn.Module):
+    """The trained networks of a stage-1 checkpoint, rebuilt without teachers or data.
+
+    Attributes:
+        encoder: the ViT3D.
+        clip_head: CLS -> CLIP image embedding.
+        vae_head: CLS -> flattened VAE latent (None if the run had no VAE stream).
+        spec: the :class:`DataSpec` the run was trained with.
+        hparams: the run's hyper-parameters (plain types).
+        teacher_ids: ids of the CLIP / VAE teachers whose targets the heads were trained towards.
+    """
+
+    def __init__(self, encoder: ViT3D, clip_head: MLPHead, vae_head: MLPHead | None, spec: DataSpec,
+                 hparams: dict[str, Any], teacher_ids: dict[str, Any]) -> None:
+        super().__init__()
+        self.encoder, self.clip_head, self.vae_head = encoder, clip_head, vae_head
+        self.spec, self.hparams, self.teacher_ids = spec, hparams, teacher_ids
+
+
+def load_stage1(path: str | Any, map_location: str | torch.device = "cpu") -> Stage1Parts:
+    """Rebuild the ViT3D and heads of an :class:`AlignmentTask` checkpoint (``torch.load(weights_only=True)``).
+
+    Raises ``FileNotFoundError`` naming the path if it does not exist and ``ValueError`` naming the missing
+    field if the file is not a stage-1 checkpoint.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: stage-1 checkpoint does not exist")
+    ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    sd = ckpt.get("state_dict") or {}
+    for field in ("dim", "depth", "heads", "data_spec"):
+        if field not in hp:
+            raise ValueError(f"{p}: field 'hyper_parameters/{field}': missing (not a stage-1 AlignmentTask checkpoint)")
+    if "clip_head.3.weight" not in sd:
+        raise ValueError(f"{p}: field 'state_dict/clip_head.3.weight': missing (not a stage-1 AlignmentTask checkpoint)")
+    ds = dict(hp["data_spec"])
+    spec = DataSpec(
+        num_active_patches=int(ds["num_active_patches"]), patch_size=int(ds["patch_size"]),
+        grid_shape=tuple(int(v) for v in ds["grid_shape"]),  # type: ignore[arg-type]
+        patch_coords=tuple(tuple(int(v) for v in c) for c in ds["patch_coords"]),  # type: ignore[misc]
+        num_subjects=int(ds["num_subjects"]), image_shape=tuple(int(v) for v in ds["image_shape"]),  # type: ignore[arg-type]
+    )
+    encoder = ViT3D(
+        patch_dim=spec.patch_dim, patch_coords=spec.patch_coords, dim=int(hp["dim"]), depth=int(hp["depth"]),
+        heads=int(hp["heads"]), mlp_ratio=float(hp.get("mlp_ratio", 4.0)),
+        num_subjects=spec.num_subjects if hp.get("subject_embedding") else 0,
+    )
+    hidden = int(hp.get("head_hidden", 1024))
+    clip_head = MLPHead(encoder.dim, hidden, int(sd["clip_head.3.weight"].shape[0]))
+    vae_head = MLPHead(encoder.dim, hidden, int(sd["vae_head.3.weight"].shape[0])) if "vae_head.3.weight" in sd else None
+    parts = Stage1Parts(encoder, clip_head, vae_head, spec, dict(hp), dict(ckpt.get("teacher_ids") or {}))
+    state = {k: v for k, v in sd.items() if k.split(".")[0] in ("encoder", "clip_head", "vae_head")}
+    parts.load_state_dict(state, strict=True)
+    return parts.eval()

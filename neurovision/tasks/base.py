@@ -60,6 +60,13 @@ class BaseTask(L.LightningModule):
         self.configure_losses()
         self.configure_metrics()
 
+    def drop_hparams(self, *keys: str) -> None:
+        """Remove object-valued init args from the saved hyper-parameters (and from ``hparams_initial``, which
+        loggers write out): checkpoints keep plain types, and the YAML supplies the objects again on reload."""
+        for k in keys:
+            self.hparams.pop(k, None)
+            self._hparams_initial.pop(k, None)
+
     def configure_models(self) -> None:
         """Build the networks."""
 

@@ -1,0 +1,93 @@
+"""Concept localisation after ``trainer.test``: GradCAM concept maps in each subject's space, scored and logged."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+
+from neurovision.interpretation import ModelParts, localize
+
+_NEEDS = ("encoder", "clip_head", "clip_teacher")
+
+
+class ConceptMaps(L.Callback):
+    """At the end of each test run, localise concepts with the module's ``encoder``, ``clip_head`` and
+    ``clip_teacher`` on the datamodule's store (:func:`neurovision.interpretation.localize`).
+
+    Writes ``<out_dir>/<subject>/<concept>.nii.gz`` (+ ``.png``) and ``concept_r.csv``, and logs
+    ``test/concepts/r_mean`` and ``test/concepts/<concept>/r`` (the mean over subjects of the Pearson r with
+    the planted map inside the subject's ROI; only for stores with planted maps, i.e. the phantom).
+
+    Args:
+        out_dir: where the maps go (default: ``<trainer.log_dir>/concept_maps``).
+        concepts: concept words (default: the store's).
+        every_test: localise on every ``trainer.test``; False: only on the first.
+        split: the store split whose items are explained.
+        method: ``gradcam`` or ``pattern`` (see :func:`neurovision.interpretation.model_maps`).
+        aggregate: ``present`` or ``contrast`` (see :func:`neurovision.interpretation.aggregate`).
+        upsample: ``trilinear`` or ``nearest`` patch -> voxel spreading.
+        mask: where r is computed: ``roi`` or ``active``.
+        prompt: text template of a concept.
+        png: also write a glass-brain PNG per map.
+        batch_size: items per GradCAM batch.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | None = None,
+        concepts: list[str] | None = None,
+        every_test: bool = True,
+        split: str = "test",
+        method: Literal["gradcam", "pattern"] = "gradcam",
+        aggregate: Literal["present", "contrast"] = "present",
+        upsample: Literal["trilinear", "nearest"] = "trilinear",
+        mask: Literal["roi", "active"] = "roi",
+        prompt: str = "{}",
+        png: bool = True,
+        batch_size: int = 64,
+    ) -> None:
+        self.out_dir = out_dir
+        self.concepts = concepts
+        self.every_test = every_test
+        self.split = split
+        self.method = method
+        self.aggregate = aggregate
+        self.upsample = upsample
+        self.mask = mask
+        self.prompt = prompt
+        self.png = png
+        self.batch_size = batch_size
+        self.runs = 0
+        self.last: Any = None  # the last Localization (for inspection)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        missing = [a for a in _NEEDS if getattr(pl_module, a, None) is None]
+        if missing:
+            raise ValueError(f"callbacks.ConceptMaps needs a module with {', '.join(_NEEDS)}; "
+                             f"{type(pl_module).__name__} lacks {', '.join(missing)}")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (self.runs and not self.every_test):
+            return
+        store = getattr(trainer.datamodule, "store", None)
+        if store is None:
+            raise ValueError("callbacks.ConceptMaps needs a datamodule with a neurovision store")
+        root = trainer.log_dir or trainer.default_root_dir  # on every rank: a collective under DDP
+        out = Path(self.out_dir) if self.out_dir else Path(root) / "concept_maps"
+        spec = getattr(pl_module, "spec", None)
+        parts = ModelParts(pl_module.encoder, pl_module.clip_head,  # type: ignore[arg-type]
+                           getattr(spec, "patch_size", None), getattr(spec, "patch_coords", None),
+                           name=type(pl_module).__name__)
+        loc = localize([parts], store, pl_module.clip_teacher, out if trainer.is_global_zero else None,
+                       concepts=self.concepts, split=self.split, method=self.method,
+                       aggregate_mode=self.aggregate, upsample=self.upsample, mask=self.mask, prompt=self.prompt,
+                       batch_size=self.batch_size, device=pl_module.device, png=self.png, progress=False)
+        self.runs += 1
+        self.last = loc
+        if not math.isnan(loc.r_mean):  # every rank computes the same values
+            pl_module.log("test/concepts/r_mean", loc.r_mean, sync_dist=False, add_dataloader_idx=False)
+            for c, r in loc.per_concept.items():
+                pl_module.log(f"test/concepts/{c}/r", r, sync_dist=False, add_dataloader_idx=False)

@@ -1,0 +1,249 @@
+"""Instruction data for stage 2: chat-formatted samples built from a store's annotations.
+
+One generator per instruction type of Shen et al. (NeurIPS 2024): brief caption, detailed description, complex
+reasoning (QA), multi-round dialogue, reconstruction prompt and concept localisation. Every sample is a list of
+chat messages (``{"role": "user" | "assistant", "content": str}``) whose first user message carries the
+``<fmri>`` placeholder where the fMRI tokens are spliced in. :func:`encode_chat` renders a sample with the
+tokenizer's own chat template and labels only the assistant tokens, so the loss is on answers only.
+
+The template banks paraphrase LLaVA's (the paper used 14 brief and 20 detailed templates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+FMRI_TOKEN = "<fmri>"
+IGNORE_INDEX = -100
+
+InstructionType = Literal["caption", "description", "reasoning", "dialogue", "sd_prompt", "concept"]
+INSTRUCTION_TYPES: tuple[str, ...] = ("caption", "description", "reasoning", "dialogue", "sd_prompt", "concept")
+
+BRIEF_TEMPLATES: tuple[str, ...] = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "What is in the image? Answer in one sentence.",
+    "Caption the image.",
+    "Write a short caption for what the subject saw.",
+)
+DETAILED_TEMPLATES: tuple[str, ...] = (
+    "Describe the following image in detail.",
+    "Provide a detailed description of the given image.",
+    "Give an elaborate explanation of the image you see.",
+    "Share a comprehensive rundown of the presented image.",
+    "Offer a thorough analysis of the image.",
+    "Explain the various aspects of the image before you.",
+    "Clarify the contents of the displayed image with great detail.",
+    "Characterize the image using a well-detailed description.",
+    "Break down the elements of the image in a detailed manner.",
+    "Walk through the important details of the image.",
+    "Portray the image with a rich, descriptive narrative.",
+    "Narrate the contents of the image with precision.",
+    "Analyze the image in a comprehensive and detailed manner.",
+    "Illustrate the image through a descriptive explanation.",
+    "Examine the image closely and share its details.",
+    "Write an exhaustive depiction of the given image.",
+    "Describe everything the subject saw, object by object.",
+    "List the objects in the image with their colours, sizes and places.",
+    "What does the image show? Be thorough.",
+    "Give a complete account of the scene in the image.",
+)
+SD_PROMPT_TEMPLATES: tuple[str, ...] = (
+    "Write a Stable Diffusion prompt that would reproduce the image.",
+    "Give a text-to-image prompt for this picture.",
+    "Write a prompt a diffusion model could use to redraw the image.",
+)
+CONCEPT_TEMPLATES: tuple[str, ...] = ("Locate the concept of {concept}.",)
+
+
+@dataclass
+class Sample:
+    """One instruction sample: its type, chat messages and (for scoring) what its answers are."""
+
+    type: str
+    messages: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _with_fmri(text: str) -> str:
+    return f"{FMRI_TOKEN}\n{text}"
+
+
+def _chat(question: str, answer: str | None) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": _with_fmri(question)}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def caption(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
+    caps = ann["captions"]
+    q = BRIEF_TEMPLATES[int(rng.integers(len(BRIEF_TEMPLATES)))]
+    a = caps[int(rng.integers(len(caps)))]
+    return Sample("caption", _chat(q, a if answer else None), {"references": list(caps)})
+
+
+def description(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
+    q = DETAILED_TEMPLATES[int(rng.integers(len(DETAILED_TEMPLATES)))]
+    return Sample("description", _chat(q, ann["descriptions"] if answer else None),
+                  {"references": [ann["descriptions"]]})
+
+
+def reasoning(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
+    pairs = ann["qa"]
+    p = pairs[int(rng.integers(len(pairs)))]
+    return Sample("reasoning", _chat(p["q"], p["a"] if answer else None), {"answer": p["a"], "qtype": p["type"]})
+
+
+def dialogue(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
+    turns = ann["dialogues"]
+    msgs: list[dict[str, str]] = []
+    for i, t in enumerate(turns):
+        role = "user" if t["from"] == "human" else "assistant"
+        text = _with_fmri(t["value"]) if i == 0 else t["value"]
+        msgs.append({"role": role, "content": text})
+    if not answer and msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return Sample("dialogue", msgs, {"answer": turns[-1]["value"] if turns else ""})
+
+
+def sd_prompt(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
+    q = SD_PROMPT_TEMPLATES[int(rng.integers(len(SD_PROMPT_TEMPLATES)))]
+    return Sample("sd_prompt", _chat(q, ann["sd_prompts"] if answer else None), {"references": [ann["sd_prompts"]]})
+
+
+def _where(obj: Mapping[str, Any]) -> str:
+    from neurovision.sources.scenes import POSITIONS
+
+    return POSITIONS[int(obj["position"])]
+
+
+def concept_answer(objects: Sequence[Mapping[str, Any]], concept: str) -> str:
+    """Where a concept word occurs in a scene, in words (or that it is absent)."""
+    hits = [o for o in objects if concept in (o["shape"], o["colour"], o["size"])]
+    if not hits:
+        return f"There is no {concept} in the image."
+    return "The concept of {} is at the {}.".format(concept, " and at the ".join(
+        f"{_where(o)} ({o['size']} {o['colour']} {o['shape']})" for o in hits))
+
+
+def concept(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True,
+            vocabulary: Sequence[str] | None = None) -> Sample:
+    """"Locate the concept of <x>": half the time a concept of the scene, otherwise any concept word."""
+    from neurovision.sources.scenes import CONCEPTS
+
+    vocab = list(vocabulary or CONCEPTS)
+    present = list(ann["concepts"])
+    word = present[int(rng.integers(len(present)))] if present and rng.random() < 0.5 \
+        else vocab[int(rng.integers(len(vocab)))]
+    q = CONCEPT_TEMPLATES[int(rng.integers(len(CONCEPT_TEMPLATES)))].format(concept=word)
+    a = concept_answer(ann["scenes"], word)
+    return Sample("concept", _chat(q, a if answer else None), {"concept": word, "answer": a})
+
+
+GENERATORS: dict[str, Callable[..., Sample]] = {
+    "caption": caption, "description": description, "reasoning": reasoning, "dialogue": dialogue,
+    "sd_prompt": sd_prompt, "concept": concept,
+}
+# the annotation kinds each generator reads
+NEEDS: dict[str, tuple[str, ...]] = {
+    "caption": ("captions",), "description": ("descriptions",), "reasoning": ("qa",), "dialogue": ("dialogues",),
+    "sd_prompt": ("sd_prompts",), "concept": ("concepts", "scenes"),
+}
+
+
+def check_types(types: Sequence[str], annotation_kinds: Sequence[str], source: str) -> None:
+    """Raise one clear error if a type is unknown or the store lacks the annotations it needs."""
+    for t in types:
+        if t not in GENERATORS:
+            raise ValueError(f"instruction type {t!r} unknown (YAML key data.init_args.tasks); "
+                             f"choose from {list(GENERATORS)}")
+        missing = [k for k in NEEDS[t] if k not in annotation_kinds]
+        if missing:
+            raise ValueError(f"{source}: field 'annotations/{missing[0]}': missing, needed by instruction type "
+                             f"{t!r}; available: {list(annotation_kinds)}")
+
+
+# ------------------------------------------------------------------------------------------ tokenisation
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_pieces(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_answer) pieces using the tokenizer's chat template.
+
+    The answer of assistant turn i is what rendering ``messages[:i+1]`` adds to rendering ``messages[:i]`` with
+    the generation prompt; the template must render conversations prefix-consistently (LLaMA-3, Vicuna and
+    ChatML templates do), otherwise a ValueError says so.
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("the tokenizer's chat template does not render conversations prefix-consistently; "
+                             "answer-only labels cannot be derived from it")
+        pieces.append((prompt[len(done):], False))
+        pieces.append((full[len(prompt):], True))
+        done = full
+    rest = _render(tokenizer, messages, generation_prompt=False)[len(done):] if done else \
+        _render(tokenizer, messages, generation_prompt=True)
+    if rest:
+        pieces.append((rest, False))
+    return pieces
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]], max_length: int | None = None
+                ) -> tuple[list[int], list[int]]:
+    """Token ids and labels (``IGNORE_INDEX`` outside the assistant answers) of one conversation.
+
+    If the conversation ends with a user turn the generation prompt is appended (for inference) and no token
+    is labelled. Truncation to ``max_length`` keeps the start (where the fMRI placeholder sits).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_answer in chat_pieces(tokenizer, messages):
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if is_answer else [IGNORE_INDEX] * len(t)
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+def corpus(annotations: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Every answer text of the given per-stimulus annotations (for training a tiny tokenizer / LM)."""
+    out: list[str] = []
+    for kind, values in annotations.items():
+        for v in values:
+            if kind == "captions":
+                out += list(v)
+            elif kind in ("descriptions", "sd_prompts"):
+                out.append(v)
+            elif kind == "qa":
+                out += [f"{p['q']} {p['a']}" for p in v]
+            elif kind == "dialogues":
+                out.append(" ".join(t["value"] for t in v))
+    return out
+
+
+__all__ = [
+    "BRIEF_TEMPLATES", "DETAILED_TEMPLATES", "FMRI_TOKEN", "GENERATORS", "IGNORE_INDEX", "INSTRUCTION_TYPES",
+    "Sample", "chat_pieces", "check_types", "concept_answer", "corpus", "encode_chat",
+]

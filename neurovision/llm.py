@@ -1,0 +1,200 @@
+"""Causal language models for stage 2: loading any Hugging Face causal LM from a local directory, and a tiny
+Llama (byte-level BPE tokenizer + small ``LlamaConfig``) built and pre-trained on a store's text for CPU runs.
+
+The tiny model stands in for Llama-3-8B on a laptop: the same classes (``LlamaForCausalLM``,
+``PreTrainedTokenizerFast`` with a Llama-3-style chat template), saved with ``save_pretrained`` and loaded with
+``from_pretrained`` exactly like a real checkpoint. Pre-training it for a few minutes on the phantom's captions,
+descriptions and QA (training split only) gives it the language a real LLM brings; stage 2 then only has to
+teach it to read fMRI tokens.
+
+    python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurovision.atomic import atomic_dir
+from neurovision.instructions import FMRI_TOKEN, corpus
+
+# Llama-3 style chat template (role headers, end-of-turn token); renders prefix-consistently
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>", "<|pad|>", FMRI_TOKEN)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` (milliseconds), with the chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
+        additional_special_tokens=[FMRI_TOKEN, "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, hidden: int = 192, layers: int = 4, heads: int = 4,
+                      max_positions: int = 1024, **overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True, **overrides,
+    )
+
+
+def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None
+             ) -> tuple[Any, Any]:
+    """(causal LM, tokenizer) from a local directory, ready for fMRI tokens.
+
+    The tokenizer gets the ``<fmri>`` placeholder token (and a pad token) if it lacks them, and the model's
+    embeddings grow to match. A missing directory is one error naming ``key``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: no causal LM checkpoint (config.json) here (YAML key {key}); build a tiny "
+                                f"one with `python -m neurovision.llm --store <store> --out {p}`")
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    if tok.chat_template is None:
+        raise ValueError(f"{p}: field 'chat_template': missing in the tokenizer (YAML key {key})")
+    added = []
+    if FMRI_TOKEN not in tok.get_vocab():
+        added.append(FMRI_TOKEN)
+    if added:
+        tok.add_special_tokens({"additional_special_tokens": added})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype or torch.float32)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    return model, tok
+
+
+def _store_texts(store_path: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
+    from neurovision.store import Store
+
+    store = Store(store_path)
+    try:
+        mask = np.zeros(len(store.trials["stimulus"]), bool)
+        for s in splits:
+            mask |= store.split_mask(s)
+        stim = np.unique(store.trials["stimulus"][mask])
+        kinds = [k for k in ("captions", "descriptions", "qa", "dialogues", "sd_prompts")
+                 if k in store.annotation_kinds]
+        ann = {k: [store.annotations(k, int(i)) for i in stim] for k in kinds}
+    finally:
+        store.close()
+    return corpus(ann)
+
+
+def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2000, batch_size: int = 32,
+             block: int = 128, lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0,
+             progress: bool = True) -> dict[str, float]:
+    """Causal-LM pre-training on ``texts`` packed into blocks (AdamW, warm-up + cosine); returns the losses."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+    data = torch.tensor(ids, dtype=torch.long)
+    n_blocks = len(data) // block
+    if n_blocks < 1:
+        raise ValueError(f"pretrain: {len(data)} tokens, fewer than one block of {block}")
+    data = data[: n_blocks * block].view(n_blocks, block)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    model.train()
+    t0 = time.monotonic()
+    first = last = float("nan")
+    bar = tqdm(range(steps), desc="pretrain tiny LLM", disable=not progress)
+    for step in bar:
+        frac = step / steps
+        if max_minutes is not None:
+            frac = max(frac, (time.monotonic() - t0) / (60 * max_minutes))
+            if frac >= 1:
+                break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        x = data[torch.randint(n_blocks, (batch_size,), generator=g)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = float(loss)
+        first = last if step == 0 else first
+        bar.set_postfix(loss=f"{last:.3f}")
+    model.eval()
+    return {"first_loss": first, "final_loss": last, "steps": step + 1, "tokens": int(len(ids))}
+
+
+def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *, vocab_size: int = 1024,
+                   hidden: int = 192, layers: int = 4, heads: int = 4, steps: int = 1500,
+                   max_minutes: float | None = 5.0, seed: int = 0, progress: bool = True) -> Path:
+    """Train a tokenizer and pre-train a tiny Llama on the store's training-split text; save to ``out``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    texts = _store_texts(store)
+    tok = train_tokenizer(texts, vocab_size)
+    cfg = tiny_llama_config(len(tok), hidden, layers, heads, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    stats = pretrain(model, tok, texts, steps=steps, max_minutes=max_minutes, seed=seed, progress=progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:  # written whole, renamed into place
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "pretrain_metrics.json").write_text(json.dumps({**stats, "store": str(store), "texts": len(texts)},
+                                                              indent=1))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m neurovision.llm", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True, help="store whose training-split text the tiny LLM learns")
+    ap.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--max-minutes", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    out = build_tiny_llm(a.store, a.out, vocab_size=a.vocab_size, hidden=a.hidden, layers=a.layers,
+                         heads=a.heads, steps=a.steps, max_minutes=a.max_minutes, seed=a.seed)
+    print(f"wrote {out}: {(out / 'pretrain_metrics.json').read_text()}")
+
+
+if __name__ == "__main__":
+    main()

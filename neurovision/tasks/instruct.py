@@ -1,0 +1,399 @@
+"""Stage 2 of Shen et al.: fMRI tokens from the stage-1 ViT3D enter a causal LM tuned to caption, describe,
+reason, converse and write reconstruction prompts (LLaVA style).
+
+The penultimate-layer token states of the ViT3D (CLS + active patches) go through a 2-layer MLP projector and
+replace the ``<fmri>`` placeholder in the LLM's input embeddings. Two phases as in the paper:
+``phase="projector"`` (A: projector only, LLM frozen) and ``phase="lora"`` (B: projector + peft LoRA adapters;
+``phase="full"`` tunes the whole LLM instead). The ViT3D is frozen unless ``tune_encoder``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import LoraConfig
+from torch import nn
+
+from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
+from neurovision.llm import load_llm
+from neurovision.tasks.alignment import load_stage1
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.teachers import OpenCLIPImageTeacher
+
+Phase = Literal["projector", "lora", "full"]
+
+
+class Projector(nn.Sequential):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear, ViT3D width -> LLM width."""
+
+    def __init__(self, dim: int, hidden: int, out: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def splice_fmri(embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None, fmri: torch.Tensor, fmri_token_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace the one ``<fmri>`` token of every sequence by its T fMRI embeddings.
+
+    embeds: (B, L, H) token embeddings; input_ids/attention_mask/labels: (B, L); fmri: (B, T, H).
+    Returns (B, L - 1 + T, H) embeddings, the attention mask and the labels (``IGNORE_INDEX`` on fMRI tokens).
+    """
+    is_fmri = input_ids == fmri_token_id
+    counts = is_fmri.sum(1)
+    if bool((counts != 1).any()):
+        bad = int((counts != 1).nonzero()[0, 0])
+        raise ValueError(f"every sequence needs exactly one {FMRI_TOKEN} token; sequence {bad} has "
+                         f"{int(counts[bad])}")
+    b, seq_len = input_ids.shape
+    t = fmri.shape[1]
+    pos = is_fmri.float().argmax(1)  # (B,)
+    # output position j of sample b takes: token j (j < p), fMRI j - p (p <= j < p + T), token j - T + 1
+    j = torch.arange(seq_len - 1 + t, device=input_ids.device)[None].expand(b, -1)
+    p = pos[:, None]
+    in_fmri = (j >= p) & (j < p + t)
+    tok_idx = torch.where(j < p, j, j - t + 1).clamp(0, seq_len - 1)
+    fmri_idx = (j - p).clamp(0, t - 1)
+    tok_e = embeds.gather(1, tok_idx[..., None].expand(-1, -1, embeds.shape[-1]))
+    fm_e = fmri.to(embeds.dtype).gather(1, fmri_idx[..., None].expand(-1, -1, embeds.shape[-1]))
+    out = torch.where(in_fmri[..., None], fm_e, tok_e)
+    mask = torch.where(in_fmri, torch.ones_like(tok_idx), attention_mask.gather(1, tok_idx))
+    lab = None
+    if labels is not None:
+        lab = torch.where(in_fmri, torch.full_like(labels, IGNORE_INDEX)[:, :1].expand(-1, j.shape[1]),
+                          labels.gather(1, tok_idx))
+    return out, mask, lab
+
+
+class InstructTask(BaseTask):
+    """ViT3D (stage 1) -> projector -> fMRI tokens in a causal LM (LLaVA style), tuned on instruction data.
+
+    Training: loss on the answer tokens only (labels from :class:`data_modules.instruct.InstructionDataModule`).
+    Validation: the same teacher-forced loss. Test: generation for every evaluation prompt, then caption metrics
+    (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE where available; CLIP-S with ``clip_teacher``) and exact-match
+    accuracy per question type, per condition (``average``, ``single``); generations are written as JSONL in
+    the run's log directory. Predict: generations as rows (see ``callbacks.JSONLPredictionWriter``).
+
+    Args:
+        data_spec: sizes the data decides (linked by the CLI; must match the stage-1 run's).
+        llm: local directory of a Hugging Face causal LM + tokenizer with a chat template
+            (Llama-3-8B-Instruct, Vicuna-13B, or a tiny one from ``python -m neurovision.llm``).
+        stage1: the stage-1 :class:`~neurovision.tasks.AlignmentTask` checkpoint (ViT3D + CLIP head).
+        phase: ``projector`` (A), ``lora`` (B) or ``full`` (B with full fine-tuning).
+        lora: peft ``LoraConfig`` for ``phase="lora"`` (``class_path: peft.LoraConfig`` in YAML).
+        init_from: a stage-2 checkpoint (e.g. phase A's) whose projector (and encoder) weights start this run.
+        adapter: a directory written by :meth:`save_adapters` to load (projector + LoRA adapter), e.g. for predict.
+        tune_encoder: also train the ViT3D (off: frozen, as the paper's stage 2).
+        projector_hidden: hidden width of the projector (default: the LLM width).
+        llm_dtype: dtype of the LLM weights (``bfloat16`` on GPUs).
+        max_new_tokens: generation length limit.
+        clip_teacher: CLIP teacher for CLIP-S of generated captions (optional).
+        clip_score_prefix: text put before each caption for CLIP-S (Hessel et al.: "A photo depicts "; ""
+            for a CLIP trained on bare captions, like the phantom's tiny one).
+        gradient_checkpointing: in the LLM (and the ViT3D if tuned).
+        optimizer: optimiser factory (trainable parameters only).
+        scheduler: learning-rate scheduler factory.
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec | None = None,
+        llm: str = "",
+        stage1: str = "",
+        phase: Phase = "projector",
+        lora: LoraConfig | None = None,
+        init_from: str | None = None,
+        adapter: str | None = None,
+        tune_encoder: bool = False,
+        projector_hidden: int | None = None,
+        llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        max_new_tokens: int = 64,
+        clip_teacher: OpenCLIPImageTeacher | None = None,
+        clip_score_prefix: str = "A photo depicts ",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if not llm:
+            raise ValueError("InstructTask needs model.init_args.llm (a local causal LM directory)")
+        if not stage1:
+            raise ValueError("InstructTask needs model.init_args.stage1 (a stage-1 checkpoint)")
+        if phase not in ("projector", "lora", "full"):
+            raise ValueError(f"model.init_args.phase must be projector, lora or full, got {phase!r}")
+        if phase == "lora" and lora is None:
+            raise ValueError("model.init_args.phase='lora' needs model.init_args.lora (class_path: peft.LoraConfig)")
+        self.llm_path, self.stage1_path, self.phase, self.lora_config = llm, stage1, phase, lora
+        self.init_from, self.adapter = init_from, adapter
+        self.tune_encoder, self.projector_hidden = tune_encoder, projector_hidden
+        self.llm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[llm_dtype]
+        self.max_new_tokens = max_new_tokens
+        self.clip_teacher = clip_teacher
+        self.clip_score_prefix = clip_score_prefix
+        self.gradient_checkpointing = gradient_checkpointing
+        super().__init__(data_spec, optimizer, scheduler)
+        self.drop_hparams("lora", "clip_teacher")  # objects: the YAML gives them again on reload
+        # frozen LLM weights are left out of checkpoints (see on_save_checkpoint)
+        self.strict_loading = False
+
+    # hooks ------------------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        parts = load_stage1(self.stage1_path)
+        self._check_spec(parts.spec)
+        self.encoder = parts.encoder
+        self.clip_head = parts.clip_head  # kept for concept localisation (GradCAM against CLIP text)
+        self.stage1_hparams = parts.hparams
+        self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype)
+        self.fmri_token_id = int(self.tokenizer.convert_tokens_to_ids(FMRI_TOKEN))
+        width = int(self.llm.get_input_embeddings().embedding_dim)
+        self.projector = Projector(self.encoder.dim, self.projector_hidden or width, width)
+        for p in self.llm.parameters():
+            p.requires_grad_(self.phase == "full")
+        if self.phase == "lora":
+            from peft import get_peft_model
+
+            self.llm = get_peft_model(self.llm, self.lora_config)
+        if self.gradient_checkpointing:
+            self.llm.gradient_checkpointing_enable()
+            if self.phase != "full":
+                self.llm.enable_input_require_grads()
+        for m in (self.encoder, self.clip_head):
+            for p in m.parameters():
+                p.requires_grad_(self.tune_encoder)
+        self.encoder.gradient_checkpointing = self.gradient_checkpointing and self.tune_encoder
+        if self.init_from:
+            self._init_from(self.init_from)
+        if self.adapter:
+            self.load_adapters(self.adapter)
+
+    def configure_metrics(self) -> None:
+        self._eval_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
+
+    def _check_spec(self, stage1_spec: DataSpec) -> None:
+        for f in ("patch_size", "grid_shape", "patch_coords"):
+            if getattr(stage1_spec, f) != getattr(self.spec, f):
+                raise ValueError(f"{self.stage1_path}: field 'data_spec/{f}': the stage-1 run's differs from the "
+                                 f"datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
+
+    def _init_from(self, path: str) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: checkpoint does not exist (YAML key model.init_args.init_from)")
+        sd = torch.load(p, map_location="cpu", weights_only=True).get("state_dict", {})
+        proj = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}
+        if not proj:
+            raise ValueError(f"{p}: field 'state_dict/projector.*': missing (YAML key model.init_args.init_from)")
+        self.projector.load_state_dict(proj)
+        enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+        if enc:
+            self.encoder.load_state_dict(enc)
+
+    # adapters ---------------------------------------------------------------------------------------
+    def save_adapters(self, directory: str | Path) -> Path:
+        """Projector (+ ViT3D if tuned) as safetensors and the LLM's LoRA adapter via peft ``save_pretrained``
+        (the whole LLM for ``phase='full'``), written atomically into ``directory``."""
+        from safetensors.torch import save_file
+
+        from neurovision.atomic import atomic_dir
+
+        out = Path(directory)
+        with atomic_dir(out) as tmp:
+            tensors = {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
+            if self.tune_encoder:
+                tensors.update({f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()})
+            save_file(tensors, str(tmp / "fmri_projector.safetensors"))
+            if self.phase != "projector":
+                self.llm.save_pretrained(tmp / "llm")
+            (tmp / "adapter_info.json").write_text(json.dumps(
+                {"phase": self.phase, "llm": self.llm_path, "stage1": self.stage1_path}, indent=1))
+        return out
+
+    def load_adapters(self, directory: str | Path) -> None:
+        """Load what :meth:`save_adapters` wrote (LoRA weights into this model's adapter)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        f = d / "fmri_projector.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (YAML key model.init_args.adapter)")
+        tensors = load_file(str(f))
+        self.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+        enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if enc:
+            self.encoder.load_state_dict(enc)
+        if (d / "llm" / "adapter_config.json").is_file():
+            if self.phase != "lora":
+                raise ValueError(f"{d}: holds a LoRA adapter; set model.init_args.phase: lora to load it")
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(self.llm, load_peft_weights(str(d / "llm"), device="cpu"))
+        elif (d / "llm" / "config.json").is_file():
+            from transformers import AutoModelForCausalLM
+
+            full = AutoModelForCausalLM.from_pretrained(d / "llm", local_files_only=True, dtype=self.llm_dtype)
+            self.llm.load_state_dict(full.state_dict())
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.save_adapters(Path(self.trainer.log_dir) / "adapters")
+
+    def train(self, mode: bool = True) -> InstructTask:
+        """Frozen parts stay in eval mode (no dropout / stochastic depth in what is not trained)."""
+        super().train(mode)
+        if not self.tune_encoder:
+            self.encoder.eval()
+            self.clip_head.eval()
+        if self.phase == "projector":
+            self.llm.eval()
+        return self
+
+    # checkpoints: keep what is trained (and the small encoder), drop the frozen LLM ----------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.phase == "full":
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        sd = checkpoint["state_dict"]
+        for k in list(sd):
+            if k.startswith("llm.") and k not in trainable:
+                del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict", {})
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in sd]
+        if missing:
+            raise ValueError(f"checkpoint: field 'state_dict/{missing[0]}': missing ({len(missing)} trained "
+                             f"parameters absent; was it written with the same phase/lora settings?)")
+
+    # forward ----------------------------------------------------------------------------------------
+    def fmri_tokens(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + A, H): projected penultimate ViT3D token states."""
+        use_subject = subject if self.encoder.num_subjects > 0 else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tune_encoder):
+            out = self.encoder(patches, use_subject)
+        return self.projector(out.penultimate)
+
+    def _inputs(self, batch: dict[str, Any], ids: str = "input_ids", mask: str = "attention_mask",
+                labels: str | None = "labels") -> dict[str, torch.Tensor]:
+        fmri = self.fmri_tokens(batch["patches"], batch.get("subject"))
+        emb = self.llm.get_input_embeddings()(batch[ids])
+        e, m, lab = splice_fmri(emb, batch[ids], batch[mask], batch[labels] if labels else None, fmri,
+                                self.fmri_token_id)
+        out = {"inputs_embeds": e, "attention_mask": m}
+        if lab is not None:
+            out["labels"] = lab
+        return out
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.llm(**self._inputs(batch)).loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["patches"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss = self(batch)
+        self.log(f"val/{self._condition(dataloader_idx)}/loss", loss, batch_size=len(batch["patches"]),
+                 add_dataloader_idx=False, sync_dist=True)
+
+    def _condition(self, dataloader_idx: int) -> str:
+        conds = getattr(self.trainer.datamodule, "eval_conditions", None)
+        return conds[dataloader_idx] if conds else str(dataloader_idx)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy answers to the batch's prompts (``prompt_ids`` left-padded, ending in the generation prompt)."""
+        inp = self._inputs(batch, "prompt_ids", "prompt_mask", None)
+        eos = [self.tokenizer.eos_token_id]
+        out = self.llm.generate(**inp, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        answers = self.generate(batch)
+        rows = []
+        for i, a in enumerate(answers):
+            meta = batch["meta"][i]
+            rows.append({"subject": int(batch["subject"][i]), "stimulus": int(batch["stimulus"][i]),
+                         "trial": int(batch["trial"][i]), **meta, "prediction": a})
+        return rows
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_rows[dataloader_idx].extend(self._rows(batch))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        return self._rows(batch)
+
+    def on_test_epoch_end(self) -> None:
+        from neurovision.metrics.instruct import score_generations
+
+        dm = self.trainer.datamodule
+        names = dm.store.subject_names if dm is not None else []
+        for idx, rows in sorted(self._eval_rows.items()):
+            rows = self._all_rows(rows)
+            cond = self._condition(idx)
+            for r in rows:
+                r["condition"] = cond
+                r["subject_name"] = names[r["subject"]] if names else str(r["subject"])
+            scores = score_generations(rows, clip_teacher=self.clip_teacher, clip_prefix=self.clip_score_prefix,
+                                       images=(lambda s: dm.store.image(s)) if dm is not None else None)
+            for k, v in scores.items():
+                if v is not None:
+                    self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
+            if self.trainer.is_global_zero and self.trainer.log_dir:
+                _write_jsonl(Path(self.trainer.log_dir) / f"test_generations_{cond}.jsonl", rows)
+                _write_json(Path(self.trainer.log_dir) / f"test_scores_{cond}.json", scores)
+        self._eval_rows.clear()
+
+    def _all_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.trainer.world_size <= 1:
+            return rows
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, rows)
+        seen, out = set(), []
+        for part in gathered:
+            for r in part:  # distributed samplers pad with repeats
+                key = (r["subject"], r["stimulus"], r.get("type"), r.get("question"))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(r)
+        return out
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: phase/tune_encoder leave no trainable parameter")
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    from neurovision.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_plain) + "\n")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from neurovision.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=_plain))
+
+
+def _plain(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
