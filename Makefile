@@ -52,6 +52,7 @@ test-full: install ## every test, the slow ones included
 bench: install ## benchmarks (prints ratios measured in one run)
 	$(BIN)/python benchmarks/bench_datamodule.py
 	$(BIN)/python benchmarks/bench_stage1.py
+	$(BIN)/python benchmarks/bench_stage2.py
 
 lint: install ## ruff
 	$(BIN)/ruff check neurovision data_modules callbacks tests benchmarks

@@ -104,16 +104,19 @@ class EvalInstructions(Dataset):
                  max_items: int | None = None, shuffle_fmri: bool = False) -> None:
         self.trials, self.tokenizer, self.max_length = trials, tokenizer, max_length
         kinds = sorted({k for t in types for k in NEEDS[t]})
-        n = len(trials) if max_items is None else min(max_items, len(trials))
+        n_all = len(trials)
+        picked = np.arange(n_all) if max_items is None or max_items >= n_all else \
+            np.unique(np.linspace(0, n_all - 1, max(max_items, 1)).round().astype(int))
+        n = len(picked)
         self.rows: list[tuple[int, Sample]] = []
-        for i in range(n):
+        for i in picked.tolist():
             stim = int(trials.store.trials["stimulus"][int(trials.items[i])])
             for s in eval_samples(_annotations(trials.store, stim, kinds), types):
                 self.rows.append((i, s))
-        self.source = np.arange(n)
+        self.source = {int(i): int(i) for i in picked}  # item -> the item whose fMRI it gets
         if shuffle_fmri and n > 1:  # a derangement: no prompt keeps its own image's fMRI
-            perm = np.random.default_rng(0).permutation(n)
-            self.source[perm] = np.roll(perm, 1)
+            perm = picked[np.random.default_rng(0).permutation(n)]
+            self.source.update({int(a): int(b) for a, b in zip(perm, np.roll(perm, 1), strict=True)})
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -175,7 +178,7 @@ class InstructionDataModule(FMRIDataModule):
         task_weights: their sampling weights (uniform when omitted).
         eval_tasks: types evaluated in validation/test/predict.
         max_length: token limit of one sample (before the fMRI tokens are spliced in).
-        max_eval_items: evaluate only the first N (subject, image) items per condition (None: all).
+        max_eval_items: evaluate N evenly spaced (subject, image) items per condition (None: all).
         shuffle_fmri: control: evaluation prompts get another image's fMRI.
         tokenizer: local tokenizer directory (default: the model's tokenizer).
     """

@@ -72,3 +72,15 @@ def test_bench_stage1_smoke(tmp_path: Path) -> None:
     tgt = res["targets"]
     assert tgt["cached"]["samples"] == tgt["recomputed"]["samples"] == 4 * 8 * 3  # subjects x images x repeats
     assert tgt["cache_build_s"] > 0 and tgt["ratio_recomputed_over_cached"] > 0
+
+
+def test_bench_stage2_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_stage2", BENCH.with_name("bench_stage2.py"))
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "s2.json"
+    bench.main(["--config", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["params_trainable_M"] < r["params_total_M"]  # LoRA + projector only
+    assert r["sequence_length"] == 64 - 1 + 76 + 1 and r["samples_per_s"] > 0 and r["peak_rss_MB"] > 0

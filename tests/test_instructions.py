@@ -168,4 +168,6 @@ def test_shuffled_fmri_control_pairs_every_prompt_with_another_images_fmri(tiny_
         torch.testing.assert_close(a["patches"], patches[i])
         assert not torch.equal(b["patches"], patches[i])  # another item's fMRI...
         assert any(torch.equal(b["patches"], p) for p in patches)  # ...of the same split
-    assert sorted(shuf.source.tolist()) == list(range(len(trials)))  # a permutation
+    assert sorted(shuf.source.values()) == list(range(len(trials)))  # a permutation
+    few = EvalInstructions(trials, tokenizer, ["caption"], 160, max_items=3)
+    assert sorted({few[i]["subject"] for i in range(len(few))}) == [0, 1]  # spread over the subjects

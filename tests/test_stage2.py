@@ -136,6 +136,7 @@ def test_test_writes_generations_and_caption_metrics_per_condition(parts):
         gens = [json.loads(line) for line in open(v / f"test_generations_{cond}.jsonl")]
         assert {g["type"] for g in gens} == {"caption", "reasoning"}
         assert sum(g["type"] == "caption" for g in gens) == 4  # max_eval_items (subject, image) items
+        assert len({g["subject"] for g in gens}) > 1  # spread over the subjects
         scores = json.loads((v / f"test_scores_{cond}.json").read_text())
         assert "caption/SPICE" in scores  # None where SPICE is unavailable, never a made-up number
 
