@@ -29,6 +29,8 @@ class ConceptMaps(L.Callback):
         method: ``gradcam`` or ``pattern`` (see :func:`neurovision.interpretation.model_maps`).
         aggregate: ``present`` or ``contrast`` (see :func:`neurovision.interpretation.aggregate`).
         upsample: ``trilinear`` or ``nearest`` patch -> voxel spreading.
+        layer: GradCAM at the hidden states entering this encoder block (-1: the last block, the paper's
+            penultimate layer; 0: the token embeddings), see :func:`neurovision.interpretation.gradcam`.
         mask: where r is computed: ``roi`` or ``active``.
         prompt: text template of a concept.
         png: also write a glass-brain PNG per map.
@@ -44,6 +46,7 @@ class ConceptMaps(L.Callback):
         method: Literal["gradcam", "pattern"] = "gradcam",
         aggregate: Literal["present", "contrast"] = "present",
         upsample: Literal["trilinear", "nearest"] = "trilinear",
+        layer: int = -1,
         mask: Literal["roi", "active"] = "roi",
         prompt: str = "{}",
         png: bool = True,
@@ -56,6 +59,7 @@ class ConceptMaps(L.Callback):
         self.method = method
         self.aggregate = aggregate
         self.upsample = upsample
+        self.layer = layer
         self.mask = mask
         self.prompt = prompt
         self.png = png
@@ -83,8 +87,9 @@ class ConceptMaps(L.Callback):
                            name=type(pl_module).__name__)
         loc = localize([parts], store, pl_module.clip_teacher, out if trainer.is_global_zero else None,
                        concepts=self.concepts, split=self.split, method=self.method,
-                       aggregate_mode=self.aggregate, upsample=self.upsample, mask=self.mask, prompt=self.prompt,
-                       batch_size=self.batch_size, device=pl_module.device, png=self.png, progress=False)
+                       aggregate_mode=self.aggregate, upsample=self.upsample, layer=self.layer, mask=self.mask,
+                       prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device, png=self.png,
+                       progress=False)
         self.runs += 1
         self.last = loc
         if not math.isnan(loc.r_mean):  # every rank computes the same values

@@ -181,6 +181,7 @@ class InstructionDataModule(FMRIDataModule):
         max_eval_items: evaluate N evenly spaced (subject, image) items per condition (None: all).
         shuffle_fmri: control: evaluation prompts get another image's fMRI.
         tokenizer: local tokenizer directory (default: the model's tokenizer).
+        eval_batch_size: batch size of validation/test/predict (generation); ``batch_size`` when omitted.
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class InstructionDataModule(FMRIDataModule):
         max_eval_items: int | None = None,
         shuffle_fmri: bool = False,
         tokenizer: str | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(store, subjects, eval_subjects, batch_size, num_workers, eval_conditions, mixup_prob,
                          mixup_alpha, False, pin_memory, shuffle, seed)
@@ -218,6 +220,7 @@ class InstructionDataModule(FMRIDataModule):
         self.max_eval_items = max_eval_items
         self.shuffle_fmri = shuffle_fmri
         self.tokenizer_path = tokenizer
+        self.eval_batch_size = eval_batch_size or batch_size
         self._tokenizer: Any = None
 
     @property
@@ -257,7 +260,8 @@ class InstructionDataModule(FMRIDataModule):
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
         pad = self.tokenizer.pad_token_id
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+        return DataLoader(ds, batch_size=self.batch_size if shuffle else self.eval_batch_size, sampler=sampler,
+                          num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                           collate_fn=Collate(int(pad if pad is not None else 0)))
 

@@ -2,9 +2,9 @@
 
 For a stage-1 (or stage-2) model, the similarity between the ViT3D CLIP head's prediction and a concept's
 CLIP text embedding, ``s = cos(clip_head(encoder(x).cls), t_c)``, is differentiated with respect to the
-hidden states entering the encoder's last block (``ViT3DOutput.penultimate``). As in GradCAM, each
-channel's weight is the mean gradient over the patch tokens and the map is the ReLU of the weighted sum of
-that layer's activations: one value per active patch.
+hidden states entering the encoder's last block (``ViT3DOutput.penultimate``; ``layer=k``: block k's input,
+0 = the token embeddings). As in GradCAM, each channel's weight is the mean gradient over the patch tokens and
+the map is the ReLU of the weighted sum of that layer's activations: one value per active patch.
 
 The patch maps of the evaluation items are aggregated per subject and concept (default: the mean over the
 items whose scene contains the concept, see :func:`aggregate`), spread over each patch's voxels (default:
@@ -18,7 +18,9 @@ truth inside the subject's ROI (:func:`score`).
 Measured on the demo phantom (stage-1 demo checkpoint, test split, 4 subjects x 10 concepts, r in the ROI):
 GradCAM (present mean, trilinear) r = -0.06 against the planted maps and 0.25 against their absolute value;
 the phantom plants blobs of random sign, so a non-negative map is capped at r(|M|, M) = 0.10 on average.
-``method="pattern"`` reaches r = 0.46.
+``method="pattern"`` reaches r = 0.46. The layer matters little (r / r_abs, ROI): block input 0 (embeddings)
+-0.08 / 0.27, 1: -0.07 / 0.26, 2: -0.04 / 0.28, 3 (= -1, the default): -0.06 / 0.25; at layer 2 the contrast
+aggregation gives -0.13 / 0.13, signed GradCAM (``relu=False``) -0.03 / 0.23 and nearest upsampling -0.04 / 0.24.
 
 Entry points: :func:`gradcam` (one batch), :func:`localize` (checkpoints -> files + scores),
 ``neurovision localize`` (the CLI) and :class:`callbacks.ConceptMaps` (after ``trainer.test``).
@@ -29,7 +31,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,22 +58,55 @@ Method = Literal["gradcam", "pattern"]
 
 
 # --------------------------------------------------------------------------------------------- GradCAM
+@contextmanager
+def _capture(encoder: nn.Module, layer: int) -> Iterator[Callable[[Any], Tensor]]:
+    """Within the block: a function ``output -> (B, 1 + A, D)`` hidden states at ``layer`` of the last forward.
+
+    ``layer`` k is the input of block k of ``encoder.blocks`` (0: the token embeddings, -1: the input of the last
+    block, i.e. ``ViT3DOutput.penultimate``), taken by a forward pre-hook on that block. The hook hands the block a
+    tensor that requires grad, so the states are differentiable even when the encoder's parameters are frozen.
+    An encoder without ``blocks`` supports only ``layer=-1`` (its ``.penultimate``).
+    """
+    blocks = getattr(encoder, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        if layer != -1:
+            raise ValueError(f"layer={layer} needs an encoder with .blocks; {type(encoder).__name__} has none "
+                             "(only layer=-1, its .penultimate)")
+        yield lambda out: out.penultimate
+        return
+    n = len(blocks)
+    if not -n <= layer < n:
+        raise ValueError(f"layer must be in [{-n}, {n - 1}] (the input of block k; -1: the last), got {layer}")
+    seen: list[Tensor] = []
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0] if args[0].requires_grad else args[0].detach().requires_grad_()
+        seen.append(x)
+        return (x, *args[1:])
+
+    handle = blocks[layer].register_forward_pre_hook(hook)
+    try:
+        yield lambda out: seen[-1]
+    finally:
+        handle.remove()
+
+
 def _cams(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text: Tensor, subject: Tensor | None,
-          paired: bool, relu: bool, normalize: bool) -> Tensor:
-    """(C, B, A) GradCAMs of C targets (``paired``: one target per sample, C = 1)."""
+          paired: bool, relu: bool, normalize: bool, layer: int = -1) -> Tensor:
+    """(C, B, A) GradCAMs of C targets (``paired``: one target per sample, C = 1) at ``layer``."""
     modules = (encoder, clip_head)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
     try:
         # inference_mode(False): the Lightning test loop runs hooks under inference mode
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _capture(encoder, layer) as states:
             x = patches.clone() if patches.is_inference() else patches
             x = x.detach()
             t = text.clone() if text.is_inference() else text
             sub = None if subject is None else (subject.clone() if subject.is_inference() else subject)
             out = encoder(x, sub)
-            act = out.penultimate  # (B, 1 + A, D): the hidden states entering the last block
+            act = states(out)  # (B, 1 + A, D): the hidden states entering block ``layer``
             pred = F.normalize(clip_head(out.cls).float(), dim=-1)
             t = F.normalize(t.detach().float().to(pred.device), dim=-1)
             sims = (pred * t).sum(-1, keepdim=True) if paired else pred @ t.T  # (B, C)
@@ -93,36 +129,41 @@ def _cams(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text: Tenso
 
 
 def gradcam(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text_emb: Tensor,
-            subject: Tensor | None = None, *, relu: bool = True, normalize: bool = False) -> Tensor:
-    """GradCAM of ``cos(clip_head(encoder(patches).cls), text_emb)`` at the penultimate token states.
+            subject: Tensor | None = None, *, relu: bool = True, normalize: bool = False, layer: int = -1) -> Tensor:
+    """GradCAM of ``cos(clip_head(encoder(patches).cls), text_emb)`` at the token states entering block ``layer``.
 
     Args:
         encoder: a :class:`~neurovision.models.ViT3D` (anything returning ``.cls`` (B, D) and
-            ``.penultimate`` (B, 1 + A, D) from ``encoder(patches, subject)``).
+            ``.penultimate`` (B, 1 + A, D) from ``encoder(patches, subject)``; other layers than -1 need its
+            transformer blocks as ``encoder.blocks``).
         clip_head: CLS -> CLIP embedding.
         patches: (B, A, P**3) active patches.
         text_emb: (D_clip,) one target for all samples, or (B, D_clip) one per sample.
         subject: (B,) subject indices (used by encoders with a subject embedding).
         relu: keep only the positive evidence (GradCAM); False returns the signed map.
         normalize: divide each sample's map by its maximum absolute value.
+        layer: where the map is taken: the hidden states entering block ``layer`` (-1, default: the last block,
+            i.e. the penultimate layer, the paper's choice; 0: the token embeddings, patch embedding +
+            position; negative values count from the end).
 
     Returns:
         (B, A) one value per active patch. Runs the modules in eval mode (restored afterwards), builds its
         own graph even under ``torch.inference_mode`` and leaves no ``.grad`` on any parameter.
     """
     if text_emb.ndim == 1:
-        return _cams(encoder, clip_head, patches, text_emb[None], subject, False, relu, normalize)[0]
+        return _cams(encoder, clip_head, patches, text_emb[None], subject, False, relu, normalize, layer)[0]
     if text_emb.ndim != 2 or text_emb.shape[0] != patches.shape[0]:
         raise ValueError(f"text_emb must be (D,) or (B={patches.shape[0]}, D), got {tuple(text_emb.shape)}")
-    return _cams(encoder, clip_head, patches, text_emb, subject, True, relu, normalize)[0]
+    return _cams(encoder, clip_head, patches, text_emb, subject, True, relu, normalize, layer)[0]
 
 
 def concept_cams(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text_embs: Tensor,
-                 subject: Tensor | None = None, *, relu: bool = True, normalize: bool = False) -> Tensor:
+                 subject: Tensor | None = None, *, relu: bool = True, normalize: bool = False,
+                 layer: int = -1) -> Tensor:
     """(C, B, A) GradCAMs of C concept embeddings (C, D_clip) from one forward pass (see :func:`gradcam`)."""
     if text_embs.ndim != 2:
         raise ValueError(f"text_embs must be (C, D), got {tuple(text_embs.shape)}")
-    return _cams(encoder, clip_head, patches, text_embs, subject, False, relu, normalize)
+    return _cams(encoder, clip_head, patches, text_embs, subject, False, relu, normalize, layer)
 
 
 # --------------------------------------------------------------------------------------------- mapping
@@ -335,15 +376,16 @@ def _similarity(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text:
 def model_maps(parts: ModelParts, store: Store, text_embs: Tensor, concepts: Sequence[str], *, split: str = "test",
                condition: Literal["average", "single"] = "average", method: Method = "gradcam",
                aggregate_mode: Aggregate = "present", upsample: Upsample = "trilinear", relu: bool = True,
-               batch_size: int = 64, device: str | torch.device = "cpu", subjects: Sequence[str] | None = None,
+               layer: int = -1, batch_size: int = 64, device: str | torch.device = "cpu", subjects: Sequence[str] | None = None,
                progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """One model's maps ``[subject][concept]`` in subject space from the split's items.
 
     ``method="gradcam"``: per-item GradCAMs (:func:`concept_cams`) aggregated per subject and concept
-    (:func:`aggregate`), spread over the voxels (:func:`patch_cam_to_patches`). ``method="pattern"``: the
+    (:func:`aggregate`), spread over the voxels (:func:`patch_cam_to_patches`), taken at the states entering
+    block ``layer`` (see :func:`gradcam`). ``method="pattern"``: the
     model's activation pattern (Haufe et al. 2014): the covariance over the subject's items of each voxel
     with the model's concept similarity ``cos(clip_head(cls), t_c)``: a signed map at voxel resolution
-    (``aggregate_mode``, ``upsample`` and ``relu`` do not apply).
+    (``aggregate_mode``, ``upsample``, ``relu`` and ``layer`` do not apply).
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -372,7 +414,8 @@ def model_maps(parts: ModelParts, store: Store, text_embs: Tensor, concepts: Seq
         xm = to_active_patches(store_spec.to_grid(x), spec.patch_size, spec.active_index) if repatch else x  # type: ignore[arg-type]
         sub = batch["subject"]
         if method == "gradcam":
-            cam = concept_cams(parts.encoder, parts.clip_head, xm.to(dev), text, sub.to(dev), relu=relu)
+            cam = concept_cams(parts.encoder, parts.clip_head, xm.to(dev), text, sub.to(dev), relu=relu,
+                               layer=layer)
             cams.append(cam.cpu().numpy().transpose(1, 0, 2))  # (B, C, A)
             subj_of.append(sub.numpy())
             stim_of.append(batch["stimulus"].numpy())
@@ -504,7 +547,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
              out_dir: str | Path | None, concepts: Sequence[str] | None = None, split: str = "test", *,
              condition: Literal["average", "single"] = "average", method: Method = "gradcam",
              aggregate_mode: Aggregate = "present", upsample: Upsample = "trilinear", mask: Mask = "roi",
-             relu: bool = True,
+             relu: bool = True, layer: int = -1,
              prompt: str = "{}", batch_size: int = 64, device: str | torch.device = "cpu",
              subjects: Sequence[str] | None = None, png: bool = True, png_kind: Literal["glass", "stat"] = "glass",
              check_teacher: bool = True, progress: bool = True) -> Localization:
@@ -525,6 +568,8 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
         mask: where r is reported (default ``roi``: the phantom plants its maps only there; both masks are
             computed, see :func:`score_mask`).
         relu: GradCAM's ReLU (False: signed maps).
+        layer: GradCAM at the states entering this encoder block (-1: the last, the paper's penultimate
+            layer; 0: the token embeddings), see :func:`gradcam`.
         prompt: text template of a concept (``"{}"``: the bare word).
         check_teacher: refuse a CLIP teacher other than the one the checkpoint's head was trained towards.
     """
@@ -559,7 +604,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
     for parts in tqdm(models, desc="models", disable=not progress or len(models) < 2):
         per_model.append(model_maps(parts, st, text, words, split=split, condition=condition, method=method,
                                     aggregate_mode=aggregate_mode, upsample=upsample, relu=relu,
-                                    batch_size=batch_size, device=device, subjects=subjects, progress=progress))
+                                    layer=layer, batch_size=batch_size, device=device, subjects=subjects, progress=progress))
     maps = per_model[0] if len(per_model) == 1 else ensemble(per_model)
     rows_by_mask = {m: score(maps, st, m)[0] for m in ("roi", "active")}  # type: ignore[arg-type]
     rows = rows_by_mask[mask]

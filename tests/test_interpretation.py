@@ -113,6 +113,49 @@ def test_gradcam_leaves_no_grads_restores_modes_and_runs_under_inference_mode(st
     torch.testing.assert_close(cam, signed.clamp_min(0))
 
 
+def _brute_force_at(enc: ViT3D, head: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: int) -> torch.Tensor:
+    """The ViT3D forward written out block by block (no hooks); the GradCAM formula at the input of block ``layer``."""
+    h = torch.cat([enc.cls_token, enc.patch_embed(x[None]) + enc.position_embedding()], 1)
+    states = h
+    for i, blk in enumerate(enc.blocks):
+        if i == layer % enc.depth:
+            states = h = h.detach().requires_grad_()
+        h = blk(h)
+    s = F.cosine_similarity(head(enc.norm(h)[:, 0]), t[None], dim=-1)[0]
+    (g,) = torch.autograd.grad(s, states)
+    return torch.relu(states[0, 1:] @ g[0, 1:].mean(0)).detach()
+
+
+def test_gradcam_at_other_layers_equals_brute_force(store: Store) -> None:
+    enc, head = _vit(store, depth=3).double().eval(), MLPHead(16, 8, 6).double()
+    x = _batch(store, 3).double()
+    t = torch.randn(2, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cams = {}
+    for layer in (0, 1, 2, -1, -3):
+        cams[layer] = gradcam(enc, head, x, t[0], layer=layer)
+        ref = torch.stack([_brute_force_at(enc, head, x[i], t[0], layer) for i in range(3)])
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(cams[layer].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    # -1 is the last block's input (the penultimate states), counted from the end like a list index
+    torch.testing.assert_close(cams[-1], cams[2], rtol=0, atol=0)
+    torch.testing.assert_close(cams[-3], cams[0], rtol=0, atol=0)
+    torch.testing.assert_close(cams[-1].double(), torch.stack([_brute_force(enc, head, x[i], t[0]) for i in range(3)]),
+                               rtol=1e-5, atol=1e-10)
+    assert not torch.allclose(cams[0], cams[2])
+    torch.testing.assert_close(concept_cams(enc, head, x, t, layer=0)[0], cams[0])
+    # a frozen encoder: the captured states still carry the gradient, and no .grad is left anywhere
+    enc.requires_grad_(False)
+    torch.testing.assert_close(gradcam(enc, head, x, t[0], layer=0), cams[0])
+    torch.testing.assert_close(gradcam(enc, head, x, t[0], layer=-1), cams[-1])
+    assert all(p.grad is None for p in [*enc.parameters(), *head.parameters()])
+    assert not enc.blocks[0]._forward_pre_hooks  # the hook is removed
+    with pytest.raises(ValueError, match=r"layer must be in \[-3, 2\]"):
+        gradcam(enc, head, x, t[0], layer=3)
+    with pytest.raises(ValueError, match="needs an encoder with .blocks"):
+        gradcam(OnePatchEncoder(store.grid.n_active), nn.Linear(store.grid.n_active, 6), x.float(), t[0].float(),
+                layer=0)
+
+
 class OnePatchEncoder(nn.Module):
     """A hand-built encoder whose CLS reads one patch: token n's activation is softplus(mean of patch n) on
     channel n only (a feature map with one channel per location), CLS is the sum of the tokens."""
@@ -357,9 +400,10 @@ def test_concept_maps_callback_logs_and_writes_after_test(tested, store: Store) 
 def test_callback_resolves_from_yaml(capsys: pytest.CaptureFixture) -> None:
     stage1 = ROOT / "experiments" / "stage1_vit3d.yaml"
     assert run_cli(["test", "-c", str(stage1), "--trainer.callbacks+=callbacks.ConceptMaps",
-                    "--trainer.callbacks.init_args.concepts=[red]", "--print_config"]) == 0
+                    "--trainer.callbacks.init_args.concepts=[red]", "--trainer.callbacks.init_args.layer=0",
+                    "--print_config"]) == 0
     out = capsys.readouterr().out
-    assert "class_path: callbacks.ConceptMaps" in out and "- red" in out
+    assert "class_path: callbacks.ConceptMaps" in out and "- red" in out and "layer: 0" in out
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -374,6 +418,20 @@ def test_cli_localizes_a_checkpoint(tested, store: Store, clip, tmp_path: Path, 
     assert (tmp_path / "cli" / "sub-01" / "blue.nii.gz").is_file()
     with open(tmp_path / "cli" / "concept_r.csv") as f:
         assert [r["concept"] for r in csv.DictReader(f)] == ["red", "blue"]
+
+
+def test_cli_layer_flag(tested, store: Store, clip, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, _, ckpt = tested  # depth 1: layer 0 is the last block's input, the default's
+    base = ["localize", "--ckpt", str(ckpt), "--store", str(store.path), "--clip-model-name", "tiny",
+            "--clip-config", clip.model_config, "--concepts", "red", "--subjects", "sub-02", "--png", "none"]
+    assert run_cli([*base, "--out", str(tmp_path / "l0"), "--layer", "0"]) == 0
+    assert run_cli([*base, "--out", str(tmp_path / "default")]) == 0
+    vols = [np.asarray(nib.load(tmp_path / d / "sub-02" / "red.nii.gz").dataobj) for d in ("l0", "default")]
+    assert np.abs(vols[0]).max() > 0
+    np.testing.assert_array_equal(*vols)
+    capsys.readouterr()
+    assert run_cli([*base, "--out", str(tmp_path / "l1"), "--layer", "1"]) == 1
+    assert "layer must be in [-1, 0]" in capsys.readouterr().err
 
 
 def test_cli_reads_teacher_and_store_from_the_run_config(tested, store: Store, clip, tmp_path: Path) -> None:
