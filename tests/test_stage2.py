@@ -77,7 +77,7 @@ def test_phase_b_trains_lora_adapters_from_the_phase_a_projector(parts):
     assert (parts["b"] / "adapters" / "llm" / "adapter_config.json").is_file()
 
 
-def _task(parts, **kw):
+def _task(parts, phase="lora", **kw):
     from peft import LoraConfig
 
     from data_modules import InstructionDataModule
@@ -88,7 +88,7 @@ def _task(parts, **kw):
     spec = dm.spec
     Store(parts["store"]).close()
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return InstructTask(spec, llm=str(parts["llm"]), stage1=str(parts["s1"]), phase="lora", lora=cfg,
+    return InstructTask(spec, llm=str(parts["llm"]), stage1=str(parts["s1"]), phase=phase, lora=cfg,
                         max_new_tokens=6, **kw)
 
 
@@ -164,3 +164,29 @@ def test_missing_llm_and_stage1_and_mismatched_store_name_the_yaml_key(parts, tm
         InstructTask(other, llm=str(parts["llm"]), stage1=str(parts["s1"]))
     with pytest.raises(ValueError, match="lora"):
         InstructTask(spec, llm=str(parts["llm"]), stage1=str(parts["s1"]), phase="lora")
+
+
+@pytest.mark.parametrize("phase", ["projector", "lora", "full"])
+def test_each_phase_trains_what_it_says_and_checkpoints_it(parts, phase):
+    t = _task(parts, phase=phase)
+    trainable = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert any(n.startswith("projector.") for n in trainable)
+    assert not any(n.startswith(("encoder.", "clip_head.")) for n in trainable)  # tune_encoder off
+    llm = {n for n, _ in t.named_parameters() if n.startswith("llm.")}
+    if phase == "projector":
+        assert not trainable & llm
+    elif phase == "lora":
+        assert trainable & llm and all("lora_" in n for n in trainable & llm)
+    else:
+        assert llm <= trainable
+    ckpt = {"state_dict": t.state_dict()}
+    t.on_save_checkpoint(ckpt)
+    saved_llm = {k for k in ckpt["state_dict"] if k.startswith("llm.")}
+    if phase == "full":
+        assert llm <= saved_llm  # the whole LLM is trained, so it is saved
+    else:
+        assert saved_llm == llm & trainable  # only the trained part of the LLM is saved
+    t.on_load_checkpoint(ckpt)  # everything trained is there
+    ckpt["state_dict"].pop(next(iter(sorted(trainable))))
+    with pytest.raises(ValueError, match="state_dict/"):
+        t.on_load_checkpoint(ckpt)
