@@ -12,8 +12,8 @@ import neurovision  # noqa: F401  (torchvision compatibility fix first)
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_datamodule.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_datamodule", BENCH)
+def _load_bench(name: str = "bench_datamodule"):
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -56,10 +56,7 @@ def test_bench_datamodule_smoke(tmp_path: Path) -> None:
 
 
 def test_bench_stage1_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_stage1", BENCH.with_name("bench_stage1.py"))
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_stage1")
     out_json = tmp_path / "stage1.json"
     res = bench.main(["--preset", "tiny", "--dim", "32", "--depth", "1", "--heads", "2", "--head-hidden", "32",
                       "--clip-dim", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--n-train", "8",
@@ -75,10 +72,7 @@ def test_bench_stage1_smoke(tmp_path: Path) -> None:
 
 
 def test_bench_stage2_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_stage2", BENCH.with_name("bench_stage2.py"))
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_stage2")
     out = tmp_path / "s2.json"
     bench.main(["--config", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--out", str(out)])
     r = json.loads(out.read_text())
