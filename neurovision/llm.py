@@ -67,12 +67,13 @@ def tiny_llama_config(vocab_size: int, hidden: int = 192, layers: int = 4, heads
     )
 
 
-def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None
-             ) -> tuple[Any, Any]:
+def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None,
+             chat_template: str | None = None) -> tuple[Any, Any]:
     """(causal LM, tokenizer) from a local directory, ready for fMRI tokens.
 
     The tokenizer gets the ``<fmri>`` placeholder token (and a pad token) if it lacks them, and the model's
-    embeddings grow to match. A missing directory is one error naming ``key``.
+    embeddings grow to match. ``chat_template`` (a Jinja string, or the path of a ``.jinja`` file) replaces the
+    tokenizer's own, for models that ship none (e.g. Vicuna). A missing directory is one error naming ``key``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,8 +82,14 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
         raise FileNotFoundError(f"{p}: no causal LM checkpoint (config.json) here (YAML key {key}); build a tiny "
                                 f"one with `python -m neurovision.llm --store <store> --out {p}`")
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    if chat_template is not None:
+        t = Path(chat_template)
+        if chat_template.endswith(".jinja") and not t.is_file():
+            raise FileNotFoundError(f"{t}: chat template file does not exist (YAML key model.init_args.chat_template)")
+        tok.chat_template = t.read_text() if chat_template.endswith(".jinja") else chat_template
     if tok.chat_template is None:
-        raise ValueError(f"{p}: field 'chat_template': missing in the tokenizer (YAML key {key})")
+        raise ValueError(f"{p}: field 'chat_template': missing in the tokenizer (YAML key {key}); give one with "
+                         "model.init_args.chat_template")
     added = []
     if FMRI_TOKEN not in tok.get_vocab():
         added.append(FMRI_TOKEN)

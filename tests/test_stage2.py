@@ -190,3 +190,24 @@ def test_each_phase_trains_what_it_says_and_checkpoints_it(parts, phase):
     ckpt["state_dict"].pop(next(iter(sorted(trainable))))
     with pytest.raises(ValueError, match="state_dict/"):
         t.on_load_checkpoint(ckpt)
+
+
+def test_an_llm_without_chat_template_needs_one_from_yaml(parts, tmp_path):
+    import json as _json
+    import shutil
+
+    from neurovision.llm import CHAT_TEMPLATE, load_llm
+
+    bare = tmp_path / "bare_llm"
+    shutil.copytree(parts["llm"], bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = _json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.init_args.chat_template"):
+        load_llm(bare)
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    _, tok = load_llm(bare, chat_template=str(tmp_path / "t.jinja"))
+    assert tok.chat_template == CHAT_TEMPLATE
+    with pytest.raises(FileNotFoundError, match="chat template file does not exist"):
+        load_llm(bare, chat_template=str(tmp_path / "missing.jinja"))

@@ -84,6 +84,7 @@ class InstructTask(BaseTask):
         llm: local directory of a Hugging Face causal LM + tokenizer with a chat template
             (Llama-3-8B-Instruct, Vicuna-13B, or a tiny one from ``python -m neurovision.llm``).
         stage1: the stage-1 :class:`~neurovision.tasks.AlignmentTask` checkpoint (ViT3D + CLIP head).
+        chat_template: Jinja chat template (string or ``.jinja`` path) for LLMs whose tokenizer has none.
         phase: ``projector`` (A), ``lora`` (B) or ``full`` (B with full fine-tuning).
         lora: peft ``LoraConfig`` for ``phase="lora"`` (``class_path: peft.LoraConfig`` in YAML).
         init_from: a stage-2 checkpoint (e.g. phase A's) whose projector (and encoder) weights start this run.
@@ -105,6 +106,7 @@ class InstructTask(BaseTask):
         data_spec: DataSpec | None = None,
         llm: str = "",
         stage1: str = "",
+        chat_template: str | None = None,
         phase: Phase = "projector",
         lora: LoraConfig | None = None,
         init_from: str | None = None,
@@ -128,6 +130,7 @@ class InstructTask(BaseTask):
         if phase == "lora" and lora is None:
             raise ValueError("model.init_args.phase='lora' needs model.init_args.lora (class_path: peft.LoraConfig)")
         self.llm_path, self.stage1_path, self.phase, self.lora_config = llm, stage1, phase, lora
+        self.chat_template = chat_template
         self.init_from, self.adapter = init_from, adapter
         self.tune_encoder, self.projector_hidden = tune_encoder, projector_hidden
         self.llm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[llm_dtype]
@@ -147,7 +150,7 @@ class InstructTask(BaseTask):
         self.encoder = parts.encoder
         self.clip_head = parts.clip_head  # kept for concept localisation (GradCAM against CLIP text)
         self.stage1_hparams = parts.hparams
-        self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype)
+        self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype, chat_template=self.chat_template)
         self.fmri_token_id = int(self.tokenizer.convert_tokens_to_ids(FMRI_TOKEN))
         width = int(self.llm.get_input_embeddings().embedding_dim)
         self.projector = Projector(self.encoder.dim, self.projector_hidden or width, width)
