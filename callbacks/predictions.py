@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from neurovision.atomic import atomic_path
+from neurovision.atomic import write_jsonl
 
 
 class JSONLPredictionWriter(BasePredictionWriter):
@@ -45,7 +44,5 @@ class JSONLPredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         target = self._target(trainer)
-        with atomic_path(target) as tmp, open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
+        write_jsonl(target, rows)
         self.written = target

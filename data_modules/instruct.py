@@ -12,16 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.fmri import Condition, EpochSampler, FMRIDataModule, FMRITrials
 from neurovision.instructions import (
-    BRIEF_TEMPLATES,
-    DETAILED_TEMPLATES,
     GENERATORS,
-    NEEDS,
-    SD_PROMPT_TEMPLATES,
     InstructionType,
     Sample,
     check_types,
-    concept_answer,
     encode_chat,
+    eval_samples,
+    needed_annotations,
 )
 
 EvalType = Literal["caption", "description", "reasoning", "sd_prompt", "concept"]
@@ -44,7 +41,7 @@ class InstructionTrials(Dataset):
         w = np.asarray(weights, dtype=np.float64)
         self.p = w / w.sum()
         self.max_length, self.seed = max_length, seed
-        self.kinds = sorted({k for t in self.types for k in NEEDS[t]})
+        self.kinds = needed_annotations(self.types)
 
     def __len__(self) -> int:
         return len(self.trials)
@@ -59,41 +56,6 @@ class InstructionTrials(Dataset):
         return {**item, "input_ids": ids, "labels": labels, "type": kind}
 
 
-def eval_samples(ann: dict[str, Any], types: Sequence[str]) -> list[Sample]:
-    """The deterministic evaluation prompts of one image: the first template of each type, every QA pair, and
-    every concept word of the vocabulary for ``concept``; each sample ends with its reference answer."""
-    from neurovision.sources.scenes import CONCEPTS
-
-    out: list[Sample] = []
-    for t in types:
-        if t == "caption":
-            q, refs = BRIEF_TEMPLATES[0], list(ann["captions"])
-            out.append(Sample(t, _chat(q, refs[0]), {"question": q, "references": refs}))
-        elif t == "description":
-            q = DETAILED_TEMPLATES[0]
-            out.append(Sample(t, _chat(q, ann["descriptions"]), {"question": q, "references": [ann["descriptions"]]}))
-        elif t == "sd_prompt":
-            q = SD_PROMPT_TEMPLATES[0]
-            out.append(Sample(t, _chat(q, ann["sd_prompts"]), {"question": q, "references": [ann["sd_prompts"]]}))
-        elif t == "reasoning":
-            for p in ann["qa"]:
-                out.append(Sample(t, _chat(p["q"], p["a"]), {"question": p["q"], "answer": p["a"], "qtype": p["type"]}))
-        elif t == "concept":
-            for c in CONCEPTS:
-                q = f"Locate the concept of {c}."
-                a = concept_answer(ann["scenes"], c)
-                out.append(Sample(t, _chat(q, a), {"question": q, "answer": a, "qtype": "concept", "concept": c}))
-        else:
-            raise ValueError(f"evaluation type {t!r} unknown (YAML key data.init_args.eval_tasks)")
-    return out
-
-
-def _chat(q: str, a: str) -> list[dict[str, str]]:
-    from neurovision.instructions import FMRI_TOKEN
-
-    return [{"role": "user", "content": f"{FMRI_TOKEN}\n{q}"}, {"role": "assistant", "content": a}]
-
-
 class EvalInstructions(Dataset):
     """Evaluation items: for each (subject, image) item of ``trials`` (``average`` or ``single``), one row per
     evaluation prompt. A row has the teacher-forced ids/labels (validation loss) and the prompt alone
@@ -103,7 +65,7 @@ class EvalInstructions(Dataset):
     def __init__(self, trials: FMRITrials, tokenizer: Any, types: Sequence[str], max_length: int,
                  max_items: int | None = None, shuffle_fmri: bool = False) -> None:
         self.trials, self.tokenizer, self.max_length = trials, tokenizer, max_length
-        kinds = sorted({k for t in types for k in NEEDS[t]})
+        kinds = needed_annotations(types)
         n_all = len(trials)
         picked = np.arange(n_all) if max_items is None or max_items >= n_all else \
             np.unique(np.linspace(0, n_all - 1, max(max_items, 1)).round().astype(int))
@@ -117,15 +79,19 @@ class EvalInstructions(Dataset):
         if shuffle_fmri and n > 1:  # a derangement: no prompt keeps its own image's fMRI
             perm = picked[np.random.default_rng(0).permutation(n)]
             self.source.update({int(a): int(b) for a, b in zip(perm, np.roll(perm, 1), strict=True)})
+        self._cached: tuple[int, dict[str, Any]] | None = None  # rows come grouped by item: read its fMRI once
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item_idx, sample = self.rows[int(i)]
-        item = self.trials[int(item_idx)]
-        if self.source[item_idx] != item_idx:
-            item = {**item, "patches": self.trials[int(self.source[item_idx])]["patches"]}
+        if self._cached is None or self._cached[0] != item_idx:
+            item = self.trials[int(item_idx)]
+            if self.source[item_idx] != item_idx:
+                item = {**item, "patches": self.trials[int(self.source[item_idx])]["patches"]}
+            self._cached = (item_idx, item)
+        item = self._cached[1]
         ids, labels = encode_chat(self.tokenizer, sample.messages, self.max_length)
         prompt, _ = encode_chat(self.tokenizer, sample.messages[:-1], self.max_length)
         meta = {"type": sample.type, **sample.meta}
@@ -266,4 +232,4 @@ class InstructionDataModule(FMRIDataModule):
                           collate_fn=Collate(int(pad if pad is not None else 0)))
 
 
-__all__ = ["Collate", "EvalInstructions", "InstructionDataModule", "InstructionTrials", "eval_samples"]
+__all__ = ["Collate", "EvalInstructions", "InstructionDataModule", "InstructionTrials"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -64,3 +64,33 @@ def atomic_dir(path: str | os.PathLike[str], suffix: str = ".partial") -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_default(o: object) -> object:
+    """numpy scalars/arrays and torch tensors as plain JSON values, paths as strings."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray) or type(o).__name__ == "Tensor":
+        return o.tolist()  # type: ignore[attr-defined]
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(type(o).__name__)
+
+
+def write_json(path: str | os.PathLike[str], obj: object) -> None:
+    """``obj`` as indented JSON (keys sorted), written atomically."""
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[object]) -> None:
+    """One JSON object per line, written atomically."""
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_json_default) + "\n")

@@ -165,6 +165,40 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def eval_samples(ann: Mapping[str, Any], types: Sequence[str]) -> list[Sample]:
+    """The deterministic evaluation prompts of one image: the first template of each type, every QA pair, and
+    every concept word of the vocabulary for ``concept``; each sample ends with its reference answer."""
+    from neurovision.sources.scenes import CONCEPTS
+
+    out: list[Sample] = []
+    for t in types:
+        if t == "caption":
+            q, refs = BRIEF_TEMPLATES[0], list(ann["captions"])
+            out.append(Sample(t, _chat(q, refs[0]), {"question": q, "references": refs}))
+        elif t == "description":
+            q = DETAILED_TEMPLATES[0]
+            out.append(Sample(t, _chat(q, ann["descriptions"]), {"question": q, "references": [ann["descriptions"]]}))
+        elif t == "sd_prompt":
+            q = SD_PROMPT_TEMPLATES[0]
+            out.append(Sample(t, _chat(q, ann["sd_prompts"]), {"question": q, "references": [ann["sd_prompts"]]}))
+        elif t == "reasoning":
+            for p in ann["qa"]:
+                out.append(Sample(t, _chat(p["q"], p["a"]), {"question": p["q"], "answer": p["a"], "qtype": p["type"]}))
+        elif t == "concept":
+            for c in CONCEPTS:
+                q = CONCEPT_TEMPLATES[0].format(concept=c)
+                a = concept_answer(ann["scenes"], c)
+                out.append(Sample(t, _chat(q, a), {"question": q, "answer": a, "qtype": "concept", "concept": c}))
+        else:
+            raise ValueError(f"evaluation type {t!r} unknown (YAML key data.init_args.eval_tasks)")
+    return out
+
+
+def needed_annotations(types: Sequence[str]) -> list[str]:
+    """The annotation kinds the generators of ``types`` read."""
+    return sorted({k for t in types for k in NEEDS[t]})
+
+
 def check_types(types: Sequence[str], annotation_kinds: Sequence[str], source: str) -> None:
     """Raise one clear error if a type is unknown or the store lacks the annotations it needs."""
     for t in types:
@@ -245,5 +279,6 @@ def corpus(annotations: Mapping[str, Sequence[Any]]) -> list[str]:
 
 __all__ = [
     "BRIEF_TEMPLATES", "DETAILED_TEMPLATES", "FMRI_TOKEN", "GENERATORS", "IGNORE_INDEX", "INSTRUCTION_TYPES",
-    "Sample", "chat_pieces", "check_types", "concept_answer", "corpus", "encode_chat",
+    "Sample", "chat_pieces", "check_types", "concept_answer", "corpus", "encode_chat", "eval_samples",
+    "needed_annotations",
 ]

@@ -606,10 +606,9 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
                                     aggregate_mode=aggregate_mode, upsample=upsample, relu=relu,
                                     layer=layer, batch_size=batch_size, device=device, subjects=subjects, progress=progress))
     maps = per_model[0] if len(per_model) == 1 else ensemble(per_model)
-    rows_by_mask = {m: score(maps, st, m)[0] for m in ("roi", "active")}  # type: ignore[arg-type]
-    rows = rows_by_mask[mask]
-    rs = [r["r"] for r in rows if np.isfinite(r["r"])]
-    r_mean = float(np.mean(rs)) if rs else float("nan")
+    scored = {m: score(maps, st, m) for m in ("roi", "active")}  # type: ignore[arg-type]
+    rows, r_mean = scored[mask]
+    rows_by_mask = {m: rs for m, (rs, _) in scored.items()}
     per_concept = {c: float(np.nanmean([r["r"] for r in rows if r["concept"] == c]))
                    for c in words if any(r["concept"] == c for r in rows)}
     loc = Localization(maps, rows, r_mean, per_concept, mask, rows_by_mask)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from neurovision.atomic import atomic_dir
@@ -105,13 +104,11 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
 
 def _store_texts(store_path: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
     from neurovision.store import Store
+    from neurovision.teacher_training import stimuli_of
 
     store = Store(store_path)
     try:
-        mask = np.zeros(len(store.trials["stimulus"]), bool)
-        for s in splits:
-            mask |= store.split_mask(s)
-        stim = np.unique(store.trials["stimulus"][mask])
+        stim = stimuli_of(store, splits)
         kinds = [k for k in ("captions", "descriptions", "qa", "dialogues", "sd_prompts")
                  if k in store.annotation_kinds]
         ann = {k: [store.annotations(k, int(i)) for i in stim] for k in kinds}
@@ -156,8 +153,9 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        last = float(loss)
-        first = last if step == 0 else first
+        last = loss.item()
+        if step == 0:
+            first = last
         bar.set_postfix(loss=f"{last:.3f}")
     model.eval()
     return {"first_loss": first, "final_loss": last, "steps": step + 1, "tokens": int(len(ids))}

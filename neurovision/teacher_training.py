@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from neurovision.atomic import atomic_path, shared_mode
+from neurovision.atomic import atomic_path, shared_mode, write_json
 from neurovision.store import SPLITS, Store
 
 CLIP_NAME = "tiny_clip"
@@ -100,19 +100,6 @@ def stimuli_of(store: Store, splits: Sequence[str]) -> np.ndarray:
 def load_images(store: Store, index: np.ndarray) -> torch.Tensor:
     """uint8 (N, 3, H, W) images of the given (sorted) stimulus rows."""
     return torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2).contiguous()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as t:
-        t.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int, time_progress: float = 0.0) -> float:
@@ -222,7 +209,7 @@ def train_tiny_clip(
     h, w = st.image_shape[:2]
     cfg = config if config is not None else tiny_clip_config(image_size=int(h))
     cfg_path = out / f"{CLIP_NAME}.json"
-    _write_json(cfg_path, cfg)
+    write_json(cfg_path, cfg)
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -278,7 +265,7 @@ def train_tiny_clip(
         metrics["test"] = evaluate_clip(st, loaded)
         metrics["test_untrained"] = baseline
     metrics["wall_s"] = round(time.time() - t_start, 1)
-    _write_json(out / f"{CLIP_NAME}_metrics.json", metrics)
+    write_json(out / f"{CLIP_NAME}_metrics.json", metrics)
     return out
 
 
@@ -453,7 +440,7 @@ def train_tiny_vae(
     if evaluate:
         metrics["test"] = evaluate_vae(st, VAETeacher(path=str(target), image_size=size, device="cpu"))
     metrics["wall_s"] = round(time.time() - t_start, 1)
-    _write_json(out / f"{VAE_DIR}_metrics.json", metrics)
+    write_json(out / f"{VAE_DIR}_metrics.json", metrics)
     return out
 
 

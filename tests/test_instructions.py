@@ -139,7 +139,7 @@ def test_collate_pads_answers_right_and_prompts_left():
 
 
 def test_eval_samples_are_deterministic_and_cover_every_question():
-    from data_modules.instruct import eval_samples
+    from neurovision.instructions import eval_samples
 
     ann = _ann(9)
     a = eval_samples(ann, ["caption", "reasoning", "concept"])

@@ -77,7 +77,10 @@ class BaseTask(L.LightningModule):
         """Build the metrics."""
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory(self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen parts (e.g. stage 2's LLM) left out
+        if not params:
+            raise ValueError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
+        opt = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}

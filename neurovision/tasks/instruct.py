@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig
 from torch import nn
 
+from neurovision.atomic import atomic_dir, write_json, write_jsonl
 from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.llm import load_llm
 from neurovision.tasks.alignment import load_stage1
@@ -149,7 +149,6 @@ class InstructTask(BaseTask):
         self._check_spec(parts.spec)
         self.encoder = parts.encoder
         self.clip_head = parts.clip_head  # kept for concept localisation (GradCAM against CLIP text)
-        self.stage1_hparams = parts.hparams
         self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype, chat_template=self.chat_template)
         self.fmri_token_id = int(self.tokenizer.convert_tokens_to_ids(FMRI_TOKEN))
         width = int(self.llm.get_input_embeddings().embedding_dim)
@@ -187,11 +186,18 @@ class InstructTask(BaseTask):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: checkpoint does not exist (YAML key model.init_args.init_from)")
         sd = torch.load(p, map_location="cpu", weights_only=True).get("state_dict", {})
-        proj = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}
+        self._load_fmri_parts(sd, f"{p}: field 'state_dict/projector.*': missing (YAML key model.init_args.init_from)")
+
+    def _load_fmri_parts(self, tensors: dict[str, torch.Tensor], missing: str) -> None:
+        """The projector (required; ``missing`` is the error) and, when present, the ViT3D from prefixed tensors."""
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        proj = part("projector.")
         if not proj:
-            raise ValueError(f"{p}: field 'state_dict/projector.*': missing (YAML key model.init_args.init_from)")
+            raise ValueError(missing)
         self.projector.load_state_dict(proj)
-        enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+        enc = part("encoder.")
         if enc:
             self.encoder.load_state_dict(enc)
 
@@ -200,8 +206,6 @@ class InstructTask(BaseTask):
         """Projector (+ ViT3D if tuned) as safetensors and the LLM's LoRA adapter via peft ``save_pretrained``
         (the whole LLM for ``phase='full'``), written atomically into ``directory``."""
         from safetensors.torch import save_file
-
-        from neurovision.atomic import atomic_dir
 
         out = Path(directory)
         with atomic_dir(out) as tmp:
@@ -223,11 +227,7 @@ class InstructTask(BaseTask):
         f = d / "fmri_projector.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (YAML key model.init_args.adapter)")
-        tensors = load_file(str(f))
-        self.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
-        enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
-        if enc:
-            self.encoder.load_state_dict(enc)
+        self._load_fmri_parts(load_file(str(f)), f"{f}: field 'projector.*': missing (YAML key model.init_args.adapter)")
         if (d / "llm" / "adapter_config.json").is_file():
             if self.phase != "lora":
                 raise ValueError(f"{d}: holds a LoRA adapter; set model.init_args.phase: lora to load it")
@@ -349,8 +349,8 @@ class InstructTask(BaseTask):
                 if v is not None:
                     self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
             if self.trainer.is_global_zero and self.trainer.log_dir:
-                _write_jsonl(Path(self.trainer.log_dir) / f"test_generations_{cond}.jsonl", rows)
-                _write_json(Path(self.trainer.log_dir) / f"test_scores_{cond}.json", scores)
+                write_jsonl(Path(self.trainer.log_dir) / f"test_generations_{cond}.jsonl", rows)
+                write_json(Path(self.trainer.log_dir) / f"test_scores_{cond}.json", scores)
         self._eval_rows.clear()
 
     def _all_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -368,35 +368,3 @@ class InstructTask(BaseTask):
                     seen.add(key)
                     out.append(r)
         return out
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: phase/tune_encoder leave no trainable parameter")
-        opt = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from neurovision.atomic import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=_plain) + "\n")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from neurovision.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=_plain))
-
-
-def _plain(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
