@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full bench lint clean
+.PHONY: help install demo demo-full test test-full bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,58 @@ $(BIN)/neurovision: pyproject.toml constraints.txt
 
 install: $(BIN)/neurovision ## create .venv and install neurovision with the pinned CPU stack
 
+# ---------------------------------------------------------------------------------------------- demo
+# `make demo`: the whole chain on the demo phantom with quick settings (< 30 min on 2 cores). Data and teachers
+# are cached (data/, teachers/); runs/demo is rebuilt every time. `make demo-full` is the longer chain whose
+# numbers the README reports.
+NV := $(BIN)/neurovision
+D := runs/demo
+S1 := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
+S2 := -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml
+ck = $$(ls -t $(1)/tb/*/checkpoints/last.ckpt | head -1)
+logto = --trainer.default_root_dir=$(1) --trainer.logger.init_args.save_dir=$(1)
+DEMO_S1_EPOCHS ?= 6
+DEMO_S2_BATCHES ?= 150
+
+data/phantom_demo.h5: | install
+	$(NV) prepare phantom --preset demo --out $@
+
+teachers/phantom_demo/tiny_clip.pt: | data/phantom_demo.h5
+	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
+		--clip-epochs 10 --clip-max-minutes 4 --vae-max-minutes 2
+
+teachers/phantom_demo/tiny_unclip/unet/config.json: | teachers/phantom_demo/tiny_clip.pt
+	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
+		--max-minutes 6
+
+teachers/phantom_demo/tiny_llm/config.json: | data/phantom_demo.h5
+	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm --max-minutes 2
+
+DEMO_CACHE := data/phantom_demo.h5 teachers/phantom_demo/tiny_clip.pt \
+	teachers/phantom_demo/tiny_unclip/unet/config.json teachers/phantom_demo/tiny_llm/config.json
+
+demo: install $(DEMO_CACHE) ## the whole chain on the demo phantom (quick settings, < 30 min on 2 cores) + HTML report
+	rm -rf $(D)
+	$(NV) inspect data/phantom_demo.h5 --plot $(D)/phantom_overview.png
+	$(NV) fit $(S1) $(call logto,$(D)/stage1) --trainer.max_epochs=$(DEMO_S1_EPOCHS) \
+		--model.init_args.scheduler.init_args.T_max=$(DEMO_S1_EPOCHS)
+	$(NV) test $(S1) $(call logto,$(D)/stage1) --ckpt_path=$(call ck,$(D)/stage1)
+	$(NV) localize --ckpt $(call ck,$(D)/stage1) --out $(D)/stage1/concept_maps
+	$(NV) fit $(S2) -c experiments/presets/stage2_instruct_phase_a.yaml $(call logto,$(D)/stage2_a) \
+		--model.init_args.stage1=$(call ck,$(D)/stage1) --trainer.max_epochs=1 \
+		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=48
+	$(NV) fit $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
+		--model.init_args.init_from=$(call ck,$(D)/stage2_a) --trainer.max_epochs=1 \
+		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=48
+	$(NV) test $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
+		--ckpt_path=$(call ck,$(D)/stage2) --data.init_args.max_eval_items=48
+	$(NV) predict $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
+		--ckpt_path=$(call ck,$(D)/stage2) --trainer.logger.init_args.version=sd_prompts \
+		--data.init_args.eval_tasks=[sd_prompt] --data.init_args.max_eval_items=64
+	$(NV) sweep experiments/sweeps/beta.yaml --out $(D)/beta_sweep
+	$(NV) report $(D)
+	@echo "demo done: open $(D)/report.html"
+
 STAGE1_DEMO := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
 LAST_CKPT = $$(ls -t runs/stage1_demo/tb/*/checkpoints/last.ckpt | head -1)
 STAGE2_DEMO = -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml \
@@ -29,19 +81,21 @@ STAGE2_DEMO = -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_
 A_CKPT = $$(ls -t runs/stage2_demo_a/tb/*/checkpoints/last.ckpt | head -1)
 B_CKPT = $$(ls -t runs/stage2_demo/tb/*/checkpoints/last.ckpt | head -1)
 
-demo: install ## the whole chain on the demo phantom: prepare, teachers, stage 1, stage 2 (~70 min on 2 cores)
-	$(BIN)/neurovision prepare phantom --preset demo --out data/phantom_demo.h5
-	$(BIN)/neurovision inspect data/phantom_demo.h5 --plot runs/demo/phantom_overview.png
+demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epoch stage 1, 2+2-epoch stage 2 (~2 h)
+	$(NV) prepare phantom --preset demo --out data/phantom_demo.h5
+	$(NV) inspect data/phantom_demo.h5 --plot runs/demo_full/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
 		--clip-epochs 40 --clip-max-minutes 20
-	$(BIN)/neurovision fit $(STAGE1_DEMO)
-	$(BIN)/neurovision test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
-	$(BIN)/neurovision localize --ckpt $(LAST_CKPT) --out runs/demo/concept_maps
+	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
+		--max-minutes 20
+	$(NV) fit $(STAGE1_DEMO)
+	$(NV) test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
+	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps
 	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
-	$(BIN)/neurovision fit $(STAGE2_DEMO) -c experiments/presets/stage2_instruct_phase_a.yaml \
+	$(NV) fit $(STAGE2_DEMO) -c experiments/presets/stage2_instruct_phase_a.yaml \
 		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a
-	$(BIN)/neurovision fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
-	$(BIN)/neurovision test $(STAGE2_DEMO) --ckpt_path=$(B_CKPT)
+	$(NV) fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
+	$(NV) test $(STAGE2_DEMO) --ckpt_path=$(B_CKPT)
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

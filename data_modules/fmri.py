@@ -17,6 +17,14 @@ from neurovision.tasks.base import DataSpec
 Condition = Literal["average", "single"]
 
 
+def evenly_spaced(n: int, k: int | None) -> np.ndarray:
+    """Indices of ``k`` evenly spaced items among ``n`` (all when ``k`` is None or >= n): the evaluation subsets
+    of stage 2 and stage 3 pick the same (subject, image) items for the same ``k``."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max(int(k), 1)).round().astype(np.int64))
+
+
 class FMRITrials(Dataset):
     """Items of one split of a store: single trials (training) or evaluation items per (subject, stimulus).
 
@@ -36,6 +44,7 @@ class FMRITrials(Dataset):
         mixup_alpha: float = 1.0,
         return_images: bool = False,
         seed: int = 0,
+        max_items: int | None = None,
     ) -> None:
         self.store = store
         self.seed = seed
@@ -53,6 +62,8 @@ class FMRITrials(Dataset):
         self.groups = np.split(idx, starts[1:]) if len(idx) else []  # trial indices of each (subj, stim)
         self.group_of_trial = {int(i): g for g, grp in enumerate(self.groups) for i in grp}
         self.items = idx if mode == "trials" else np.array([g[0] for g in self.groups], dtype=np.int64)
+        if mode != "trials":  # evenly spaced over the (subject, stimulus)-sorted items: every subject keeps its share
+            self.items = self.items[evenly_spaced(len(self.items), max_items)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -203,6 +214,8 @@ class FMRIDataModule(StoreDataModule):
         pin_memory: pin host memory (for GPU training).
         shuffle: shuffle the training trials (a permutation seeded by ``seed`` and the epoch).
         seed: seed of the training order and of the MixUp draws.
+        max_eval_items: evaluate N evenly spaced (subject, image) items per condition (None: all), e.g. for
+            the costly stage-3 diffusion on a CPU.
     """
 
     def __init__(
@@ -219,6 +232,7 @@ class FMRIDataModule(StoreDataModule):
         pin_memory: bool = False,
         shuffle: bool = True,
         seed: int = 0,
+        max_eval_items: int | None = None,
     ) -> None:
         super().__init__(store)
         self.save_hyperparameters()
@@ -238,6 +252,9 @@ class FMRIDataModule(StoreDataModule):
         self.pin_memory = pin_memory
         self.shuffle = shuffle
         self.seed = seed
+        if max_eval_items is not None and max_eval_items < 1:
+            raise ValueError(f"data.init_args.max_eval_items must be >= 1 or null, got {max_eval_items}")
+        self.max_eval_items = max_eval_items
         self.datasets: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -252,7 +269,8 @@ class FMRIDataModule(StoreDataModule):
                 raise ValueError(f"{self.store_path}: field 'trials/split': no training trials for subjects "
                                  f"{[self.store.subject_names[i] for i in train_s]}")
         for split in ("val", "test"):
-            self.datasets[split] = [FMRITrials(self.store, split, eval_s, c, **kw) for c in self.eval_conditions]
+            self.datasets[split] = [FMRITrials(self.store, split, eval_s, c, max_items=self.max_eval_items, **kw)
+                                    for c in self.eval_conditions]
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
@@ -282,4 +300,4 @@ class FMRIDataModule(StoreDataModule):
             self._store.close()
 
 
-__all__ = ["EpochSampler", "FMRIDataModule", "FMRITrials", "StoreDataModule", "SPLITS"]
+__all__ = ["EpochSampler", "FMRIDataModule", "FMRITrials", "StoreDataModule", "SPLITS", "evenly_spaced"]

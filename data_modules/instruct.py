@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.fmri import Condition, EpochSampler, FMRIDataModule, FMRITrials
+from data_modules.fmri import Condition, EpochSampler, FMRIDataModule, FMRITrials, evenly_spaced
 from neurovision.instructions import (
     GENERATORS,
     InstructionType,
@@ -67,8 +67,7 @@ class EvalInstructions(Dataset):
         self.trials, self.tokenizer, self.max_length = trials, tokenizer, max_length
         kinds = needed_annotations(types)
         n_all = len(trials)
-        picked = np.arange(n_all) if max_items is None or max_items >= n_all else \
-            np.unique(np.linspace(0, n_all - 1, max(max_items, 1)).round().astype(int))
+        picked = evenly_spaced(n_all, max_items)
         n = len(picked)
         self.rows: list[tuple[int, Sample]] = []
         for i in picked.tolist():

@@ -3,7 +3,9 @@
 ``neurovision fit|validate|test|predict -c experiments/<stage>.yaml`` is a :class:`NeuroVisionCLI`
 (a LightningCLI in subclass mode for model and data, seed 0 by default, config.yaml saved with overwrite).
 ``neurovision prepare <source> ...`` converts a source into a store; ``neurovision inspect <store>`` prints
-a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI.
+a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI; ``neurovision sweep
+<sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision report <dir>`` writes an HTML
+dashboard (:mod:`neurovision.report`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ TOOL_COMMANDS = {
     "prepare": "convert a data source (phantom, nsd) into a neurovision store",
     "inspect": "print a store's summary (subjects, trials, grid, active patches, splits, sizes)",
     "localize": "concept maps (GradCAM of CLIP text embeddings) of stage-1 checkpoints, as NIfTI + PNG + r",
+    "sweep": "run a sweep YAML (base config + grid of overrides + seeds), resumable; tables of mean ± sd",
+    "report": "a static HTML page (metric tables, curves, β sweeps, reconstructions, concept maps) of a run or sweep",
 }
 
 
@@ -210,6 +214,14 @@ def main(args: list[str] | None = None) -> int:
             return inspect_main(argv[1:])
         if cmd == "localize":
             return localize_main(argv[1:])
+        if cmd == "sweep":
+            from neurovision.sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
+        if cmd == "report":
+            from neurovision.report import main as report_main
+
+            return report_main(argv[1:])
     except (FileNotFoundError, ValueError, KeyError) as e:  # one clear line, not a traceback
         print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
         return 1

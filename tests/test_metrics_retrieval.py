@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from neurovision.metrics import retrieval_top1, two_way_identification
+from tests.helpers import np_two_way
 
 
 def _np_top1(p: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -19,13 +20,6 @@ def _np_top1(p: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     return float(f2i), float(i2f)
 
 
-def _np_two_way(p: np.ndarray, t: np.ndarray) -> float:
-    n = len(p)
-    wins = []
-    for i in range(n):
-        r_ii = np.corrcoef(p[i], t[i])[0, 1]
-        wins.append(np.mean([r_ii > np.corrcoef(p[i], t[j])[0, 1] for j in range(n) if j != i]))
-    return float(np.mean(wins))
 
 
 def test_retrieval_equals_numpy_when_all_items_are_candidates(rng):
@@ -59,7 +53,7 @@ def test_perfect_and_shuffled_predictions(rng):
 def test_two_way_identification_equals_numpy(rng):
     t = rng.normal(size=(25, 10))
     p = t + rng.normal(scale=2.0, size=t.shape)
-    assert two_way_identification(torch.tensor(p), torch.tensor(t)) == pytest.approx(_np_two_way(p, t))
+    assert two_way_identification(torch.tensor(p), torch.tensor(t)) == pytest.approx(np_two_way(p, t))
 
 
 def test_bad_inputs():

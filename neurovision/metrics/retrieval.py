@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from neurovision.metrics.images import two_way_identification  # noqa: F401  (one definition, re-exported)
+
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float().flatten(1), dim=1) @ F.normalize(b.float().flatten(1), dim=1).T
@@ -39,15 +41,3 @@ def retrieval_top1(
     return {"fmri2img": f2i / len(sets), "img2fmri": i2f / len(sets), "candidates": float(k)}
 
 
-def two_way_identification(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Fraction of (i, j≠i) pairs with corr(pred_i, target_i) > corr(pred_i, target_j) (Pearson r)."""
-    n = len(pred)
-    if n < 2:
-        raise ValueError("two-way identification needs >= 2 items")
-    p = pred.float().flatten(1)
-    t = target.float().flatten(1)
-    p = p - p.mean(1, keepdim=True)
-    t = t - t.mean(1, keepdim=True)
-    r = _cos(p, t)
-    correct = (r.diag()[:, None] > r).float()
-    return ((correct.sum(1)) / (n - 1)).mean().item()

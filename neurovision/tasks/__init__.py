@@ -4,12 +4,16 @@ from neurovision.tasks.alignment import AlignmentTask
 from neurovision.tasks.base import BaseTask, DataSpec
 from neurovision.tasks.linear import LinearDecoder
 
-__all__ = ["AlignmentTask", "BaseTask", "DataSpec", "InstructTask", "LinearDecoder"]
+__all__ = ["AlignmentTask", "BaseTask", "DataSpec", "InstructTask", "LinearDecoder", "ReconstructionTask"]
 
 
-def __getattr__(name: str):  # InstructTask imports transformers + peft: only when asked for
+def __getattr__(name: str):  # InstructTask / ReconstructionTask import transformers, peft, diffusers: on demand
     if name == "InstructTask":
         from neurovision.tasks.instruct import InstructTask
 
         return InstructTask
+    if name == "ReconstructionTask":
+        from neurovision.tasks.reconstruct import ReconstructionTask
+
+        return ReconstructionTask
     raise AttributeError(name)

@@ -1,0 +1,258 @@
+"""Stage 3 as a LightningModule: stage-1 predictions -> diffusion img2img at strength β -> image metrics.
+
+``neurovision test -c experiments/stage3_reconstruct.yaml`` runs it (nothing is trained: ``fit`` refuses).
+Each test batch holds evaluation items of one condition (trial-averaged or single-trial, from
+:class:`data_modules.FMRIDataModule` with ``return_images: true``); the frozen stage-1 ViT3D predicts the
+CLIP embedding and VAE latent of each item, :class:`~neurovision.reconstruction.UnCLIPReconstructor`
+turns them into an image, and at the end of the epoch :func:`neurovision.metrics.images.evaluate_images`
+scores all reconstructions of a condition against their stimuli. Written into the run's log dir:
+``test_scores_<cond>.json`` (scores + why a metric is unavailable), ``reconstructions_<cond>.npz``
+(uint8 images, subject, stimulus), ``recon_grid_<cond>.png`` (stimulus | reconstruction) and the same grid
+in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from neurovision.reconstruction import UnCLIPReconstructor, check_beta, image_grid, item_seed
+from neurovision.tasks.alignment import load_stage1
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.teachers import OpenCLIPImageTeacher
+
+PROMPT_SOURCES = ("none", "file")
+
+
+def read_prompts(path: str | Path, prompt_type: str = "sd_prompt",
+                 key: str = "model.init_args.prompts") -> dict[tuple[int, int, bool], str]:
+    """Prompts from a stage-2 ``predictions.jsonl`` (``neurovision predict``): ``(subject, stimulus, averaged)``
+    -> the generated text of rows whose ``type`` is ``prompt_type``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: prompts file not found: {p} (write it with `neurovision predict` of "
+                                "stage 2 and data.init_args.eval_tasks=[sd_prompt])")
+    out: dict[tuple[int, int, bool], str] = {}
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if row.get("type", prompt_type) != prompt_type:
+                    continue
+                text = row.get("prediction", row.get("generated"))
+                if text is None:
+                    raise KeyError("prediction")
+                out[(int(row["subject"]), int(row["stimulus"]), int(row.get("trial", -1)) < 0)] = str(text)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{p}: line {n}: not a stage-2 prediction row ({e}); expected subject, stimulus, "
+                                 f"trial, type and prediction fields") from e
+    if not out:
+        raise ValueError(f"{p}: no rows of type {prompt_type!r} ({key})")
+    return out
+
+
+class ReconstructionTask(BaseTask):
+    """Stage 3 (Shen et al.): x̂ = D((1 − β)·ẑ_vae + β·σ | ẑ_clip, prompt), evaluated with image metrics.
+
+    Args:
+        data_spec: linked by the CLI (must match the stage-1 run's grid and patches).
+        stage1: the stage-1 checkpoint (``AlignmentTask``; loaded with ``weights_only=True``).
+        reconstructor: a local Stable unCLIP folder (or the tiny one of ``python -m neurovision.unclip_training``).
+        beta: noise strength β in [0, 1] (paper 0.93; 0 decodes the predicted latent, 1 ignores it).
+        steps: denoising steps of the full schedule (β runs ``int(steps·β)`` of them).
+        guidance_scale: classifier-free guidance (> 1) against the empty prompt and a zero image embedding.
+        noise_level: unCLIP noise augmentation of the predicted image embedding (0 = none).
+        clip_norm: rescale predicted embeddings to this L2 norm; ``"meta"`` = the norm the tiny trainer
+            recorded (unit norm when unknown is *not* assumed: then they are used as predicted); ``null`` = as predicted.
+        prompts: a stage-2 ``predictions.jsonl`` whose ``sd_prompt`` rows condition the text encoder (the
+            LLM's reconstruction prompt); ``null`` = no prompt.
+        prompt_type: the ``type`` of the rows to use from ``prompts``.
+        seed: sampling seed; an item's noise depends only on (seed, subject, stimulus).
+        clip_teacher: the CLIP whose image embeddings score the reconstructions (two-way identification);
+            the paper used CLIP ViT-L/14.
+        feature_weights: local weight files of the metric networks (``alexnet``, ``inception``,
+            ``efficientnet``, ``swav``); a metric without one is reported unavailable.
+        metric_size: PixCorr/SSIM resolution (425 for NSD; the demo uses the stimulus size).
+        grid_items: items shown in the reconstruction grid.
+        dtype: the diffusion components' dtype.
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec | None = None,
+        stage1: str = "",
+        reconstructor: str = "",
+        beta: float = 0.93,
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        noise_level: int = 0,
+        clip_norm: float | Literal["meta"] | None = "meta",
+        prompts: str | None = None,
+        prompt_type: str = "sd_prompt",
+        seed: int = 0,
+        clip_teacher: OpenCLIPImageTeacher | None = None,
+        feature_weights: dict[str, str] | None = None,
+        metric_size: int = 425,
+        metric_batch_size: int = 32,
+        grid_items: int = 8,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if not stage1:
+            raise ValueError("ReconstructionTask needs model.init_args.stage1 (a stage-1 checkpoint)")
+        if not reconstructor:
+            raise ValueError("ReconstructionTask needs model.init_args.reconstructor (a Stable unCLIP folder)")
+        self.stage1_path, self.reconstructor_path = str(stage1), str(reconstructor)
+        self.beta = check_beta(beta)
+        if steps < 1:
+            raise ValueError(f"model.init_args.steps must be >= 1, got {steps}")
+        self.steps, self.guidance_scale, self.noise_level = int(steps), float(guidance_scale), int(noise_level)
+        self.clip_norm = clip_norm
+        self.prompt_rows = read_prompts(prompts, prompt_type) if prompts else None
+        self.sample_seed = int(seed)
+        self.clip_teacher = clip_teacher
+        self.feature_weights = dict(feature_weights or {})
+        self.metric_size, self.metric_batch_size = int(metric_size), int(metric_batch_size)
+        self.grid_items = int(grid_items)
+        self.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        super().__init__(data_spec, optimizer, scheduler)
+        self.drop_hparams("clip_teacher")
+
+    def configure_models(self) -> None:
+        parts = load_stage1(self.stage1_path)
+        for f in ("patch_size", "grid_shape", "patch_coords"):
+            if getattr(parts.spec, f) != getattr(self.spec, f):
+                raise ValueError(f"{self.stage1_path}: field 'data_spec/{f}': the stage-1 run's differs from the "
+                                 "datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
+        if parts.vae_head is None and self.beta < 1:
+            raise ValueError(f"{self.stage1_path}: field 'state_dict/vae_head.*': missing: the stage-1 run had no VAE "
+                             f"stream, so only beta = 1 is possible (model.init_args.beta = {self.beta})")
+        self.stage1 = parts.requires_grad_(False)
+        self.subject_embedding = bool(parts.hparams.get("subject_embedding"))
+        self.recon = UnCLIPReconstructor.from_pretrained(self.reconstructor_path, torch_dtype=self.torch_dtype)
+        out_dim = int(parts.clip_head[-1].out_features)
+        if out_dim != self.recon.clip_dim:
+            raise ValueError(f"{self.reconstructor_path}: unet.projection_class_embeddings_input_dim / 2 = "
+                             f"{self.recon.clip_dim}, but the stage-1 CLIP head predicts {out_dim}-d embeddings "
+                             "(model.init_args.stage1 and model.init_args.reconstructor must share one CLIP space)")
+        if parts.vae_head is not None:
+            n = int(np.prod(self.recon.latent_shape))
+            if int(parts.vae_head[-1].out_features) != n:
+                raise ValueError(f"{self.reconstructor_path}: latents {self.recon.latent_shape} ({n} values) differ "
+                                 f"from the stage-1 VAE head's {parts.vae_head[-1].out_features} outputs")
+        want = self.recon.meta.get("clip_teacher")
+        have = (parts.teacher_ids or {}).get("clip")
+        if want and have and want != have:
+            raise ValueError(f"{self.reconstructor_path}: trained on CLIP teacher {want!r}, but the stage-1 run "
+                             f"predicts {have!r} (model.init_args.reconstructor / model.init_args.stage1)")
+
+    def configure_metrics(self) -> None:
+        self._outputs: dict[int, dict[str, list[Any]]] = {}
+
+    def configure_optimizers(self) -> Any:
+        raise ValueError("ReconstructionTask trains nothing: run `neurovision test -c experiments/stage3_reconstruct.yaml`")
+
+    # --------------------------------------------------------------------------------------------- steps
+    def predict_latents(self, patches: torch.Tensor, subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.stage1.encoder(patches, subject if self.subject_embedding else None)
+        clip = self.stage1.clip_head(out.cls)
+        vae = None
+        if self.stage1.vae_head is not None:
+            vae = self.stage1.vae_head(out.cls).view(-1, *self.recon.latent_shape)
+        return clip, vae
+
+    def _prompts(self, subject: torch.Tensor, stimulus: torch.Tensor, averaged: bool) -> list[str] | None:
+        if self.prompt_rows is None:
+            return None
+        out = []
+        for s, i in zip(subject.tolist(), stimulus.tolist(), strict=True):
+            text = self.prompt_rows.get((s, i, averaged))  # never another condition's prompt
+            if text is None:
+                raise ValueError(f"model.init_args.prompts: no {('trial-averaged' if averaged else 'single-trial')} "
+                                 f"prompt for subject {s}, stimulus {i} (predict stage 2 with the same "
+                                 "data.init_args.eval_conditions and max_eval_items)")
+            out.append(text)
+        return out
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "image" not in batch:
+            raise ValueError("ReconstructionTask needs the stimuli: set data.init_args.return_images: true")
+        with torch.no_grad():
+            clip, vae = self.predict_latents(batch["patches"], batch["subject"])
+        averaged = bool((batch["trial"] < 0).all())
+        seeds = [item_seed(self.sample_seed, s, i) for s, i in zip(batch["subject"].tolist(), batch["stimulus"].tolist(), strict=True)]
+        imgs = self.recon.reconstruct(vae, clip, beta=self.beta, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
+                                      seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale,
+                                      noise_level=self.noise_level, clip_norm=self.clip_norm)
+        o = self._outputs.setdefault(dataloader_idx, {"recon": [], "image": [], "subject": [], "stimulus": []})
+        o["recon"].append(imgs.cpu())
+        o["image"].append(batch["image"].cpu())
+        o["subject"].append(batch["subject"].cpu())
+        o["stimulus"].append(batch["stimulus"].cpu())
+
+    def _condition(self, idx: int) -> str:
+        dm = self.trainer.datamodule
+        conds = getattr(dm, "eval_conditions", None) or ["average", "single"]
+        return str(conds[idx])
+
+    def _gathered(self, o: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        local = {k: torch.cat(v) for k, v in o.items()}
+        if self.trainer.world_size <= 1:
+            return local
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.trainer.world_size
+        dist.all_gather_object(parts, local)
+        merged = {k: torch.cat([p[k] for p in parts]) for k in local}
+        # DistributedSampler pads with repeated items: keep each (subject, stimulus) once
+        key = merged["subject"].long() * (int(merged["stimulus"].max()) + 1) + merged["stimulus"].long()
+        _, first = np.unique(key.numpy(), return_index=True)
+        return {k: v[torch.from_numpy(np.sort(first))] for k, v in merged.items()}
+
+    def on_test_epoch_end(self) -> None:
+        from neurovision.atomic import atomic_path, write_json
+        from neurovision.metrics.images import evaluate_images
+
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        for idx, o in sorted(self._outputs.items()):
+            cond = self._condition(idx)
+            g = self._gathered(o)
+            clip_kw: dict[str, Any] = {}
+            if self.clip_teacher is not None:
+                pp = self.clip_teacher.preprocess_cfg
+                clip_kw = {"clip_model": self.clip_teacher.model, "clip_mean": pp["mean"], "clip_std": pp["std"],
+                           "clip_size": self.clip_teacher.image_size[0]}
+            scores = evaluate_images(g["recon"], g["image"], weights=self.feature_weights, size=self.metric_size,
+                                     batch_size=self.metric_batch_size, **clip_kw)
+            unavailable = scores.pop("unavailable", {})
+            for k, v in scores.items():
+                if v is not None:
+                    self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
+            if not self.trainer.is_global_zero or log_dir is None:
+                continue
+            write_json(log_dir / f"test_scores_{cond}.json", {
+                "condition": cond, "beta": self.beta, "steps": self.steps, "prompts": self.prompt_rows is not None,
+                "n_items": int(len(g["recon"])), "scores": scores, "unavailable": unavailable})
+            with atomic_path(log_dir / f"reconstructions_{cond}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, images=g["recon"].numpy(), stimuli=g["image"].numpy(),
+                                    subject=g["subject"].numpy(), stimulus=g["stimulus"].numpy())
+            n = min(self.grid_items, len(g["recon"]))
+            sel = torch.from_numpy(np.linspace(0, len(g["recon"]) - 1, n).round().astype(np.int64))
+            grid = image_grid([g["image"][sel], g["recon"][sel]], ["stimulus", f"β={self.beta:g}"],
+                              path=log_dir / f"recon_grid_{cond}.png",
+                              title=f"{cond}: stimulus | reconstruction (β={self.beta:g})")
+            exp = getattr(self.logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_image"):
+                exp.add_image(f"test/{cond}/reconstructions", grid, global_step=self.global_step, dataformats="HWC")
+        self._outputs.clear()
+
+
+__all__ = ["ReconstructionTask", "read_prompts"]

@@ -1,0 +1,271 @@
+"""A tiny unCLIP diffusion model trained on a phantom store, so stage-3 reconstructions mean something on a CPU.
+
+Real runs load Stable unCLIP 2.1 from a local folder. For the demo chain we write a folder of the same layout
+(``vae``, ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer``, ``image_normalizer``,
+``image_noising_scheduler``), loadable by :meth:`neurovision.reconstruction.UnCLIPReconstructor.from_pretrained`:
+
+- ``vae``: the tiny VAE teacher of :mod:`neurovision.teacher_training` (copied; the stage-1 VAE head predicts
+  its scaled latents, so the UNet works in exactly that space);
+- ``unet``: a small ``UNet2DConditionModel`` (``class_embed_type="projection"``, the Stable unCLIP class input
+  ``[image embedding, noise-level embedding]``) trained with the ε-prediction loss on the latents of the
+  store's *train and val* stimuli, conditioned on their tiny-CLIP image embeddings (the stage-1 teacher's
+  space, read from the teacher cache) and their SD prompts; each condition is dropped 10 % of the time (for
+  classifier-free guidance) and the image embedding is noise-augmented at a random unCLIP noise level half the
+  time (robustness to the imperfect embeddings stage 1 predicts);
+- ``text_encoder``/``tokenizer``: a 2-layer ``CLIPTextModel`` trained jointly, with a byte-level BPE tokenizer
+  trained on the prompts (milliseconds);
+- ``scheduler``: DDIM with SD's scaled-linear β schedule; ``image_normalizer``: mean/std of the embeddings.
+
+``neurovision_unclip.json`` records the embedding norm, the teacher ids and the losses; ``tiny_unclip_metrics.json``
+beside the folder holds test-set scores of reconstructions from the *true* latents and embeddings (an upper
+bound for stage 3: what the decoder can do when stage 1 is perfect).
+
+``python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurovision.atomic import atomic_dir, write_json
+from neurovision.store import Store
+
+UNCLIP_DIR = "tiny_unclip"
+
+
+def tiny_unet_config(clip_dim: int, sample_size: int, latent_channels: int = 4, text_dim: int = 64,
+                     width: int = 64) -> dict[str, Any]:
+    """A small unCLIP UNet: 3 resolutions, cross-attention to the prompt at the two coarser ones."""
+    return {
+        "sample_size": sample_size, "in_channels": latent_channels, "out_channels": latent_channels,
+        "layers_per_block": 1, "block_out_channels": [width // 2, width, width],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": text_dim, "attention_head_dim": 8, "norm_num_groups": 8,
+        "class_embed_type": "projection", "projection_class_embeddings_input_dim": 2 * clip_dim,
+    }
+
+
+def tiny_text_encoder(tokenizer: Any, dim: int = 64, layers: int = 2, max_len: int = 32) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_len,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, projection_dim=dim)
+    return CLIPTextModel(cfg)
+
+
+def sd_scheduler_config() -> dict[str, Any]:
+    """SD's training schedule (scaled-linear β, 1000 steps, ε-prediction)."""
+    return {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "prediction_type": "epsilon"}
+
+
+def build_tiny_unclip(vae: Any, clip_dim: int, texts: list[str], embeds: torch.Tensor | None = None,
+                      width: int = 64, seed: int = 0) -> Any:
+    """A randomly initialised tiny unCLIP reconstructor around ``vae`` (real diffusers/transformers classes).
+
+    ``texts`` train the byte-level BPE tokenizer; ``embeds`` (N, clip_dim) set the image normaliser's
+    mean/std and the recorded ``clip_norm``.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+
+    from neurovision.llm import train_tokenizer
+    from neurovision.reconstruction import UnCLIPReconstructor
+
+    c = int(vae.config.latent_channels)
+    h = int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = train_tokenizer(texts or ["a picture"], vocab_size=512)
+        tok.model_max_length = 32
+        text_encoder = tiny_text_encoder(tok, max_len=32)
+        unet = UNet2DConditionModel.from_config(tiny_unet_config(clip_dim, h, c, text_encoder.config.hidden_size, width))
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=clip_dim)
+    meta: dict[str, Any] = {"clip_norm": None}
+    if embeds is not None:
+        with torch.no_grad():
+            normalizer.mean.copy_(embeds.mean(0, keepdim=True))
+            normalizer.std.copy_(embeds.std(0, keepdim=True).clamp_min(1e-6))
+        meta["clip_norm"] = float(embeds.norm(dim=1).mean())
+    img_noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return UnCLIPReconstructor(vae, unet, DDIMScheduler.from_config(sd_scheduler_config()), text_encoder, tok,
+                               normalizer, img_noising, meta)
+
+
+def train_tiny_unclip(
+    store_path: str | os.PathLike[str],
+    teachers: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    epochs: int = 60,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    max_minutes: float | None = 8.0,
+    seed: int = 0,
+    width: int = 64,
+    progress: bool = True,
+    eval_items: int = 100,
+) -> Path:
+    """Train the tiny unCLIP model on a store; teachers from ``teachers`` (tiny_clip.*, tiny_vae/)."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from neurovision.teacher_training import CLIP_NAME, VAE_DIR, _StepLoop, stimuli_of
+    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+
+    t0 = time.time()
+    tdir = Path(teachers)
+    out = Path(out) if out is not None else tdir / UNCLIP_DIR
+    for f in (tdir / f"{CLIP_NAME}.json", tdir / f"{CLIP_NAME}.pt", tdir / VAE_DIR / "config.json"):
+        if not f.is_file():
+            raise FileNotFoundError(f"--teachers: {f} is missing (train the tiny CLIP and VAE first: "
+                                    "python -m neurovision.teacher_training)")
+    store = Store(store_path)
+    image_size = int(store.image_shape[0])
+    clip = OpenCLIPImageTeacher(model_name=CLIP_NAME, model_config=str(tdir / f"{CLIP_NAME}.json"),
+                                checkpoint=str(tdir / f"{CLIP_NAME}.pt"), device="cpu")
+    vae_t = VAETeacher(path=str(tdir / VAE_DIR), image_size=image_size, device="cpu")
+    cache = TeacherCache(progress=progress)
+    emb_all = torch.from_numpy(np.asarray(cache.get(store, clip), np.float32))
+    lat_all = torch.from_numpy(np.asarray(cache.get(store, vae_t), np.float32))
+    prompts_all = [str(p) for p in store.annotations("sd_prompts")]
+    train_idx = stimuli_of(store, ["train", "val"])
+    test_idx = stimuli_of(store, ["test"])
+    # the UNet sees embeddings at norm √D (unit scale per component, like the un-normalised CLIP embeddings of
+    # Stable unCLIP) rather than unit norm, where the class input would be dwarfed by its noise-level half;
+    # predictions are rescaled to the same norm at sampling time (``clip_norm`` in the folder's metadata)
+    scale = float(np.sqrt(emb_all.shape[1])) / float(emb_all[train_idx].norm(dim=1).mean())
+    emb_all = emb_all * scale
+    emb, lat = emb_all[train_idx], lat_all[train_idx]
+    texts = [prompts_all[i] for i in train_idx]
+    clip_dim = int(emb.shape[1])
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    rec = build_tiny_unclip(vae_t.vae, clip_dim, texts, embeds=emb, width=width, seed=seed)
+    unet, text_encoder, tok = rec.unet, rec.text_encoder, rec.tokenizer
+    normalizer, img_noising = rec.image_normalizer, rec.image_noising_scheduler
+    noise_sched = DDPMScheduler.from_config(sd_scheduler_config())
+    ids = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tok([""], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    alphas = noise_sched.alphas_cumprod
+    loop = _StepLoop(len(train_idx), batch_size, epochs, lr, rng, t0, max_minutes, "tiny unCLIP", progress)
+    losses: list[float] = []
+    for b in loop.batches(opt):
+        x0, e, tid = lat[b], emb[b], ids[b].clone()
+        n = len(b)
+        drop_txt = torch.from_numpy(rng.random(n) < 0.1)
+        drop_img = torch.from_numpy(rng.random(n) < 0.1)
+        tid[drop_txt] = empty_ids[0]
+        levels = torch.from_numpy(np.where(rng.random(n) < 0.5, rng.integers(0, 250, n), 0)).long()
+        noise_e = torch.randn_like(e)
+        e_aug = normalizer.unscale(img_noising.add_noise(normalizer.scale(e), noise_e, levels)).detach()
+        cond = torch.cat([e_aug, get_timestep_embedding(levels, clip_dim, flip_sin_to_cos=True,
+                                                        downscale_freq_shift=0)], 1)
+        cond[drop_img] = 0.0
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (n,))
+        eps = torch.randn_like(x0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        hidden = text_encoder(tid)[0]
+        pred = unet(xt, t, encoder_hidden_states=hidden, class_labels=cond).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        loop.bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    rec.meta.update({
+        "clip_teacher": clip.id, "vae_teacher": vae_t.id, "store": str(store_path),
+        "n_images": len(train_idx), "steps": loop.step, "stopped_early": loop.stopped_early,
+        "loss_first": losses[0] if losses else None, "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        rec.save_pretrained(tmp)
+    train_s = time.time() - t0
+    scores = evaluate_decoder(store, rec, clip, emb_all, lat_all, test_idx[:: max(1, len(test_idx) // eval_items)],
+                              prompts_all)
+    write_json(out.parent / f"{UNCLIP_DIR}_metrics.json", {
+        **{k: v for k, v in rec.meta.items()}, "train_wall_s": round(train_s, 1), "batch_size": batch_size,
+        "lr": lr, "epochs": epochs, "losses": losses[::10], "test_true_targets": scores,
+        "config": dict(unet.config),
+    })
+    return out
+
+
+@torch.no_grad()
+def evaluate_decoder(store: Store, rec: Any, clip: Any, emb_all: torch.Tensor, lat_all: torch.Tensor,
+                     index: np.ndarray, prompts: list[str], betas: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0),
+                     steps: int = 20, guidance_scale: float = 2.0) -> dict[str, Any]:
+    """Reconstructions from the *true* latents/embeddings of test images: PixCorr, SSIM, CLIP two-way ID."""
+    from neurovision.metrics.images import pixcorr, ssim, two_way_identification
+
+    stim = torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2)
+    stim_emb = clip.encode(stim)
+    out: dict[str, Any] = {"n_images": len(index), "steps": steps, "guidance_scale": guidance_scale}
+    for beta in betas:
+        for use_prompt in (False, True):
+            if beta == 0 and use_prompt:
+                continue
+            imgs = rec.reconstruct(lat_all[index], emb_all[index], beta=beta, steps=steps, guidance_scale=guidance_scale,
+                                   prompts=[prompts[i] for i in index] if use_prompt else None,
+                                   seeds=[int(i) for i in index])
+            x, y = imgs.float() / 255, stim.float() / 255
+            out[f"beta={beta:g}{',prompt' if use_prompt else ''}"] = {
+                "pixcorr": pixcorr(x, y), "ssim": ssim(x, y),
+                "clip_2way": two_way_identification(clip.encode(imgs), stim_emb),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m neurovision.unclip_training", description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True, help="the phantom store (.h5)")
+    p.add_argument("--teachers", required=True, help="folder with tiny_clip.json/.pt and tiny_vae/")
+    p.add_argument("--out", default=None, help=f"output folder (default <teachers>/{UNCLIP_DIR})")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-minutes", type=float, default=8.0, help="time budget of the training")
+    p.add_argument("--width", type=int, default=64, help="UNet width (channels of the two coarser levels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain even when the output exists")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import neurovision  # noqa: F401  (torchvision fix)
+
+    out = Path(a.out) if a.out else Path(a.teachers) / UNCLIP_DIR
+    if (out / "unet" / "config.json").is_file() and not a.force:
+        print(f"{out} exists; skipping (use --force to retrain)")
+        return 0
+    out = train_tiny_unclip(a.store, a.teachers, out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                            max_minutes=a.max_minutes, seed=a.seed, width=a.width)
+    m = json.loads((out.parent / f"{UNCLIP_DIR}_metrics.json").read_text())
+    print(json.dumps({k: v for k, v in m.items() if k not in ("losses", "config")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

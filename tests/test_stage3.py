@@ -1,0 +1,232 @@
+"""Stage 3: the unCLIP img2img reconstructor (β semantics, seeding, loading) and `neurovision test` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import run_cli
+
+S1 = ["-c", "experiments/stage1_vit3d.yaml", "-c", "experiments/presets/stage1_vit3d_tiny.yaml"]
+S3 = ["-c", "experiments/stage3_reconstruct.yaml", "-c", "experiments/presets/stage3_reconstruct_tiny.yaml"]
+CLIP_DIM = 128  # experiments/teachers/tiny_clip.json
+
+
+def _root(d: Path) -> list[str]:
+    return [f"--trainer.default_root_dir={d}", f"--trainer.logger.init_args.save_dir={d}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _version(d: Path) -> Path:
+    return sorted((d / "tb").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+
+
+def _tiny_vae():
+    from neurovision.teachers import VAETeacher
+
+    return VAETeacher(config="tiny", image_size=64, device="cpu")  # the tiny stage-1 preset's VAE (seed 0)
+
+
+@pytest.fixture(scope="module")
+def recon():
+    from neurovision.unclip_training import build_tiny_unclip
+
+    torch.manual_seed(0)
+    embeds = torch.nn.functional.normalize(torch.randn(20, CLIP_DIM), dim=-1)
+    return build_tiny_unclip(_tiny_vae().vae, CLIP_DIM, ["a red circle", "a blue square on grey"], embeds=embeds,
+                             width=32)
+
+
+def _inputs(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 16, 16, generator=g), torch.randn(n, CLIP_DIM, generator=g)
+
+
+def test_beta_zero_decodes_the_predicted_latent(recon):
+    z, e = _inputs()
+    out = recon.reconstruct(z, e, beta=0.0, steps=4)
+    assert torch.equal(out, _tiny_vae().decode(z))  # the same VAE, the same scaling
+    assert out.dtype == torch.uint8 and out.shape == (3, 3, 64, 64)
+
+
+def test_beta_one_ignores_the_latent_and_intermediate_beta_uses_it(recon):
+    z, e = _inputs()
+    z2 = z + 3.0
+    seeds = [11, 12, 13]
+    a = recon.reconstruct(z, e, beta=1.0, steps=4, seeds=seeds)
+    b = recon.reconstruct(z2, e, beta=1.0, steps=4, seeds=seeds)
+    assert torch.equal(a, b)
+    assert torch.equal(recon.reconstruct(None, e, beta=1.0, steps=4, seeds=seeds), a)
+    c = recon.reconstruct(z, e, beta=0.5, steps=4, seeds=seeds)
+    d = recon.reconstruct(z2, e, beta=0.5, steps=4, seeds=seeds)
+    assert not torch.equal(c, d)
+    # the image embedding conditions the UNet
+    assert not torch.equal(recon.reconstruct(z, -e, beta=0.5, steps=4, seeds=seeds), c)
+
+
+def test_timesteps_follow_img2img_strength(recon):
+    assert len(recon.timesteps(0.0, 10)) == 0
+    assert len(recon.timesteps(0.5, 10)) == 5
+    assert len(recon.timesteps(0.93, 50)) == 46  # int(50 * 0.93), diffusers' img2img rule
+    full = recon.timesteps(1.0, 10)
+    assert len(full) == 10 and torch.equal(recon.timesteps(0.3, 10), full[-3:])  # the last (least noisy) steps
+
+
+def test_seeded_per_item_and_independent_of_batching(recon):
+    z, e = _inputs(4)
+    seeds = [5, 6, 7, 8]
+    full = recon.reconstruct(z, e, beta=0.7, steps=4, seeds=seeds, guidance_scale=2.0, prompts=["a red circle"] * 4)
+    again = recon.reconstruct(z, e, beta=0.7, steps=4, seeds=seeds, guidance_scale=2.0, prompts=["a red circle"] * 4)
+    assert torch.equal(full, again)
+    part = recon.reconstruct(z[2:], e[2:], beta=0.7, steps=4, seeds=seeds[2:], guidance_scale=2.0,
+                             prompts=["a red circle"] * 2)
+    assert (part.int() - full[2:].int()).abs().max() <= 1  # batch-size float noise at most one grey level
+    other = recon.reconstruct(z, e, beta=0.7, steps=4, seeds=[9, 6, 7, 8], guidance_scale=2.0,
+                              prompts=["a red circle"] * 4)
+    assert not torch.equal(other[0], full[0]) and torch.equal(other[1:], full[1:])
+    no_prompt = recon.reconstruct(z, e, beta=0.7, steps=4, seeds=seeds, guidance_scale=2.0)
+    assert not torch.equal(no_prompt, full)
+
+
+def test_save_and_load_round_trip(recon, tmp_path):
+    from neurovision.reconstruction import UnCLIPReconstructor
+
+    recon.save_pretrained(tmp_path / "r")
+    loaded = UnCLIPReconstructor.from_pretrained(tmp_path / "r")
+    z, e = _inputs(2)
+    kw = {"beta": 0.6, "steps": 4, "seeds": [1, 2], "prompts": ["a blue square on grey", None],
+          "noise_level": 10}
+    assert torch.equal(loaded.reconstruct(z, e, **kw), recon.reconstruct(z, e, **kw))
+    assert loaded.meta["clip_norm"] == pytest.approx(recon.meta["clip_norm"])
+
+
+def test_bad_input_is_one_clear_error(recon, tmp_path):
+    from neurovision.reconstruction import UnCLIPReconstructor
+
+    z, e = _inputs(2)
+    with pytest.raises(ValueError, match=r"β must be in \[0, 1\]"):
+        recon.reconstruct(z, e, beta=1.5)
+    with pytest.raises(ValueError, match="VAE latents must be"):
+        recon.reconstruct(z[:, :3], e, beta=0.5)
+    bad = z.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        recon.reconstruct(bad, e, beta=0.5)
+    with pytest.raises(ValueError, match=r"CLIP embeddings must be \(B, 128\)"):
+        recon.reconstruct(z, e[:, :64], beta=0.5)
+    with pytest.raises(ValueError, match="needs the predicted VAE latents"):
+        recon.reconstruct(None, e, beta=0.5)
+    with pytest.raises(FileNotFoundError, match="model.init_args.reconstructor.*no 'vae' component"):
+        (tmp_path / "empty").mkdir()
+        UnCLIPReconstructor.from_pretrained(tmp_path / "empty")
+
+
+def test_image_grid(tmp_path):
+    from PIL import Image
+
+    from neurovision.reconstruction import image_grid
+
+    a = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    b = torch.full((3, 3, 8, 8), 200, dtype=torch.uint8)
+    g = image_grid([a, b], ["stimulus", "recon"], path=tmp_path / "grid.png")
+    assert g.shape == (3 * 10 + 2, 2 * 10 + 2, 3)
+    assert (g[2:10, 2:10] == 0).all() and (g[2:10, 12:20] == 200).all()
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+# ------------------------------------------------------------------------------------ end to end (CLI)
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory, recon):
+    root = tmp_path_factory.mktemp("stage3")
+    s1 = root / "s1"
+    assert run_cli(["fit", *S1, *_root(s1), f"--data.init_args.store={tiny_store}", "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=4"]) == 0
+    recon.save_pretrained(root / "unclip")
+    ckpt = _version(s1) / "checkpoints" / "last.ckpt"
+    common = [*S3, f"--data.init_args.store={tiny_store}", f"--model.init_args.stage1={ckpt}",
+              f"--model.init_args.reconstructor={root / 'unclip'}"]
+    return {"root": root, "common": common, "ckpt": ckpt, "store": tiny_store}
+
+
+def _metrics(d: Path) -> dict[str, float]:
+    rows = list(csv.DictReader(open(d / "metrics_table.csv")))
+    return {r["metric"]: float(r["value"]) for r in rows}
+
+
+def test_cli_test_writes_scores_grids_and_reconstructions(run):
+    out = run["root"] / "b05"
+    assert run_cli(["test", *run["common"], *_root(out), "--model.init_args.beta=0.5"]) == 0
+    v = _version(out)
+    m = _metrics(v)
+    for cond in ("average", "single"):
+        for k in ("pixcorr", "ssim", "clip"):
+            assert np.isfinite(m[f"test/{cond}/{k}"])
+        assert f"test/{cond}/alexnet2" not in m  # no weights: unavailable, not faked
+        scores = json.loads((v / f"test_scores_{cond}.json").read_text())
+        assert scores["n_items"] == 8 and scores["beta"] == 0.5
+        assert scores["scores"]["alexnet2"] is None and "alexnet" in scores["unavailable"]["alexnet2"]
+        assert scores["scores"]["clip"] == pytest.approx(m[f"test/{cond}/clip"])
+        z = np.load(v / f"reconstructions_{cond}.npz")
+        assert z["images"].shape == (8, 3, 64, 64) and z["images"].dtype == np.uint8
+        assert (v / f"recon_grid_{cond}.png").stat().st_size > 0
+
+
+def test_cli_beta_zero_is_the_decoded_stage1_latent(run):
+    """β = 0 end to end: every reconstruction equals the VAE decoding of the stage-1 predicted latent."""
+    from data_modules.fmri import FMRITrials
+    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.store import Store
+    from neurovision.tasks.alignment import load_stage1
+
+    out = run["root"] / "b0"
+    assert run_cli(["test", *run["common"], *_root(out), "--model.init_args.beta=0",
+                    "--data.init_args.eval_conditions=[average]"]) == 0
+    z = np.load(_version(out) / "reconstructions_average.npz")
+    parts = load_stage1(run["ckpt"])
+    rec = UnCLIPReconstructor.from_pretrained(run["root"] / "unclip")
+    store = Store(run["store"])
+    ds = FMRITrials(store, "test", list(range(len(store.subject_names))), "average", max_items=8)
+    items = [ds[i] for i in range(len(ds))]
+    x = torch.stack([it["patches"] for it in items])
+    with torch.no_grad():
+        lat = parts.vae_head(parts.encoder(x).cls).view(-1, *rec.latent_shape)
+    expect = rec.decode(lat).numpy()
+    assert [it["stimulus"] for it in items] == z["stimulus"].tolist()
+    assert (np.abs(expect.astype(int) - z["images"].astype(int)) <= 1).all()
+
+
+def test_cli_prompts_from_stage2_predictions(run, tmp_path):
+    rows = []
+    from data_modules.fmri import FMRITrials
+    from neurovision.store import Store
+
+    store = Store(run["store"])
+    ds = FMRITrials(store, "test", list(range(len(store.subject_names))), "average", max_items=8)
+    for i in range(len(ds)):
+        it = ds[i]
+        rows.append({"subject": it["subject"], "stimulus": it["stimulus"], "trial": -1, "type": "sd_prompt",
+                     "prediction": "a red circle"})
+    p = tmp_path / "predictions.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = [*run["common"], "--model.init_args.beta=0.5", "--data.init_args.eval_conditions=[average]"]
+    assert run_cli(["test", *common, *_root(run["root"] / "p1"), f"--model.init_args.prompts={p}"]) == 0
+    assert run_cli(["test", *common, *_root(run["root"] / "p0")]) == 0
+    with_prompt = np.load(_version(run["root"] / "p1") / "reconstructions_average.npz")["images"]
+    without = np.load(_version(run["root"] / "p0") / "reconstructions_average.npz")["images"]
+    assert with_prompt.shape == without.shape and not np.array_equal(with_prompt, without)
+    p.write_text('{"subject": 0}\n')
+    with pytest.raises(ValueError, match=r"predictions.jsonl: line 1: not a stage-2 prediction row"):
+        run_cli(["test", *common, *_root(run["root"] / "bad"), f"--model.init_args.prompts={p}"])
+
+
+def test_cli_refuses_a_reconstructor_of_another_clip_space(run, tmp_path):
+    from neurovision.unclip_training import build_tiny_unclip
+
+    build_tiny_unclip(_tiny_vae().vae, 64, ["x"], width=32).save_pretrained(tmp_path / "r64")
+    with pytest.raises(ValueError, match="share one CLIP space"):
+        run_cli(["test", *run["common"], *_root(tmp_path / "o"), f"--model.init_args.reconstructor={tmp_path / 'r64'}"])
