@@ -32,27 +32,30 @@ S1 := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.
 S2 := -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml
 ck = $$(ls -t $(1)/tb/*/checkpoints/last.ckpt | head -1)
 logto = --trainer.default_root_dir=$(1) --trainer.logger.init_args.save_dir=$(1)
-DEMO_S1_EPOCHS ?= 6
-DEMO_S2_BATCHES ?= 150
+DEMO_S1_EPOCHS ?= 4
+DEMO_S2_BATCHES ?= 50
 
 data/phantom_demo.h5: | install
 	$(NV) prepare phantom --preset demo --out $@
 
 teachers/phantom_demo/tiny_clip.pt: | data/phantom_demo.h5
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 10 --clip-max-minutes 4 --vae-max-minutes 2
+		--clip-epochs 10 --clip-max-minutes 3 --vae-max-minutes 1.5
 
+# the tiny unCLIP and the tiny LLM train side by side, one core each (`make -j2` in the demo recipe)
 teachers/phantom_demo/tiny_unclip/unet/config.json: | teachers/phantom_demo/tiny_clip.pt
-	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
-		--max-minutes 6
+	OMP_NUM_THREADS=1 $(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 \
+		--teachers teachers/phantom_demo --max-minutes 3.5 --eval-items 0
 
-teachers/phantom_demo/tiny_llm/config.json: | data/phantom_demo.h5
-	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm --max-minutes 2
+teachers/phantom_demo/tiny_llm/config.json: | teachers/phantom_demo/tiny_clip.pt
+	OMP_NUM_THREADS=1 $(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 \
+		--out teachers/phantom_demo/tiny_llm --max-minutes 2
 
 DEMO_CACHE := data/phantom_demo.h5 teachers/phantom_demo/tiny_clip.pt \
 	teachers/phantom_demo/tiny_unclip/unet/config.json teachers/phantom_demo/tiny_llm/config.json
 
-demo: install $(DEMO_CACHE) ## the whole chain on the demo phantom (quick settings, < 30 min on 2 cores) + HTML report
+demo: install ## the whole chain on the demo phantom (quick settings, < 30 min on 2 cores) + HTML report
+	$(MAKE) --no-print-directory -j2 $(DEMO_CACHE)
 	rm -rf $(D)
 	$(NV) inspect data/phantom_demo.h5 --plot $(D)/phantom_overview.png
 	$(NV) fit $(S1) $(call logto,$(D)/stage1) --trainer.max_epochs=$(DEMO_S1_EPOCHS) \
@@ -61,15 +64,15 @@ demo: install $(DEMO_CACHE) ## the whole chain on the demo phantom (quick settin
 	$(NV) localize --ckpt $(call ck,$(D)/stage1) --out $(D)/stage1/concept_maps
 	$(NV) fit $(S2) -c experiments/presets/stage2_instruct_phase_a.yaml $(call logto,$(D)/stage2_a) \
 		--model.init_args.stage1=$(call ck,$(D)/stage1) --trainer.max_epochs=1 \
-		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=48
+		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=24
 	$(NV) fit $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
 		--model.init_args.init_from=$(call ck,$(D)/stage2_a) --trainer.max_epochs=1 \
-		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=48
+		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=24
 	$(NV) test $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
-		--ckpt_path=$(call ck,$(D)/stage2) --data.init_args.max_eval_items=48
+		--ckpt_path=$(call ck,$(D)/stage2) --data.init_args.max_eval_items=24
 	$(NV) predict $(S2) $(call logto,$(D)/stage2) --model.init_args.stage1=$(call ck,$(D)/stage1) \
 		--ckpt_path=$(call ck,$(D)/stage2) --trainer.logger.init_args.version=sd_prompts \
-		--data.init_args.eval_tasks=[sd_prompt] --data.init_args.max_eval_items=64
+		--data.init_args.eval_tasks=[sd_prompt] --data.init_args.max_eval_items=32
 	$(NV) sweep experiments/sweeps/beta.yaml --out $(D)/beta_sweep
 	$(NV) report $(D)
 	@echo "demo done: open $(D)/report.html"

@@ -174,6 +174,10 @@ def test_cli_test_writes_scores_grids_and_reconstructions(run):
         z = np.load(v / f"reconstructions_{cond}.npz")
         assert z["images"].shape == (8, 3, 64, 64) and z["images"].dtype == np.uint8
         assert (v / f"recon_grid_{cond}.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(v), size_guidance={"images": 0}).Reload()
+    assert {"test/average/reconstructions", "test/single/reconstructions"} <= set(ev.Tags()["images"])
 
 
 def test_cli_beta_zero_is_the_decoded_stage1_latent(run):
