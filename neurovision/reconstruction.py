@@ -85,7 +85,6 @@ class UnCLIPReconstructor(torch.nn.Module):
                              f"class_embed_type={cfg.class_embed_type!r}")
         self.clip_dim = int(cfg.projection_class_embeddings_input_dim) // 2
         self.latent_channels = int(cfg.in_channels)
-        self._empty: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod

@@ -358,6 +358,14 @@ class Stage1Parts(nn.Module):
         self.spec, self.hparams, self.teacher_ids = spec, hparams, teacher_ids
 
 
+def check_stage1_spec(stage1_spec: DataSpec, spec: DataSpec, path: str) -> None:
+    """The grid and patches of a stage-1 run must be the datamodule store's (later stages reuse its ViT3D)."""
+    for f in ("patch_size", "grid_shape", "patch_coords"):
+        if getattr(stage1_spec, f) != getattr(spec, f):
+            raise ValueError(f"{path}: field 'data_spec/{f}': the stage-1 run's differs from the "
+                             f"datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
+
+
 def load_stage1(path: str | Any, map_location: str | torch.device = "cpu") -> Stage1Parts:
     """Rebuild the ViT3D and heads of an :class:`AlignmentTask` checkpoint (``torch.load(weights_only=True)``).
 

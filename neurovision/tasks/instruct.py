@@ -22,8 +22,8 @@ from torch import nn
 from neurovision.atomic import atomic_dir, write_json, write_jsonl
 from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.llm import load_llm
-from neurovision.tasks.alignment import load_stage1
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.tasks.alignment import check_stage1_spec, load_stage1
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher
 
 Phase = Literal["projector", "lora", "full"]
@@ -133,7 +133,7 @@ class InstructTask(BaseTask):
         self.chat_template = chat_template
         self.init_from, self.adapter = init_from, adapter
         self.tune_encoder, self.projector_hidden = tune_encoder, projector_hidden
-        self.llm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[llm_dtype]
+        self.llm_dtype = TORCH_DTYPES[llm_dtype]
         self.max_new_tokens = max_new_tokens
         self.clip_teacher = clip_teacher
         self.clip_score_prefix = clip_score_prefix
@@ -146,7 +146,7 @@ class InstructTask(BaseTask):
     # hooks ------------------------------------------------------------------------------------------
     def configure_models(self) -> None:
         parts = load_stage1(self.stage1_path)
-        self._check_spec(parts.spec)
+        check_stage1_spec(parts.spec, self.spec, self.stage1_path)
         self.encoder = parts.encoder
         self.clip_head = parts.clip_head  # kept for concept localisation (GradCAM against CLIP text)
         self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype, chat_template=self.chat_template)
@@ -174,12 +174,6 @@ class InstructTask(BaseTask):
 
     def configure_metrics(self) -> None:
         self._eval_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
-
-    def _check_spec(self, stage1_spec: DataSpec) -> None:
-        for f in ("patch_size", "grid_shape", "patch_coords"):
-            if getattr(stage1_spec, f) != getattr(self.spec, f):
-                raise ValueError(f"{self.stage1_path}: field 'data_spec/{f}': the stage-1 run's differs from the "
-                                 f"datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
 
     def _init_from(self, path: str) -> None:
         p = Path(path)

@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from neurovision.reconstruction import UnCLIPReconstructor, check_beta, image_grid, item_seed
-from neurovision.tasks.alignment import load_stage1
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.tasks.alignment import check_stage1_spec, load_stage1
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher
 
 PROMPT_SOURCES = ("none", "file")
@@ -69,8 +69,9 @@ class ReconstructionTask(BaseTask):
         steps: denoising steps of the full schedule (β runs ``int(steps·β)`` of them).
         guidance_scale: classifier-free guidance (> 1) against the empty prompt and a zero image embedding.
         noise_level: unCLIP noise augmentation of the predicted image embedding (0 = none).
-        clip_norm: rescale predicted embeddings to this L2 norm; ``"meta"`` = the norm the tiny trainer
-            recorded (unit norm when unknown is *not* assumed: then they are used as predicted); ``null`` = as predicted.
+        clip_norm: rescale predicted embeddings to this L2 norm; ``"meta"`` = the norm recorded in the
+            reconstructor folder by the tiny trainer (used as predicted when the folder records none);
+            ``null`` = as predicted.
         prompts: a stage-2 ``predictions.jsonl`` whose ``sd_prompt`` rows condition the text encoder (the
             LLM's reconstruction prompt); ``null`` = no prompt.
         prompt_type: the ``type`` of the rows to use from ``prompts``.
@@ -122,16 +123,13 @@ class ReconstructionTask(BaseTask):
         self.feature_weights = dict(feature_weights or {})
         self.metric_size, self.metric_batch_size = int(metric_size), int(metric_batch_size)
         self.grid_items = int(grid_items)
-        self.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.torch_dtype = TORCH_DTYPES[dtype]
         super().__init__(data_spec, optimizer, scheduler)
         self.drop_hparams("clip_teacher")
 
     def configure_models(self) -> None:
         parts = load_stage1(self.stage1_path)
-        for f in ("patch_size", "grid_shape", "patch_coords"):
-            if getattr(parts.spec, f) != getattr(self.spec, f):
-                raise ValueError(f"{self.stage1_path}: field 'data_spec/{f}': the stage-1 run's differs from the "
-                                 "datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
+        check_stage1_spec(parts.spec, self.spec, self.stage1_path)
         if parts.vae_head is None and self.beta < 1:
             raise ValueError(f"{self.stage1_path}: field 'state_dict/vae_head.*': missing: the stage-1 run had no VAE "
                              f"stream, so only beta = 1 is possible (model.init_args.beta = {self.beta})")
