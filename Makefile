@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-full test test-full bench lint clean
+.PHONY: help install demo demo-full demo-encoding test test-full bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -74,8 +74,19 @@ demo: install ## the whole chain on the demo phantom (quick settings, < 30 min o
 		--ckpt_path=$(call ck,$(D)/stage2) --trainer.logger.init_args.version=sd_prompts \
 		--data.init_args.eval_tasks=[sd_prompt] --data.init_args.max_eval_items=32
 	$(NV) sweep experiments/sweeps/beta.yaml --out $(D)/beta_sweep
+	$(NV) prepare phantom_seeg --preset tiny --out data/phantom_seeg_tiny.h5
+	$(NV) encode $(ENC) --store data/phantom_seeg_tiny.h5 --out $(D)/encoding
 	$(NV) report $(D)
 	@echo "demo done: open $(D)/report.html"
+
+# ------------------------------------------------------------------------------------------ encoding
+# the encoding stage (Subramaniam et al.) on the SEEG phantom; `make demo` runs it on the tiny one (< 1 min)
+ENC := -c experiments/encoding.yaml -c experiments/presets/encoding_phantom.yaml
+
+demo-encoding: install ## the encoding stage on the demo SEEG phantom (~8 min on 2 cores) + its HTML report
+	$(NV) prepare phantom_seeg --preset demo --out data/phantom_seeg_demo.h5
+	$(NV) encode $(ENC) --out runs/encoding/phantom
+	$(NV) report runs/encoding/phantom
 
 STAGE1_DEMO := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
 LAST_CKPT = $$(ls -t runs/stage1_demo/tb/*/checkpoints/last.ckpt | head -1)
@@ -110,6 +121,7 @@ bench: install ## benchmarks (prints ratios measured in one run)
 	$(BIN)/python benchmarks/bench_datamodule.py
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
+	$(BIN)/python benchmarks/bench_encoding.py
 
 lint: install ## ruff
 	$(BIN)/ruff check neurovision data_modules callbacks tests benchmarks

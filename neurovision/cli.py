@@ -4,8 +4,9 @@
 (a LightningCLI in subclass mode for model and data, seed 0 by default, config.yaml saved with overwrite).
 ``neurovision prepare <source> ...`` converts a source into a store; ``neurovision inspect <store>`` prints
 a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI; ``neurovision sweep
-<sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision report <dir>`` writes an HTML
-dashboard (:mod:`neurovision.report`).
+<sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision encode -c experiments/encoding.yaml``
+fits encoding models and finds integration sites (:mod:`neurovision.encoding.pipeline`); ``neurovision report <dir>``
+writes an HTML dashboard (:mod:`neurovision.report`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import neurovision  # noqa: F401  (torchvision fix first)
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
-    "prepare": "convert a data source (phantom, nsd) into a neurovision store",
+    "prepare": "convert a data source (phantom, nsd; braintreebank, phantom_seeg for encoding) into a store",
     "inspect": "print a store's summary (subjects, trials, grid, active patches, splits, sizes)",
     "localize": "concept maps (GradCAM of CLIP text embeddings) of stage-1 checkpoints, as NIfTI + PNG + r",
     "sweep": "run a sweep YAML (base config + grid of overrides + seeds), resumable; tables of mean ± sd",
+    "encode": "encoding models (ridge from network features to SEEG sites) and vision-language integration sites",
     "report": "a static HTML page (metric tables, curves, β sweeps, reconstructions, concept maps) of a run or sweep",
 }
 
@@ -218,6 +220,10 @@ def main(args: list[str] | None = None) -> int:
             from neurovision.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
+        if cmd == "encode":
+            from neurovision.encoding.pipeline import main as encode_main
+
+            return encode_main(argv[1:])
         if cmd == "report":
             from neurovision.report import main as report_main
 

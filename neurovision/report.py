@@ -13,7 +13,10 @@ The directory is scanned recursively for what the other stages leave behind (eac
   metric, mean ± sd against β, one line per combination of the other overrides;
 - images (``*.png``, ``*.jpg``): reconstruction grids (``*grid*``), concept maps (under ``concept_maps/``,
   with their ``concept_r.csv`` as a concept x subject table of r) and other figures;
-- generated text: the first rows of each ``test_generations_*.jsonl``.
+- generated text: the first rows of each ``test_generations_*.jsonl``;
+- encoding analyses (``neurovision encode``): ``sites.csv`` with ``summary.json`` beside it: the summary per
+  event set (with precision/recall/F1 on a phantom), the integration-site table and the two figures
+  (``sites_brain.png``, ``r_by_model.png``).
 
 Figures are drawn with matplotlib's Agg canvas (no pyplot state) and every image is embedded as a base64
 data URI, so the single HTML file can be mailed or opened anywhere; all text is HTML-escaped; the file is
@@ -49,6 +52,9 @@ GENERATIONS_RE = re.compile(r"^test_generations_.*\.jsonl$")
 GENERATION_ROWS = 10
 PREFERRED_TEXT_KEYS = ("subject_name", "subject", "stimulus", "trial", "condition", "type", "prompt", "question",
                        "generated", "answer", "prediction", "reference", "references")
+ENCODING_SITES = "sites.csv"  # written by `neurovision encode` (with summary.json and the two figures below)
+ENCODING_FIGURES = ("sites_brain.png", "r_by_model.png")
+ENCODING_ROWS = 40
 NON_OVERRIDE = {"run", "seed", "metric", "value", "mean", "sd", "std", "n"}
 PROGRESS_MIN_FILES = 200  # show a progress bar from this many scanned files on
 
@@ -72,11 +78,12 @@ class Scan:
     images: list[Path] = field(default_factory=list)
     concept_r: list[Path] = field(default_factory=list)
     generations: list[Path] = field(default_factory=list)
+    encodings: list[Path] = field(default_factory=list)
     n_files: int = 0
 
     def empty(self) -> bool:
         return not (self.metrics_tables or self.configs or self.results or self.summaries or self.images
-                    or self.concept_r or self.generations)
+                    or self.concept_r or self.generations or self.encodings)
 
 
 def scan(root: str | os.PathLike[str], exclude: Iterable[Path] = (), progress: bool | None = None) -> Scan:
@@ -113,6 +120,8 @@ def scan(root: str | os.PathLike[str], exclude: Iterable[Path] = (), progress: b
                     found.summaries.append(p)
                 elif name == "concept_r.csv":
                     found.concept_r.append(p)
+                elif name == ENCODING_SITES:
+                    found.encodings.append(p)
                 elif GENERATIONS_RE.match(name):
                     found.generations.append(p)
                 elif Path(low).suffix in IMAGE_SUFFIXES:
@@ -485,6 +494,31 @@ def _text_cell(v: Any, limit: int = 600) -> str:
     return s if len(s) <= limit else s[:limit] + " …"
 
 
+def encoding_tables(sites: Path) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]], int]]:
+    """(summary table: event set x counts/scores from summary.json; integration sites table, total count)."""
+    import pandas as pd
+
+    summ_path = sites.parent / "summary.json"
+    header: list[str] = []
+    rows: list[list[str]] = []
+    if summ_path.is_file():
+        summ = json.loads(summ_path.read_text())
+        sets = dict(summ.get("event_sets", {}))
+        if "all" in summ:
+            sets["all"] = summ["all"]
+        keys = list(dict.fromkeys(k for v in sets.values() for k in v))
+        header = ["event set", *keys]
+        rows = [[es, *(_fmt(v.get(k, "–")) for k in keys)] for es, v in sets.items()]
+    df = pd.read_csv(sites)
+    if "integration" not in df.columns:
+        return (header, rows), ([], [], 0)
+    hit = df[df["integration"].astype(bool)]
+    cols = [c for c in ("subject", "event_set", "electrode", "x", "y", "z", "region", "planted") if c in df.columns]
+    cols += [c for c in df.columns if c.startswith(("dr_", "bins_"))]
+    body = [[_fmt(r[c]) for c in cols] for r in hit.head(ENCODING_ROWS).to_dict("records")]
+    return (header, rows), (cols, body, len(hit))
+
+
 def generations_table(path: Path, n: int = GENERATION_ROWS) -> tuple[list[str], list[list[str]], int]:
     """(header, first ``n`` rows, rows in the file) of a ``test_generations_*.jsonl``."""
     rows: list[dict[str, Any]] = []
@@ -695,9 +729,39 @@ def build_report(path: str | os.PathLike[str], *, exclude: Iterable[Path] = (), 
             for c in other_cfgs:
                 doc.add(_config_block(c, root))
 
+        # -- encoding analyses
+        shown: set[Path] = set()
+        if found.encodings:
+            doc.heading(2, "Encoding" if len(found.encodings) == 1 else "Encoding analyses")
+        for sites in sorted(found.encodings):
+            name = _name(sites.parent, root)
+            doc.heading(3, f"encoding: {name}")
+            try:
+                (sh, srows), (ih, irows, n_int) = encoding_tables(sites)
+            except READ_ERRORS as e:
+                _unreadable(doc, sites, root, e)
+                continue
+            if srows:
+                doc.add('<p class="note">summary.json (per event set; precision/recall/F1 against the planted '
+                        'multimodal sites when the store is a phantom)</p><div class="scroll">'
+                        + _table(sh, srows, "encoding-summary") + "</div>")
+            if ih:
+                doc.add(f'<h4>integration sites ({n_int}; first {len(irows)} shown)</h4><div class="scroll">'
+                        + _table(ih, irows, "integration-sites", first_col_header=False) + "</div>")
+            items = []
+            for fig in ENCODING_FIGURES:
+                p = sites.parent / fig
+                if p in found.images:
+                    shown.add(p)
+                    bar.update(1)
+                    items.append(_figure(data_uri(p.read_bytes()), _rel(p, root), "file-encoding",
+                                         {"data-file": _rel(p, root)}))
+                    n_figs += 1
+            doc.add(_figs(items))
+
         # -- images and concept tables
         kinds: dict[str, list[Path]] = {"grids": [], "concepts": [], "figures": []}
-        for p in sorted(found.images):
+        for p in sorted(p for p in found.images if p not in shown):
             kinds[image_kind(p, root)].append(p)
         titles = {"grids": "Reconstructions", "concepts": "Concept maps", "figures": "Other figures"}
         for kind in ("grids", "concepts", "figures"):

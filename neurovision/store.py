@@ -63,12 +63,14 @@ class StoreError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- writing
-class StoreWriter:
-    """Write a store atomically: everything goes to a temp file in the target folder, renamed on success.
+class AtomicH5Writer:
+    """Base of the store writers: an HDF5 file written to a temp file beside ``path`` and renamed over it only
+    when the ``with`` block and :meth:`_finalise` succeed (``complete`` is set right before the rename), with the
+    root attributes every neurovision file carries (``schema``, ``schema_version``, ``source``,
+    ``converter_version``, ``options``, ``fingerprint``, ``created``, ``complete``)."""
 
-    Use as a context manager; an exception (or a killed process) leaves the target untouched and no file
-    that opens as a valid store (``complete`` is set only right before the rename).
-    """
+    schema: str = ""
+    schema_version: int = 0
 
     def __init__(
         self,
@@ -86,17 +88,15 @@ class StoreWriter:
         self.fingerprint = fingerprint
         self._tmp: Path | None = None
         self.h5: h5py.File | None = None
-        self._n_trials = 0
-        self._subjects: list[str] = []
 
     # context management -------------------------------------------------------------------------
-    def __enter__(self) -> StoreWriter:
+    def __enter__(self) -> Any:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         self.h5 = h5py.File(self._tmp, "w", libver="latest")
         a = self.h5.attrs
-        a["schema"] = SCHEMA
-        a["schema_version"] = SCHEMA_VERSION
+        a["schema"] = self.schema
+        a["schema_version"] = self.schema_version
         a["source"] = self.source
         a["converter_version"] = self.converter_version
         a["options"] = json.dumps(self.options, sort_keys=True, default=str)
@@ -122,8 +122,27 @@ class StoreWriter:
     @property
     def _f(self) -> h5py.File:
         if self.h5 is None:
-            raise RuntimeError("StoreWriter must be used as a context manager")
+            raise RuntimeError(f"{type(self).__name__} must be used as a context manager")
         return self.h5
+
+    def _finalise(self) -> None:
+        """Check the content and write the last attributes (raise to abandon the file)."""
+
+
+class StoreWriter(AtomicH5Writer):
+    """Write a store atomically: everything goes to a temp file in the target folder, renamed on success.
+
+    Use as a context manager; an exception (or a killed process) leaves the target untouched and no file
+    that opens as a valid store (``complete`` is set only right before the rename).
+    """
+
+    schema = SCHEMA
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._n_trials = 0
+        self._subjects: list[str] = []
 
     # content ------------------------------------------------------------------------------------
     def set_grid(
@@ -274,6 +293,36 @@ def existing_fingerprint(path: str | os.PathLike[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def open_checked(path: Path, what: str = "store file") -> Iterator[h5py.File]:
+    """Open ``path`` read-only; missing -> FileNotFoundError, unreadable / unfinished -> :class:`StoreError`."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} does not exist (run `neurovision prepare`)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        if "already open for write" in str(e):  # a writer was killed before closing the file
+            raise StoreError(path, "/.complete", "the file was not finished (interrupted `prepare`?)") from e
+        raise StoreError(path, "<file>", f"not a readable HDF5 file (foreign or truncated): {e}") from e
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def check_header(f: h5py.File, path: Path, schema: str, version: int, what: str) -> None:
+    """The root attributes every neurovision file carries: its schema, its version, and ``complete``."""
+    found = _plain(f.attrs.get("schema"))
+    if found != schema:
+        raise StoreError(path, "/.schema", f"expected {schema!r}, found {found!r} (not {what})")
+    v = _plain(f.attrs.get("schema_version"))
+    if v != version:
+        raise StoreError(path, "/.schema_version",
+                         f"expected {version}, found {v} (re-run `neurovision prepare` with this version)")
+    if not bool(f.attrs.get("complete", False)):
+        raise StoreError(path, "/.complete", "the file was not finished (interrupted `prepare`?)")
+
+
 @dataclass(frozen=True)
 class Grid:
     shape: tuple[int, int, int]
@@ -312,7 +361,7 @@ class Store:
         self._pid: int | None = None
         self._patches_ds: h5py.Dataset | None = None
         self._direct = False
-        with self._open_checked() as f:
+        with open_checked(self.path) as f:
             self._validate(f)
             self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
             g = f["grid"]
@@ -339,34 +388,12 @@ class Store:
             self.extras = sorted(f["extras"].keys()) if "extras" in f else []
 
     # opening ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _open_checked(self) -> Iterator[h5py.File]:
-        if not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: store file does not exist (run `neurovision prepare`)")
-        try:
-            f = h5py.File(self.path, "r")
-        except OSError as e:
-            if "already open for write" in str(e):  # a writer was killed before closing the file
-                raise StoreError(self.path, "/.complete",
-                                 "the file was not finished (interrupted `prepare`?)") from e
-            raise StoreError(self.path, "<file>", f"not a readable HDF5 file (foreign or truncated): {e}") from e
-        try:
-            yield f
-        finally:
-            f.close()
-
     def _validate(self, f: h5py.File) -> None:
         def need(cond: bool, field: str, problem: str) -> None:
             if not cond:
                 raise StoreError(self.path, field, problem)
 
-        need(f.attrs.get("schema") == SCHEMA, "/.schema",
-             f"expected {SCHEMA!r}, found {_plain(f.attrs.get('schema'))!r} (not a neurovision store)")
-        version = _plain(f.attrs.get("schema_version"))
-        need(version == SCHEMA_VERSION, "/.schema_version",
-             f"expected {SCHEMA_VERSION}, found {version} (re-run `neurovision prepare` with this version)")
-        need(bool(f.attrs.get("complete", False)), "/.complete",
-             "the file was not finished (interrupted `prepare`?)")
+        check_header(f, self.path, SCHEMA, SCHEMA_VERSION, "a neurovision store")
         for path in ("grid/active_index", "grid/active_coords", "grid/union_mask", "trials/patches",
                      "stimuli/images", "stimuli/ids", *(f"trials/{k}" for k in _TRIAL_FIELDS)):
             need(path in f, path, "missing")

@@ -219,6 +219,23 @@ def register_clip_config(model_name: str, cfg: dict[str, Any]) -> str:
     return name
 
 
+def resolve_clip_arch(model_name: str, model_config: str | None, key: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(open_clip architecture name, model config, preprocess overrides) of ``model_name``, or of the custom
+    config JSON ``model_config`` (registered under a content-unique name); errors name the YAML ``key``."""
+    import open_clip
+
+    if model_config is not None:
+        if not Path(model_config).is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {model_config} (set `{key}`)")
+        cfg, pp_override = read_clip_config(model_config)
+        return register_clip_config(model_name, cfg), cfg, pp_override
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {model_name!r}: set `{key}` (a config JSON) or use one "
+                         "of open_clip.list_models()")
+    return model_name, cfg, {}
+
+
 class OpenCLIPImageTeacher:
     """CLIP image (and text) embeddings from an ``open_clip`` model, with the model's own preprocessing.
 
@@ -258,19 +275,7 @@ class OpenCLIPImageTeacher:
             raise FileNotFoundError(
                 f"CLIP teacher checkpoint not found: {self.checkpoint} (set `{CLIP_CHECKPOINT_KEY}` to a local "
                 "open_clip checkpoint file; nothing is downloaded)")
-        pp_override: dict[str, Any] = {}
-        if self.model_config is not None:
-            if not Path(self.model_config).is_file():
-                raise FileNotFoundError(
-                    f"open_clip model config not found: {self.model_config} (set `{CLIP_CONFIG_KEY}`)")
-            cfg, pp_override = read_clip_config(self.model_config)
-            arch = register_clip_config(model_name, cfg)
-        else:
-            cfg = open_clip.get_model_config(model_name)
-            if cfg is None:
-                raise ValueError(f"unknown open_clip architecture {model_name!r}: pass `{CLIP_CONFIG_KEY}` "
-                                 f"(a config JSON) or one of open_clip.list_models()")
-            arch = model_name
+        arch, cfg, pp_override = resolve_clip_arch(model_name, self.model_config, CLIP_CONFIG_KEY)
         self._arch = arch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

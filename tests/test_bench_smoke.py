@@ -78,3 +78,13 @@ def test_bench_stage2_smoke(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert r["params_trainable_M"] < r["params_total_M"]  # LoRA + projector only
     assert r["sequence_length"] == 64 - 1 + 76 + 1 and r["samples_per_s"] > 0 and r["peak_rss_MB"] > 0
+
+
+def test_bench_encoding_smoke(tmp_path: Path) -> None:
+    bench = _load_bench("bench_encoding")
+    out_json = tmp_path / "encoding.json"
+    bench.main(["--quick", "--json", str(out_json)])
+    res = json.loads(out_json.read_text())
+    assert res and out_json.stat().st_size > 0
+    text = json.dumps(res)
+    assert "sklearn" in text and "ratio" in text

@@ -13,16 +13,31 @@ from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-STAGES = sorted(p for p in EXPERIMENTS.glob("*.yaml"))
+ENCODING = sorted([*EXPERIMENTS.glob("encoding*.yaml"), *EXPERIMENTS.glob("presets/encoding*.yaml")])  # `encode`
+STAGES = sorted(p for p in EXPERIMENTS.glob("*.yaml") if p not in ENCODING)
 DATA = sorted((EXPERIMENTS / "data").glob("*.yaml"))
-PRESETS = sorted((EXPERIMENTS / "presets").glob("*.yaml"))
+PRESETS = sorted(p for p in (EXPERIMENTS / "presets").glob("*.yaml") if p not in ENCODING)
 ALL_YAML = sorted(EXPERIMENTS.rglob("*.yaml"))
 
 
 
 def test_every_yaml_is_tested():
     assert ALL_YAML, "no YAML under experiments/"
-    assert set(ALL_YAML) == set(STAGES) | set(DATA) | set(PRESETS) | set(EXPERIMENTS.glob("sweeps/*.yaml"))
+    assert set(ALL_YAML) == (set(STAGES) | set(DATA) | set(PRESETS) | set(ENCODING)
+                             | set(EXPERIMENTS.glob("sweeps/*.yaml")))
+
+
+@pytest.mark.parametrize("config", ENCODING, ids=lambda p: p.name)
+def test_encoding_print_config(config, capsys):
+    """Each encoding YAML parses with `neurovision encode` (presets on top of experiments/encoding.yaml)."""
+    base = EXPERIMENTS / "encoding.yaml"
+    args = ["-c", str(base)] + (["-c", str(config)] if config != base else [])
+    assert run_cli(["encode", *args, "--print_config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    wanted = yaml.safe_load(config.read_text())
+    assert set(cfg["models"]) == set(wanted["models"]) and cfg["store"] == wanted["store"]
+    for spec in cfg["models"].values():
+        assert spec["class_path"].startswith("neurovision.encoding.features.")
 
 
 def test_top_level_help(capsys):

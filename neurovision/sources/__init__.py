@@ -23,7 +23,9 @@ log = logging.getLogger("neurovision.prepare")
 
 def up_to_date(out: str | Path, fp: str, force: bool) -> bool:
     """True (and a log line) when ``out`` is a valid store made from the same inputs and options."""
-    if not force and existing_fingerprint(out) == fp:
+    from neurovision.encoding.events import existing_events_fingerprint
+
+    if not force and fp in (existing_fingerprint(out), existing_events_fingerprint(out)):
         log.info("%s is up to date (same inputs and options); nothing to do", out)
         print(f"{out}: up to date (same inputs and options), nothing to do")
         return True
@@ -32,6 +34,7 @@ def up_to_date(out: str | Path, fp: str, force: bool) -> bool:
 
 def registry() -> dict[str, Callable[..., Any]]:
     """Source name -> its ``prepare`` function (imported lazily)."""
-    from neurovision.sources import nsd, phantom
+    from neurovision.sources import braintreebank, nsd, phantom, phantom_seeg
 
-    return {"phantom": phantom.prepare, "nsd": nsd.prepare}
+    return {"phantom": phantom.prepare, "nsd": nsd.prepare,
+            "braintreebank": braintreebank.prepare, "phantom_seeg": phantom_seeg.prepare}

@@ -1,0 +1,1 @@
+"""Encoding models: features -> neural sites (Subramaniam et al., ICML 2024)."""

@@ -1,0 +1,1036 @@
+"""Feature spaces of the encoding stage: what each network "sees" of the movie events, cached per store.
+
+Subramaniam et al. (ICML 2024) predict SEEG responses around movie events from the features of unimodal
+vision, unimodal language and multimodal networks, each trained or randomly initialised (the control that
+separates what the architecture does from what training taught it). This module gives:
+
+- *Feature networks*: plain :class:`torch.nn.Module` s with typed ``__init__`` (YAML ``class_path`` /
+  ``init_args``), a ``modality`` ("vision", "language" or "multimodal"), ``layers`` and a stable
+  :attr:`model_id` (class, architecture, weights digest or ``random-seed{n}``, layers, fusion, preprocessing)
+  that keys the cache. ``extract(batch)`` maps a batch of stimulus items to one (B, D) float tensor per layer.
+
+  - :class:`OpenClipNetwork`: an ``open_clip`` CLIP model; image embedding (vision), text embedding (language)
+    or a fused (frame, sentence) pair feature (multimodal).
+  - :class:`TimmVisionNetwork`: any ``timm`` image model (BEiT, ConvNeXt, ResNet, ...).
+  - :class:`HFTextNetwork`: a Hugging Face text model from a local ``from_pretrained`` folder.
+  - :class:`PhantomOracle`: the phantom source's planted concepts, the perfect feature space.
+
+  Nothing downloads: weights are local files or folders, and a missing one is a :class:`FileNotFoundError`
+  naming the path and the YAML key that sets it.
+
+- A Lightning predict path: :class:`StimulusDataModule` iterates the *unique* items needed by the events of
+  a store (frames, sentences or (frame, sentence) pairs), :class:`FeatureExtractor` runs a network on them,
+  and :func:`extract_features` ties both to a ``lightning.Trainer`` (any accelerator), optionally reduces each
+  layer with a seeded sparse Johnson-Lindenstrauss projection, and caches the result in HDF5.
+- :class:`FeatureTable`: the features of every item, and :meth:`FeatureTable.event_features` mapping events
+  (frame and sentence index arrays) to their item's features.
+
+Cache file layout (``FEATURES_SCHEMA_VERSION`` 1)::
+
+    /                                   attrs: schema="neurovision.features", schema_version
+    /entries/<sha256(key)[:32]>         attrs: model_id, modality, layers (JSON), projection (JSON),
+                                               store, store_fingerprint, n_items, complete, created
+      frame_index      int64 (N,)       item keys: row of /stimuli/frames (-1: not used by the modality)
+      sentence_index   int64 (N,)       row of /stimuli/sentences (-1: not used)
+      layers/<layer>   float32 (N, D)   attrs: layer, input_dim, projected
+
+The key is (model id, projection parameters, store fingerprint): a re-prepared store (new fingerprint) or
+another network invalidates an entry. The raw (unprojected) features are always cached too, so a new
+projection of an already extracted network does not run the network again. Writes copy the other still-valid
+entries into a new file (``neurovision.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
+entries of an earlier version of the *same* store (same path, other fingerprint) are pruned on write.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from neurovision.atomic import atomic_path
+from neurovision.encoding.events import EventStore
+from neurovision.teachers import (
+    _dir_digest,
+    _fmt,
+    _json_digest,
+    _locked,
+    file_digest,
+    resize_images,
+    resolve_clip_arch,
+)
+
+log = logging.getLogger("neurovision.encoding.features")
+
+Modality = Literal["vision", "language", "multimodal"]
+MODALITIES: tuple[str, ...] = ("vision", "language", "multimodal")
+
+FEATURES_SCHEMA = "neurovision.features"
+FEATURES_SCHEMA_VERSION = 1
+
+
+def _yaml_key(cls: str, field: str) -> str:
+    return f"init_args.{field} of the {cls} network"
+
+
+def _check_checkpoint(cls: str, model_name: str, checkpoint: str | None, what: str) -> None:
+    """A trained network needs an existing local ``checkpoint`` (errors name the YAML key; nothing is
+    downloaded; ``trained: false`` is the randomly initialised control and needs none)."""
+    if checkpoint is None:
+        raise ValueError(f"{cls}({model_name}): trained=True needs a local {what} (set "
+                         f"`{_yaml_key(cls, 'checkpoint')}`), or set trained: false for the randomly initialised "
+                         "control")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{what} not found: {checkpoint} (set `{_yaml_key(cls, 'checkpoint')}` to a local "
+                                "file; nothing is downloaded)")
+
+
+def _check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return modality
+
+
+def _pool(t: torch.Tensor, batch: int, mask: torch.Tensor | None = None, channels_last: bool = False
+          ) -> torch.Tensor:
+    """A hooked activation -> (B, D): mean over spatial dims (NCHW, or NHWC when ``channels_last``) or over
+    tokens (NLD; only where ``mask`` is true when given); (B, D) passes through."""
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"hooked module returned {type(t).__name__}, not a tensor")
+    t = t.float()
+    if t.ndim == 2:
+        return t
+    if t.ndim == 3:
+        if t.shape[0] != batch and t.shape[1] == batch:  # sequence-first (L, B, D)
+            t = t.transpose(0, 1)
+        if mask is not None and mask.shape == t.shape[:2]:
+            m = mask.to(t.dtype).unsqueeze(-1)
+            return (t * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return t.mean(1)
+    if t.ndim == 4:
+        return t.mean((1, 2)) if channels_last else t.mean((2, 3))
+    return t.reshape(t.shape[0], t.shape[1], -1).mean(-1)
+
+
+class _Hooks:
+    """Forward hooks on named modules for the duration of a ``with`` block; outputs land in ``.out``."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        self.out: dict[str, Any] = {}
+        self._handles = []
+        for name in names:
+            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Any:
+        def fn(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.out[name] = output
+        return fn
+
+    def __enter__(self) -> _Hooks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _check_module_names(model: torch.nn.Module, names: Sequence[str], owner: str) -> None:
+    known = {n for n, _ in model.named_modules() if n}
+    missing = [n for n in names if n not in known]
+    if missing:
+        sample = sorted(known, key=lambda s: (s.count("."), s))[:20]
+        raise ValueError(f"{owner}: no module named {missing} in the model (module names look like "
+                         f"{sample} ...)")
+
+
+def _images(batch: dict[str, Any], owner: str) -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) of a batch -> float (B, 3, H, W) in [0, 1]."""
+    frames = batch.get("frames")
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 4 \
+            or frames.shape[-1] != 3:
+        got = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"{owner}: batch['frames'] must be a uint8 tensor (B, H, W, 3), got {got}")
+    return frames.permute(0, 3, 1, 2).float() / 255.0
+
+
+def _sentences(batch: dict[str, Any], owner: str) -> list[str]:
+    s = batch.get("sentences")
+    if s is None or isinstance(s, str):
+        raise ValueError(f"{owner}: batch['sentences'] must be a list of strings, got {type(s).__name__}")
+    return [str(x) for x in s]
+
+
+def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------- networks
+class FeatureNetwork(torch.nn.Module):
+    """Common interface of the feature networks (see the module docstring)."""
+
+    modality: Modality
+    layers: list[str]
+
+    @property
+    def model_id(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup_store(self, store: EventStore) -> None:
+        """Called once with the events store before extraction (default: nothing to do)."""
+
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class OpenClipNetwork(FeatureNetwork):
+    """An ``open_clip`` CLIP model as a vision, language or multimodal feature space.
+
+    Layer ``"embedding"`` is the L2-normalised image embedding (vision), text embedding (language) or, for
+    ``multimodal``, a fused feature of the event's (frame, sentence) pair: ``concat`` [img, txt], ``product``
+    img * txt (its sum is the CLIP cosine similarity, the image-text agreement a linear readout can then
+    weigh), or ``concat_product`` [img, txt, img * txt]. Other ``layers`` are module names (e.g.
+    ``"visual.transformer.resblocks.3"``, ``"transformer.resblocks.1"``) whose outputs are captured by forward
+    hooks and mean-pooled over tokens (text: over non-padding tokens) or spatial positions; in ``multimodal``
+    mode a hooked layer is that of its own tower (the vision tower sees the frame, the text tower the
+    sentence), unfused.
+
+    Args:
+        model_name: an open_clip architecture (``ViT-B-16``, ...), or the name to give ``model_config``.
+        checkpoint: a local open_clip checkpoint (state dict file); needed when ``trained``.
+        model_config: an open_clip model config JSON (a custom, e.g. tiny, architecture).
+        trained: ``False``: the same architecture randomly initialised (seeded by ``seed``), whatever the
+            checkpoint (the random-initialisation control).
+        modality: which feature space (see above).
+        fusion: how ``multimodal`` combines the image and text embeddings.
+        layers: feature layers (default ``["embedding"]``).
+        seed: seed of the random initialisation.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        checkpoint: str | None = None,
+        model_config: str | None = None,
+        trained: bool = True,
+        modality: Literal["vision", "language", "multimodal"] = "multimodal",
+        fusion: Literal["concat", "product", "concat_product"] = "concat_product",
+        layers: list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        import open_clip
+
+        self.model_name = model_name
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.model_config = None if model_config is None else str(model_config)
+        self.trained = bool(trained)
+        self.modality = _check_modality(modality)  # type: ignore[assignment]
+        if fusion not in ("concat", "product", "concat_product"):
+            raise ValueError(f"fusion must be concat, product or concat_product, got {fusion!r}")
+        self.fusion = fusion
+        self.layers = list(layers) if layers else ["embedding"]
+        self.seed = int(seed)
+        if self.trained:
+            _check_checkpoint("OpenClipNetwork", model_name, self.checkpoint, "open_clip checkpoint")
+        arch, cfg, pp_override = resolve_clip_arch(model_name, self.model_config,
+                                                   _yaml_key("OpenClipNetwork", "model_config"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = open_clip.create_model(arch, pretrained=self.checkpoint if self.trained else None,
+                                           force_preprocess_cfg=pp_override or None, device="cpu")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.pad_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        self.preprocess_cfg: dict[str, Any] = dict(open_clip.get_model_preprocess_cfg(model))
+        self._hooked = [name for name in self.layers if name != "embedding"]
+        _check_module_names(self.model, self._hooked, f"OpenClipNetwork({model_name})")
+        self._tower = {n: ("vision" if n.split(".")[0] == "visual" else "language") for n in self._hooked}
+        for n, tower in self._tower.items():
+            if self.modality != "multimodal" and tower != self.modality:
+                raise ValueError(f"OpenClipNetwork: layer {n!r} is in the {tower} tower, which modality "
+                                 f"{self.modality!r} does not run")
+        weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained else f"random-seed{self.seed}"
+        pp = self.preprocess_cfg
+        size = pp["size"] if isinstance(pp["size"], int) else "x".join(str(s) for s in pp["size"])
+        fusion_id = f"|fusion={self.fusion}" if self.modality == "multimodal" else ""
+        self._id = (f"OpenClipNetwork:{model_name}|arch={_json_digest(cfg)[:12]}|weights={weights}"
+                    f"|modality={self.modality}{fusion_id}|layers={','.join(self.layers)}"
+                    f"|pp={size}px,{pp.get('interpolation')},{pp.get('resize_mode')},"
+                    f"mean={_fmt(pp['mean'])},std={_fmt(pp['std'])}")
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.preprocess_cfg["size"]
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> the normalised input of the vision tower, on the model's device."""
+        x = _images({"frames": frames}, "OpenClipNetwork").to(_device_of(self.model))
+        pp = self.preprocess_cfg
+        x = resize_images(x, self.image_size, pp.get("interpolation", "bicubic"), pp.get("resize_mode", "shortest"),
+                          float(pp.get("fill_color", 0)) / 255.0).clamp_(0, 1)
+        return _normalise(x, pp["mean"], pp["std"])
+
+    def fuse(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """The multimodal pair feature of (normalised) image and text embeddings."""
+        if self.fusion == "concat":
+            return torch.cat([img, txt], 1)
+        if self.fusion == "product":
+            return img * txt
+        return torch.cat([img, txt, img * txt], 1)
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = _device_of(self.model)
+        img = txt = tokens = None
+        n = 0
+        with _Hooks(self.model, self._hooked) as hooks:
+            if self.modality in ("vision", "multimodal"):
+                x = self.preprocess(batch["frames"] if "frames" in batch else None)  # type: ignore[arg-type]
+                n = x.shape[0]
+                img = self.model.encode_image(x, normalize=True).float()
+            if self.modality in ("language", "multimodal"):
+                sentences = _sentences(batch, "OpenClipNetwork")
+                n = len(sentences)
+                tokens = self.tokenizer(sentences).to(device)
+                txt = self.model.encode_text(tokens, normalize=True).float()
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            if name == "embedding":
+                out[name] = img if txt is None else txt if img is None else self.fuse(img, txt)  # type: ignore
+                continue
+            if name not in hooks.out:
+                raise RuntimeError(f"OpenClipNetwork: layer {name!r} was not run by encode_image/encode_text")
+            mask = (tokens != self.pad_id) if (self._tower[name] == "language" and tokens is not None) else None
+            out[name] = _pool(hooks.out[name], n, mask)
+        return out
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a state dict (found {type(sd).__name__})")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+class TimmVisionNetwork(FeatureNetwork):
+    """A ``timm`` image model (BEiT, ConvNeXt, ResNet, ...) as a vision feature space.
+
+    ``timm.create_model(model_name, pretrained=False, num_classes=0)``, weights from a local state-dict file
+    (``.pth``/``.bin``/``.safetensors``; classifier keys the headless model lacks are ignored, any missing
+    key is an error) when ``trained``, else seeded random initialisation. Frames are resized (shortest side
+    to ``image_size``, centre crop) with the model's interpolation and normalised with its mean/std.
+
+    Layer ``"pooled"`` (default) is the model's pooled output (pre-logits); other layers are module names
+    (e.g. ``"layer3"``, ``"stages.2"``, ``"blocks.5"``) captured by forward hooks and mean-pooled over
+    spatial positions (NCHW, or NHWC for models whose ``output_fmt`` is NHWC) or tokens (NLD).
+    """
+
+    modality: Modality = "vision"
+
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint: str | None = None,
+        trained: bool = True,
+        layers: list[str] | None = None,
+        image_size: int = 224,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        self.model_name = model_name
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.trained = bool(trained)
+        self.layers = list(layers) if layers else ["pooled"]
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.modality = "vision"
+        if self.trained:
+            _check_checkpoint("TimmVisionNetwork", model_name, self.checkpoint, "timm state-dict file")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        if self.trained:
+            sd = _load_state_dict(self.checkpoint)  # type: ignore[arg-type]
+            own = model.state_dict()
+            missing = [k for k in own if k not in sd]
+            if missing:
+                raise ValueError(f"{self.checkpoint}: state dict lacks {len(missing)} weights of timm model "
+                                 f"{model_name} (e.g. {missing[:5]}); wrong architecture?")
+            extra = [k for k in sd if k not in own]
+            if extra:
+                log.info("%s: ignoring %d weights the headless %s lacks (e.g. %s)", self.checkpoint, len(extra),
+                         model_name, extra[:3])
+            model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+        self.model = model.eval().requires_grad_(False)
+        self._hooked = [n for n in self.layers if n != "pooled"]
+        _check_module_names(self.model, self._hooked, f"TimmVisionNetwork({model_name})")
+        self._channels_last = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+        cfg = timm.data.resolve_model_data_config(model)
+        self.mean = tuple(float(v) for v in cfg["mean"])
+        self.std = tuple(float(v) for v in cfg["std"])
+        self.interpolation = str(cfg.get("interpolation", "bicubic"))
+        weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained else f"random-seed{self.seed}"
+        self._id = (f"TimmVisionNetwork:{model_name}|weights={weights}|layers={','.join(self.layers)}"
+                    f"|pp={self.image_size}px,{self.interpolation},shortest,mean={_fmt(self.mean)},"
+                    f"std={_fmt(self.std)}")
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        x = _images({"frames": frames}, "TimmVisionNetwork").to(_device_of(self.model))
+        x = resize_images(x, self.image_size, self.interpolation, "shortest").clamp_(0, 1)
+        return _normalise(x, self.mean, self.std)
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x = self.preprocess(batch.get("frames"))  # type: ignore[arg-type]
+        with _Hooks(self.model, self._hooked) as hooks:
+            pooled = self.model(x)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            out[name] = pooled.float() if name == "pooled" else _pool(hooks.out[name], x.shape[0],
+                                                                      channels_last=self._channels_last)
+        return out
+
+
+_HIDDEN = re.compile(r"^hidden_states\.(-?\d+)$")
+
+
+class HFTextNetwork(FeatureNetwork):
+    """A Hugging Face text model (BERT, GPT-2, Llama, ...) from a local folder as a language feature space.
+
+    ``AutoTokenizer`` + ``AutoModel`` with ``local_files_only=True``; ``trained=False`` builds the same
+    architecture from its config, randomly initialised (seeded). Layers: ``"last"`` (the last hidden state,
+    default) or ``"hidden_states.{k}"`` (the k-th hidden state; 0 = the embeddings), pooled over the
+    non-padding tokens (``mean``) or taken at the first token (``cls``). Sentences are truncated to
+    ``max_length`` tokens and right-padded.
+    """
+
+    modality: Modality = "language"
+
+    def __init__(
+        self,
+        path: str,
+        trained: bool = True,
+        layers: list[str] | None = None,
+        pooling: Literal["mean", "cls"] = "mean",
+        max_length: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.path = str(path)
+        self.trained = bool(trained)
+        self.layers = list(layers) if layers else ["last"]
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.seed = int(seed)
+        self.modality = "language"
+        p = Path(self.path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"Hugging Face model folder not found (no config.json): {self.path} (set "
+                                    f"`{_yaml_key('HFTextNetwork', 'path')}` to a local from_pretrained folder; "
+                                    "nothing is downloaded)")
+        self.tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.trained:
+                model = AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32)
+            else:
+                model = AutoModel.from_config(config)
+        self.model = model.float().eval().requires_grad_(False)
+        n_hidden = int(getattr(config, "num_hidden_layers", 0)) + 1
+        for name in self.layers:
+            m = _HIDDEN.match(name)
+            if name != "last" and (m is None or not -n_hidden <= int(m.group(1)) < n_hidden):
+                raise ValueError(f"HFTextNetwork({self.path}): layer {name!r} is not 'last' or "
+                                 f"'hidden_states.k' with -{n_hidden} <= k < {n_hidden}")
+        self._inputs = set(inspect.signature(self.model.forward).parameters)
+        arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
+        tok = _json_digest({f.name: file_digest(f) for f in sorted(p.iterdir())
+                            if f.is_file() and ("tok" in f.name or f.name in ("vocab.txt", "merges.txt", "vocab.json"))})[:12]
+        self._id = (f"HFTextNetwork:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
+                    f"|tokenizer={tok}|layers={','.join(self.layers)}|pooling={self.pooling}"
+                    f"|max_length={self.max_length}")
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        sentences = _sentences(batch, "HFTextNetwork")
+        enc = self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        device = _device_of(self.model)
+        inputs = {k: v.to(device) for k, v in enc.items() if k in self._inputs}
+        res = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        mask = enc["attention_mask"].to(device)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            h = res.last_hidden_state if name == "last" else res.hidden_states[int(name.split(".")[1])]
+            h = h.float()
+            if self.pooling == "cls":
+                out[name] = h[:, 0]
+            else:
+                m = mask.to(h.dtype).unsqueeze(-1)
+                out[name] = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return out
+
+
+class PhantomOracle(FeatureNetwork):
+    """The perfect feature space of the phantom SEEG source, to validate the statistics pipeline.
+
+    The phantom plants its site responses on concepts it stores as annotations: ``frame_concepts`` (per
+    frame, the presence of each of K concepts in what is shown) and ``sentence_concepts`` (per sentence, the
+    concepts it names). This "network" returns them exactly: ``vision`` -> the frame's concepts (K),
+    ``language`` -> the sentence's concepts (K), ``multimodal`` -> [v, l, v * l] (3K; the product is the
+    agreement of what is shown and what is said). An encoding pipeline fed these features must recover the
+    planted sites; one that cannot has a bug. Single layer ``"concepts"``.
+    """
+
+    def __init__(self, modality: Literal["vision", "language", "multimodal"]) -> None:
+        super().__init__()
+        self.modality = _check_modality(modality)  # type: ignore[assignment]
+        self.layers = ["concepts"]
+        self._frame: torch.Tensor | None = None
+        self._sentence: torch.Tensor | None = None
+
+    @property
+    def model_id(self) -> str:
+        return f"PhantomOracle|modality={self.modality}|layers=concepts"
+
+    def setup_store(self, store: EventStore) -> None:
+        def load(kind: str, n: int) -> torch.Tensor:
+            if kind not in store.annotation_kinds:
+                raise KeyError(f"{store.path}: PhantomOracle needs annotations {kind!r}, which this events store "
+                               f"lacks (has {store.annotation_kinds}); it works on phantom SEEG stores only")
+            rows = store.annotations(kind)
+            if len(rows) != n:
+                raise ValueError(f"{store.path}: annotations {kind!r} have {len(rows)} rows for {n} items")
+            try:
+                return torch.as_tensor(np.asarray(rows, dtype=np.float32).reshape(n, -1))
+            except ValueError as e:
+                raise ValueError(f"{store.path}: annotations {kind!r} are not equal-length lists of numbers") from e
+
+        self._frame = load("frame_concepts", len(store.frame_keys)) if self.modality != "language" else None
+        self._sentence = load("sentence_concepts", len(store.sentences)) if self.modality != "vision" else None
+        if self._frame is not None and self._sentence is not None and self._frame.shape[1] != self._sentence.shape[1]:
+            raise ValueError(f"{store.path}: frame_concepts have {self._frame.shape[1]} concepts, sentence_concepts "
+                             f"{self._sentence.shape[1]}")
+
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if (self.modality != "language" and self._frame is None) or (self.modality != "vision"
+                                                                       and self._sentence is None):
+            raise RuntimeError("PhantomOracle: call setup_store(store) before extract")
+        parts = []
+        if self._frame is not None:
+            fi = batch["frame_index"]
+            parts.append(self._frame[fi.cpu().long()].to(fi.device))
+        if self._sentence is not None:
+            si = batch["sentence_index"]
+            parts.append(self._sentence[si.cpu().long()].to(si.device))
+        if len(parts) == 2:
+            parts.append(parts[0] * parts[1])
+        return {"concepts": torch.cat(parts, 1)}
+
+
+# --------------------------------------------------------------------------------------------- items
+def stimulus_items(store: EventStore, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """The unique items the events of every subject and event set of ``store`` need, as (frame_index,
+    sentence_index) int64 arrays (-1 where the modality does not use it), sorted (pairs lexicographically)."""
+    _check_modality(modality)
+    frames, sentences = [], []
+    for subject in store.subject_names:
+        for es in store.event_sets(subject):
+            ev = store.events(subject, es)
+            frames.append(np.asarray(ev.frame, dtype=np.int64))
+            sentences.append(np.asarray(ev.sentence, dtype=np.int64))
+    f = np.concatenate(frames) if frames else np.zeros(0, np.int64)
+    s = np.concatenate(sentences) if sentences else np.zeros(0, np.int64)
+    if modality == "vision":
+        u = np.unique(f)
+        return u, np.full_like(u, -1)
+    if modality == "language":
+        u = np.unique(s)
+        return np.full_like(u, -1), u
+    pairs = np.unique(np.stack([f, s], 1), axis=0) if len(f) else np.zeros((0, 2), np.int64)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+class _ItemDataset(Dataset):
+    def __init__(self, store: EventStore, modality: str, frame_index: np.ndarray, sentence_index: np.ndarray):
+        self.store, self.modality = store, modality
+        self.frame_index, self.sentence_index = frame_index, sentence_index
+
+    def __len__(self) -> int:
+        return len(self.frame_index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        f, s = int(self.frame_index[i]), int(self.sentence_index[i])
+        item: dict[str, Any] = {"frame_index": torch.tensor(f), "sentence_index": torch.tensor(s)}
+        if self.modality != "language":
+            item["frames"] = torch.from_numpy(np.ascontiguousarray(self.store.h5["stimuli/frames"][f]))
+        if self.modality != "vision":
+            item["sentences"] = self.store.sentences[s]
+        return item
+
+
+class StimulusDataModule(L.LightningDataModule):
+    """The unique stimulus items of an events store, for ``Trainer.predict``.
+
+    Its predict dataloader yields batches ``{"frames": uint8 (B, H, W, 3)`` (not for language),
+    ``"sentences": list[str]`` (not for vision), ``"frame_index"``, ``"sentence_index"`` (long (B,), -1 when
+    unused)``}`` over the unique frames (vision), sentences (language) or (frame, sentence) pairs
+    (multimodal) that the events of all subjects and event sets use, in sorted order. The store is opened on
+    first use, not in ``__init__``.
+    """
+
+    def __init__(self, store: str | os.PathLike[str], modality: Literal["vision", "language", "multimodal"],
+                 batch_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        self.store_path = Path(store)
+        if not self.store_path.is_file():
+            raise FileNotFoundError(f"{self.store_path}: events store does not exist (run `neurovision prepare`)")
+        self.modality = _check_modality(modality)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._store: EventStore | None = None
+        self._items: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            self._store = EventStore(self.store_path)
+        return self._store
+
+    @property
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frame_index, sentence_index) of the items, in the order the dataloader yields them."""
+        if self._items is None:
+            self._items = stimulus_items(self.store, self.modality)
+        return self._items
+
+    def setup(self, stage: str | None = None) -> None:
+        self.items  # noqa: B018  (opens the store and lists the items)
+
+    def predict_dataloader(self) -> DataLoader:
+        f, s = self.items
+        return DataLoader(_ItemDataset(self.store, self.modality, f, s), batch_size=self.batch_size,
+                          shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=False)
+
+
+class FeatureExtractor(L.LightningModule):
+    """Runs a feature network in ``Trainer.predict``; each step returns ``{"frame_index", "sentence_index",
+    "features": {layer: float32 (B, D) on the CPU}}``. The network gets ``setup_store`` with the datamodule's
+    store (when it has one) at setup."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        store = getattr(dm, "store", None)
+        if isinstance(store, EventStore) and hasattr(self.network, "setup_store"):
+            self.network.setup_store(store)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        feats = self.network.extract(batch)
+        n = len(batch["frame_index"])
+        out: dict[str, torch.Tensor] = {}
+        for name in self.network.layers:
+            if name not in feats:
+                raise RuntimeError(f"{type(self.network).__name__}.extract returned no layer {name!r}")
+            v = feats[name]
+            if v.ndim != 2 or v.shape[0] != n:
+                raise RuntimeError(f"{type(self.network).__name__}: layer {name!r} has shape {tuple(v.shape)}, "
+                                   f"expected ({n}, D)")
+            out[name] = v.detach().float().cpu()
+        return {"frame_index": batch["frame_index"].detach().cpu(),
+                "sentence_index": batch["sentence_index"].detach().cpu(), "features": out}
+
+
+# --------------------------------------------------------------------------------------------- table
+class FeatureTable:
+    """Features of the unique stimulus items of a store, for one network (and projection)."""
+
+    def __init__(self, model_id: str, modality: str, frame_index: np.ndarray, sentence_index: np.ndarray,
+                 features: dict[str, np.ndarray], projection: dict[str, Any] | None = None) -> None:
+        self.model_id, self.modality = model_id, _check_modality(modality)
+        self.frame_index = np.asarray(frame_index, dtype=np.int64)
+        self.sentence_index = np.asarray(sentence_index, dtype=np.int64)
+        self.features = dict(features)
+        self.projection = dict(projection or {"kind": "none"})
+        n = len(self.frame_index)
+        for name, x in self.features.items():
+            if x.ndim != 2 or x.shape[0] != n:
+                raise ValueError(f"layer {name!r}: shape {x.shape}, expected ({n}, D)")
+        key = self._keys(self.frame_index, self.sentence_index)
+        self._order = np.argsort(key, kind="stable")
+        self._sorted = key[self._order]
+        if len(self._sorted) > 1 and (np.diff(self._sorted) == 0).any():
+            raise ValueError("FeatureTable: duplicate items")
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.features)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.frame_index)
+
+    def dim(self, layer: str | None = None) -> int:
+        return int(self.features[self._layer(layer)].shape[1])
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        return self.features[self._layer(layer)]
+
+    def __repr__(self) -> str:
+        dims = {k: v.shape[1] for k, v in self.features.items()}
+        return f"FeatureTable({self.model_id}, {self.n_items} {self.modality} items, dims={dims})"
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None:
+            if len(self.features) != 1:
+                raise ValueError(f"{self.model_id}: several layers {self.layers}; name one")
+            return next(iter(self.features))
+        if layer not in self.features:
+            raise KeyError(f"{self.model_id}: no layer {layer!r} (has {self.layers})")
+        return layer
+
+    def _keys(self, frame: np.ndarray, sentence: np.ndarray) -> np.ndarray:
+        if self.modality == "vision":
+            return frame
+        if self.modality == "language":
+            return sentence
+        return frame * (1 << 32) + sentence
+
+    def rows(self, frame: np.ndarray, sentence: np.ndarray) -> np.ndarray:
+        """Row of each event's item (KeyError naming the first item without features)."""
+        frame = np.asarray(frame, dtype=np.int64).reshape(-1)
+        sentence = np.asarray(sentence, dtype=np.int64).reshape(-1)
+        if self.modality == "multimodal" and len(frame) != len(sentence):
+            raise ValueError(f"frame ({len(frame)}) and sentence ({len(sentence)}) differ in length")
+        key = self._keys(frame, sentence)
+        pos = np.clip(np.searchsorted(self._sorted, key), 0, max(len(self._sorted) - 1, 0))
+        ok = (self._sorted[pos] == key) if len(self._sorted) else np.zeros(len(key), bool)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            item = {"vision": f"frame {frame[i]}", "language": f"sentence {sentence[i]}",
+                    "multimodal": f"(frame {frame[i]}, sentence {sentence[i]})"}[self.modality]
+            raise KeyError(f"{self.model_id}: no features for {item} (event {i}); the table covers "
+                           f"{self.n_items} items")
+        return self._order[pos]
+
+    def event_features(self, frame: np.ndarray, sentence: np.ndarray, layer: str | None = None) -> np.ndarray:
+        """(E, D) features of events given their frame and sentence indices (vision uses the frame, language
+        the sentence, multimodal the pair)."""
+        return self.features[self._layer(layer)][self.rows(frame, sentence)]
+
+
+# --------------------------------------------------------------------------------------------- cache
+def _store_fingerprint(store: EventStore) -> str:
+    fp = str(store.attrs.get("fingerprint") or "")
+    if fp:
+        return fp
+    st = store.path.stat()
+    return f"file:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _entry_name(model_id: str, projection: dict[str, Any], fingerprint: str) -> str:
+    return _json_digest({"model_id": model_id, "projection": projection, "store": fingerprint})[:32]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, Any], fingerprint: str,
+                items: tuple[np.ndarray, np.ndarray], layers: Sequence[str], quiet: bool = False
+                ) -> dict[str, np.ndarray] | None:
+    """The layers of a valid cache entry, or None (with a warning saying why, unless ``quiet``)."""
+    if not path.exists():
+        return None
+
+    def stale(why: str) -> None:
+        if not quiet:
+            log.warning("%s: cached features of %s are unusable (%s); recomputing", path, model_id, why)
+
+    try:
+        with h5py.File(path, "r") as f:
+            if _plain(f.attrs.get("schema")) != FEATURES_SCHEMA or \
+                    int(_plain(f.attrs.get("schema_version", -1))) != FEATURES_SCHEMA_VERSION:
+                stale(f"not a {FEATURES_SCHEMA} file of schema version {FEATURES_SCHEMA_VERSION}")
+                return None
+            if name not in f.get("entries", {}):
+                return None
+            g = f["entries"][name]
+            a = g.attrs
+            if not bool(a.get("complete", False)):
+                stale("incomplete entry")
+                return None
+            if _plain(a.get("model_id")) != model_id:
+                stale(f"model id {_plain(a.get('model_id'))!r}")
+                return None
+            if _plain(a.get("store_fingerprint")) != fingerprint:
+                stale("written for another version of the store")
+                return None
+            if json.loads(_plain(a.get("projection", "{}"))) != projection:
+                stale("another projection")
+                return None
+            fi, si = g["frame_index"][:], g["sentence_index"][:]
+            if not (np.array_equal(fi, items[0]) and np.array_equal(si, items[1])):
+                stale(f"its {len(fi)} items differ from the store's {len(items[0])}")
+                return None
+            out: dict[str, np.ndarray] = {}
+            for layer in layers:
+                key = f"layers/{layer}"
+                if key not in g:
+                    stale(f"layer {layer!r} missing")
+                    return None
+                x = g[key][()]
+                if x.ndim != 2 or x.shape[0] != len(fi) or not np.isfinite(x).all():
+                    stale(f"layer {layer!r} has shape {x.shape} or non-finite values")
+                    return None
+                out[layer] = x
+            return out
+    except (OSError, KeyError, ValueError) as e:
+        stale(f"unreadable: {e}")
+        return None
+
+
+def _write_entries(path: Path, new: dict[str, dict[str, Any]], store: EventStore, fingerprint: str) -> None:
+    """Write ``new`` entries (name -> {attrs, items, layers}) and copy the other valid ones, atomically."""
+    store_path = str(store.path.resolve())
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
+        out.attrs["schema"], out.attrs["schema_version"] = FEATURES_SCHEMA, FEATURES_SCHEMA_VERSION
+        entries = out.create_group("entries")
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as f:
+                    if _plain(f.attrs.get("schema")) == FEATURES_SCHEMA:
+                        for name, g in f.get("entries", {}).items():
+                            a = g.attrs
+                            if name in new or not bool(a.get("complete", False)):
+                                continue
+                            if _plain(a.get("store")) == store_path and \
+                                    _plain(a.get("store_fingerprint")) != fingerprint:
+                                log.info("%s: pruning %s (features of an earlier version of %s)", path,
+                                         _plain(a.get("model_id")), store_path)
+                                continue
+                            f.copy(g, entries, name=name)
+            except OSError as e:
+                log.warning("%s: unreadable feature cache (%s); starting a new one", path, e)
+        for name, e in new.items():
+            g = entries.create_group(name)
+            g.attrs["complete"] = False
+            g.create_dataset("frame_index", data=e["items"][0].astype(np.int64))
+            g.create_dataset("sentence_index", data=e["items"][1].astype(np.int64))
+            lg = g.create_group("layers")
+            for layer, x in e["layers"].items():
+                if "/" in layer:
+                    raise ValueError(f"layer name {layer!r} contains '/'")
+                n, d = x.shape
+                rows = int(max(1, min(n, (1 << 20) // max(1, d * 4))))
+                ds = lg.create_dataset(layer, data=x.astype(np.float32), chunks=(rows, d) if n else None)
+                ds.attrs["layer"] = layer
+                ds.attrs["input_dim"] = int(e["input_dims"].get(layer, d))
+                ds.attrs["projected"] = bool(e["input_dims"].get(layer, d) != d)
+            g.attrs["model_id"] = e["model_id"]
+            g.attrs["modality"] = e["modality"]
+            g.attrs["layers"] = json.dumps(list(e["layers"]))
+            g.attrs["projection"] = json.dumps(e["projection"], sort_keys=True)
+            g.attrs["store"] = store_path
+            g.attrs["store_fingerprint"] = fingerprint
+            g.attrs["n_items"] = len(e["items"][0])
+            g.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+            g.attrs["complete"] = True
+
+
+def _project(features: dict[str, np.ndarray], n_items: int, eps: float, seed: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Seeded sparse JL projection of each layer whose dim exceeds ``johnson_lindenstrauss_min_dim``."""
+    from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+
+    k = int(johnson_lindenstrauss_min_dim(max(n_items, 1), eps=eps))
+    out, dims = {}, {}
+    for layer, x in features.items():
+        dims[layer] = x.shape[1]
+        if k < x.shape[1] and n_items > 0:
+            rp = SparseRandomProjection(n_components=k, random_state=seed, dense_output=True)
+            out[layer] = np.asarray(rp.fit_transform(x.astype(np.float64)), dtype=np.float32)
+        else:
+            out[layer] = x
+    return out, dims
+
+
+def _run_network(dm: StimulusDataModule, network: torch.nn.Module, accelerator: str, devices: Any,
+                 progress: bool) -> dict[str, np.ndarray]:
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator=accelerator, devices=devices,
+                        enable_progress_bar=progress, enable_model_summary=False, num_nodes=1)
+    if trainer.world_size != 1:
+        raise ValueError(f"extract_features runs on one device (got devices={devices!r}, world size "
+                         f"{trainer.world_size})")
+    outputs = trainer.predict(FeatureExtractor(network), datamodule=dm, return_predictions=True) or []
+    fi, si = dm.items
+    if not outputs:
+        raise ValueError(f"{dm.store_path}: no {dm.modality} items to extract (no events?)")
+    got_f = torch.cat([o["frame_index"] for o in outputs]).numpy()
+    got_s = torch.cat([o["sentence_index"] for o in outputs]).numpy()
+    if not (np.array_equal(got_f, fi) and np.array_equal(got_s, si)):
+        raise RuntimeError("feature extraction returned the items out of order")
+    feats = {layer: torch.cat([o["features"][layer] for o in outputs]).numpy() for layer in network.layers}
+    for layer, x in feats.items():
+        if not np.isfinite(x).all():
+            raise ValueError(f"{getattr(network, 'model_id', network)}: layer {layer!r} has NaN/inf features")
+    return feats
+
+
+def extract_features(
+    store: str | Path,
+    network: torch.nn.Module,
+    cache: str | Path,
+    *,
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    projection: Literal["none", "sparse_jl"] = "none",
+    jl_eps: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> FeatureTable:
+    """Features of every item the events of ``store`` need, from ``network``, cached in ``cache`` (HDF5).
+
+    Runs ``lightning.Trainer.predict`` (on ``accelerator``/``devices``, one device) over a
+    :class:`StimulusDataModule` unless the cache holds a valid entry for (network id, projection, store
+    fingerprint). ``projection="sparse_jl"`` maps each layer with a seeded
+    :class:`~sklearn.random_projection.SparseRandomProjection` to ``johnson_lindenstrauss_min_dim(n_items,
+    eps=jl_eps)`` dims when that is fewer than the layer's (the raw features are cached too, so another
+    projection does not re-run the network).
+    """
+    if projection not in ("none", "sparse_jl"):
+        raise ValueError(f"projection must be 'none' or 'sparse_jl', got {projection!r}")
+    if projection == "sparse_jl" and not 0 < jl_eps < 1:
+        raise ValueError(f"jl_eps must be in (0, 1), got {jl_eps}")
+    model_id = getattr(network, "model_id", None)
+    modality = getattr(network, "modality", None)
+    layers = list(getattr(network, "layers", []) or [])
+    if not isinstance(model_id, str) or modality not in MODALITIES or not layers:
+        raise TypeError(f"{type(network).__name__} is not a feature network (needs model_id, modality, layers)")
+    dm = StimulusDataModule(store, modality, batch_size=batch_size, num_workers=num_workers)
+    es = dm.store
+    fingerprint = _store_fingerprint(es)
+    items = dm.items
+    path = Path(cache)
+    raw_p: dict[str, Any] = {"kind": "none"}
+    proj_p: dict[str, Any] = raw_p if projection == "none" else {"kind": "sparse_jl", "eps": float(jl_eps),
+                                                                 "seed": int(seed)}
+    raw_name = _entry_name(model_id, raw_p, fingerprint)
+    name = _entry_name(model_id, proj_p, fingerprint)
+    kw = dict(model_id=model_id, fingerprint=fingerprint, items=items, layers=layers)
+
+    def table(feats: dict[str, np.ndarray]) -> FeatureTable:
+        return FeatureTable(model_id, modality, items[0], items[1], feats, proj_p)
+
+    hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
+    if hit is not None:
+        return table(hit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        hit = _read_entry(path, name, projection=proj_p, quiet=True, **kw)  # type: ignore[arg-type]
+        if hit is not None:  # another process wrote it while we waited
+            return table(hit)
+        raw = _read_entry(path, raw_name, projection=raw_p, quiet=True, **kw)  # type: ignore[arg-type]
+        new: dict[str, dict[str, Any]] = {}
+        base = {"model_id": model_id, "modality": modality, "items": items}
+        if raw is None:
+            raw = _run_network(dm, network, accelerator, devices, progress)
+            new[raw_name] = {**base, "projection": raw_p, "layers": raw, "input_dims": {}}
+        feats = raw
+        if projection == "sparse_jl":
+            feats, dims = _project(raw, len(items[0]), jl_eps, seed)
+            new[name] = {**base, "projection": proj_p, "layers": feats, "input_dims": dims}
+        _write_entries(path, new, es, fingerprint)
+    return table(feats)
+
+
+def cache_entries(cache: str | Path) -> Iterator[dict[str, Any]]:
+    """Attributes of every entry of a feature cache (``model_id``, ``projection``, ``store``, ...)."""
+    path = Path(cache)
+    if not path.exists():
+        return
+    with h5py.File(path, "r") as f:
+        for name, g in f.get("entries", {}).items():
+            a = {k: _plain(v) for k, v in g.attrs.items()}
+            a["name"] = name
+            a["dims"] = {k: tuple(v.shape) for k, v in g["layers"].items()} if "layers" in g else {}
+            yield a
+
+
+__all__ = [
+    "FEATURES_SCHEMA", "FEATURES_SCHEMA_VERSION", "FeatureExtractor", "FeatureNetwork",
+    "FeatureTable", "HFTextNetwork", "MODALITIES", "OpenClipNetwork", "PhantomOracle", "StimulusDataModule",
+    "TimmVisionNetwork", "cache_entries", "extract_features", "stimulus_items",
+]

@@ -1,0 +1,372 @@
+"""Cross-validated ridge from network features (events x features) to neural targets (events x sites).
+
+Conventions (Subramaniam et al., ICML 2024, encoding analysis):
+
+- Outer folds are contiguous blocks of events (never shuffled: neighbouring events are autocorrelated) or
+  whole groups (movies / trials), from :func:`blocked_folds`; the folds' test sets partition the events.
+- In every outer fold, X is z-scored and Y centred (optionally z-scored) with the training fold's statistics
+  only; no intercept is fitted beyond that. Predictions are mapped back to Y's units (``+ mean``, ``* std``),
+  which makes them equal to an intercept-fitting ridge on the z-scored features.
+- α (penalty on ``||w||²`` of ``||Xw - y||²``, scikit-learn's convention) is chosen per target by an inner
+  blocked CV on the training fold (himalaya ``RidgeCV``; score: mean squared error over the inner folds; each
+  inner fold re-centres X and Y with its own training part; ties go to the larger α), then refit on the whole
+  training fold.
+- ``r`` is Pearson's r between the out-of-fold predictions and Y over all events; 0 where either is constant.
+  For an unpredictable target it sits near -sqrt((n_folds - 1) / n_events), not 0: the training-fold means
+  added back anticorrelate with the test-fold means. ``r_folds`` (within each test fold) has no such offset.
+
+himalaya does the linear algebra: backend ``numpy`` on CPU, ``torch`` / ``torch_cuda``; ``auto`` picks
+``torch_cuda`` when CUDA is available. Its backend is a global: it is set for the duration of a call and
+restored after (not thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ALPHAS = np.logspace(-1, 5, 7)
+BACKENDS = ("auto", "numpy", "torch", "torch_cuda")
+_MEMORY_BUDGET = 1 << 30  # bytes: target the solver's largest temporaries at about this size
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class EncodingResult:
+    """Out-of-fold encoding fit.
+
+    ``predictions`` (n_events, n_targets) float32 in Y's units, or None when not asked for; ``r`` (n_targets,)
+    over all events; ``r_folds`` (n_folds, n_targets) within each test fold; ``alphas_`` (n_folds, n_targets)
+    chosen α; ``folds`` the (train, test) indices used. ``coefs`` (per fold, (n_features, n_targets)) are
+    weights on the z-scored features predicting the centred (or z-scored) Y, when asked for. Banded ridge only:
+    ``deltas_`` (n_folds, n_bands, n_targets), the log band scalings (band weight = exp(delta)).
+    """
+
+    predictions: np.ndarray | None
+    r: np.ndarray
+    r_folds: np.ndarray
+    alphas_: np.ndarray
+    folds: Folds
+    coefs: list[np.ndarray] | None = None
+    deltas_: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------------------------ folds
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def blocked_folds(n_events: int, n_folds: int = 5, groups: Sequence[Any] | np.ndarray | None = None) -> Folds:
+    """(train, test) index pairs over ``n_events`` events in their given order, never shuffled.
+
+    Without ``groups``: ``n_folds`` contiguous test blocks (sizes differ by at most one). With ``groups`` (one
+    label per event, e.g. movie or trial): leave-groups-out folds, each test set a run of whole groups in order
+    of first appearance; one fold per group when there are fewer groups than ``n_folds``. Test sets partition
+    the events; indices are sorted.
+    """
+    n_events = _check_int(n_events, "n_events", 2)
+    n_folds = _check_int(n_folds, "n_folds", 2)
+    if groups is None:
+        if n_folds > n_events:
+            raise ValueError(f"n_folds ({n_folds}) exceeds n_events ({n_events})")
+        tests = np.array_split(np.arange(n_events), n_folds)
+    else:
+        g = np.asarray(groups)
+        if g.ndim != 1 or len(g) != n_events:
+            raise ValueError(f"groups must have one label per event ({n_events}), got shape {g.shape}")
+        _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # group ids in order of first appearance
+        if len(order) < 2:
+            raise ValueError("groups must hold at least 2 distinct labels to leave groups out")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        fold_of_group = np.empty(len(order), dtype=np.int64)
+        for k, part in enumerate(np.array_split(np.arange(len(order)), min(n_folds, len(order)))):
+            fold_of_group[part] = k
+        fold = fold_of_group[rank[inverse.ravel()]]
+        tests = [np.flatnonzero(fold == k) for k in range(fold.max() + 1)]
+    everything = np.arange(n_events)
+    return [(np.setdiff1d(everything, t, assume_unique=True), t.astype(np.int64)) for t in tests]
+
+
+def _check_folds(folds: int | Folds, n_events: int, groups: Any = None) -> Folds:
+    """``folds`` as a list of (train, test) int arrays whose test sets partition the events."""
+    if isinstance(folds, (int, np.integer)) and not isinstance(folds, bool):
+        return blocked_folds(n_events, int(folds), groups)
+    try:
+        out = [(np.asarray(tr), np.asarray(te)) for tr, te in folds]
+    except (TypeError, ValueError) as e:
+        raise ValueError("folds must be an int or a list of (train, test) index arrays") from e
+    if len(out) < 2:
+        raise ValueError(f"folds must hold at least 2 (train, test) pairs, got {len(out)}")
+    seen = np.zeros(n_events, dtype=np.int64)
+    for k, (tr, te) in enumerate(out):
+        for what, a in (("train", tr), ("test", te)):
+            if a.ndim != 1 or a.size == 0:
+                raise ValueError(f"folds[{k}] has an empty or non-1-D {what} set")
+            if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_events:
+                raise ValueError(f"folds[{k}] {what} indices must be integers in [0, {n_events})")
+        if np.intersect1d(tr, te).size:
+            raise ValueError(f"folds[{k}] train and test sets overlap")
+        seen[te] += 1
+    if not np.all(seen == 1):
+        raise ValueError(f"folds: test sets must partition the {n_events} events "
+                         f"({int((seen == 0).sum())} never tested, {int((seen > 1).sum())} tested twice)")
+    return [(tr.astype(np.int64), te.astype(np.int64)) for tr, te in out]
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+def zscore_fit(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (ddof 0, float64) of training data; a constant column gets std 1.
+
+    "Constant" is std == 0 or std at rounding level (<= 1e-12 |mean|). Apply as ``(X - mean) / std``.
+    """
+    x = np.asarray(X_train, dtype=np.float64)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    std[(std == 0) | (std <= 1e-12 * np.abs(mean))] = 1.0
+    return mean, std
+
+
+def _scale(x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return ((x - mean) / std).astype(dtype, copy=False)
+
+
+def pearson_r(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
+    """Column-wise Pearson r (float64) of two (n, t) arrays; 0 where either column is constant."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(yhat, dtype=np.float64)
+    y = y - y.mean(axis=0)
+    p = p - p.mean(axis=0)
+    num = (y * p).sum(axis=0)
+    den = np.sqrt((y * y).sum(axis=0) * (p * p).sum(axis=0))
+    ok = den > 0
+    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+
+
+def center_by_fold(a: np.ndarray, folds: Folds) -> np.ndarray:
+    """``a`` (n_events, ...) with each test fold's own mean removed (float32).
+
+    Pearson r of fold-centred Y and fold-centred out-of-fold predictions is the pooled within-fold correlation:
+    it has no offset from the training-fold means added back to the predictions (see the module docstring),
+    an offset that would otherwise favour, under the null, whichever model's predictions vary more.
+    """
+    out = np.asarray(a, dtype=np.float32).copy()
+    for _, test in folds:
+        out[test] -= out[test].mean(axis=0, keepdims=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _check_matrix(a: Any, name: str, n_events: int | None = None, allow_1d: bool = False) -> np.ndarray:
+    a = np.asarray(a)
+    if allow_1d and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{name} must be a non-empty 2-D array (events x columns), got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or inf ({int((~np.isfinite(a)).sum())} entries)")
+    if n_events is not None and len(a) != n_events:
+        raise ValueError(f"{name} has {len(a)} events, expected {n_events} (as Y)")
+    return a
+
+
+def _check_alphas(alphas: Any) -> np.ndarray:
+    a = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+    if a.ndim != 1 or a.size == 0 or not np.isfinite(a).all() or (a <= 0).any():
+        raise ValueError(f"alphas must be a non-empty 1-D array of positive finite numbers, got {alphas!r}")
+    return np.unique(a)
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        import torch
+
+        return "torch_cuda" if torch.cuda.is_available() else "numpy"
+    return backend
+
+
+@contextlib.contextmanager
+def _himalaya_backend(name: str) -> Iterator[Any]:
+    from himalaya.backend import get_backend, set_backend
+
+    previous = get_backend().name
+    module = set_backend(name, on_error="raise")
+    try:
+        yield module
+    finally:
+        set_backend(previous)
+
+
+def _batches(n_targets: int, n_alphas: int, n_train: int, n_test: int, n_features: int, itemsize: int,
+             n_targets_batch: int | None, n_alphas_batch: int | None) -> tuple[int, int]:
+    """Batch sizes bounding himalaya's temporaries: (alphas, features|test, train) and (alphas, test, targets)."""
+    if n_alphas_batch is None:
+        per_alpha = max(n_features, n_test) * n_train * itemsize
+        n_alphas_batch = int(np.clip(_MEMORY_BUDGET // max(per_alpha, 1), 1, n_alphas))
+    if n_targets_batch is None:
+        per_target = n_alphas_batch * (n_test + n_features) * itemsize
+        n_targets_batch = int(np.clip(_MEMORY_BUDGET // max(per_target, 1), 1, n_targets))
+    return _check_int(n_targets_batch, "n_targets_batch", 1), _check_int(n_alphas_batch, "n_alphas_batch", 1)
+
+
+def _snap(chosen: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Chosen α (rounded by the solver's dtype) as the nearest value of the (float64) grid."""
+    d = np.abs(np.log(np.asarray(chosen, dtype=np.float64))[:, None] - np.log(grid)[None, :])
+    return grid[d.argmin(axis=1)]
+
+
+def _inner_cv(n_train: int, inner_folds: int, groups_train: np.ndarray | None) -> Folds:
+    """Contiguous (or leave-groups-out) inner folds over the positions of a training fold."""
+    if groups_train is not None and len(np.unique(groups_train)) < 2:
+        groups_train = None  # one group in the training fold: fall back to contiguous blocks
+    if groups_train is None and inner_folds > n_train:
+        raise ValueError(f"inner_folds ({inner_folds}) exceeds the training fold's {n_train} events")
+    return blocked_folds(n_train, inner_folds, groups_train)
+
+
+# ------------------------------------------------------------------------------------------------ fits
+def _prepare(Y: Any, folds: Any, groups: Any, inner_folds: int, dtype: str, backend: str,
+             n_events: int) -> tuple[np.ndarray, Folds, np.ndarray | None, str, np.dtype]:
+    Y = _check_matrix(Y, "Y", allow_1d=True)
+    if len(Y) != n_events:
+        raise ValueError(f"Y has {len(Y)} events, X has {n_events}")
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.ndim != 1 or len(groups) != n_events:
+            raise ValueError(f"groups must have one label per event ({n_events}), got shape {groups.shape}")
+    folds = _check_folds(folds, n_events, groups)
+    _check_int(inner_folds, "inner_folds", 2)
+    name = _resolve_backend(backend)
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return Y, folds, groups, name, np.dtype(dtype)
+
+
+def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.ndarray | None, alphas: np.ndarray,
+               inner_folds: int, backend: str, dtype: np.dtype, n_targets_batch: int | None,
+               n_alphas_batch: int | None, zscore_y: bool, return_predictions: bool, return_coefs: bool,
+               banded: dict[str, Any] | None) -> EncodingResult:
+    from himalaya.ridge import GroupRidgeCV, Ridge, RidgeCV
+
+    n_events, n_targets = Y.shape
+    n_features = sum(x.shape[1] for x in Xs)
+    predictions = np.empty((n_events, n_targets), dtype=np.float32)
+    r_folds = np.empty((len(folds), n_targets))
+    alphas_ = np.empty((len(folds), n_targets))
+    deltas = np.empty((len(folds), len(Xs), n_targets)) if banded is not None else None
+    coefs: list[np.ndarray] = []
+    with _himalaya_backend(backend) as bk:
+        for k, (train, test) in enumerate(folds):
+            xs_tr, xs_te = [], []
+            for x in Xs:
+                mean, std = zscore_fit(x[train])
+                xs_tr.append(_scale(x[train], mean, std, dtype))
+                xs_te.append(_scale(x[test], mean, std, dtype))
+            y_mean, y_std = zscore_fit(Y[train])
+            if not zscore_y:
+                y_std = np.ones_like(y_std)
+            y_tr = _scale(Y[train], y_mean, y_std, dtype)
+            inner = _inner_cv(len(train), inner_folds, None if groups is None else groups[train])
+            n_test_inner = max(len(te) for _, te in inner)
+            tb, ab = _batches(n_targets, len(alphas), len(train), n_test_inner, n_features, dtype.itemsize,
+                              n_targets_batch, n_alphas_batch)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Solving (banded )?ridge is slower")
+                if banded is not None:
+                    model = GroupRidgeCV(groups="input", solver="random_search", cv=inner, fit_intercept=True,
+                                         random_state=banded["seed"],
+                                         solver_params=dict(n_iter=banded["n_iter"], alphas=alphas.astype(dtype),
+                                                            concentration=banded["concentration"],
+                                                            n_targets_batch=tb, n_alphas_batch=ab,
+                                                            progress_bar=False))
+                    model.fit(xs_tr, y_tr)
+                    deltas[k] = bk.to_numpy(model.deltas_)
+                    alphas_[k] = _snap(bk.to_numpy(model.best_alphas_), alphas)
+                elif len(alphas) == 1:  # fixed α: no inner CV (data already centred)
+                    model = Ridge(alpha=float(alphas[0]), fit_intercept=False,
+                                  solver_params=dict(n_targets_batch=tb))
+                    model.fit(xs_tr[0], y_tr)
+                    alphas_[k] = alphas[0]
+                else:
+                    model = RidgeCV(alphas=alphas, cv=inner, fit_intercept=True,
+                                    solver_params=dict(n_targets_batch=tb, n_alphas_batch=ab))
+                    model.fit(xs_tr[0], y_tr)
+                    alphas_[k] = _snap(bk.to_numpy(model.best_alphas_), alphas)
+            coef = np.asarray(bk.to_numpy(model.coef_), dtype=dtype)
+            intercept = 0.0
+            if getattr(model, "fit_intercept", False):  # ~0: X and Y are already centred on the training fold
+                intercept = np.asarray(bk.to_numpy(model.intercept_), dtype=dtype)
+            x_te = xs_te[0] if len(xs_te) == 1 else np.concatenate(xs_te, axis=1)
+            pred = (x_te @ coef + intercept).astype(np.float64) * y_std + y_mean
+            predictions[test] = pred
+            r_folds[k] = pearson_r(Y[test], pred)
+            if return_coefs:
+                coefs.append(coef)
+            del model, xs_tr, xs_te, y_tr
+    return EncodingResult(predictions=predictions if return_predictions else None, r=pearson_r(Y, predictions),
+                          r_folds=r_folds, alphas_=alphas_, folds=folds, coefs=coefs if return_coefs else None,
+                          deltas_=deltas)
+
+
+def cross_validated_ridge(X: np.ndarray, Y: np.ndarray, *, folds: int | Folds, alphas: Any = DEFAULT_ALPHAS,
+                          inner_folds: int = 5, groups: Any = None, backend: str = "auto",
+                          dtype: str = "float32", n_targets_batch: int | None = None,
+                          n_alphas_batch: int | None = None, zscore_y: bool = False,
+                          return_predictions: bool = True, return_coefs: bool = False) -> EncodingResult:
+    """Out-of-fold ridge predictions of Y (events x targets) from X (events x features), α per target.
+
+    ``folds``: (train, test) pairs whose test sets partition the events (e.g. :func:`blocked_folds`), or an
+    int for ``blocked_folds(n_events, folds, groups)``. ``groups`` (one label per event) makes the inner folds
+    leave groups out too (contiguous blocks otherwise). A single α skips the inner CV. ``dtype``: the solver's
+    precision (``"float32"`` or ``"float64"``). ``n_targets_batch`` / ``n_alphas_batch``: himalaya's batch
+    sizes (None: sized to keep its temporaries near 1 GiB). Y may be 1-D (one target). See the module
+    docstring for the conventions.
+    """
+    X = _check_matrix(X, "X")
+    Y, folds, groups, name, dt = _prepare(Y, folds, groups, inner_folds, dtype, backend, len(X))
+    return _fit_folds([X], Y, folds, groups, _check_alphas(alphas), inner_folds, name, dt, n_targets_batch,
+                      n_alphas_batch, zscore_y, return_predictions, return_coefs, banded=None)
+
+
+def cross_validated_banded_ridge(Xs: Sequence[np.ndarray], Y: np.ndarray, *, folds: int | Folds,
+                                 alphas: Any = DEFAULT_ALPHAS, n_iter: int = 20,
+                                 concentration: Sequence[float] = (0.1, 1.0), seed: int = 0,
+                                 inner_folds: int = 5, groups: Any = None, backend: str = "auto",
+                                 dtype: str = "float32", n_targets_batch: int | None = None,
+                                 n_alphas_batch: int | None = None, zscore_y: bool = False,
+                                 return_predictions: bool = True, return_coefs: bool = False) -> EncodingResult:
+    """Banded ridge on feature bands ``Xs`` (e.g. [vision, language]): one regularisation per band and target.
+
+    himalaya ``BandedRidgeCV`` (= ``GroupRidgeCV``), solver ``random_search``: ``n_iter`` band weightings
+    drawn from a Dirichlet (``concentration``, seeded by ``seed``; the first is equal weights, i.e. plain ridge
+    on the concatenation with α x n_bands), each crossed with the ``alphas`` grid, scored by the same inner
+    blocked CV. Each band is z-scored separately with training statistics. ``alphas_`` is the overall α
+    (1 / sum exp(deltas)), ``deltas_`` the per-band log scalings. Cost ~ ``n_iter`` plain ridge fits.
+    """
+    if isinstance(Xs, np.ndarray) or not isinstance(Xs, Sequence) or len(Xs) < 2:
+        raise ValueError("Xs must be a list of at least 2 feature arrays (events x features), one per band")
+    Xs = [_check_matrix(x, f"Xs[{i}]") for i, x in enumerate(Xs)]
+    for i, x in enumerate(Xs[1:], 1):
+        if len(x) != len(Xs[0]):
+            raise ValueError(f"Xs[{i}] has {len(x)} events, Xs[0] has {len(Xs[0])}")
+    n_iter = _check_int(n_iter, "n_iter", 1)
+    Y, folds, groups, name, dt = _prepare(Y, folds, groups, inner_folds, dtype, backend, len(Xs[0]))
+    conc = list(np.atleast_1d(np.asarray(concentration, dtype=np.float64)))
+    if not conc or min(conc) <= 0:
+        raise ValueError(f"concentration must be positive, got {concentration!r}")
+    return _fit_folds(Xs, Y, folds, groups, _check_alphas(alphas), inner_folds, name, dt, n_targets_batch,
+                      n_alphas_batch, zscore_y, return_predictions, return_coefs,
+                      banded={"n_iter": n_iter, "concentration": conc, "seed": int(seed)})
