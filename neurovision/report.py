@@ -509,10 +509,10 @@ def encoding_tables(sites: Path) -> tuple[tuple[list[str], list[list[str]]], tup
         keys = list(dict.fromkeys(k for v in sets.values() for k in v))
         header = ["event set", *keys]
         rows = [[es, *(_fmt(v.get(k, "–")) for k in keys)] for es, v in sets.items()]
-    df = pd.read_csv(sites)
+    df = pd.read_csv(sites, keep_default_na=False)  # the phantom's planted kind "null" is a word, not a NaN
     if "integration" not in df.columns:
         return (header, rows), ([], [], 0)
-    hit = df[df["integration"].astype(bool)]
+    hit = df[df["integration"].astype(str).str.lower() == "true"]
     cols = [c for c in ("subject", "event_set", "electrode", "x", "y", "z", "region", "planted") if c in df.columns]
     cols += [c for c in df.columns if c.startswith(("dr_", "bins_"))]
     body = [[_fmt(r[c]) for c in cols] for r in hit.head(ENCODING_ROWS).to_dict("records")]

@@ -89,8 +89,11 @@ def test_report_shows_the_encoding(planted: tuple[Path, Path]) -> None:
     html = build_report(out, progress=False)
     assert "encoding: " in html and "integration sites (" in html
     assert html.count("file-encoding") == 2  # the glass brain and the model comparison, embedded once
-    n = int(pd.read_csv(out / "sites.csv")["integration"].sum())
+    sites = pd.read_csv(out / "sites.csv")
+    n = int(sites["integration"].sum())
     assert f"integration sites ({n};" in html
+    if (sites["integration"] & sites["planted"].isna()).any():  # a called null site shows its kind, not a dash
+        assert ">null<" in html
 
 
 def test_real_networks_and_pairs(tmp_path: Path) -> None:
