@@ -53,7 +53,7 @@ GENERATION_ROWS = 10
 PREFERRED_TEXT_KEYS = ("subject_name", "subject", "stimulus", "trial", "condition", "type", "prompt", "question",
                        "generated", "answer", "prediction", "reference", "references")
 ENCODING_SITES = "sites.csv"  # written by `neurovision encode` (with summary.json and the two figures below)
-ENCODING_FIGURES = ("sites_brain.png", "r_by_model.png")
+ENCODING_FIGURES = ("sites_brain.png", "r_by_model.png", "r_by_layer.png")
 ENCODING_ROWS = 40
 NON_OVERRIDE = {"run", "seed", "metric", "value", "mean", "sd", "std", "n"}
 PROGRESS_MIN_FILES = 200  # show a progress bar from this many scanned files on

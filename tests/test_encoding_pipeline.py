@@ -89,6 +89,7 @@ def test_report_shows_the_encoding(planted: tuple[Path, Path]) -> None:
     html = build_report(out, progress=False)
     assert "encoding: " in html and "integration sites (" in html
     assert html.count("file-encoding") == 2  # the glass brain and the model comparison, embedded once
+    assert not (out / "r_by_layer.png").exists()  # one layer per model: no layer sweep figure
     sites = pd.read_csv(out / "sites.csv")
     n = int(sites["integration"].sum())
     assert f"integration sites ({n};" in html
@@ -133,6 +134,7 @@ def test_real_networks_and_pairs(tmp_path: Path) -> None:
     assert {"peak_r_multimodal_random", "sig_multimodal>multimodal_random", "integration"} <= set(sites.columns)
     layers = pd.read_csv(tmp_path / "out" / "layers.csv")
     assert set(layers[layers["model"] == "vision"]["layer"]) == {"embedding", "visual.conv1"}
+    assert (tmp_path / "out" / "r_by_layer.png").stat().st_size > 5000  # the layer sweep's figure
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     ids = summary["models"]
     assert ids["multimodal"] != ids["multimodal_random"] and "random" in ids["multimodal_random"]

@@ -20,6 +20,7 @@ Outputs in ``out``::
     summary.json       counts per event set and comparison; on the phantom, precision/recall/F1 of the calls
     sites_brain.png    electrodes on a glass brain, integration sites highlighted (nilearn)
     r_by_model.png     distribution of each model's peak r; Δr time courses of the integration comparisons
+    r_by_layer.png     the layer sweep (when a model lists several layers)
     fits/, bootstrap/  cached predictions and bootstrap indices (re-running recomputes nothing)
 """
 
@@ -312,10 +313,12 @@ class Encoder:
         self._write_csv(layers_df, "layers.csv")
         with atomic_path(self.out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
-        from neurovision.encoding.plots import r_by_model, sites_brain
+        from neurovision.encoding.plots import r_by_layer, r_by_model, sites_brain
 
         sites_brain(sites_df, self.out / "sites_brain.png")
         r_by_model(sites_df, curves, self.store.bin_centers, self.out / "r_by_model.png")
+        if layers_df.groupby("model")["layer"].nunique().max() > 1:
+            r_by_layer(layers_df, self.out / "r_by_layer.png")
         return summary
 
     @staticmethod

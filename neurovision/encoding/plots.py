@@ -107,3 +107,27 @@ def r_by_model(df: Any, curves: dict[str, list[np.ndarray]], bins: np.ndarray,
         return _save(fig, out)
     finally:
         plt.close(fig)
+
+
+def r_by_layer(layers: Any, out: str | os.PathLike[str]) -> Path:
+    """The layer sweep: mean peak r over sites (averaged over subjects) per layer, one line per model x event set."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    g = layers.groupby(["model", "event_set", "layer"], sort=False)["mean_peak_r"].mean().reset_index()
+    for k, ((model, es), d) in enumerate(g.groupby(["model", "event_set"], sort=False)):
+        ax.plot(np.arange(len(d)), d["mean_peak_r"].to_numpy(), marker="o", color=f"C{k % 10}",
+                label=f"{model} ({es})")
+        for i, name in enumerate(d["layer"]):
+            ax.annotate(str(name), (i, float(d["mean_peak_r"].iloc[i])), fontsize=6, rotation=20,
+                        xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("layer (order of the YAML's `layers`)")
+    ax.set_ylabel("mean peak r over sites")
+    ax.legend(fontsize=7)
+    try:
+        return _save(fig, out)
+    finally:
+        plt.close(fig)
