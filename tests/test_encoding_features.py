@@ -409,3 +409,60 @@ def test_hf_text_network(store: Path, hf_folder: tuple[Path, Any], tmp_path: Pat
         HFTextNetwork(str(tmp_path / "no_model"))
     with pytest.raises(ValueError, match="hidden_states"):
         HFTextNetwork(str(folder), layers=["hidden_states.7"])
+
+
+@pytest.fixture(scope="module")
+def flava_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A tiny FLAVA (image, text and fused multimodal encoders) with its processor, saved to a folder."""
+    from transformers import BertTokenizerFast, FlavaConfig, FlavaImageProcessor, FlavaModel, FlavaProcessor
+
+    out = tmp_path_factory.mktemp("flava") / "tiny_flava"
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert tok.unk_token_id not in tok(SENTENCES[0])["input_ids"]
+    ip = FlavaImageProcessor(size={"height": 16, "width": 16}, do_center_crop=False)
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    cfg = FlavaConfig(image_config={**small, "image_size": 16, "patch_size": 8},
+                      text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 32},
+                      multimodal_config=small, projection_dim=8, hidden_size=16)
+    torch.manual_seed(7)
+    model = FlavaModel(cfg).eval()
+    model.save_pretrained(out)
+    FlavaProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
+    return out, model
+
+
+def test_hf_fused_network(store: Path, flava_folder: tuple[Path, Any], tmp_path: Path) -> None:
+    from neurovision.encoding.features import HFFusedNetwork
+
+    folder, model = flava_folder
+    net = HFFusedNetwork(str(folder), layers=["multimodal", "image", "text", "multimodal_model.encoder"])
+    assert net.modality == "multimodal"
+    es = EventStore(store)
+    frames = torch.from_numpy(es.frames([0, 2]))
+    batch = {"frames": frames, "sentences": SENTENCES[:2], "frame_index": torch.tensor([0, 2]),
+             "sentence_index": torch.tensor([0, 1])}
+    got = net.extract(batch)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: (2, 16) for k in got}
+    # equals the saved model run by hand on the processor's inputs (cls pooling of the fused encoder)
+    enc = net.processor(text=SENTENCES[:2], images=list(frames.numpy()), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**enc, return_dict=True)
+    torch.testing.assert_close(got["multimodal"], ref.multimodal_embeddings[:, 0])
+    torch.testing.assert_close(got["image"], ref.image_embeddings[:, 0])
+    # the fused feature depends on the sentence paired with the frame (the text towers' own does not see it)
+    other = net.extract({**batch, "sentences": SENTENCES[1::-1]})
+    assert not torch.allclose(other["multimodal"][0], got["multimodal"][0])
+    torch.testing.assert_close(other["image"], got["image"])
+    rand = HFFusedNetwork(str(folder), trained=False)
+    assert "random-seed0" in rand.model_id and rand.model_id != HFFusedNetwork(str(folder)).model_id
+    assert not torch.allclose(rand.extract(batch)["multimodal"], got["multimodal"])
+    table = extract_features(store, HFFusedNetwork(str(folder), pooling="mean"), tmp_path / "c.h5",
+                             batch_size=4, accelerator="cpu", progress=False)
+    fr, se = _all_events(store)
+    assert table.event_features(fr, se).shape == (len(fr), 16)
+    with pytest.raises(FileNotFoundError, match="HFFusedNetwork"):
+        HFFusedNetwork(str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="no_such"):
+        HFFusedNetwork(str(folder), layers=["no_such.module"])

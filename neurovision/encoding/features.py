@@ -13,6 +13,7 @@ separates what the architecture does from what training taught it). This module 
     or a fused (frame, sentence) pair feature (multimodal).
   - :class:`TimmVisionNetwork`: any ``timm`` image model (BEiT, ConvNeXt, ResNet, ...).
   - :class:`HFTextNetwork`: a Hugging Face text model from a local ``from_pretrained`` folder.
+  - :class:`HFFusedNetwork`: a fused image-text model from transformers (FLAVA), the pair's multimodal encoding.
   - :class:`PhantomOracle`: the phantom source's planted concepts, the perfect feature space.
 
   Nothing downloads: weights are local files or folders, and a missing one is a :class:`FileNotFoundError`
@@ -106,6 +107,10 @@ def _pool(t: torch.Tensor, batch: int, mask: torch.Tensor | None = None, channel
           ) -> torch.Tensor:
     """A hooked activation -> (B, D): mean over spatial dims (NCHW, or NHWC when ``channels_last``) or over
     tokens (NLD; only where ``mask`` is true when given); (B, D) passes through."""
+    if getattr(t, "last_hidden_state", None) is not None:  # a transformers ModelOutput
+        t = t.last_hidden_state
+    elif hasattr(t, "to_tuple"):
+        t = t.to_tuple()[0]
     if isinstance(t, (tuple, list)):
         t = t[0]
     if not isinstance(t, torch.Tensor):
@@ -528,6 +533,103 @@ class HFTextNetwork(FeatureNetwork):
             else:
                 m = mask.to(h.dtype).unsqueeze(-1)
                 out[name] = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return out
+
+
+class HFFusedNetwork(FeatureNetwork):
+    """A fused image-text model from transformers (FLAVA: a multimodal encoder attending over both towers) as a
+    multimodal feature space of (frame, sentence) pairs.
+
+    ``AutoProcessor`` + ``AutoModel`` from a local folder (``local_files_only=True``); ``trained=False`` builds the
+    same architecture from its config, randomly initialised (seeded). Layers: ``"multimodal"`` (default: the
+    fused encoder's output, ``multimodal_embeddings``), ``"image"`` / ``"text"`` (the model's own unimodal
+    towers, ``image_embeddings`` / ``text_embeddings``), or module names (forward hooks); each pooled at the
+    first token (``cls``) or over the valid tokens (``mean``). Dual encoders (CLIP) are
+    :class:`OpenClipNetwork`; a model whose output has no ``multimodal_embeddings`` is refused.
+    """
+
+    modality: Modality = "multimodal"
+    _OUTPUTS = {"multimodal": "multimodal_embeddings", "image": "image_embeddings", "text": "text_embeddings"}
+
+    def __init__(
+        self,
+        path: str,
+        trained: bool = True,
+        layers: list[str] | None = None,
+        pooling: Literal["mean", "cls"] = "cls",
+        max_length: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoProcessor
+
+        self.path = str(path)
+        self.trained = bool(trained)
+        self.layers = list(layers) if layers else ["multimodal"]
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.seed = int(seed)
+        self.modality = "multimodal"
+        p = Path(self.path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"Hugging Face model folder not found (no config.json): {self.path} (set "
+                                    f"`{_yaml_key('HFFusedNetwork', 'path')}` to a local from_pretrained folder; "
+                                    "nothing is downloaded)")
+        self.processor = AutoProcessor.from_pretrained(p, local_files_only=True)
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = (AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32) if self.trained
+                     else AutoModel.from_config(config))
+        self.model = model.float().eval().requires_grad_(False)
+        hooked = [n for n in self.layers if n not in self._OUTPUTS]
+        _check_module_names(self.model, hooked, "HFFusedNetwork")
+        arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
+        self._id = (f"HFFusedNetwork:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
+                    f"|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}")
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h.float()
+        if self.pooling == "cls":
+            return h[:, 0]
+        return _pool(h, len(h), mask)
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        frames = _images(batch, "HFFusedNetwork")  # checks the batch; the processor takes the uint8 frames
+        sentences = _sentences(batch, "HFFusedNetwork")
+        enc = self.processor(text=sentences, images=list(batch["frames"].cpu().numpy()), return_tensors="pt",
+                             padding=True, truncation=True, max_length=self.max_length)
+        device = _device_of(self.model)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        hooked = [n for n in self.layers if n not in self._OUTPUTS]
+        with _Hooks(self.model, hooked) as hooks:
+            res = self.model(**enc, return_dict=True)
+        if getattr(res, "multimodal_embeddings", None) is None:
+            raise ValueError(f"HFFusedNetwork({self.path}): {type(self.model).__name__} returned no "
+                             "multimodal_embeddings (not a fused image-text model such as FLAVA)")
+        text_mask = enc.get("attention_mask")
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            if name in hooked:
+                out[name] = _pool(hooks.out[name], len(frames))
+                continue
+            h = getattr(res, self._OUTPUTS[name])
+            mask = None
+            if name == "text":
+                mask = text_mask
+            elif name == "multimodal" and text_mask is not None and h.shape[1] > text_mask.shape[1]:
+                # [CLS_mm, image tokens..., text tokens...]: image tokens are all valid
+                ones = torch.ones(len(h), h.shape[1] - text_mask.shape[1], dtype=text_mask.dtype, device=h.device)
+                mask = torch.cat([ones, text_mask], dim=1)
+            out[name] = self._pooled(h, mask)
         return out
 
 
