@@ -158,6 +158,24 @@ def test_bad_configs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "o" / "sites.csv").exists()
 
 
+class _Events:
+    def __init__(self, trial: np.ndarray) -> None:
+        self.trial = trial
+
+    def __len__(self) -> int:
+        return len(self.trial)
+
+
+def test_folds_by_recording_fall_back_to_blocks() -> None:
+    from neurovision.encoding.pipeline import Regression, _folds
+
+    ev = _Events(np.repeat([0, 1, 2], 10))
+    folds = _folds(ev, Regression(folds_by="trial"))
+    assert [sorted(set(ev.trial[te])) for _, te in folds] == [[0], [1], [2]]  # whole recordings held out
+    folds = _folds(_Events(np.zeros(30, int)), Regression(folds_by="trial", n_folds=5))
+    assert len(folds) == 5 and all(np.all(np.diff(te) == 1) for _, te in folds)  # one recording: blocks
+
+
 def test_call_scores() -> None:
     s = call_scores(np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 0, 1, 1], bool))
     assert (s["tp"], s["fp"], s["fn"]) == (2, 1, 1)

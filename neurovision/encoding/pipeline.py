@@ -49,7 +49,7 @@ class Regression:
 
     alphas: list[float] = field(default_factory=lambda: np.logspace(-1, 5, 7).tolist())
     n_folds: int = 5
-    folds_by: Literal["contiguous", "trial"] = "contiguous"
+    folds_by: Literal["contiguous", "trial"] = "contiguous"  # trial: whole recordings (>= 2, else contiguous)
     inner_folds: int = 5
     backend: Literal["auto", "numpy", "torch", "torch_cuda"] = "auto"
     n_targets_batch: int | None = None
@@ -111,9 +111,16 @@ def _save_npz(path: Path, **arrays: Any) -> None:
 
 
 def _folds(ev: Any, reg: Regression) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Outer folds: contiguous blocks of events, or whole recordings (``folds_by: trial``) when the subject has at
+    least two; a subject with one recording falls back to contiguous blocks (logged)."""
     from neurovision.encoding.ridge import blocked_folds
 
-    groups = np.asarray(ev.trial) if reg.folds_by == "trial" else None
+    groups = None
+    if reg.folds_by == "trial":
+        if len(np.unique(ev.trial)) >= 2:
+            groups = np.asarray(ev.trial)
+        else:
+            log.info("folds_by=trial: one recording only, contiguous folds instead")
     return blocked_folds(len(ev), n_folds=reg.n_folds, groups=groups)
 
 
