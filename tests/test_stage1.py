@@ -149,3 +149,27 @@ def test_train_negatives_bank_holds_the_trained_subjects_training_images(tiny_st
     np.testing.assert_array_equal(row[train], np.arange(len(train)))
     assert (np.delete(row, train) == -1).all()
     assert torch.isfinite(seen["contrastive"])
+
+
+def test_linear_skip_starts_at_zero_and_learns(tiny_store):
+    """The linear path beside the ViT3D is zero at initialisation (same predictions as without it), reads every
+    active voxel, and gets gradients."""
+    from data_modules import FMRIDataModule
+    from neurovision.tasks import AlignmentTask
+    from neurovision.teachers import OpenCLIPImageTeacher
+
+    dm = FMRIDataModule(store=str(tiny_store), batch_size=4)
+    clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
+                                device="cpu")
+    kw = dict(data_spec=dm.spec, clip_teacher=clip, vae_teacher=None, dim=32, depth=1, heads=2, head_hidden=32)
+    torch.manual_seed(0)
+    plain = AlignmentTask(**kw).eval()
+    torch.manual_seed(0)
+    skip = AlignmentTask(**kw, linear_skip=True).eval()
+    patches = torch.randn(3, dm.spec.num_active_patches, dm.spec.patch_dim)
+    torch.testing.assert_close(skip(patches)["clip"], plain(patches)["clip"])
+    lin = skip.skip[-1]
+    assert lin.in_features == dm.spec.num_active_patches * dm.spec.patch_dim
+    skip.train()
+    skip(patches)["clip"].pow(2).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0

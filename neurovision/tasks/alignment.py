@@ -94,6 +94,9 @@ class AlignmentTask(BaseTask):
         negatives: negatives of the InfoNCE term's fMRI->image direction: ``batch`` (the other images of the
             batch) or ``train`` (every training image: the cached targets make this one matrix product).
         subject_embedding: add a learned subject embedding (off = one model, no subject-specific parts).
+        linear_skip: add a linear read-out of all active voxels to the CLIP head's output (a ridge-like path
+            beside the transformer, zero-initialised; MindEye pairs a linear layer with its MLP likewise).
+        linear_skip_dropout: dropout on the voxels entering the linear path.
         gradient_checkpointing: recompute activations in the backward pass (memory for compute).
         retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
         retrieval_draws: random candidate sets averaged in the retrieval metric.
@@ -122,6 +125,8 @@ class AlignmentTask(BaseTask):
         temperature: float = 0.05,
         negatives: Literal["batch", "train"] = "batch",
         subject_embedding: bool = False,
+        linear_skip: bool = False,
+        linear_skip_dropout: float = 0.5,
         gradient_checkpointing: bool = False,
         retrieval_candidates: int = 300,
         retrieval_draws: int = 30,
@@ -147,6 +152,7 @@ class AlignmentTask(BaseTask):
                              f"got contrastive={contrastive!r}")
         self.negatives = negatives
         self.subject_embedding = subject_embedding
+        self.linear_skip, self.linear_skip_dropout = linear_skip, linear_skip_dropout
         self.gradient_checkpointing = gradient_checkpointing
         self.retrieval_candidates = retrieval_candidates
         self.retrieval_draws = retrieval_draws
@@ -171,6 +177,12 @@ class AlignmentTask(BaseTask):
         )
         self.clip_dim = int(self.clip_teacher.dim)
         self.clip_head = MLPHead(self.dim, self.head_hidden, self.clip_dim)
+        self.skip = None
+        if self.linear_skip:
+            lin = nn.Linear(spec.num_active_patches * spec.patch_dim, self.clip_dim)
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            self.skip = nn.Sequential(nn.Flatten(1), nn.Dropout(self.linear_skip_dropout), lin)
         if self.vae_teacher is not None:
             self.latent_shape = tuple(int(s) for s in self.vae_teacher.latent_shape)
             self.vae_head = MLPHead(self.dim, self.head_hidden, math.prod(self.latent_shape))
@@ -218,6 +230,8 @@ class AlignmentTask(BaseTask):
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.encoder(patches, subject if self.subject_embedding else None)
         pred = {"clip": self.clip_head(out.cls)}
+        if self.skip is not None:
+            pred["clip"] = pred["clip"] + self.skip(patches.to(pred["clip"].dtype))
         if self.vae_teacher is not None:
             pred["vae"] = self.vae_head(out.cls).view(-1, *self.latent_shape)
         return pred
