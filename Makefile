@@ -83,7 +83,7 @@ demo: install ## the whole chain on the demo phantom (quick settings, < 30 min o
 # the encoding stage (Subramaniam et al.) on the SEEG phantom; `make demo` runs it on the tiny one (< 1 min)
 ENC := -c experiments/encoding.yaml -c experiments/presets/encoding_phantom.yaml
 
-demo-encoding: install ## the encoding stage on the demo SEEG phantom (~8 min on 2 cores) + its HTML report
+demo-encoding: install ## the encoding stage on the demo SEEG phantom (~6 min) + its HTML report
 	$(NV) prepare phantom_seeg --preset demo --out data/phantom_seeg_demo.h5
 	$(NV) encode $(ENC) --out runs/encoding/phantom
 	$(NV) report runs/encoding/phantom

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 import neurovision  # noqa: F401  (torchvision compatibility fix)
-from neurovision.atomic import atomic_path
+from neurovision.atomic import write_json
 from neurovision.encoding.ridge import (
     DEFAULT_ALPHAS,
     blocked_folds,
@@ -155,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"same α in {100 * res['alpha_agreement']:.0f} % of fold x target cells")
     res["runtime_s"] = time.perf_counter() - t_start
     out = Path(args.json) if args.json else RESULTS / ("encoding_quick.json" if args.quick else "encoding.json")
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(res, indent=2, default=str))
+    write_json(out, res)
     print(f"\nresults: {out}")
     return res
 

@@ -314,15 +314,6 @@ def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def is_events_store(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is an HDF5 file that claims the events schema (valid or not)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return f.attrs.get("schema") == EVENTS_SCHEMA
-    except OSError:
-        return False
-
-
 def existing_events_fingerprint(path: str | os.PathLike[str]) -> str | None:
     try:
         return EventStore(path).attrs["fingerprint"]

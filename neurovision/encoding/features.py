@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from neurovision.atomic import atomic_path
 from neurovision.encoding.events import EventStore
+from neurovision.store import _plain
 from neurovision.teachers import (
     _dir_digest,
     _fmt,
@@ -70,6 +71,7 @@ from neurovision.teachers import (
     file_digest,
     resize_images,
     resolve_clip_arch,
+    store_key,
 )
 
 log = logging.getLogger("neurovision.encoding.features")
@@ -206,6 +208,32 @@ class FeatureNetwork(torch.nn.Module):
 
     def setup_store(self, store: EventStore) -> None:
         """Called once with the events store before extraction (default: nothing to do)."""
+
+    def _load_hf(self, cls: str, path: str, trained: bool, layers: list[str], pooling: str, max_length: int,
+                 seed: int) -> tuple[Path, Any, str]:
+        """Shared set-up of the transformers networks: the common options, the local folder's config and model
+        (``trained=False``: the same architecture from its config, seeded), frozen in float32 as ``self.model``.
+        Returns (folder, config, the model-id head ``<cls>:<type>|arch=..|weights=..``)."""
+        from transformers import AutoConfig, AutoModel
+
+        self.path, self.trained, self.layers = str(path), bool(trained), list(layers)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling, self.max_length, self.seed = pooling, int(max_length), int(seed)
+        p = Path(self.path)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"Hugging Face model folder not found (no config.json): {self.path} (set "
+                                    f"`{_yaml_key(cls, 'path')}` to a local from_pretrained folder; "
+                                    "nothing is downloaded)")
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = (AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32) if self.trained
+                     else AutoModel.from_config(config))
+        self.model = model.float().eval().requires_grad_(False)
+        arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
+        return p, config, f"{cls}:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
 
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -466,36 +494,17 @@ class HFTextNetwork(FeatureNetwork):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.path = str(path)
-        self.trained = bool(trained)
-        self.layers = list(layers) if layers else ["last"]
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.pooling = pooling
-        self.max_length = int(max_length)
-        self.seed = int(seed)
+        p, config, head = self._load_hf("HFTextNetwork", path, trained, layers or ["last"], pooling, max_length,
+                                        seed)
         self.modality = "language"
-        p = Path(self.path)
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"Hugging Face model folder not found (no config.json): {self.path} (set "
-                                    f"`{_yaml_key('HFTextNetwork', 'path')}` to a local from_pretrained folder; "
-                                    "nothing is downloaded)")
         self.tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            if self.trained:
-                model = AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32)
-            else:
-                model = AutoModel.from_config(config)
-        self.model = model.float().eval().requires_grad_(False)
         n_hidden = int(getattr(config, "num_hidden_layers", 0)) + 1
         for name in self.layers:
             m = _HIDDEN.match(name)
@@ -503,12 +512,9 @@ class HFTextNetwork(FeatureNetwork):
                 raise ValueError(f"HFTextNetwork({self.path}): layer {name!r} is not 'last' or "
                                  f"'hidden_states.k' with -{n_hidden} <= k < {n_hidden}")
         self._inputs = set(inspect.signature(self.model.forward).parameters)
-        arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
         tok = _json_digest({f.name: file_digest(f) for f in sorted(p.iterdir())
                             if f.is_file() and ("tok" in f.name or f.name in ("vocab.txt", "merges.txt", "vocab.json"))})[:12]
-        self._id = (f"HFTextNetwork:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
-                    f"|tokenizer={tok}|layers={','.join(self.layers)}|pooling={self.pooling}"
+        self._id = (f"{head}|tokenizer={tok}|layers={','.join(self.layers)}|pooling={self.pooling}"
                     f"|max_length={self.max_length}")
 
     @property
@@ -561,35 +567,15 @@ class HFFusedNetwork(FeatureNetwork):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoProcessor
+        from transformers import AutoProcessor
 
-        self.path = str(path)
-        self.trained = bool(trained)
-        self.layers = list(layers) if layers else ["multimodal"]
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.pooling = pooling
-        self.max_length = int(max_length)
-        self.seed = int(seed)
+        p, config, head = self._load_hf("HFFusedNetwork", path, trained, layers or ["multimodal"], pooling,
+                                        max_length, seed)
         self.modality = "multimodal"
-        p = Path(self.path)
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"Hugging Face model folder not found (no config.json): {self.path} (set "
-                                    f"`{_yaml_key('HFFusedNetwork', 'path')}` to a local from_pretrained folder; "
-                                    "nothing is downloaded)")
         self.processor = AutoProcessor.from_pretrained(p, local_files_only=True)
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = (AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32) if self.trained
-                     else AutoModel.from_config(config))
-        self.model = model.float().eval().requires_grad_(False)
         hooked = [n for n in self.layers if n not in self._OUTPUTS]
         _check_module_names(self.model, hooked, "HFFusedNetwork")
-        arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
-        self._id = (f"HFFusedNetwork:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
-                    f"|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}")
+        self._id = f"{head}|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}"
 
     @property
     def model_id(self) -> str:
@@ -888,24 +874,8 @@ class FeatureTable:
 
 
 # --------------------------------------------------------------------------------------------- cache
-def _store_fingerprint(store: EventStore) -> str:
-    fp = str(store.attrs.get("fingerprint") or "")
-    if fp:
-        return fp
-    st = store.path.stat()
-    return f"file:{st.st_size}:{st.st_mtime_ns}"
-
-
 def _entry_name(model_id: str, projection: dict[str, Any], fingerprint: str) -> str:
     return _json_digest({"model_id": model_id, "projection": projection, "store": fingerprint})[:32]
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, Any], fingerprint: str,
@@ -1083,7 +1053,7 @@ def extract_features(
         raise TypeError(f"{type(network).__name__} is not a feature network (needs model_id, modality, layers)")
     dm = StimulusDataModule(store, modality, batch_size=batch_size, num_workers=num_workers)
     es = dm.store
-    fingerprint = _store_fingerprint(es)
+    fingerprint = store_key(es)  # the store's fingerprint, else the file's size and mtime
     items = dm.items
     path = Path(cache)
     raw_p: dict[str, Any] = {"kind": "none"}

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from neurovision.atomic import atomic_path
+from neurovision.atomic import atomic_path, write_json
 
 log = logging.getLogger("neurovision.encode")
 FITS_VERSION = 2  # 2: fold-centred predictions and within-fold r
@@ -164,6 +164,8 @@ class Encoder:
             if name not in names:
                 raise ValueError(f"encode: field '{where}': model {name!r} is not among models {sorted(names)}")
         self._tables: dict[str, Any] = {}
+        self._data_key: tuple[str, str] | None = None
+        self._data: Any = None
 
     # features -----------------------------------------------------------------------------------
     def table(self, name: str) -> Any:
@@ -186,64 +188,66 @@ class Encoder:
 
     # regression ---------------------------------------------------------------------------------
     def _fit_key(self, what: Any, subject: str, event_set: str) -> str:
-        return _digest({"version": FITS_VERSION, "what": what, "store": self.store.attrs.get("fingerprint"), "subject": subject,
-                        "set": event_set, "regression": asdict(self.regression)})
+        return _digest({"version": FITS_VERSION, "what": what, "store": self.store.attrs.get("fingerprint"),
+                        "subject": subject, "set": event_set, "regression": asdict(self.regression)})
 
-    def fit(self, name: str, subject: str, event_set: str, layer: str | None = None) -> dict[str, np.ndarray]:
-        """Out-of-fold predictions (E, N*B) and r (N, B) of one model layer (cached in ``fits/``)."""
-        layer = layer or self.layers(name)[0]
-        tab = self.table(name)
-        key = self._fit_key([tab.model_id, layer], subject, event_set)
-        path = self.out / "fits" / f"{name}__{_safe(layer)}" / f"{subject}_{event_set}_{key}.npz"
+    def data(self, subject: str, event_set: str) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """(targets (E, N, B), targets as (E, N*B) centred within each test fold, the outer folds) of one subject
+        and event set; the last one asked for is kept (every model of a (subject, set) reuses it)."""
+        key = (subject, event_set)
+        if self._data_key != key:
+            from neurovision.encoding.ridge import center_by_fold
+
+            y = self.store.targets(subject, event_set)
+            folds = _folds(self.store.events(subject, event_set), self.regression)
+            self._data_key, self._data = key, (y, center_by_fold(y.reshape(len(y), -1), folds), folds)
+        return self._data
+
+    def _cached_fit(self, path: Path, subject: str, event_set: str, solve: Any) -> dict[str, np.ndarray]:
+        """A fit's fold-centred out-of-fold predictions, pooled within-fold r (N, B) and α, from ``path`` or
+        computed by ``solve(Y (E, N*B), folds)`` and saved there atomically."""
         if path.is_file():
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
-        from neurovision.encoding.ridge import cross_validated_ridge
-
-        ev = self.store.events(subject, event_set)
-        y = self.store.targets(subject, event_set)
-        x = self.features(name, subject, event_set, layer)
-        reg = self.regression
-        folds = _folds(ev, reg)
-        res = cross_validated_ridge(x, y.reshape(len(y), -1), folds=folds, alphas=np.asarray(reg.alphas),
-                                    inner_folds=reg.inner_folds, backend=reg.backend,
-                                    n_targets_batch=reg.n_targets_batch)
-        return self._keep(path, res, y, folds)
-
-    def _keep(self, path: Path, res: Any, y: np.ndarray, folds: Any) -> dict[str, np.ndarray]:
-        """Fold-centred out-of-fold predictions and their pooled within-fold r with Y, saved atomically."""
         from neurovision.encoding.ridge import center_by_fold, pearson_r
 
+        y, yc, folds = self.data(subject, event_set)
+        res = solve(y.reshape(len(y), -1), folds)
         pred = center_by_fold(res.predictions, folds)
-        out = {"predictions": pred,
-               "r": pearson_r(center_by_fold(y.reshape(len(y), -1), folds), pred).astype(np.float32).reshape(y.shape[1:]),
+        out = {"predictions": pred, "r": pearson_r(yc, pred).astype(np.float32).reshape(y.shape[1:]),
                "alphas": np.asarray(res.alphas_, np.float32)}
         _save_npz(path, **out)
         return out
 
+    def fit(self, name: str, subject: str, event_set: str, layer: str | None = None) -> dict[str, np.ndarray]:
+        """Out-of-fold predictions (E, N*B) and r (N, B) of one model layer (cached in ``fits/``)."""
+        from neurovision.encoding.ridge import cross_validated_ridge
+
+        layer = layer or self.layers(name)[0]
+        key = self._fit_key([self.table(name).model_id, layer], subject, event_set)
+        reg = self.regression
+        return self._cached_fit(
+            self.out / "fits" / f"{name}__{_safe(layer)}" / f"{subject}_{event_set}_{key}.npz", subject, event_set,
+            lambda y, folds: cross_validated_ridge(
+                self.features(name, subject, event_set, layer), y, folds=folds, alphas=np.asarray(reg.alphas),
+                inner_folds=reg.inner_folds, backend=reg.backend, n_targets_batch=reg.n_targets_batch))
+
     def fit_linear(self, subject: str, event_set: str) -> dict[str, np.ndarray]:
         """Banded ridge on [vision, language] features: the linearly integrated baseline (cached)."""
+        from neurovision.encoding.ridge import cross_validated_banded_ridge
+
         assert self.integration is not None
         iv, il = self.integration.vision, self.integration.language
         lv, ll = self.layers(iv)[0], self.layers(il)[0]
         key = self._fit_key(["banded", self.table(iv).model_id, lv, self.table(il).model_id, ll],
                             subject, event_set)
-        path = self.out / "fits" / "linear" / f"{subject}_{event_set}_{key}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        from neurovision.encoding.ridge import cross_validated_banded_ridge
-
-        ev = self.store.events(subject, event_set)
-        y = self.store.targets(subject, event_set)
-        xs = [self.features(iv, subject, event_set, lv), self.features(il, subject, event_set, ll)]
         reg = self.regression
-        folds = _folds(ev, reg)
-        res = cross_validated_banded_ridge(xs, y.reshape(len(y), -1), folds=folds,
-                                           alphas=np.asarray(reg.alphas), inner_folds=reg.inner_folds,
-                                           backend=reg.backend, n_targets_batch=reg.n_targets_batch,
-                                           seed=self.statistics.seed)
-        return self._keep(path, res, y, folds)
+        return self._cached_fit(
+            self.out / "fits" / "linear" / f"{subject}_{event_set}_{key}.npz", subject, event_set,
+            lambda y, folds: cross_validated_banded_ridge(
+                [self.features(iv, subject, event_set, lv), self.features(il, subject, event_set, ll)], y,
+                folds=folds, alphas=np.asarray(reg.alphas), inner_folds=reg.inner_folds, backend=reg.backend,
+                n_targets_batch=reg.n_targets_batch, seed=self.statistics.seed))
 
     def bootstrap(self, subject: str, event_set: str) -> np.ndarray:
         from neurovision.encoding.stats import bootstrap_indices
@@ -269,11 +273,8 @@ class Encoder:
         if not jobs:
             raise ValueError(f"encode: field 'event_sets': none of {self.event_sets} exists in {self.store_path}")
         for subject, event_set in tqdm(jobs, desc="encode", disable=not self.progress):
-            from neurovision.encoding.ridge import center_by_fold
-
-            y = self.store.targets(subject, event_set)
+            y, yf, _ = self.data(subject, event_set)
             n_ev, n_sites, n_bins = y.shape
-            yf = center_by_fold(y.reshape(n_ev, -1), _folds(self.store.events(subject, event_set), self.regression))
             fits: dict[str, dict[str, np.ndarray]] = {}
             for name in self.models:
                 for k, layer in enumerate(self.layers(name)):
@@ -318,8 +319,7 @@ class Encoder:
         summary = self.summarise(sites_df)
         self._write_csv(sites_df, "sites.csv")
         self._write_csv(layers_df, "layers.csv")
-        with atomic_path(self.out / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
+        write_json(self.out / "summary.json", summary)
         from neurovision.encoding.plots import r_by_layer, r_by_model, sites_brain
 
         sites_brain(sites_df, self.out / "sites_brain.png")
