@@ -168,8 +168,61 @@ def test_linear_skip_starts_at_zero_and_learns(tiny_store):
     skip = AlignmentTask(**kw, linear_skip=True).eval()
     patches = torch.randn(3, dm.spec.num_active_patches, dm.spec.patch_dim)
     torch.testing.assert_close(skip(patches)["clip"], plain(patches)["clip"])
-    lin = skip.skip[-1]
+    lin = skip.skip.linear
     assert lin.in_features == dm.spec.num_active_patches * dm.spec.patch_dim
     skip.train()
     skip(patches)["clip"].pow(2).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_rank_read_out_is_fitted_on_repeat_averaged_training_patterns_and_travels_with_the_checkpoint(
+        tiny_store, tmp_path):
+    """With ``linear_skip_rank`` the fit fits the principal subspace of the training (subject, stimulus)
+    patterns averaged over repeats (recomputed here straight from the store), saves it in the checkpoint,
+    ``neurovision test`` restores it, and ``load_stage1`` makes the same CLIP predictions as the task."""
+    from neurovision.models import VoxelReadout
+    from neurovision.store import Store
+    from neurovision.tasks import AlignmentTask
+    from neurovision.tasks.alignment import load_stage1
+
+    store = tmp_path / "tiny.h5"
+    shutil.copy(tiny_store, store)
+    args = ["-c", str(STAGE1), "-c", str(TINY), f"--data.init_args.store={store}",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1",
+            f"--model.init_args.clip_teacher.init_args.model_config={ROOT / 'experiments/teachers/tiny_clip.json'}",
+            "--model.init_args.linear_skip=true", "--model.init_args.linear_skip_rank=8"]
+    assert run_cli(["fit", *args]) == 0
+    ckpt = sorted(tmp_path.rglob("last.ckpt"))[0]
+    sd = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    assert bool(sd["skip.fitted"]) and sd["skip.basis"].shape[1] == 8
+
+    st = Store(store)
+    t = st.trials
+    train = np.flatnonzero(st.split_mask("train"))
+    keys = sorted({(int(t["subject"][i]), int(t["stimulus"][i])) for i in train})
+    pats = torch.stack([torch.from_numpy(np.stack([st.patches(int(i)) for i in train
+                                                   if (t["subject"][i], t["stimulus"][i]) == k])).float().mean(0)
+                        for k in keys])
+    ref = VoxelReadout(pats[0].numel(), 1, rank=8)
+    ref.fit(pats)
+    torch.testing.assert_close(sd["skip.basis"], ref.basis, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sd["skip.mean"], ref.mean)
+
+    assert run_cli(["test", *args, f"--ckpt_path={ckpt}"]) == 0
+    assert "test/average/retrieval_fmri2img" in _metrics(tmp_path)
+
+    from neurovision.teachers import OpenCLIPImageTeacher, VAETeacher
+
+    clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
+                                device="cpu")
+    task = AlignmentTask.load_from_checkpoint(ckpt, weights_only=True, clip_teacher=clip,
+                                              vae_teacher=VAETeacher(config="tiny", image_size=64, device="cpu")).eval()
+    parts = load_stage1(ckpt)
+    assert parts.skip is not None and parts.skip.rank == 8
+    x = torch.from_numpy(np.stack([st.patches(int(i)) for i in train[:5]])).float()
+    with torch.no_grad():
+        mine = parts.predict_clip(parts.encoder(x).cls, x)
+        theirs = task(x)["clip"]
+        torch.testing.assert_close(mine, theirs)
+        assert not torch.allclose(mine, parts.clip_head(parts.encoder(x).cls))  # the read-out is in it

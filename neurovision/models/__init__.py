@@ -1,5 +1,6 @@
 """Networks shared by the tasks."""
 
+from neurovision.models.readout import VoxelReadout
 from neurovision.models.vit3d import ViT3D, ViT3DOutput
 
 __all__ = ["ViT3D", "ViT3DOutput"]

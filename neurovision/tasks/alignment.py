@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from neurovision.metrics import retrieval_top1, two_way_identification
-from neurovision.models import ViT3D
+from neurovision.models import ViT3D, VoxelReadout
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
@@ -96,7 +96,9 @@ class AlignmentTask(BaseTask):
         subject_embedding: add a learned subject embedding (off = one model, no subject-specific parts).
         linear_skip: add a linear read-out of all active voxels to the CLIP head's output (a ridge-like path
             beside the transformer, zero-initialised; MindEye pairs a linear layer with its MLP likewise).
-        linear_skip_dropout: dropout on the voxels entering the linear path.
+        linear_skip_dropout: dropout on the input of the linear path (voxels, or components with a rank).
+        linear_skip_rank: read the top-k principal components of the repeat-averaged training patterns
+            (fitted once at setup, stored in the checkpoint) instead of every voxel (None = full rank).
         gradient_checkpointing: recompute activations in the backward pass (memory for compute).
         retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
         retrieval_draws: random candidate sets averaged in the retrieval metric.
@@ -127,6 +129,7 @@ class AlignmentTask(BaseTask):
         subject_embedding: bool = False,
         linear_skip: bool = False,
         linear_skip_dropout: float = 0.5,
+        linear_skip_rank: int | None = None,
         gradient_checkpointing: bool = False,
         retrieval_candidates: int = 300,
         retrieval_draws: int = 30,
@@ -153,6 +156,9 @@ class AlignmentTask(BaseTask):
         self.negatives = negatives
         self.subject_embedding = subject_embedding
         self.linear_skip, self.linear_skip_dropout = linear_skip, linear_skip_dropout
+        if linear_skip_rank is not None and not linear_skip:
+            raise ValueError("model.init_args.linear_skip_rank needs model.init_args.linear_skip=true")
+        self.linear_skip_rank = linear_skip_rank
         self.gradient_checkpointing = gradient_checkpointing
         self.retrieval_candidates = retrieval_candidates
         self.retrieval_draws = retrieval_draws
@@ -179,10 +185,8 @@ class AlignmentTask(BaseTask):
         self.clip_head = MLPHead(self.dim, self.head_hidden, self.clip_dim)
         self.skip = None
         if self.linear_skip:
-            lin = nn.Linear(spec.num_active_patches * spec.patch_dim, self.clip_dim)
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-            self.skip = nn.Sequential(nn.Flatten(1), nn.Dropout(self.linear_skip_dropout), lin)
+            self.skip = VoxelReadout(spec.num_active_patches * spec.patch_dim, self.clip_dim,
+                                     rank=self.linear_skip_rank, dropout=self.linear_skip_dropout)
         if self.vae_teacher is not None:
             self.latent_shape = tuple(int(s) for s in self.vae_teacher.latent_shape)
             self.vae_head = MLPHead(self.dim, self.head_hidden, math.prod(self.latent_shape))
@@ -224,7 +228,24 @@ class AlignmentTask(BaseTask):
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
             self.bank_row[stimuli] = torch.arange(len(stimuli))
             self.bank = F.normalize(self.clip_targets[stimuli], dim=-1)
+        train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
+        if self.skip is not None and self.skip.needs_fit and train is not None:
+            self._fit_readout(train)
         # buffers: the strategy moves them to the device with the module, after the setup hooks
+
+    def _fit_readout(self, train: Any) -> None:
+        """Fit the read-out's principal subspace to the repeat-averaged pattern of every training (subject,
+        stimulus); a function of the training data only, so every DDP rank computes the same basis."""
+        from tqdm.auto import tqdm
+
+        store = train.store
+        means = [torch.from_numpy(np.stack([store.patches(int(t)) for t in grp])).float().mean(0)
+                 for grp in tqdm(train.groups, desc="read-out subspace", unit="image", leave=False,
+                                 disable=self.trainer.global_rank != 0 if self._trainer is not None else False)]
+        ratio = self.skip.fit(torch.stack(means))
+        if self._trainer is not None and self.trainer.global_rank == 0:
+            print(f"read-out: {self.skip.rank} principal components of {len(means)} repeat-averaged training "
+                  f"patterns explain {ratio.sum().item():.1%} of their variance")
 
     # forward ----------------------------------------------------------------------------------------
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -360,16 +381,23 @@ class Stage1Parts(nn.Module):
         encoder: the ViT3D.
         clip_head: CLS -> CLIP image embedding.
         vae_head: CLS -> flattened VAE latent (None if the run had no VAE stream).
+        skip: the voxel read-out added to the CLIP head's output (None if the run had no ``linear_skip``);
+            :meth:`predict_clip` adds it.
         spec: the :class:`DataSpec` the run was trained with.
         hparams: the run's hyper-parameters (plain types).
         teacher_ids: ids of the CLIP / VAE teachers whose targets the heads were trained towards.
     """
 
     def __init__(self, encoder: ViT3D, clip_head: MLPHead, vae_head: MLPHead | None, spec: DataSpec,
-                 hparams: dict[str, Any], teacher_ids: dict[str, Any]) -> None:
+                 hparams: dict[str, Any], teacher_ids: dict[str, Any], skip: VoxelReadout | None = None) -> None:
         super().__init__()
-        self.encoder, self.clip_head, self.vae_head = encoder, clip_head, vae_head
+        self.encoder, self.clip_head, self.vae_head, self.skip = encoder, clip_head, vae_head, skip
         self.spec, self.hparams, self.teacher_ids = spec, hparams, teacher_ids
+
+    def predict_clip(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The stage-1 CLIP prediction, as :class:`AlignmentTask` makes it: the head on ``cls`` plus the read-out."""
+        clip = self.clip_head(cls)
+        return clip if self.skip is None else clip + self.skip(patches.to(clip.dtype))
 
 
 def check_stage1_spec(stage1_spec: DataSpec, spec: DataSpec, path: str) -> None:
@@ -414,7 +442,11 @@ def load_stage1(path: str | Any, map_location: str | torch.device = "cpu") -> St
     hidden = int(hp.get("head_hidden", 1024))
     clip_head = MLPHead(encoder.dim, hidden, int(sd["clip_head.3.weight"].shape[0]))
     vae_head = MLPHead(encoder.dim, hidden, int(sd["vae_head.3.weight"].shape[0])) if "vae_head.3.weight" in sd else None
-    parts = Stage1Parts(encoder, clip_head, vae_head, spec, dict(hp), dict(ckpt.get("teacher_ids") or {}))
-    state = {k: v for k, v in sd.items() if k.split(".")[0] in ("encoder", "clip_head", "vae_head")}
+    skip = None
+    if hp.get("linear_skip"):
+        skip = VoxelReadout(spec.num_active_patches * spec.patch_dim, int(sd["clip_head.3.weight"].shape[0]),
+                            rank=hp.get("linear_skip_rank"), dropout=float(hp.get("linear_skip_dropout", 0.5)))
+    parts = Stage1Parts(encoder, clip_head, vae_head, spec, dict(hp), dict(ckpt.get("teacher_ids") or {}), skip)
+    state = {k: v for k, v in sd.items() if k.split(".")[0] in ("encoder", "clip_head", "vae_head", "skip")}
     parts.load_state_dict(state, strict=True)
     return parts.eval()

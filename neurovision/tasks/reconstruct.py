@@ -161,7 +161,7 @@ class ReconstructionTask(BaseTask):
     # --------------------------------------------------------------------------------------------- steps
     def predict_latents(self, patches: torch.Tensor, subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.stage1.encoder(patches, subject if self.subject_embedding else None)
-        clip = self.stage1.clip_head(out.cls)
+        clip = self.stage1.predict_clip(out.cls, patches)
         vae = None
         if self.stage1.vae_head is not None:
             vae = self.stage1.vae_head(out.cls).view(-1, *self.recon.latent_shape)
