@@ -334,6 +334,7 @@ class ModelParts:
     patch_size: int | None = None  # None: the store's own
     patch_coords: Any = None
     name: str = "model"
+    skip: nn.Module | None = None  # the stage-1 voxel read-out added to the CLIP head's output (linear_skip)
 
 
 @dataclass
@@ -366,10 +367,14 @@ def _items(store: Store, split: str, condition: str, subjects: list[int]):
 
 
 def _similarity(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text: Tensor,
-                subject: Tensor | None) -> Tensor:
-    """(B, C) cosine similarity of the predicted CLIP embeddings with C text embeddings (no graph)."""
+                subject: Tensor | None, skip: nn.Module | None = None) -> Tensor:
+    """(B, C) cosine similarity of the predicted CLIP embeddings with C text embeddings (no graph); ``skip``: the
+    stage-1 voxel read-out, added to the head's prediction as the task adds it."""
     with torch.no_grad():
-        pred = F.normalize(clip_head(encoder(patches, subject).cls).float(), dim=-1)
+        pred = clip_head(encoder(patches, subject).cls)
+        if skip is not None:
+            pred = pred + skip(patches.to(pred.dtype))
+        pred = F.normalize(pred.float(), dim=-1)
         return pred @ F.normalize(text.float().to(pred.device), dim=-1).T
 
 
@@ -420,7 +425,7 @@ def model_maps(parts: ModelParts, store: Store, text_embs: Tensor, concepts: Seq
             subj_of.append(sub.numpy())
             stim_of.append(batch["stimulus"].numpy())
             continue
-        sim = _similarity(parts.encoder, parts.clip_head, xm.to(dev), text, sub.to(dev)).cpu().double()
+        sim = _similarity(parts.encoder, parts.clip_head, xm.to(dev), text, sub.to(dev), parts.skip).cpu().double()
         xd = x.double()
         for si in sub.unique().tolist():
             m = sub == si
@@ -595,7 +600,8 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
             raise ValueError(f"{ck}: trained on grid {tuple(parts.spec.grid_shape)}, the store {st.path} has "
                              f"{tuple(st.grid.shape)}")
         models.append(ModelParts(parts.encoder.to(device), parts.clip_head.to(device), parts.spec.patch_size,
-                                 parts.spec.patch_coords, name=Path(ck).stem))
+                                 parts.spec.patch_coords, name=Path(ck).stem,
+                                 skip=None if parts.skip is None else parts.skip.to(device)))
     if not models:
         raise ValueError("localize needs at least one checkpoint")
     with torch.inference_mode(False):

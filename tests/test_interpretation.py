@@ -253,6 +253,31 @@ def test_pattern_is_the_covariance_of_voxels_with_the_similarity(store: Store, c
         np.testing.assert_allclose(maps["sub-03"][c], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
+def test_pattern_of_a_model_with_a_voxel_read_out_uses_its_prediction(store: Store, clip) -> None:
+    """With a stage-1 read-out (``linear_skip``) the similarity is of the task's prediction: head + read-out."""
+    from data_modules.fmri import FMRITrials
+    from neurovision.models import VoxelReadout
+
+    enc, head = _vit(store), MLPHead(16, 8, clip.dim)
+    g = store.grid
+    skip = VoxelReadout(len(g.active_coords) * g.patch_size**3, clip.dim, rank=4, dropout=0.0)
+    skip.fit(torch.randn(40, len(g.active_coords) * g.patch_size**3, generator=torch.Generator().manual_seed(0)))
+    torch.nn.init.normal_(skip.linear.weight)
+    text = clip.encode_text(["red"])
+    kw = dict(method="pattern", subjects=["sub-03"], batch_size=5)
+    with_skip = model_maps(ModelParts(enc, head, skip=skip.eval()), store, text, ["red"], **kw)["sub-03"]["red"]
+    without = model_maps(ModelParts(enc, head), store, text, ["red"], **kw)["sub-03"]["red"]
+    ds = FMRITrials(store, "test", [2], mode="average")
+    x = torch.stack([ds[i]["patches"] for i in range(len(ds))])
+    with torch.no_grad():
+        sim = (F.normalize(head(enc(x).cls) + skip(x), dim=-1) @ F.normalize(text, dim=-1).T)[:, 0].double().numpy()
+    xf = x.reshape(len(x), -1).double().numpy()
+    cov = ((xf - xf.mean(0)) * (sim - sim.mean())[:, None]).mean(0)
+    expected = to_subject_volume(store, cov.reshape(x.shape[1:]).astype(np.float32), "sub-03")
+    np.testing.assert_allclose(with_skip, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert not np.allclose(with_skip, without, atol=1e-6 * np.abs(expected).max())
+
+
 # --------------------------------------------------------------------------------------------- mapping
 def test_patch_to_subject_round_trip(store: Store) -> None:
     g, spec = store.grid, store.grid_spec()

@@ -3,4 +3,4 @@
 from neurovision.models.readout import VoxelReadout
 from neurovision.models.vit3d import ViT3D, ViT3DOutput
 
-__all__ = ["ViT3D", "ViT3DOutput"]
+__all__ = ["ViT3D", "ViT3DOutput", "VoxelReadout"]
