@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
 DEMO = ROOT / "experiments" / "presets" / "stage1_vit3d_demo.yaml"
+READOUT = ROOT / "experiments" / "presets" / "stage1_vit3d_demo_readout.yaml"
 N_TEST = 300
 
 
@@ -36,10 +37,11 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     return tmp, store, tmp / "teachers"
 
 
-def _test_retrieval(setup: tuple[Path, Path, Path], shuffle: bool) -> float:
+def _test_retrieval(setup: tuple[Path, Path, Path], shuffle: bool, recipe: str) -> float:
     tmp, store, teachers = setup
-    out = tmp / f"run_shuffle={shuffle}"
-    args = ["-c", str(STAGE1), "-c", str(DEMO), f"--data.init_args.store={store}",
+    out = tmp / f"run_{recipe}_shuffle={shuffle}"
+    presets = ["-c", str(DEMO)] + (["-c", str(READOUT)] if recipe == "readout" else [])
+    args = ["-c", str(STAGE1), *presets, f"--data.init_args.store={store}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             "--trainer.enable_progress_bar=false", "--trainer.max_epochs=4", "--trainer.check_val_every_n_epoch=4",
             "--data.init_args.eval_conditions=[average]",
@@ -55,10 +57,11 @@ def _test_retrieval(setup: tuple[Path, Path, Path], shuffle: bool) -> float:
     return rows["test/average/retrieval_fmri2img"]
 
 
-def test_shuffled_targets_stay_at_chance_true_targets_do_not(setup):
+@pytest.mark.parametrize("recipe", ["vit3d", "readout"])  # the demo preset, and with the 64-component read-out
+def test_shuffled_targets_stay_at_chance_true_targets_do_not(setup, recipe):
     chance = 1 / N_TEST
     sd = math.sqrt(chance * (1 - chance) / N_TEST)  # one candidate set of all 300 test images
-    shuffled = _test_retrieval(setup, shuffle=True)
+    shuffled = _test_retrieval(setup, shuffle=True, recipe=recipe)
     assert shuffled <= chance + 4 * sd, f"shuffled-label control above chance: {shuffled:.4f} (chance {chance:.4f})"
-    real = _test_retrieval(setup, shuffle=False)
+    real = _test_retrieval(setup, shuffle=False, recipe=recipe)
     assert real >= 5 * chance, f"true targets: {real:.4f}, not clearly above chance {chance:.4f}"
