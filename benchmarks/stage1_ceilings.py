@@ -33,11 +33,15 @@ def _retrieval(pred: np.ndarray, target: np.ndarray) -> float:
     return float(((p @ t.T).argmax(1) == np.arange(len(t))).mean())
 
 
-def _ridge(x_tr, y_tr, x_va, y_va, x_te, y_te, alphas) -> tuple[float, float]:
+def _ridge(x: dict[str, np.ndarray], y: dict[str, np.ndarray], alphas: list[float]) -> float:
+    """Test retrieval of a ridge map fitted on ``train`` with the penalty that retrieves best on ``val``."""
     from sklearn.linear_model import Ridge
 
-    best = max(alphas, key=lambda a: _retrieval(Ridge(alpha=a).fit(x_tr, y_tr).predict(x_va), y_va))
-    return _retrieval(Ridge(alpha=best).fit(x_tr, y_tr).predict(x_te), y_te), best
+    def fitted(a: float) -> Ridge:
+        return Ridge(alpha=a).fit(x["train"], y["train"])
+
+    best = max(alphas, key=lambda a: _retrieval(fitted(a).predict(x["val"]), y["val"]))
+    return _retrieval(fitted(best).predict(x["test"]), y["test"])
 
 
 def main() -> None:
@@ -55,46 +59,42 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=LinAlgWarning)  # the smallest penalties on the planted features
     from sklearn.preprocessing import StandardScaler
 
+    from data_modules.fmri import FMRITrials
     from neurovision.sources import scenes
     from neurovision.sources.phantom import _contrast
-    from neurovision.store import SPLITS, Store
+    from neurovision.store import Store
     from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
 
     st = Store(args.store)
     teacher = OpenCLIPImageTeacher(model_name=args.clip_model_name, model_config=args.clip_model_config,
                                    checkpoint=args.clip_checkpoint, device="cpu")
     clip = np.asarray(TeacherCache().get(st, teacher), dtype=np.float64)
-    t = st.trials
-    scene_list = [scenes.Scene(tuple(scenes.SceneObject(**o) for o in (json.loads(s) if isinstance(s, (str, bytes)) else s)))
-                  for s in st.annotations("scenes")]
+    scene_list = [scenes.Scene(tuple(scenes.SceneObject(**o) for o in objs)) for objs in st.annotations("scenes")]
     planted = np.concatenate([np.stack([scenes.presence(sc) for sc in scene_list]),
                               0.5 * np.stack([_contrast(st.image(i)) for i in range(len(scene_list))])], 1)
     alphas = [10.0 ** e for e in range(-2, 6)]
     rows = []
     for s, name in enumerate(st.subject_names):
-        idx = np.flatnonzero(t["subject"] == s)
-        stim = t["stimulus"][idx]
-        uniq = np.unique(stim)
-        avg = np.stack([np.stack([st.patches(int(i)) for i in idx[stim == u]]).astype(np.float32).mean(0).ravel()
-                        for u in uniq])
-        split = np.array([t["split"][idx[stim == u][0]] for u in uniq])
-        tr, va, te = (split == SPLITS.index(k) for k in ("train", "val", "test"))
-        y = clip[uniq]
-        row = {"subject": name}
-        row["voxels"], _ = _ridge(avg[tr], y[tr], avg[va], y[va], avg[te], y[te], alphas)
+        x, stim = {}, {}
+        for split in ("train", "val", "test"):  # one trial-averaged pattern per image
+            ds = FMRITrials(st, split, [s], mode="average")
+            x[split] = np.stack([ds.group_mean(g).numpy().ravel() for g in range(len(ds.groups))])
+            stim[split] = np.array([int(st.trials["stimulus"][grp[0]]) for grp in ds.groups])
+        y = {k: clip[v] for k, v in stim.items()}
+        row: dict[str, object] = {"subject": name}
+        row["voxels"] = _ridge(x, y, alphas)
         for k in args.pca:
-            pca = PCA(k, random_state=0).fit(avg[tr])
-            z = StandardScaler().fit(pca.transform(avg[tr]))
-            zz = z.transform(pca.transform(avg))
-            row[f"pca{k}"], _ = _ridge(zz[tr], y[tr], zz[va], y[va], zz[te], y[te], alphas)
-        f = planted[uniq]
-        row["planted"], _ = _ridge(f[tr], y[tr], f[va], y[va], f[te], y[te], alphas)
+            pca = PCA(k, random_state=0).fit(x["train"])
+            z = StandardScaler().fit(pca.transform(x["train"]))
+            row[f"pca{k}"] = _ridge({sp: z.transform(pca.transform(v)) for sp, v in x.items()}, y, alphas)
+        row["planted"] = _ridge({sp: planted[v] for sp, v in stim.items()}, y, alphas)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    n_test = len(stim["test"])
     keys = [k for k in rows[0] if k != "subject"]
-    print(f"mean over subjects (test retrieval among {te.sum()}, chance {100 / te.sum():.2f} %):")
+    print(f"mean over subjects (test retrieval among {n_test}, chance {100 / n_test:.2f} %):")
     for k in keys:
-        print(f"  {k:>8}: {100 * np.mean([r[k] for r in rows]):.1f} %")
+        print(f"  {k:>8}: {100 * np.mean([float(r[k]) for r in rows]):.1f} %")
 
 
 if __name__ == "__main__":

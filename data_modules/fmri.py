@@ -72,6 +72,10 @@ class FMRITrials(Dataset):
         # torch converts float16 -> float32 ~10x faster than numpy's astype
         return torch.from_numpy(self.store.patches(trial)).float()
 
+    def group_mean(self, g: int) -> torch.Tensor:
+        """The mean over repeats of group ``g`` (one subject's trials of one stimulus)."""
+        return torch.stack([self._load(int(j)) for j in self.groups[g]]).mean(0)
+
     def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
         # (index, epoch) from EpochSampler: MixUp draws are a function of (seed, epoch, index), so a run
         # resumed from a checkpoint, or split over DDP ranks or workers, draws exactly the same mixes
@@ -79,9 +83,9 @@ class FMRITrials(Dataset):
         trial = int(self.items[i])
         t = self.store.trials
         if self.mode == "average":
-            grp = self.groups[self.group_of_trial[trial]]
-            x = torch.stack([self._load(int(j)) for j in grp]).mean(0)
-            n_rep = len(grp)
+            g = self.group_of_trial[trial]
+            x = self.group_mean(g)
+            n_rep = len(self.groups[g])
         else:
             x = self._load(trial)
             n_rep = 1

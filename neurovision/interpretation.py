@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurovision.atomic import atomic_path
+from neurovision.models import with_readout
 from neurovision.preprocessing import GridSpec, patch_grid_shape, to_active_patches
 from neurovision.store import Store
 
@@ -371,10 +372,7 @@ def _similarity(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text:
     """(B, C) cosine similarity of the predicted CLIP embeddings with C text embeddings (no graph); ``skip``: the
     stage-1 voxel read-out, added to the head's prediction as the task adds it."""
     with torch.no_grad():
-        pred = clip_head(encoder(patches, subject).cls)
-        if skip is not None:
-            pred = pred + skip(patches.to(pred.dtype))
-        pred = F.normalize(pred.float(), dim=-1)
+        pred = F.normalize(with_readout(clip_head(encoder(patches, subject).cls), skip, patches).float(), dim=-1)
         return pred @ F.normalize(text.float().to(pred.device), dim=-1).T
 
 

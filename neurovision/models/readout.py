@@ -85,3 +85,9 @@ class VoxelReadout(nn.Module):
                 raise RuntimeError("VoxelReadout: the principal subspace was never fitted (call fit() first)")
             x = (x - self.mean.to(x.dtype)) @ self.basis.to(x.dtype)
         return self.linear(self.dropout(x))
+
+
+def with_readout(pred: Tensor, readout: nn.Module | None, patches: Tensor) -> Tensor:
+    """A CLIP-head prediction plus the voxel read-out of ``patches`` (unchanged without a read-out): the stage-1
+    CLIP prediction, as training, later stages and concept localisation all make it."""
+    return pred if readout is None else pred + readout(patches.to(pred.dtype))

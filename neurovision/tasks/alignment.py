@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from neurovision.metrics import retrieval_top1, two_way_identification
-from neurovision.models import ViT3D, VoxelReadout
+from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
@@ -238,21 +238,18 @@ class AlignmentTask(BaseTask):
         stimulus); a function of the training data only, so every DDP rank computes the same basis."""
         from tqdm.auto import tqdm
 
-        store = train.store
-        means = [torch.from_numpy(np.stack([store.patches(int(t)) for t in grp])).float().mean(0)
-                 for grp in tqdm(train.groups, desc="read-out subspace", unit="image", leave=False,
-                                 disable=self.trainer.global_rank != 0 if self._trainer is not None else False)]
+        rank0 = self._trainer is None or self.trainer.global_rank == 0
+        means = [train.group_mean(g) for g in tqdm(range(len(train.groups)), desc="read-out subspace", unit="image",
+                                                   leave=False, disable=not rank0)]
         ratio = self.skip.fit(torch.stack(means))
-        if self._trainer is not None and self.trainer.global_rank == 0:
+        if rank0:
             print(f"read-out: {self.skip.rank} principal components of {len(means)} repeat-averaged training "
                   f"patterns explain {ratio.sum().item():.1%} of their variance")
 
     # forward ----------------------------------------------------------------------------------------
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.encoder(patches, subject if self.subject_embedding else None)
-        pred = {"clip": self.clip_head(out.cls)}
-        if self.skip is not None:
-            pred["clip"] = pred["clip"] + self.skip(patches.to(pred["clip"].dtype))
+        pred = {"clip": with_readout(self.clip_head(out.cls), self.skip, patches)}
         if self.vae_teacher is not None:
             pred["vae"] = self.vae_head(out.cls).view(-1, *self.latent_shape)
         return pred
@@ -396,8 +393,7 @@ class Stage1Parts(nn.Module):
 
     def predict_clip(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """The stage-1 CLIP prediction, as :class:`AlignmentTask` makes it: the head on ``cls`` plus the read-out."""
-        clip = self.clip_head(cls)
-        return clip if self.skip is None else clip + self.skip(patches.to(clip.dtype))
+        return with_readout(self.clip_head(cls), self.skip, patches)
 
 
 def check_stage1_spec(stage1_spec: DataSpec, spec: DataSpec, path: str) -> None:
