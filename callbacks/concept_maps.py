@@ -32,6 +32,9 @@ class ConceptMaps(L.Callback):
         layer: GradCAM at the hidden states entering this encoder block (-1: the last block, the paper's
             penultimate layer; 0: the token embeddings), see :func:`neurovision.interpretation.gradcam`.
         mask: where r is computed: ``roi`` or ``active``.
+        target: the explained score: ``relative`` (the concept's CLIP similarity minus the mean similarity to
+            the store's concepts) or ``similarity`` (the plain cosine), see
+            :func:`neurovision.interpretation.concept_directions`.
         prompt: text template of a concept.
         png: also write a glass-brain PNG per map.
         batch_size: items per GradCAM batch.
@@ -48,6 +51,7 @@ class ConceptMaps(L.Callback):
         upsample: Literal["trilinear", "nearest"] = "trilinear",
         layer: int = -1,
         mask: Literal["roi", "active"] = "roi",
+        target: Literal["relative", "similarity"] = "relative",
         prompt: str = "{}",
         png: bool = True,
         batch_size: int = 64,
@@ -61,6 +65,7 @@ class ConceptMaps(L.Callback):
         self.upsample = upsample
         self.layer = layer
         self.mask = mask
+        self.target = target
         self.prompt = prompt
         self.png = png
         self.batch_size = batch_size
@@ -84,11 +89,11 @@ class ConceptMaps(L.Callback):
         spec = getattr(pl_module, "spec", None)
         parts = ModelParts(pl_module.encoder, pl_module.clip_head,  # type: ignore[arg-type]
                            getattr(spec, "patch_size", None), getattr(spec, "patch_coords", None),
-                           name=type(pl_module).__name__)
+                           name=type(pl_module).__name__, skip=getattr(pl_module, "skip", None))
         loc = localize([parts], store, pl_module.clip_teacher, out if trainer.is_global_zero else None,
                        concepts=self.concepts, split=self.split, method=self.method,
                        aggregate_mode=self.aggregate, upsample=self.upsample, layer=self.layer, mask=self.mask,
-                       prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device, png=self.png,
+                       target=self.target, prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device, png=self.png,
                        progress=False)
         self.runs += 1
         self.last = loc

@@ -121,6 +121,9 @@ def localize_main(args: list[str]) -> int:
     parser.add_argument("--layer", type=int, default=-1,
                         help="GradCAM at the hidden states entering this encoder block (-1: the last, the paper's "
                              "penultimate layer; 0: the token embeddings)")
+    parser.add_argument("--target", default="relative", choices=["relative", "similarity"],
+                        help="the explained score: the concept's CLIP similarity minus the mean similarity to the "
+                             "store's concepts (relative) or the plain similarity (the paper's)")
     parser.add_argument("--prompt", default="{}", help="text template of a concept, e.g. 'a picture of a {}'")
     parser.add_argument("--png", default="glass", choices=["glass", "stat", "none"], help="PNG per map")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -155,7 +158,7 @@ def localize_main(args: list[str]) -> int:
 
     loc = localize(cfg.ckpt, store, clip, cfg.out, concepts=cfg.concepts, split=cfg.split, condition=cfg.condition,
                    method=cfg.method, aggregate_mode=cfg.aggregate, upsample=cfg.upsample, mask=cfg.mask,
-                   relu=not cfg.no_relu, layer=cfg.layer, prompt=cfg.prompt, batch_size=cfg.batch_size,
+                   relu=not cfg.no_relu, layer=cfg.layer, target=cfg.target, prompt=cfg.prompt, batch_size=cfg.batch_size,
                    device=cfg.device, subjects=cfg.subjects, png=cfg.png != "none", png_kind="stat" if cfg.png == "stat" else "glass")
     if loc.rows:
         import numpy as np

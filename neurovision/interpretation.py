@@ -48,14 +48,15 @@ from neurovision.preprocessing import GridSpec, patch_grid_shape, to_active_patc
 from neurovision.store import Store
 
 __all__ = [
-    "Localization", "ModelParts", "aggregate", "concept_cams", "concept_list", "ensemble", "gradcam", "localize",
-    "model_maps", "patch_cam_to_patches", "pearson", "score", "score_mask", "to_subject_volume", "write_maps",
+    "Localization", "ModelParts", "aggregate", "concept_cams", "concept_directions", "concept_list", "ensemble",
+    "gradcam", "localize", "model_maps", "patch_cam_to_patches", "pearson", "score", "score_mask", "to_subject_volume", "write_maps",
 ]
 
 Upsample = Literal["nearest", "trilinear"]
 Aggregate = Literal["contrast", "present"]
 Mask = Literal["roi", "active"]
 Method = Literal["gradcam", "pattern"]
+Target = Literal["relative", "similarity"]
 
 
 # --------------------------------------------------------------------------------------------- GradCAM
@@ -325,6 +326,32 @@ def concept_list(store: Store) -> list[str]:
     return sorted({w for ws in store.annotations("concepts") for w in ws})
 
 
+def concept_directions(clip_teacher: Any, concepts: Sequence[str], *, target: Target = "relative",
+                       reference: Sequence[str] = (), prompt: str = "{}") -> Tensor:
+    """(C, D) the text directions whose similarity with the predicted CLIP embedding is explained.
+
+    ``similarity``: each concept's normalised CLIP text embedding t_c, so the explained score is
+    ``cos(pred, t_c)`` (the paper's). ``relative``: t_c minus the mean normalised embedding of the reference
+    concepts (``reference`` together with ``concepts``), so the score is ``cos(pred, t_c) - mean_k cos(pred,
+    t_k)`` up to a positive factor per concept: the concept's zero-shot logit relative to the others. The raw
+    similarity of a CLIP embedding to every word shares a large common part (how much the image looks like any
+    of them), which puts the other concepts' maps into each concept's map; the relative score removes it.
+    """
+    words = list(concepts)
+    if target == "similarity":
+        with torch.inference_mode(False):
+            return F.normalize(clip_teacher.encode_text([prompt.format(w) for w in words]).float(), dim=-1)
+    if target != "relative":
+        raise ValueError(f"target must be 'relative' or 'similarity', got {target!r}")
+    ref = list(dict.fromkeys([*words, *reference]))
+    if len(ref) < 2:
+        raise ValueError(f"target 'relative' needs at least two concepts (concepts and reference), got {ref}; "
+                         "pass more concepts or target='similarity'")
+    with torch.inference_mode(False):
+        emb = F.normalize(clip_teacher.encode_text([prompt.format(w) for w in ref]).float(), dim=-1)
+    return emb[: len(words)] - emb.mean(0, keepdim=True)
+
+
 # --------------------------------------------------------------------------------------------- pipeline
 @dataclass
 class ModelParts:
@@ -550,7 +577,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
              out_dir: str | Path | None, concepts: Sequence[str] | None = None, split: str = "test", *,
              condition: Literal["average", "single"] = "average", method: Method = "gradcam",
              aggregate_mode: Aggregate = "present", upsample: Upsample = "trilinear", mask: Mask = "roi",
-             relu: bool = True, layer: int = -1,
+             relu: bool = True, layer: int = -1, target: Target = "relative",
              prompt: str = "{}", batch_size: int = 64, device: str | torch.device = "cpu",
              subjects: Sequence[str] | None = None, png: bool = True, png_kind: Literal["glass", "stat"] = "glass",
              check_teacher: bool = True, progress: bool = True) -> Localization:
@@ -573,6 +600,9 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
         relu: GradCAM's ReLU (False: signed maps).
         layer: GradCAM at the states entering this encoder block (-1: the last, the paper's penultimate
             layer; 0: the token embeddings), see :func:`gradcam`.
+        target: the explained score: ``relative`` (default: the concept's similarity minus the mean similarity
+            to the store's concepts) or ``similarity`` (the plain cosine, the paper's), see
+            :func:`concept_directions`.
         prompt: text template of a concept (``"{}"``: the bare word).
         check_teacher: refuse a CLIP teacher other than the one the checkpoint's head was trained towards.
     """
@@ -602,8 +632,13 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
                                  skip=None if parts.skip is None else parts.skip.to(device)))
     if not models:
         raise ValueError("localize needs at least one checkpoint")
-    with torch.inference_mode(False):
-        text = clip_teacher.encode_text([prompt.format(w) for w in words]).float()
+    reference: list[str] = []
+    if target == "relative" and concepts is not None:
+        try:
+            reference = concept_list(st)
+        except KeyError:  # a store without concept words: the given concepts are the reference
+            reference = []
+    text = concept_directions(clip_teacher, words, target=target, reference=reference, prompt=prompt)
     per_model = []
     for parts in tqdm(models, desc="models", disable=not progress or len(models) < 2):
         per_model.append(model_maps(parts, st, text, words, split=split, condition=condition, method=method,

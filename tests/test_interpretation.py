@@ -18,6 +18,7 @@ from neurovision.interpretation import (
     ModelParts,
     aggregate,
     concept_cams,
+    concept_directions,
     concept_list,
     gradcam,
     localize,
@@ -202,7 +203,8 @@ def test_localize_maps_the_one_patch_to_its_voxels_in_subject_space(store: Store
     onehot = np.zeros((a, g.patch_size**3), np.float32)
     onehot[k] = 1
     for upsample in ("trilinear", "nearest"):
-        loc = localize([parts], store, clip, None, concepts=["red"], upsample=upsample, progress=False)
+        loc = localize([parts], store, clip, None, concepts=["red"], upsample=upsample, target="similarity",
+                       progress=False)
         assert {r["concept"] for r in loc.rows} == {"red"} and len(loc.rows) == len(store.subjects)
         for s in store.subject_names:
             footprint = np.asarray(store.to_subject_nifti(onehot, s).dataobj)
@@ -276,6 +278,48 @@ def test_pattern_of_a_model_with_a_voxel_read_out_uses_its_prediction(store: Sto
     expected = to_subject_volume(store, cov.reshape(x.shape[1:]).astype(np.float32), "sub-03")
     np.testing.assert_allclose(with_skip, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     assert not np.allclose(with_skip, without, atol=1e-6 * np.abs(expected).max())
+
+
+def test_relative_target_is_the_similarity_minus_the_mean_similarity_to_the_reference(clip) -> None:
+    words, ref = ["red", "square"], ["red", "blue", "large"]
+    pred = F.normalize(torch.randn(7, clip.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    t = F.normalize(clip.encode_text(["red", "square", "blue", "large"]), dim=-1)  # the union, words first
+    cos = pred @ t.T
+    d = concept_directions(clip, words, reference=ref)
+    torch.testing.assert_close(pred @ d.T, cos[:, :2] - cos.mean(1, keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(concept_directions(clip, words, target="similarity"), t[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(concept_directions(clip, ["red"], reference=["red", "square"])[0],
+                               (t[0] - t[1]) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least two concepts"):
+        concept_directions(clip, ["red"], reference=["red"])
+    with pytest.raises(ValueError, match="target must be"):
+        concept_directions(clip, words, target="cosine")  # type: ignore[arg-type]
+
+
+def test_localize_relative_pattern_is_the_covariance_with_the_relative_similarity(store: Store, clip) -> None:
+    """``target="relative"`` (the default) explains cos(pred, t_c) - mean over the store's concepts of
+    cos(pred, t_k), each concept's score scaled by 1 / |t_c - mean t|; one concept still gets the store's
+    concepts as its reference."""
+    from data_modules.fmri import FMRITrials
+
+    enc, head = _vit(store), MLPHead(16, 8, clip.dim)
+    kw = dict(method="pattern", subjects=["sub-03"], batch_size=5, progress=False)
+    rel = localize([ModelParts(enc, head)], store, clip, None, concepts=["green"], **kw).maps["sub-03"]["green"]
+    sim = localize([ModelParts(enc, head)], store, clip, None, concepts=["green"], target="similarity",
+                   **kw).maps["sub-03"]["green"]
+    words = concept_list(store)
+    t = F.normalize(clip.encode_text(words), dim=-1)
+    c = words.index("green")
+    ds = FMRITrials(store, "test", [2], mode="average")
+    x = torch.stack([ds[i]["patches"] for i in range(len(ds))])
+    with torch.no_grad():
+        cos = F.normalize(head(enc(x).cls), dim=-1) @ t.T
+    y = ((cos[:, c] - cos.mean(1)) / (t[c] - t.mean(0)).norm()).double().numpy()
+    xf = x.reshape(len(x), -1).double().numpy()
+    cov = ((xf - xf.mean(0)) * (y - y.mean())[:, None]).mean(0)
+    expected = to_subject_volume(store, cov.reshape(x.shape[1:]).astype(np.float32), "sub-03")
+    np.testing.assert_allclose(rel, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert not np.allclose(rel / np.abs(rel).max(), sim / np.abs(sim).max(), atol=1e-3)  # another score
 
 
 # --------------------------------------------------------------------------------------------- mapping
@@ -457,6 +501,22 @@ def test_cli_layer_flag(tested, store: Store, clip, tmp_path: Path, capsys: pyte
     capsys.readouterr()
     assert run_cli([*base, "--out", str(tmp_path / "l1"), "--layer", "1"]) == 1
     assert "layer must be in [-1, 0]" in capsys.readouterr().err
+
+
+def test_cli_target_flag(tested, store: Store, clip, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, _, ckpt = tested
+    base = ["localize", "--ckpt", str(ckpt), "--store", str(store.path), "--clip-model-name", "tiny",
+            "--clip-config", clip.model_config, "--concepts", "red", "--subjects", "sub-02", "--png", "none",
+            "--method", "pattern"]
+    assert run_cli([*base, "--out", str(tmp_path / "sim"), "--target", "similarity"]) == 0
+    assert run_cli([*base, "--out", str(tmp_path / "rel")]) == 0
+    sim, rel = (np.asarray(nib.load(tmp_path / d / "sub-02" / "red.nii.gz").dataobj) for d in ("sim", "rel"))
+    loc = localize([ckpt], store, clip, None, concepts=["red"], subjects=["sub-02"], method="pattern", progress=False)
+    np.testing.assert_allclose(rel, loc.maps["sub-02"]["red"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(rel / np.abs(rel).max(), sim / np.abs(sim).max(), atol=1e-3)
+    capsys.readouterr()
+    assert run_cli([*base, "--out", str(tmp_path / "bad"), "--target", "cosine"]) != 0
+    assert "--target" in capsys.readouterr().err
 
 
 def test_cli_reads_teacher_and_store_from_the_run_config(tested, store: Store, clip, tmp_path: Path) -> None:
