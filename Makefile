@@ -61,7 +61,7 @@ demo: install ## the whole chain on the demo phantom (quick settings, < 30 min o
 	$(NV) fit $(S1) $(call logto,$(D)/stage1) --trainer.max_epochs=$(DEMO_S1_EPOCHS) \
 		--model.init_args.scheduler.init_args.T_max=$(DEMO_S1_EPOCHS)
 	$(NV) test $(S1) $(call logto,$(D)/stage1) --ckpt_path=$(call ck,$(D)/stage1)
-	$(NV) localize --ckpt $(call ck,$(D)/stage1) --out $(D)/stage1/concept_maps
+	$(NV) localize --ckpt $(call ck,$(D)/stage1) --out $(D)/stage1/concept_maps --method pattern
 	$(NV) fit $(S2) -c experiments/presets/stage2_instruct_phase_a.yaml $(call logto,$(D)/stage2_a) \
 		--model.init_args.stage1=$(call ck,$(D)/stage1) --trainer.max_epochs=1 \
 		--trainer.limit_train_batches=$(DEMO_S2_BATCHES) --data.init_args.max_eval_items=24
@@ -104,7 +104,7 @@ demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epo
 		--max-minutes 20
 	$(NV) fit $(STAGE1_DEMO)
 	$(NV) test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
-	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps
+	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps --method pattern
 	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
 	$(NV) fit $(STAGE2_DEMO) -c experiments/presets/stage2_instruct_phase_a.yaml \
 		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a

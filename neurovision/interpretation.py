@@ -1,26 +1,30 @@
 """Concept localisation (Shen et al. 2024, Fig. 6): GradCAM of a concept's CLIP text embedding on the brain.
 
-For a stage-1 (or stage-2) model, the similarity between the ViT3D CLIP head's prediction and a concept's
-CLIP text embedding, ``s = cos(clip_head(encoder(x).cls), t_c)``, is differentiated with respect to the
-hidden states entering the encoder's last block (``ViT3DOutput.penultimate``; ``layer=k``: block k's input,
-0 = the token embeddings). As in GradCAM, each channel's weight is the mean gradient over the patch tokens and
+For a stage-1 (or stage-2) model, the score explained is the similarity between the ViT3D CLIP head's
+prediction and a concept's CLIP text direction: ``target="similarity"`` (the paper's) uses the concept's text
+embedding, ``s = cos(clip_head(encoder(x).cls), t_c)``; ``target="relative"`` (the default) uses t_c minus the
+mean embedding of the store's concepts, i.e. the similarity to the concept minus the mean similarity to all of
+them (its zero-shot logit relative to the others, :func:`concept_directions`). GradCAM differentiates the score
+with respect to the hidden states entering the encoder's last block (``ViT3DOutput.penultimate``; ``layer=k``:
+block k's input, 0 = the token embeddings). Each channel's weight is the mean gradient over the patch tokens and
 the map is the ReLU of the weighted sum of that layer's activations: one value per active patch.
 
 The patch maps of the evaluation items are aggregated per subject and concept (default: the mean over the
 items whose scene contains the concept, see :func:`aggregate`), spread over each patch's voxels (default:
 trilinear upsampling of the patch grid), mapped back to the subject's own voxel space (the inverse of the
 store's preprocessing) and written as NIfTI and PNG. ``method="pattern"`` instead gives the model's signed
-activation pattern (the covariance of each voxel with the concept similarity over the items). Several checkpoints
-(e.g. the paper's patch sizes 14, 12, 10) are ensembled by averaging their subject-space maps. Where the
-store holds planted concept maps (the phantom), every map is scored by its Pearson correlation with the
+activation pattern (Haufe et al. 2014: the covariance of each voxel with the score over the items). Several
+checkpoints (e.g. the paper's patch sizes 14, 12, 10) are ensembled by averaging their subject-space maps. Where
+the store holds planted concept maps (the phantom), every map is scored by its Pearson correlation with the
 truth inside the subject's ROI (:func:`score`).
 
-Measured on the demo phantom (stage-1 demo checkpoint, test split, 4 subjects x 10 concepts, r in the ROI):
-GradCAM (present mean, trilinear) r = -0.06 against the planted maps and 0.25 against their absolute value;
-the phantom plants blobs of random sign, so a non-negative map is capped at r(|M|, M) = 0.10 on average.
-``method="pattern"`` reaches r = 0.46. The layer matters little (r / r_abs, ROI): block input 0 (embeddings)
--0.08 / 0.27, 1: -0.07 / 0.26, 2: -0.04 / 0.28, 3 (= -1, the default): -0.06 / 0.25; at layer 2 the contrast
-aggregation gives -0.13 / 0.13, signed GradCAM (``relu=False``) -0.03 / 0.23 and nearest upsampling -0.04 / 0.24.
+Measured on the demo phantom (the 16-epoch stage-1 demo checkpoint of ``make demo-full``, test split, 4 subjects
+x 10 concepts, r in the ROI; README, "Stage 2"): ``method="pattern"`` r = 0.63 with the relative target and 0.50
+with the plain similarity; GradCAM r = -0.02 / 0.13 (relative / similarity). Why GradCAM stays low: a gradient
+is a filter, not a pattern (Haufe et al.): it weighs voxels by how the model reads them, including the
+directions it uses to cancel the other concepts and the noise, and on the phantom's blobs of either sign an
+attribution (gradient x activation) is positive on both signs, so it can at best find |M| (r_abs 0.13 at the
+penultimate layer).
 
 Entry points: :func:`gradcam` (one batch), :func:`localize` (checkpoints -> files + scores),
 ``neurovision localize`` (the CLI) and :class:`callbacks.ConceptMaps` (after ``trainer.test``).
