@@ -466,6 +466,30 @@ def test_concept_maps_callback_logs_and_writes_after_test(tested, store: Store) 
         ConceptMaps().setup(trainer, L.LightningModule(), "test")
 
 
+def test_concept_maps_callback_explains_the_prediction_with_the_read_out(store: Store, clip, tmp_path: Path) -> None:
+    """A task with a voxel read-out (``linear_skip``): the callback's pattern maps are those of head + read-out."""
+    import lightning as L
+
+    from callbacks import ConceptMaps
+    from data_modules import FMRIDataModule
+    from neurovision.tasks import AlignmentTask
+
+    dm = FMRIDataModule(store=str(store.path), batch_size=16, eval_conditions=["average"])
+    task = AlignmentTask(data_spec=dm.spec, clip_teacher=clip, vae_teacher=None, dim=16, depth=1, heads=2,
+                         head_hidden=16, linear_skip=True, linear_skip_dropout=0.0)
+    torch.nn.init.normal_(task.skip.linear.weight, std=0.1)  # zero-initialised: give it something to read
+    cb = ConceptMaps(png=False, method="pattern", concepts=["red"], out_dir=str(tmp_path / "maps"))
+    trainer = L.Trainer(logger=False, default_root_dir=tmp_path, callbacks=[cb], limit_test_batches=1,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(task, dm)
+    kw = dict(concepts=["red"], method="pattern", progress=False)
+    with_skip = localize([ModelParts(task.encoder, task.clip_head, skip=task.skip)], store, clip, None, **kw).maps
+    without = localize([ModelParts(task.encoder, task.clip_head)], store, clip, None, **kw).maps
+    for s in store.subject_names:
+        np.testing.assert_allclose(cb.last.maps[s]["red"], with_skip[s]["red"], rtol=1e-5, atol=1e-8)
+        assert not np.allclose(cb.last.maps[s]["red"], without[s]["red"], rtol=1e-3, atol=1e-8)
+
+
 def test_callback_resolves_from_yaml(capsys: pytest.CaptureFixture) -> None:
     stage1 = ROOT / "experiments" / "stage1_vit3d.yaml"
     assert run_cli(["test", "-c", str(stage1), "--trainer.callbacks+=callbacks.ConceptMaps",
