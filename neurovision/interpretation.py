@@ -235,8 +235,8 @@ def aggregate(cams: np.ndarray, present: np.ndarray, mode: Aggregate = "present"
 
     ``present`` (default): the mean over the items showing the concept. ``contrast``: that mean minus the
     mean over the items without it. On the demo phantom the plain mean correlates better with the planted
-    maps (stage-1 demo checkpoint, 4 subjects x 10 concepts, ROI, trilinear: mean r -0.06 vs -0.16, and
-    0.25 vs 0.08 against the maps' absolute value): GradCAM
+    maps (an earlier session's stage-1 demo checkpoint, GradCAM of the plain similarity, 4 subjects x 10
+    concepts, ROI, trilinear: mean r -0.06 vs -0.16, and 0.25 vs 0.08 against the maps' absolute value): GradCAM
     already conditions on the concept through its gradient, and the absent items' maps (the evidence
     against the concept) are not the concept's absence map.
     """
@@ -341,19 +341,16 @@ def concept_directions(clip_teacher: Any, concepts: Sequence[str], *, target: Ta
     similarity of a CLIP embedding to every word shares a large common part (how much the image looks like any
     of them), which puts the other concepts' maps into each concept's map; the relative score removes it.
     """
-    words = list(concepts)
-    if target == "similarity":
-        with torch.inference_mode(False):
-            return F.normalize(clip_teacher.encode_text([prompt.format(w) for w in words]).float(), dim=-1)
-    if target != "relative":
+    if target not in ("relative", "similarity"):
         raise ValueError(f"target must be 'relative' or 'similarity', got {target!r}")
-    ref = list(dict.fromkeys([*words, *reference]))
-    if len(ref) < 2:
+    words = list(concepts)
+    ref = words if target == "similarity" else list(dict.fromkeys([*words, *reference]))
+    if target == "relative" and len(ref) < 2:
         raise ValueError(f"target 'relative' needs at least two concepts (concepts and reference), got {ref}; "
                          "pass more concepts or target='similarity'")
     with torch.inference_mode(False):
         emb = F.normalize(clip_teacher.encode_text([prompt.format(w) for w in ref]).float(), dim=-1)
-    return emb[: len(words)] - emb.mean(0, keepdim=True)
+    return emb if target == "similarity" else emb[: len(words)] - emb.mean(0, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------- pipeline
