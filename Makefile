@@ -40,7 +40,7 @@ data/phantom_demo.h5: | install
 
 teachers/phantom_demo/tiny_clip.pt: | data/phantom_demo.h5
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 10 --clip-max-minutes 3 --vae-max-minutes 1.5
+		--clip-epochs 10 --clip-max-minutes 3 --vae-epochs 8 --vae-max-minutes 3
 
 # the tiny unCLIP and the tiny LLM train side by side, one core each (`make -j2` in the demo recipe)
 teachers/phantom_demo/tiny_unclip/unet/config.json: | teachers/phantom_demo/tiny_clip.pt
@@ -95,13 +95,13 @@ STAGE2_DEMO = -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_
 A_CKPT = $$(ls -t runs/stage2_demo_a/tb/*/checkpoints/last.ckpt | head -1)
 B_CKPT = $$(ls -t runs/stage2_demo/tb/*/checkpoints/last.ckpt | head -1)
 
-demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epoch stage 1, 2+2-epoch stage 2 (~2 h)
+demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epoch stage 1, 2+2-epoch stage 2, β sweep (~3 h)
 	$(NV) prepare phantom --preset demo --out data/phantom_demo.h5
 	$(NV) inspect data/phantom_demo.h5 --plot runs/demo_full/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 40 --clip-max-minutes 20
+		--clip-epochs 40 --clip-max-minutes 20 --vae-epochs 8 --vae-max-minutes 10
 	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
-		--max-minutes 20
+		--max-minutes 25
 	$(NV) fit $(STAGE1_DEMO)
 	$(NV) test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
 	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps --method pattern
@@ -110,6 +110,9 @@ demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epo
 		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a
 	$(NV) fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
 	$(NV) test $(STAGE2_DEMO) --ckpt_path=$(B_CKPT)
+	cp $(LAST_CKPT) runs/demo_full/stage1.ckpt
+	$(NV) sweep experiments/sweeps/beta_full.yaml
+	$(NV) report runs/demo_full/beta_sweep
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

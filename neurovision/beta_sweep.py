@@ -6,8 +6,8 @@ calls :func:`figures` on the sweep folder. It reads the sweep's ``results.csv`` 
 ``beta`` column) and each run's ``reconstructions_<condition>.npz``, and writes
 
 - ``beta_curves.png``: every image metric against β (mean ± sd over seeds), one line per prompt setting and
-  condition (the paper's Figure 5);
-- ``beta_grid_<condition>[_prompt].png``: the same test items in every row, the stimulus then one column per β;
+  condition (the paper's Figure 5), and per ``num_candidates`` where the sweep varies it (best of N);
+- ``beta_grid_<condition>[_prompt][_best<N>].png``: the same test items in every row, the stimulus then one column per β;
 - ``beta_table.csv``: the curves as a wide table (β, prompt, condition, metric, mean, sd, n);
 - TensorBoard events under ``tb/`` (scalars with step = round(100·β), the curve figure, the grids).
 """
@@ -30,6 +30,15 @@ def _prompt_label(v: Any) -> str:
     return "no prompt" if s.strip().lower() in ("", "none", "null", "nan") else "LLM prompt"
 
 
+def _setting(df: Any) -> Any:
+    """Each row's setting label: the prompt, and ", best of N" where the sweep varies ``num_candidates``."""
+    label = df["prompts"].map(_prompt_label) if "prompts" in df.columns else df["run"].map(lambda _: "no prompt")
+    if "num_candidates" in df.columns:
+        n = df["num_candidates"].fillna(1).astype(int)
+        label = label + n.map(lambda k: f", best of {k}" if k > 1 else "")
+    return label
+
+
 def curves_table(results: Any) -> Any:
     """``results.csv`` rows -> mean/sd/n per (β, prompt, condition, metric) for the image metrics."""
     import pandas as pd
@@ -37,7 +46,7 @@ def curves_table(results: Any) -> Any:
     df = results.copy()
     if "beta" not in df.columns:
         raise ValueError("results.csv has no 'beta' column: not a β sweep (grid key model.init_args.beta)")
-    df["prompt"] = df["prompts"].map(_prompt_label) if "prompts" in df.columns else "no prompt"
+    df["prompt"] = _setting(df)
     parts = df["metric"].str.split("/", expand=True)
     if parts.shape[1] < 3:
         raise ValueError("results.csv: metric names are not test/<condition>/<metric>")
@@ -101,7 +110,7 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
     from neurovision.reconstruction import image_grid
 
     df = results.drop_duplicates("run").copy()
-    df["prompt"] = df["prompts"].map(_prompt_label) if "prompts" in df.columns else "no prompt"
+    df["prompt"] = _setting(df)
     if "seed" in df.columns and df["seed"].notna().any():
         first = seed_pick if seed_pick is not None else sorted(df["seed"].dropna().unique())[0]
         df = df[df["seed"] == first]
@@ -128,7 +137,8 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
                 labels.append(f"β={row['beta']:g}")
             if stim is None or not cols:
                 continue
-            suffix = "" if prompt == "no prompt" else "_prompt"
+            suffix = ("" if prompt.startswith("no prompt") else "_prompt") + (
+                "_best" + prompt.rsplit(" ", 1)[-1] if "best of" in prompt else "")
             p = sweep_dir / f"beta_grid_{cond}{suffix}.png"
             image_grid([stim, *cols], ["stimulus", *labels], path=p,
                        title=f"{cond}, {prompt}: stimulus | reconstruction per β")

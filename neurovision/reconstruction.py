@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,17 +214,31 @@ class UnCLIPReconstructor(torch.nn.Module):
         guidance_scale: float = 1.0,
         noise_level: int = 0,
         clip_norm: float | str | None = "meta",
-    ) -> torch.Tensor:
+        num_candidates: int = 1,
+        selector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        return_choice: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) uint8 from predicted latents (B, C, h, w) and CLIP embeddings (B, D).
 
         ``prompts`` (None entries = no prompt) condition the text encoder; ``guidance_scale`` > 1 applies
         classifier-free guidance against the empty prompt and a zero image embedding (the unCLIP negative).
+
+        ``num_candidates`` > 1 samples that many images per item (candidate 0 with the item's own seed, so one
+        candidate is the plain sample) and keeps the one whose ``selector`` embedding (uint8 images -> (B, D)
+        CLIP image embeddings, the space the embeddings were predicted in) has the highest cosine with the
+        predicted embedding: MindEye's best-of-N selection, which uses the brain prediction only, never the
+        stimulus. ``return_choice`` also returns the chosen candidate of each item. β = 0 is deterministic and
+        always has one candidate.
         """
         beta = check_beta(beta)
         b = clip_embeds.shape[0]
         seeds = list(seeds) if seeds is not None else list(range(b))
         if len(seeds) != b:
             raise ValueError(f"seeds: {len(seeds)} for {b} items")
+        if int(num_candidates) < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if num_candidates > 1 and selector is None:
+            raise ValueError("num_candidates > 1 needs a selector (the CLIP image encoder of the predicted embeddings)")
         if vae_latents is not None:
             if tuple(vae_latents.shape[1:]) != self.latent_shape or vae_latents.shape[0] != b:
                 raise ValueError(f"VAE latents must be ({b}, {', '.join(map(str, self.latent_shape))}) for this "
@@ -235,8 +249,34 @@ class UnCLIPReconstructor(torch.nn.Module):
             raise ValueError(f"β = {beta} < 1 needs the predicted VAE latents (only β = 1 generates from noise)")
         if not torch.isfinite(clip_embeds).all():
             raise ValueError("CLIP embeddings contain NaN or Inf")
+        choice = torch.zeros(b, dtype=torch.long)
         if beta == 0:
-            return self.decode(vae_latents)  # type: ignore[arg-type]
+            out = self.decode(vae_latents)  # type: ignore[arg-type]
+            return (out, choice) if return_choice else out
+        cond = self.image_condition(self.prepare_embeds(clip_embeds, clip_norm), noise_level, seeds)
+        texts = [p or "" for p in (prompts if prompts is not None else [None] * b)]
+        if len(texts) != b:
+            raise ValueError(f"prompts: {len(texts)} for {b} items")
+        hidden = self.encode_prompt(texts)
+        if guidance_scale > 1.0:
+            hidden = torch.cat([self.encode_prompt([""] * b), hidden])
+            cond = torch.cat([torch.zeros_like(cond), cond])
+        out = self._sample(vae_latents, cond, hidden, beta, seeds, steps, guidance_scale)
+        if num_candidates > 1:
+            target = torch.nn.functional.normalize(clip_embeds.float().cpu(), dim=-1)
+            best = (torch.nn.functional.normalize(selector(out).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+            for k in range(1, int(num_candidates)):
+                cand = self._sample(vae_latents, cond, hidden, beta, [item_seed(s, k) for s in seeds], steps,
+                                    guidance_scale)
+                sim = (torch.nn.functional.normalize(selector(cand).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+                better = sim > best
+                out[better], best[better], choice[better] = cand[better], sim[better], k
+        return (out, choice) if return_choice else out
+
+    def _sample(self, vae_latents: torch.Tensor | None, cond: torch.Tensor, hidden: torch.Tensor, beta: float,
+                seeds: Sequence[int], steps: int, guidance_scale: float) -> torch.Tensor:
+        """One img2img sample per item: noise to strength β with the items' seeds, denoise, decode."""
+        b = len(seeds)
         ts = self.timesteps(beta, steps)
         noise = item_noise(self.latent_shape, seeds, self.device, self.dtype)
         if beta >= 1:
@@ -244,16 +284,7 @@ class UnCLIPReconstructor(torch.nn.Module):
         else:
             z = vae_latents.to(self.device, self.dtype)  # type: ignore[union-attr]
             latents = self.scheduler.add_noise(z, noise, ts[:1].repeat(b))
-        cond = self.image_condition(self.prepare_embeds(clip_embeds, clip_norm), noise_level, seeds)
-        texts = [p or "" for p in (prompts if prompts is not None else [None] * b)]
-        if len(texts) != b:
-            raise ValueError(f"prompts: {len(texts)} for {b} items")
-        hidden = self.encode_prompt(texts)
         cfg = guidance_scale > 1.0
-        if cfg:
-            uncond = self.encode_prompt([""] * b)
-            hidden = torch.cat([uncond, hidden])
-            cond = torch.cat([torch.zeros_like(cond), cond])
         for t in ts:
             x = torch.cat([latents, latents]) if cfg else latents
             x = self.scheduler.scale_model_input(x, t)

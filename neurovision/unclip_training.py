@@ -7,11 +7,14 @@ Real runs load Stable unCLIP 2.1 from a local folder. For the demo chain we writ
 - ``vae``: the tiny VAE teacher of :mod:`neurovision.teacher_training` (copied; the stage-1 VAE head predicts
   its scaled latents, so the UNet works in exactly that space);
 - ``unet``: a small ``UNet2DConditionModel`` (``class_embed_type="projection"``, the Stable unCLIP class input
-  ``[image embedding, noise-level embedding]``) trained with the ε-prediction loss on the latents of the
-  store's *train and val* stimuli, conditioned on their tiny-CLIP image embeddings (the stage-1 teacher's
-  space, read from the teacher cache) and their SD prompts; each condition is dropped 10 % of the time (for
-  classifier-free guidance) and the image embedding is noise-augmented at a random unCLIP noise level half the
-  time (robustness to the imperfect embeddings stage 1 predicts);
+  ``[image embedding, noise-level embedding]``) trained on the latents of the store's *train and val* stimuli,
+  conditioned on their tiny-CLIP image embeddings (the stage-1 teacher's space, read from the teacher cache)
+  and their SD prompts; each condition is dropped 10 % of the time (for classifier-free guidance) and the
+  image embedding is noise-augmented at a random unCLIP noise level half the time (robustness to the
+  imperfect embeddings stage 1 predicts). The command's default target is the clean latent
+  (``--prediction-type sample``; SD's ε is an option) and half of the noisy inputs are built from
+  stage-1-like degraded latents (``--degrade 0.5``: shrunk towards the mean, blurred, smooth noise added), so
+  that img2img from a blurred predicted latent sharpens it instead of keeping the blur;
 - ``text_encoder``/``tokenizer``: a 2-layer ``CLIPTextModel`` trained jointly, with a byte-level BPE tokenizer
   trained on the prompts (milliseconds);
 - ``scheduler``: DDIM with SD's scaled-linear β schedule; ``image_normalizer``: mean/std of the embeddings.
@@ -65,15 +68,50 @@ def tiny_text_encoder(tokenizer: Any, dim: int = 64, layers: int = 2, max_len: i
     return CLIPTextModel(cfg)
 
 
-def sd_scheduler_config() -> dict[str, Any]:
-    """SD's training schedule (scaled-linear β, 1000 steps, ε-prediction)."""
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def sd_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """SD's training schedule (scaled-linear β, 1000 steps) with the UNet's target (ε by default)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
             "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-            "prediction_type": "epsilon"}
+            "prediction_type": prediction_type}
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, t_power: float, rng: np.random.Generator) -> torch.Tensor:
+    """Training timesteps t = ⌊T·u^(1/t_power)⌋, u ~ U(0, 1): uniform for ``t_power`` = 1, density ∝ t^(p−1)
+    above it (more of the high-noise steps, where the image embedding decides what is drawn)."""
+    if t_power <= 0:
+        raise ValueError(f"t_power must be > 0, got {t_power}")
+    u = rng.random(n) ** (1.0 / t_power)
+    return torch.from_numpy(np.minimum((u * num_train_timesteps).astype(np.int64), num_train_timesteps - 1))
+
+
+def degrade_latents(x0: torch.Tensor, mean: torch.Tensor, rng: np.random.Generator,
+                    shrink: tuple[float, float] = (0.2, 0.8), blur: tuple[float, float] = (0.0, 1.5),
+                    noise: tuple[float, float] = (0.0, 0.4)) -> torch.Tensor:
+    """Stage-1-like versions of clean latents: m + λ·G_σ(x0 − m) + ρ·(smooth noise), per item λ, σ, ρ uniform
+    in the given ranges. A regression from fMRI predicts latents shrunk towards the mean and blurred (on the
+    demo phantom: λ ≈ 0.35, residual sd ≈ 0.36 at σ ≈ 0.5 latent pixels)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    out = torch.empty_like(x0)
+    for i in range(x0.shape[0]):
+        lam, sig, rho = (float(rng.uniform(*r)) for r in (shrink, blur, noise))
+        d = x0[i:i + 1] - mean
+        if sig > 0.05:
+            d = gaussian_blur(d, kernel_size=7, sigma=sig)
+        r = torch.from_numpy(rng.standard_normal(x0.shape[1:]).astype(np.float32))[None]
+        r = gaussian_blur(r, kernel_size=5, sigma=1.0)
+        r = r / r.std().clamp_min(1e-6)
+        out[i] = (mean + lam * d + rho * r)[0]
+    return out
 
 
 def build_tiny_unclip(vae: Any, clip_dim: int, texts: list[str], embeds: torch.Tensor | None = None,
-                      width: int = 64, seed: int = 0) -> Any:
+                      width: int = 64, seed: int = 0, prediction_type: str = "epsilon") -> Any:
     """A randomly initialised tiny unCLIP reconstructor around ``vae`` (real diffusers/transformers classes).
 
     ``texts`` train the byte-level BPE tokenizer; ``embeds`` (N, clip_dim) set the image normaliser's
@@ -103,7 +141,7 @@ def build_tiny_unclip(vae: Any, clip_dim: int, texts: list[str], embeds: torch.T
             normalizer.std.copy_(embeds.std(0, keepdim=True).clamp_min(1e-6))
         meta["clip_norm"] = float(embeds.norm(dim=1).mean())
     img_noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    return UnCLIPReconstructor(vae, unet, DDIMScheduler.from_config(sd_scheduler_config()), text_encoder, tok,
+    return UnCLIPReconstructor(vae, unet, DDIMScheduler.from_config(sd_scheduler_config(prediction_type)), text_encoder, tok,
                                normalizer, img_noising, meta)
 
 
@@ -119,8 +157,29 @@ def train_tiny_unclip(
     width: int = 64,
     progress: bool = True,
     eval_items: int = 100,
+    prediction_type: str = "epsilon",
+    t_power: float = 1.0,
+    degrade: float = 0.0,
+    noise_aug_max: int = 250,
+    noise_aug_prob: float = 0.5,
 ) -> Path:
-    """Train the tiny unCLIP model on a store; teachers from ``teachers`` (tiny_clip.*, tiny_vae/)."""
+    """Train the tiny unCLIP model on a store; teachers from ``teachers`` (tiny_clip.*, tiny_vae/).
+
+    ``prediction_type``: the UNet's target (ε, the clean latent ``sample``, or v); ``t_power``: timestep
+    sampling (:func:`sample_timesteps`); ``degrade``: the fraction of items whose noisy input is built from a
+    stage-1-like degraded latent (:func:`degrade_latents`) while the target stays the clean latent, so that
+    img2img from a blurred, shrunk prediction sharpens it (needs ``prediction_type="sample"``: an ε or v
+    target for a degraded input diverges as t → 0). ``noise_aug_prob`` of the items get their image embedding
+    noise-augmented at a uniform unCLIP noise level below ``noise_aug_max`` (of 1000), so that sampling can
+    pass a ``noise_level`` that matches how far predicted embeddings are from true ones.
+    """
+    if not 0 <= noise_aug_max <= 1000 or not 0.0 <= noise_aug_prob <= 1.0:
+        raise ValueError(f"noise_aug_max must be in [0, 1000] and noise_aug_prob in [0, 1], got {noise_aug_max}, "
+                         f"{noise_aug_prob}")
+    if not 0.0 <= degrade <= 1.0:
+        raise ValueError(f"degrade must be in [0, 1], got {degrade}")
+    if degrade > 0 and prediction_type != "sample":
+        raise ValueError(f"degrade > 0 needs prediction_type='sample', got {prediction_type!r}")
     from diffusers import DDPMScheduler
     from diffusers.models.embeddings import get_timestep_embedding
 
@@ -156,10 +215,12 @@ def train_tiny_unclip(
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    rec = build_tiny_unclip(vae_t.vae, clip_dim, texts, embeds=emb, width=width, seed=seed)
+    rec = build_tiny_unclip(vae_t.vae, clip_dim, texts, embeds=emb, width=width, seed=seed,
+                            prediction_type=prediction_type)
+    lat_mean = lat.mean(0, keepdim=True)
     unet, text_encoder, tok = rec.unet, rec.text_encoder, rec.tokenizer
     normalizer, img_noising = rec.image_normalizer, rec.image_noising_scheduler
-    noise_sched = DDPMScheduler.from_config(sd_scheduler_config())
+    noise_sched = DDPMScheduler.from_config(sd_scheduler_config(prediction_type))
     ids = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
     empty_ids = tok([""], padding="max_length", max_length=32, return_tensors="pt").input_ids
     unet.train().requires_grad_(True)
@@ -175,19 +236,27 @@ def train_tiny_unclip(
         drop_txt = torch.from_numpy(rng.random(n) < 0.1)
         drop_img = torch.from_numpy(rng.random(n) < 0.1)
         tid[drop_txt] = empty_ids[0]
-        levels = torch.from_numpy(np.where(rng.random(n) < 0.5, rng.integers(0, 250, n), 0)).long()
+        levels = torch.from_numpy(np.where(rng.random(n) < noise_aug_prob,
+                                           rng.integers(0, max(noise_aug_max, 1), n), 0)).long()
         noise_e = torch.randn_like(e)
         e_aug = normalizer.unscale(img_noising.add_noise(normalizer.scale(e), noise_e, levels)).detach()
         cond = torch.cat([e_aug, get_timestep_embedding(levels, clip_dim, flip_sin_to_cos=True,
                                                         downscale_freq_shift=0)], 1)
         cond[drop_img] = 0.0
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (n,))
+        t = sample_timesteps(n, noise_sched.config.num_train_timesteps, t_power, rng)
         eps = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        x_in = x0
+        if degrade > 0:
+            deg = rng.random(n) < degrade
+            if deg.any():
+                x_in = x0.clone()
+                x_in[torch.from_numpy(deg)] = degrade_latents(x0[torch.from_numpy(deg)], lat_mean, rng)
+        xt = a.sqrt() * x_in + (1 - a).sqrt() * eps
         hidden = text_encoder(tid)[0]
         pred = unet(xt, t, encoder_hidden_states=hidden, class_labels=cond).sample
-        loss = F.mse_loss(pred, eps)
+        target = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -209,7 +278,8 @@ def train_tiny_unclip(
                               prompts_all) if eval_items > 0 else {}
     write_json(out.parent / f"{UNCLIP_DIR}_metrics.json", {
         **{k: v for k, v in rec.meta.items()}, "train_wall_s": round(train_s, 1), "batch_size": batch_size,
-        "lr": lr, "epochs": epochs, "losses": losses[::10], "test_true_targets": scores,
+        "lr": lr, "epochs": epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
+        "noise_aug_max": noise_aug_max, "noise_aug_prob": noise_aug_prob, "losses": losses[::10], "test_true_targets": scores,
         "config": dict(unet.config),
     })
     return out
@@ -251,6 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=8.0, help="time budget of the training")
     p.add_argument("--width", type=int, default=64, help="UNet width (channels of the two coarser levels)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="sample",
+                   help="the UNet's target (default: the clean latent; SD's is epsilon)")
+    p.add_argument("--t-power", type=float, default=1.0,
+                   help="timestep sampling t = T·u^(1/p): 1 uniform, > 1 more high-noise steps")
+    p.add_argument("--noise-aug-max", type=int, default=250,
+                   help="embedding noise augmentation: uniform unCLIP noise level below this (of 1000)")
+    p.add_argument("--noise-aug-prob", type=float, default=0.5, help="fraction of items noise-augmented")
+    p.add_argument("--degrade", type=float, default=None,
+                   help="fraction of items noised from a stage-1-like degraded latent (needs --prediction-type "
+                        "sample; default 0.5 with it, else 0)")
     p.add_argument("--eval-items", type=int, default=100,
                    help="test images reconstructed from their true latents/embeddings for the metrics file (0: none)")
     p.add_argument("--force", action="store_true", help="retrain even when the output exists")
@@ -263,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} exists; skipping (use --force to retrain)")
         return 0
     out = train_tiny_unclip(a.store, a.teachers, out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                            max_minutes=a.max_minutes, seed=a.seed, width=a.width, eval_items=a.eval_items)
+                            max_minutes=a.max_minutes, seed=a.seed, width=a.width, eval_items=a.eval_items,
+                            prediction_type=a.prediction_type, t_power=a.t_power,
+                            degrade=a.degrade if a.degrade is not None else (0.5 if a.prediction_type == "sample" else 0.0),
+                            noise_aug_max=a.noise_aug_max, noise_aug_prob=a.noise_aug_prob)
     m = json.loads((out.parent / f"{UNCLIP_DIR}_metrics.json").read_text())
     print(json.dumps({k: v for k, v in m.items() if k not in ("losses", "config")}, indent=2))
     return 0

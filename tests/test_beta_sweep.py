@@ -104,3 +104,27 @@ def test_not_a_beta_sweep(tmp_path):
         figures(tmp_path)
     with pytest.raises(FileNotFoundError, match="results.csv"):
         figures(tmp_path / "missing")
+
+
+def test_best_of_n_is_its_own_curve_and_grid(tmp_path):
+    """A sweep that varies num_candidates keeps one series per N (not a mean over them)."""
+    import shutil
+
+    from neurovision.beta_sweep import curves_table, figures
+
+    df = _fake_sweep(tmp_path, seeds=(0,))
+    df = df[df["prompts"].isna()]
+    best = df.assign(num_candidates=8, value=df["value"] + 0.1,
+                     run=df["run"].str.replace("__prompts=null", "__n=8"))
+    for run in best["run"].unique():  # the best-of-8 runs' folders (same reconstructions)
+        src = tmp_path / run.replace("__n=8", "__prompts=null")
+        shutil.copytree(src, tmp_path / run)
+    both = pd.concat([df.assign(num_candidates=1), best])
+    both.to_csv(tmp_path / "results.csv", index=False)
+    t = curves_table(pd.read_csv(tmp_path / "results.csv"))
+    assert set(t["prompt"]) == {"no prompt", "no prompt, best of 8"}
+    one = t[(t["metric"] == "clip") & (t["prompt"] == "no prompt")].set_index("beta")["mean"]
+    eight = t[(t["metric"] == "clip") & (t["prompt"] == "no prompt, best of 8")].set_index("beta")["mean"]
+    np.testing.assert_allclose(eight - one, 0.1, atol=1e-6)
+    names = {p.name for p in figures(tmp_path)}
+    assert {"beta_grid_average.png", "beta_grid_average_best8.png"} <= names

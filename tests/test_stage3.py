@@ -93,6 +93,38 @@ def test_seeded_per_item_and_independent_of_batching(recon):
     assert not torch.equal(no_prompt, full)
 
 
+def _pixel_selector(imgs: torch.Tensor) -> torch.Tensor:
+    """A stand-in CLIP image encoder: a fixed random projection of 8x8-pooled pixels to CLIP_DIM."""
+    w = torch.randn(3 * 8 * 8, CLIP_DIM, generator=torch.Generator().manual_seed(3))
+    return torch.nn.functional.adaptive_avg_pool2d(imgs.float() / 255, 8).flatten(1) @ w
+
+
+def test_best_of_n_keeps_the_candidate_closest_to_the_predicted_embedding(recon):
+    from neurovision.reconstruction import item_seed
+
+    z, _ = _inputs(4)
+    seeds = [21, 22, 23, 24]
+    kw = {"beta": 0.8, "steps": 4, "guidance_scale": 2.0}
+    # predicted embeddings in the selector's space, so the choice is not decided by one candidate always
+    e = _pixel_selector(recon.reconstruct(z, torch.randn(4, CLIP_DIM), seeds=[1, 2, 3, 4], **kw))
+    cands = [recon.reconstruct(z, e, seeds=s, **kw) for s in (seeds, *([item_seed(x, k) for x in seeds] for k in (1, 2)))]
+    sims = torch.stack([torch.nn.functional.cosine_similarity(_pixel_selector(c), e, dim=-1) for c in cands])
+    out, choice = recon.reconstruct(z, e, seeds=seeds, num_candidates=3, selector=_pixel_selector,
+                                    return_choice=True, **kw)
+    assert torch.equal(choice, sims.argmax(0))
+    for i in range(4):
+        assert torch.equal(out[i], cands[int(choice[i])][i])
+    one, c1 = recon.reconstruct(z, e, seeds=seeds, return_choice=True, **kw)
+    assert torch.equal(one, cands[0]) and not c1.any()  # one candidate = the plain sample
+    assert not torch.equal(out, cands[0])  # this draw picks another candidate for some item
+    b0, c0 = recon.reconstruct(z, e, beta=0.0, num_candidates=3, selector=_pixel_selector, return_choice=True)
+    assert torch.equal(b0, recon.decode(z)) and not c0.any()  # β = 0 is deterministic
+    with pytest.raises(ValueError, match="needs a selector"):
+        recon.reconstruct(z, e, seeds=seeds, num_candidates=2, **kw)
+    with pytest.raises(ValueError, match="num_candidates must be >= 1"):
+        recon.reconstruct(z, e, seeds=seeds, num_candidates=0, **kw)
+
+
 def test_save_and_load_round_trip(recon, tmp_path):
     from neurovision.reconstruction import UnCLIPReconstructor
 
@@ -234,3 +266,18 @@ def test_cli_refuses_a_reconstructor_of_another_clip_space(run, tmp_path):
     build_tiny_unclip(_tiny_vae().vae, 64, ["x"], width=32).save_pretrained(tmp_path / "r64")
     with pytest.raises(ValueError, match="share one CLIP space"):
         run_cli(["test", *run["common"], *_root(tmp_path / "o"), f"--model.init_args.reconstructor={tmp_path / 'r64'}"])
+
+
+def test_cli_best_of_n_needs_the_stage1_clip_teacher(run, tmp_path):
+    out = tmp_path / "n2"
+    common = [*run["common"], "--model.init_args.beta=0.5", "--data.init_args.eval_conditions=[average]"]
+    assert run_cli(["test", *common, *_root(out), "--model.init_args.num_candidates=2"]) == 0
+    v = _version(out)
+    assert json.loads((v / "test_scores_average.json").read_text())["num_candidates"] == 2
+    assert set(np.load(v / "reconstructions_average.npz")["candidate"].tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="not the stage-1 CLIP teacher"):
+        run_cli(["test", *common, *_root(tmp_path / "o"), "--model.init_args.num_candidates=2",
+                 "--model.init_args.clip_teacher.init_args.model_config=experiments/teachers/tiny_clip.json",
+                 "--model.init_args.clip_teacher.init_args.normalize=false"])
+    with pytest.raises(ValueError, match="num_candidates must be >= 1"):
+        run_cli(["test", *common, *_root(tmp_path / "o2"), "--model.init_args.num_candidates=0"])

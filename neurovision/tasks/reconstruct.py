@@ -76,6 +76,9 @@ class ReconstructionTask(BaseTask):
             LLM's reconstruction prompt); ``null`` = no prompt.
         prompt_type: the ``type`` of the rows to use from ``prompts``.
         seed: sampling seed; an item's noise depends only on (seed, subject, stimulus).
+        num_candidates: images sampled per item; > 1 keeps the one whose ``clip_teacher`` embedding is closest
+            (cosine) to the item's *predicted* CLIP embedding (MindEye's best-of-N; the stimulus is never
+            used). Needs ``clip_teacher`` to be the stage-1 CLIP teacher (the predictions' space).
         clip_teacher: the CLIP whose image embeddings score the reconstructions (two-way identification);
             the paper used CLIP ViT-L/14.
         feature_weights: local weight files of the metric networks (``alexnet``, ``inception``,
@@ -98,6 +101,7 @@ class ReconstructionTask(BaseTask):
         prompts: str | None = None,
         prompt_type: str = "sd_prompt",
         seed: int = 0,
+        num_candidates: int = 1,
         clip_teacher: OpenCLIPImageTeacher | None = None,
         feature_weights: dict[str, str] | None = None,
         metric_size: int = 425,
@@ -119,6 +123,12 @@ class ReconstructionTask(BaseTask):
         self.clip_norm = clip_norm
         self.prompt_rows = read_prompts(prompts, prompt_type) if prompts else None
         self.sample_seed = int(seed)
+        if int(num_candidates) < 1:
+            raise ValueError(f"model.init_args.num_candidates must be >= 1, got {num_candidates}")
+        self.num_candidates = int(num_candidates)
+        if self.num_candidates > 1 and clip_teacher is None:
+            raise ValueError("model.init_args.num_candidates > 1 needs model.init_args.clip_teacher (the stage-1 CLIP "
+                             "teacher, whose space the predicted embeddings are in)")
         self.clip_teacher = clip_teacher
         self.feature_weights = dict(feature_weights or {})
         self.metric_size, self.metric_batch_size = int(metric_size), int(metric_batch_size)
@@ -151,6 +161,10 @@ class ReconstructionTask(BaseTask):
         if want and have and want != have:
             raise ValueError(f"{self.reconstructor_path}: trained on CLIP teacher {want!r}, but the stage-1 run "
                              f"predicts {have!r} (model.init_args.reconstructor / model.init_args.stage1)")
+        if self.num_candidates > 1 and self.clip_teacher is not None and have and self.clip_teacher.id != have:
+            raise ValueError(f"model.init_args.clip_teacher: {self.clip_teacher.id!r} is not the stage-1 CLIP teacher "
+                             f"{have!r} of {self.stage1_path}; best-of-N selection (model.init_args.num_candidates = "
+                             f"{self.num_candidates}) compares images with the predicted embeddings in that space")
 
     def configure_metrics(self) -> None:
         self._outputs: dict[int, dict[str, list[Any]]] = {}
@@ -187,11 +201,15 @@ class ReconstructionTask(BaseTask):
             clip, vae = self.predict_latents(batch["patches"], batch["subject"])
         averaged = bool((batch["trial"] < 0).all())
         seeds = [item_seed(self.sample_seed, s, i) for s, i in zip(batch["subject"].tolist(), batch["stimulus"].tolist(), strict=True)]
-        imgs = self.recon.reconstruct(vae, clip, beta=self.beta, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
-                                      seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale,
-                                      noise_level=self.noise_level, clip_norm=self.clip_norm)
-        o = self._outputs.setdefault(dataloader_idx, {"recon": [], "image": [], "subject": [], "stimulus": []})
+        selector = self.clip_teacher.encode if self.num_candidates > 1 and self.clip_teacher is not None else None
+        imgs, choice = self.recon.reconstruct(
+            vae, clip, beta=self.beta, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
+            seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale, noise_level=self.noise_level,
+            clip_norm=self.clip_norm, num_candidates=self.num_candidates, selector=selector, return_choice=True)
+        o = self._outputs.setdefault(dataloader_idx, {"recon": [], "image": [], "subject": [], "stimulus": [],
+                                                      "candidate": []})
         o["recon"].append(imgs.cpu())
+        o["candidate"].append(choice.cpu())
         o["image"].append(batch["image"].cpu())
         o["subject"].append(batch["subject"].cpu())
         o["stimulus"].append(batch["stimulus"].cpu())
@@ -238,10 +256,12 @@ class ReconstructionTask(BaseTask):
                 continue
             write_json(log_dir / f"test_scores_{cond}.json", {
                 "condition": cond, "beta": self.beta, "steps": self.steps, "prompts": self.prompt_rows is not None,
+                "num_candidates": self.num_candidates,
                 "n_items": int(len(g["recon"])), "scores": scores, "unavailable": unavailable})
             with atomic_path(log_dir / f"reconstructions_{cond}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, images=g["recon"].numpy(), stimuli=g["image"].numpy(),
-                                    subject=g["subject"].numpy(), stimulus=g["stimulus"].numpy())
+                                    subject=g["subject"].numpy(), stimulus=g["stimulus"].numpy(),
+                                    candidate=g["candidate"].numpy())
             n = min(self.grid_items, len(g["recon"]))
             sel = torch.from_numpy(np.linspace(0, len(g["recon"]) - 1, n).round().astype(np.int64))
             grid = image_grid([g["image"][sel], g["recon"][sel]], ["stimulus", f"β={self.beta:g}"],
