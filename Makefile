@@ -99,9 +99,9 @@ demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epo
 	$(NV) prepare phantom --preset demo --out data/phantom_demo.h5
 	$(NV) inspect data/phantom_demo.h5 --plot runs/demo_full/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 40 --clip-max-minutes 20 --vae-epochs 8 --vae-max-minutes 10
+		--clip-epochs 40 --clip-max-minutes 20 --vae-epochs 8 --vae-max-minutes 10 --force
 	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
-		--max-minutes 25
+		--max-minutes 25 --force
 	$(NV) fit $(STAGE1_DEMO)
 	$(NV) test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
 	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps --method pattern
@@ -110,7 +110,7 @@ demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epo
 		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a
 	$(NV) fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
 	$(NV) test $(STAGE2_DEMO) --ckpt_path=$(B_CKPT)
-	cp $(LAST_CKPT) runs/demo_full/stage1.ckpt
+	rm -rf runs/demo_full/beta_sweep && cp $(LAST_CKPT) runs/demo_full/stage1.ckpt
 	$(NV) sweep experiments/sweeps/beta_full.yaml
 	$(NV) report runs/demo_full/beta_sweep
 
