@@ -452,3 +452,14 @@ def test_a_killed_sweep_resumes_to_the_results_of_an_uninterrupted_one(fit_test_
         assert len(m) == len(want), table
         bad = m[(m.value - m.value_ref).abs() > 1e-6]
         assert bad.empty, f"{n}/{table}:\n" + bad[[*keys, "value", "value_ref"]].to_string()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_repository_sweeps_resolve(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every sweep YAML in experiments/sweeps/ parses, and each run's overrides pass the config (a dry run)."""
+    assert sw.main([str(path), "--dry_run", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    spec = yaml.safe_load(path.read_text())
+    n = math.prod(len(v) for v in (spec.get("grid") or {}).values()) * max(1, len(spec.get("runs") or [])) \
+        * len(spec.get("seeds") or [0])
+    assert f"{n} runs" in out and "pending" in out
