@@ -160,8 +160,6 @@ def train_tiny_unclip(
     prediction_type: str = "epsilon",
     t_power: float = 1.0,
     degrade: float = 0.0,
-    noise_aug_max: int = 250,
-    noise_aug_prob: float = 0.5,
 ) -> Path:
     """Train the tiny unCLIP model on a store; teachers from ``teachers`` (tiny_clip.*, tiny_vae/).
 
@@ -169,13 +167,8 @@ def train_tiny_unclip(
     sampling (:func:`sample_timesteps`); ``degrade``: the fraction of items whose noisy input is built from a
     stage-1-like degraded latent (:func:`degrade_latents`) while the target stays the clean latent, so that
     img2img from a blurred, shrunk prediction sharpens it (needs ``prediction_type="sample"``: an ε or v
-    target for a degraded input diverges as t → 0). ``noise_aug_prob`` of the items get their image embedding
-    noise-augmented at a uniform unCLIP noise level below ``noise_aug_max`` (of 1000), so that sampling can
-    pass a ``noise_level`` that matches how far predicted embeddings are from true ones.
+    target for a degraded input diverges as t → 0).
     """
-    if not 0 <= noise_aug_max <= 1000 or not 0.0 <= noise_aug_prob <= 1.0:
-        raise ValueError(f"noise_aug_max must be in [0, 1000] and noise_aug_prob in [0, 1], got {noise_aug_max}, "
-                         f"{noise_aug_prob}")
     if not 0.0 <= degrade <= 1.0:
         raise ValueError(f"degrade must be in [0, 1], got {degrade}")
     if degrade > 0 and prediction_type != "sample":
@@ -236,8 +229,7 @@ def train_tiny_unclip(
         drop_txt = torch.from_numpy(rng.random(n) < 0.1)
         drop_img = torch.from_numpy(rng.random(n) < 0.1)
         tid[drop_txt] = empty_ids[0]
-        levels = torch.from_numpy(np.where(rng.random(n) < noise_aug_prob,
-                                           rng.integers(0, max(noise_aug_max, 1), n), 0)).long()
+        levels = torch.from_numpy(np.where(rng.random(n) < 0.5, rng.integers(0, 250, n), 0)).long()
         noise_e = torch.randn_like(e)
         e_aug = normalizer.unscale(img_noising.add_noise(normalizer.scale(e), noise_e, levels)).detach()
         cond = torch.cat([e_aug, get_timestep_embedding(levels, clip_dim, flip_sin_to_cos=True,
@@ -248,10 +240,10 @@ def train_tiny_unclip(
         a = alphas[t].view(-1, 1, 1, 1)
         x_in = x0
         if degrade > 0:
-            deg = rng.random(n) < degrade
+            deg = torch.from_numpy(rng.random(n) < degrade)
             if deg.any():
                 x_in = x0.clone()
-                x_in[torch.from_numpy(deg)] = degrade_latents(x0[torch.from_numpy(deg)], lat_mean, rng)
+                x_in[deg] = degrade_latents(x0[deg], lat_mean, rng)
         xt = a.sqrt() * x_in + (1 - a).sqrt() * eps
         hidden = text_encoder(tid)[0]
         pred = unet(xt, t, encoder_hidden_states=hidden, class_labels=cond).sample
@@ -279,7 +271,7 @@ def train_tiny_unclip(
     write_json(out.parent / f"{UNCLIP_DIR}_metrics.json", {
         **{k: v for k, v in rec.meta.items()}, "train_wall_s": round(train_s, 1), "batch_size": batch_size,
         "lr": lr, "epochs": epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
-        "noise_aug_max": noise_aug_max, "noise_aug_prob": noise_aug_prob, "losses": losses[::10], "test_true_targets": scores,
+        "losses": losses[::10], "test_true_targets": scores,
         "config": dict(unet.config),
     })
     return out
@@ -325,9 +317,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="the UNet's target (default: the clean latent; SD's is epsilon)")
     p.add_argument("--t-power", type=float, default=1.0,
                    help="timestep sampling t = T·u^(1/p): 1 uniform, > 1 more high-noise steps")
-    p.add_argument("--noise-aug-max", type=int, default=250,
-                   help="embedding noise augmentation: uniform unCLIP noise level below this (of 1000)")
-    p.add_argument("--noise-aug-prob", type=float, default=0.5, help="fraction of items noise-augmented")
     p.add_argument("--degrade", type=float, default=None,
                    help="fraction of items noised from a stage-1-like degraded latent (needs --prediction-type "
                         "sample; default 0.5 with it, else 0)")
@@ -345,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     out = train_tiny_unclip(a.store, a.teachers, out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                             max_minutes=a.max_minutes, seed=a.seed, width=a.width, eval_items=a.eval_items,
                             prediction_type=a.prediction_type, t_power=a.t_power,
-                            degrade=a.degrade if a.degrade is not None else (0.5 if a.prediction_type == "sample" else 0.0),
-                            noise_aug_max=a.noise_aug_max, noise_aug_prob=a.noise_aug_prob)
+                            degrade=a.degrade if a.degrade is not None else (0.5 if a.prediction_type == "sample" else 0.0))
     m = json.loads((out.parent / f"{UNCLIP_DIR}_metrics.json").read_text())
     print(json.dumps({k: v for k, v in m.items() if k not in ("losses", "config")}, indent=2))
     return 0
