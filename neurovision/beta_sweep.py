@@ -105,6 +105,7 @@ def _recons(run_dir: Path, cond: str) -> dict[str, np.ndarray] | None:
 
 def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None) -> list[Path]:
     """One grid per (condition, prompt setting): stimulus | reconstruction at each β, same items per row."""
+    import pandas as pd
     import torch
 
     from neurovision.reconstruction import image_grid
@@ -137,8 +138,10 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
                 labels.append(f"β={row['beta']:g}")
             if stim is None or not cols:
                 continue
-            suffix = ("" if prompt.startswith("no prompt") else "_prompt") + (
-                "_best" + prompt.rsplit(" ", 1)[-1] if "best of" in prompt else "")
+            first = d.iloc[0]
+            n = int(first["num_candidates"]) if "num_candidates" in d.columns and pd.notna(first["num_candidates"]) else 1
+            suffix = ("_prompt" if "prompts" in d.columns and _prompt_label(first["prompts"]) != "no prompt" else "") + (
+                f"_best{n}" if n > 1 else "")
             p = sweep_dir / f"beta_grid_{cond}{suffix}.png"
             image_grid([stim, *cols], ["stimulus", *labels], path=p,
                        title=f"{cond}, {prompt}: stimulus | reconstruction per β")

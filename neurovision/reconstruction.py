@@ -264,11 +264,15 @@ class UnCLIPReconstructor(torch.nn.Module):
         out = self._sample(vae_latents, cond, hidden, beta, seeds, steps, guidance_scale)
         if num_candidates > 1:
             target = torch.nn.functional.normalize(clip_embeds.float().cpu(), dim=-1)
-            best = (torch.nn.functional.normalize(selector(out).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+
+            def score(imgs: torch.Tensor) -> torch.Tensor:  # cosine with the predicted embedding
+                return (torch.nn.functional.normalize(selector(imgs).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+
+            best = score(out)
             for k in range(1, int(num_candidates)):
                 cand = self._sample(vae_latents, cond, hidden, beta, [item_seed(s, k) for s in seeds], steps,
                                     guidance_scale)
-                sim = (torch.nn.functional.normalize(selector(cand).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+                sim = score(cand)
                 better = sim > best
                 out[better], best[better], choice[better] = cand[better], sim[better], k
         return (out, choice) if return_choice else out

@@ -94,7 +94,8 @@ def degrade_latents(x0: torch.Tensor, mean: torch.Tensor, rng: np.random.Generat
                     noise: tuple[float, float] = (0.0, 0.4)) -> torch.Tensor:
     """Stage-1-like versions of clean latents: m + λ·G_σ(x0 − m) + ρ·(smooth noise), per item λ, σ, ρ uniform
     in the given ranges. A regression from fMRI predicts latents shrunk towards the mean and blurred (on the
-    demo phantom: λ ≈ 0.35, residual sd ≈ 0.36 at σ ≈ 0.5 latent pixels)."""
+    demo phantom, in an ad-hoc fit of one stage-1 checkpoint's test predictions: λ ≈ 0.35, residual sd ≈ 0.36
+    at σ ≈ 0.5 latent pixels)."""
     from torchvision.transforms.functional import gaussian_blur
 
     out = torch.empty_like(x0)
