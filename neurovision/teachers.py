@@ -10,6 +10,13 @@
   to the store, keyed by the teacher's :attr:`id` (model + weights digest + preprocessing) and validated
   against the store's fingerprint.
 
+Devices: construction never touches an accelerator (LightningCLI builds teachers while parsing, before each
+DDP rank has its device). A teacher built with ``device=None`` stays on the CPU until it is placed where it is
+used: :func:`place` / :func:`placed` / :func:`release`; a Lightning task places its teachers on the rank's own
+device (:meth:`neurovision.tasks.base.BaseTask.place_teachers`, at test start for scorers; the stage-1 cache
+fill through :class:`TeacherCache`'s ``device``); code outside Lightning uses :func:`default_device`. An explicit
+``device`` pins a teacher (applied at first use).
+
 Nothing here downloads: a checkpoint is always a local path, and a missing one is a
 :class:`FileNotFoundError` naming the path and the YAML key that sets it. Teachers are plain objects, not
 ``nn.Module``s, so a LightningModule holding one does not put hundreds of millions of frozen weights into
@@ -129,10 +136,127 @@ def _json_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+# --------------------------------------------------------------------------------------------- devices
+CPU = torch.device("cpu")
+
+
+def default_device() -> torch.device:
+    """The device of teachers used outside Lightning (``prepare``, scripts, ``neurovision localize``):
+    ``cuda:<LOCAL_RANK>`` (``cuda:0`` without ``LOCAL_RANK``) when CUDA is available, else the CPU.
+
+    Inside a Lightning run a task puts its teachers on the rank's own device instead
+    (``trainer.strategy.root_device``, see :func:`place` and :meth:`neurovision.tasks.base.BaseTask.place_teachers`).
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
+    return CPU
+
+
+def _resolve(device: torch.device) -> torch.device:
+    """An index-less ``cuda`` is the current CUDA device *when it is used* (Lightning sets it per rank)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Placement:
+    """Device handling shared by the teachers.
+
+    A teacher built with ``device=None`` (the default) is *unpinned*: built on the CPU and moved to where it is
+    used by :func:`place` (a task: the rank's own device; :class:`TeacherCache`: its ``device``). A teacher built
+    with an explicit ``device`` is *pinned* there (:func:`place` leaves it), but construction still never
+    touches an accelerator: the weights move at first use (:meth:`ready`), and an index-less ``cuda`` means
+    the current CUDA device at that moment (under DDP, the rank's own).
+    """
+
+    pinned: bool
+    device: torch.device
+    _weights_on: torch.device
+
+    def _net(self) -> torch.nn.Module:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _init_device(self, device: str | torch.device | None) -> None:
+        self.pinned = device is not None
+        self.device = CPU if device is None else torch.device(device)
+        self._weights_on = CPU  # built on the CPU; moved at first use or by place()/to()
+
+    @property
+    def weights_device(self) -> torch.device:
+        """Where the weights are now (``device`` is where they go at the next use)."""
+        return self._weights_on
+
+    def _move(self, device: torch.device) -> None:
+        self._net().to(device)
+        self._weights_on = device
+
+    def to(self, device: str | torch.device) -> Any:
+        """Run on ``device`` from now on; the weights move now (an explicit move, also for a pinned teacher)."""
+        self.device = _resolve(torch.device(device))
+        self._move(self.device)
+        return self
+
+    def ready(self) -> Any:
+        """Move the weights to :attr:`device` if they are not there yet (called before every use)."""
+        dev = _resolve(self.device)
+        self.device = dev
+        if self._weights_on != dev:
+            self._move(dev)
+        return self
+
+    def offload(self) -> Any:
+        """Weights back to the CPU (frees accelerator memory). An unpinned teacher then runs on the CPU until
+        placed again; a pinned one moves back to its device at its next use."""
+        if self._weights_on != CPU:
+            self._move(CPU)
+        if not self.pinned:
+            self.device = CPU
+        return self
+
+
+def place(teacher: Any, device: str | torch.device) -> Any:
+    """Put an unpinned teacher (built with ``device=None``) on ``device``; returns it.
+
+    A teacher pinned by an explicit ``device`` (YAML ``init_args.device``) keeps it; ``None`` passes through.
+    Objects without a ``pinned`` attribute (other :class:`Teacher` implementations) are moved with their
+    ``to(device)`` when they have one.
+    """
+    if teacher is None or getattr(teacher, "pinned", False) or not callable(getattr(teacher, "to", None)):
+        return teacher
+    teacher.to(device)
+    return teacher
+
+
+def release(teacher: Any) -> Any:
+    """Free the accelerator memory of a teacher that is not needed for now (weights back to the CPU)."""
+    if teacher is not None and callable(getattr(teacher, "offload", None)):
+        teacher.offload()
+    return teacher
+
+
+@contextlib.contextmanager
+def placed(teacher: Any, device: str | torch.device) -> Iterator[Any]:
+    """:func:`place` ``teacher`` on ``device`` for the block, then put it back as it was (an unpinned teacher
+    returns to the CPU, a pinned one's weights leave the accelerator again if they were not on it before)."""
+    if teacher is None:
+        yield teacher
+        return
+    before_device = getattr(teacher, "device", None)
+    before_weights = getattr(teacher, "weights_device", before_device)
+    place(teacher, device)
+    try:
+        yield teacher
+    finally:
+        if isinstance(teacher, _Placement):
+            if teacher.weights_device != before_weights:
+                if before_weights == CPU:
+                    teacher.offload()
+                else:
+                    teacher.to(before_weights)
+            teacher.device = before_device
+        elif before_device is not None and callable(getattr(teacher, "to", None)) \
+                and not getattr(teacher, "pinned", False):
+            teacher.to(before_device)
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -236,7 +360,7 @@ def resolve_clip_arch(model_name: str, model_config: str | None, key: str) -> tu
     return model_name, cfg, {}
 
 
-class OpenCLIPImageTeacher:
+class OpenCLIPImageTeacher(_Placement):
     """CLIP image (and text) embeddings from an ``open_clip`` model, with the model's own preprocessing.
 
     Args:
@@ -248,7 +372,10 @@ class OpenCLIPImageTeacher:
         image_size: override the vision tower's input size (positional embeddings are interpolated).
         normalize: L2-normalise the embeddings (CLIP's convention; the paper's target).
         seed: seed of the random initialisation when there is no checkpoint.
-        device: where the model runs (default: CUDA when available).
+        device: where the model runs. ``None`` (default): built on the CPU and placed on the device of the
+            run that uses it (the rank's own under DDP; :class:`TeacherCache` outside Lightning:
+            :func:`default_device`). An explicit device pins it there (moved at first use, never at
+            construction; an index-less ``cuda`` is the current CUDA device then).
         batch_size: chunk size of :meth:`encode_text` and the default batch of :class:`TeacherCache`.
     """
 
@@ -285,8 +412,7 @@ class OpenCLIPImageTeacher:
             )
         model.eval().requires_grad_(False)
         self.model = model
-        self.device = _default_device(device)
-        self.model.to(self.device)
+        self._init_device(device)
         self.preprocess_cfg: dict[str, Any] = dict(open_clip.get_model_preprocess_cfg(model))
         self.tokenizer = open_clip.get_tokenizer(arch)
         self._cfg = cfg
@@ -319,10 +445,8 @@ class OpenCLIPImageTeacher:
         s = self.preprocess_cfg["size"]
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
-    def to(self, device: str | torch.device) -> OpenCLIPImageTeacher:
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
+    def _net(self) -> torch.nn.Module:
+        return self.model
 
     def __repr__(self) -> str:
         return f"OpenCLIPImageTeacher({self._id})"
@@ -330,6 +454,7 @@ class OpenCLIPImageTeacher:
     # encoding -------------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> the float, resized, normalised input of the vision tower (on its device)."""
+        self.ready()
         x = _check_images(images).to(self.device, torch.float32) / 255.0
         pp = self.preprocess_cfg
         fill = float(pp.get("fill_color", 0)) / 255.0
@@ -350,6 +475,7 @@ class OpenCLIPImageTeacher:
         """Strings -> float32 text embeddings (B, D) on the CPU (normalised like the images)."""
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings, not a single string")
+        self.ready()
         out = []
         for i in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(list(texts[i:i + self.batch_size])).to(self.device)
@@ -362,7 +488,7 @@ def _fmt(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- diffusers
-class VAETeacher:
+class VAETeacher(_Placement):
     """SD-VAE latents of the stimuli from a ``diffusers`` :class:`~diffusers.AutoencoderKL`.
 
     Args:
@@ -372,7 +498,7 @@ class VAETeacher:
         image_size: images are resized (bicubic, square) to this before encoding (SD-2.1: 512 or 768).
         sample: encode with ``latent_dist.sample()`` (seeded) instead of its mean.
         seed: seed of the random initialisation (``config``) and of the sampling.
-        device: where the model runs (default: CUDA when available).
+        device: where the model runs, as for :class:`OpenCLIPImageTeacher` (``None``: placed by the user).
         batch_size: the default batch of :class:`TeacherCache`.
     """
 
@@ -421,8 +547,7 @@ class VAETeacher:
             weights = f"random(seed={seed})"
         vae.eval().requires_grad_(False)
         self.vae = vae
-        self.device = _default_device(device)
-        self.vae.to(self.device)
+        self._init_device(device)
         c = vae.config
         self.scaling_factor = float(c.scaling_factor)
         self.shift_factor = None if c.shift_factor is None else float(c.shift_factor)
@@ -451,16 +576,15 @@ class VAETeacher:
     def output_shape(self) -> tuple[int, ...]:
         return self.latent_shape
 
-    def to(self, device: str | torch.device) -> VAETeacher:
-        self.device = torch.device(device)
-        self.vae.to(self.device)
-        return self
+    def _net(self) -> torch.nn.Module:
+        return self.vae
 
     def __repr__(self) -> str:
         return f"VAETeacher({self._id})"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float in [-1, 1] at ``image_size`` (on the VAE's device)."""
+        self.ready()
         x = _check_images(images).to(self.device, torch.float32) / 255.0
         x = resize_images(x, self.image_size, "bicubic", "squash").clamp_(0, 1)
         return x * 2 - 1
@@ -481,6 +605,7 @@ class VAETeacher:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> uint8 images (B, 3, image_size, image_size) on the CPU."""
+        self.ready()
         z = latents.to(self.device, torch.float32) / self.scaling_factor
         if self.shift_factor is not None:
             z = z + self.shift_factor
@@ -523,6 +648,10 @@ class TeacherCache:
         dtype: storage (and returned) dtype, ``float32`` or ``float16`` (half the disk; ~1e-3 relative error).
         batch_size: images per ``encode`` call (default: the teacher's ``batch_size`` attribute, else 64).
         progress: show a tqdm bar while computing.
+        device: where an unpinned teacher computes a missing entry (:func:`placed`: moved there for the fill and
+            back to the CPU afterwards, so no teacher stays on an accelerator once its targets are cached).
+            Default :func:`default_device` (``cuda:<LOCAL_RANK>`` when CUDA is available); a Lightning task
+            passes its rank's own device. Reading a complete entry never moves a teacher.
     """
 
     def __init__(
@@ -531,9 +660,11 @@ class TeacherCache:
         dtype: Literal["float32", "float16"] = "float32",
         batch_size: int | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        self.device = None if device is None else torch.device(device)
         self.path = None if path is None else Path(path)
         self.dtype = np.dtype(dtype)
         self.batch_size = batch_size
@@ -562,7 +693,8 @@ class TeacherCache:
                 data = self._read(path, store, teacher, quiet=True)
                 if data is not None:
                     return data
-            self._compute_and_write(path, store, teacher)
+            with placed(teacher, self.device if self.device is not None else default_device()):
+                self._compute_and_write(path, store, teacher)
         data = self._read(path, store, teacher)
         if data is None:  # pragma: no cover - we just wrote it
             raise RuntimeError(f"{path}: entry for {teacher.id} unreadable right after writing it")

@@ -70,6 +70,47 @@ class BaseTask(L.LightningModule):
             self.hparams.pop(k, None)
             self._hparams_initial.pop(k, None)
 
+    # teachers (frozen plain-object models: CLIP, VAE) on the rank's own device ------------------------
+    @property
+    def teacher_device(self) -> torch.device:
+        """The device this rank's teachers run on: ``trainer.strategy.root_device`` once attached to a trainer
+        (already set per rank in ``setup``, before the module itself moves there), else the module's device."""
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.device
+
+    def teachers(self) -> dict[str, Any]:
+        """The teacher attributes of this task (plain objects with ``id``, ``output_shape``, ``encode``, ``to``)."""
+        from neurovision.teachers import Teacher
+
+        return {k: v for k, v in vars(self).items()
+                if not k.startswith("_") and isinstance(v, Teacher) and callable(getattr(v, "to", None))}
+
+    def place_teachers(self, device: str | torch.device | None = None) -> None:
+        """Put every unpinned teacher on ``device`` (default :attr:`teacher_device`, the rank's own); teachers
+        with an explicit ``device`` keep it (see :func:`neurovision.teachers.place`). Called at test start, so
+        scorers and selectors (CLIP-S, best-of-N) run where the rank's data are; override
+        :meth:`on_test_start` only with ``super().on_test_start()``."""
+        from neurovision.teachers import place
+
+        dev = self.teacher_device if device is None else torch.device(device)
+        for t in self.teachers().values():
+            place(t, dev)
+
+    def release_teachers(self) -> None:
+        """Move every teacher's weights back to the CPU (frees the accelerator; see
+        :func:`neurovision.teachers.release`)."""
+        from neurovision.teachers import release
+
+        for t in self.teachers().values():
+            release(t)
+
+    def on_test_start(self) -> None:
+        self.place_teachers()
+
+    def on_test_end(self) -> None:
+        self.release_teachers()
+
     def configure_models(self) -> None:
         """Build the networks."""
 
