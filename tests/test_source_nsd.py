@@ -29,7 +29,7 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def store(fake: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     out = tmp_path_factory.mktemp("store") / "nsd.h5"
-    nsd.prepare(fake, out, subjects=[1, 2], patch_size=P, val_fraction=0.25)
+    nsd.prepare(fake, out, subjects=[1, 2], patch_size=P)  # the default val split
     return Store(out)
 
 
@@ -65,14 +65,9 @@ def test_structure_and_design(store: Store, fake: Path) -> None:
     # every used image, and only those
     used = np.unique(np.concatenate([d["subjectim"][s - 1, d["order"][: 2 * TPS]] for s in (1, 2)]))
     np.testing.assert_array_equal(ids, used)
-    # splits: shared -> test; val drawn per image among the rest
+    # splits: shared -> test; the rest train or val (the val split: see the tests below)
     is_shared = np.isin(ids[t["stimulus"]], d["shared"])
     assert np.all(t["split"][is_shared] == 2) and np.all(t["split"][~is_shared] < 2)
-    stim_split = {}
-    for st, sp in zip(t["stimulus"], t["split"], strict=True):
-        assert stim_split.setdefault(int(st), int(sp)) == int(sp)
-    n_train_images = sum(1 for v in stim_split.values() if v < 2)
-    assert sum(1 for v in stim_split.values() if v == 1) == round(0.25 * n_train_images)
     np.testing.assert_array_equal(store.extra("shared1000").astype(bool), np.isin(ids, d["shared"]))
     # images
     with h5py.File(nsd.stimuli_path(fake), "r") as f:
@@ -80,6 +75,78 @@ def test_structure_and_design(store: Store, fake: Path) -> None:
     for r in (0, len(ids) - 1):
         np.testing.assert_array_equal(store.image(r), brick[ids[r]])
     assert store.attrs["source"] == "nsd"
+
+
+def _image_splits(store: Store) -> dict[int, dict[int, int]]:
+    """subject -> {stimulus row: split}, asserting all repeats of an image (of every subject) share one split."""
+    t = store.trials
+    split_of: dict[int, int] = {}
+    out: dict[int, dict[int, int]] = {}
+    for su, st, sp in zip(t["subject"].tolist(), t["stimulus"].tolist(), t["split"].tolist(), strict=True):
+        assert split_of.setdefault(st, sp) == sp, f"stimulus {st}: trials in splits {split_of[st]} and {sp}"
+        out.setdefault(su, {})[st] = sp
+    return out
+
+
+def _val_images(store: Store) -> dict[str, set[int]]:
+    """subject name -> the nsdIds of its validation images."""
+    ids = store.stimulus_ids
+    return {store.subject_names[su]: {int(ids[st]) for st, sp in rows.items() if sp == 1}
+            for su, rows in _image_splits(store).items()}
+
+
+def test_default_val_split_is_a_slice_of_each_subjects_training_images(store: Store, fake: Path) -> None:
+    d = _design(fake)
+    assert json.loads(store.attrs["options"])["val_fraction"] == nsd.DEFAULT_VAL_FRACTION > 0  # provenance
+    splits = _image_splits(store)  # all repeats of an image in one split
+    ids = store.stimulus_ids
+    for su, rows in splits.items():
+        val = {st for st, sp in rows.items() if sp == 1}
+        train = {st for st, sp in rows.items() if sp == 0}
+        test = {st for st, sp in rows.items() if sp == 2}
+        assert len(val) >= nsd.MIN_VAL_IMAGES and train, f"subject {su}: {len(val)} val, {len(train)} train images"
+        assert not val & train and not val & test
+        assert not {int(ids[st]) for st in val} & set(d["shared"].tolist())  # never a shared1000 image
+        n_own = len(val) + len(train)
+        assert len(val) == max(nsd.MIN_VAL_IMAGES, round(nsd.DEFAULT_VAL_FRACTION * n_own))
+    # every split has trials for every subject, all repeats included
+    t = store.trials
+    for su in splits:
+        for sp in (0, 1, 2):
+            assert ((t["subject"] == su) & (t["split"] == sp)).any()
+    val_trials = t["split"] == 1
+    assert t["repeat"][val_trials].max() >= 1  # repeats of a val image are val too
+
+
+def test_val_split_is_seeded_and_per_subject(store: Store, fake: Path, tmp_path: Path) -> None:
+    base = _val_images(store)
+    again = tmp_path / "again.h5"
+    nsd.prepare(fake, again, subjects=[1, 2], patch_size=P, seed=0)
+    assert _val_images(Store(again)) == base  # same seed, same split
+    other = tmp_path / "seed1.h5"
+    nsd.prepare(fake, other, subjects=[1, 2], patch_size=P, seed=1)
+    assert _val_images(Store(other)) != base
+    # drawn per subject: subj02's val images do not depend on subj01 being converted too
+    alone = tmp_path / "subj02.h5"
+    nsd.prepare(fake, alone, subjects=[2], patch_size=P)
+    assert _val_images(Store(alone))["subj02"] == base["subj02"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_val_fraction_option(fake: Path, tmp_path: Path, fraction: float) -> None:
+    out = tmp_path / "nsd.h5"
+    nsd.prepare(fake, out, subjects=[1], sessions=1, patch_size=P, val_fraction=fraction)
+    s = Store(out)
+    assert json.loads(s.attrs["options"])["val_fraction"] == fraction
+    (rows,) = _image_splits(s).values()
+    n_val = sum(sp == 1 for sp in rows.values())
+    n_own = sum(sp < 2 for sp in rows.values())
+    assert n_val == (0 if fraction == 0 else round(fraction * n_own))
+
+
+def test_bad_val_fraction(fake: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        nsd.prepare(fake, tmp_path / "x.h5", subjects=[1], patch_size=P, val_fraction=1.0)
 
 
 def test_captions(store: Store, fake: Path) -> None:

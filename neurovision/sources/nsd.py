@@ -15,6 +15,10 @@ Every subject's single-trial betas (divided by 300, optionally z-scored per voxe
 outside the brain mask when one exists) are resized trilinearly onto subject ``grid_subject``'s grid (the
 paper's choice: subj01, 81x104x83), padded to a multiple of ``patch_size`` and stored as the patches that
 touch the union of the subjects' nsdgeneral ROIs. One session is in memory at a time.
+
+Splits are per image, so all repeats of an image share one: shared1000 is ``test``; ``val`` is a held-out slice
+of each subject's own training images (``val_fraction``, 3 % by default, drawn per subject with ``seed``, see
+:func:`draw_val_images`), so the stage-1/2 checkpoints have a validation metric to monitor; the rest ``train``.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import numpy as np
 from neurovision.sources import log, up_to_date
 from neurovision.store import StoreError, StoreWriter, fingerprint
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: the val images are drawn per subject (val_fraction 0.03 by default)
 N_NSD_SUBJECTS = 8
 _TRIAL_BATCH = 32  # trials resampled at once
 _STIM_BATCH = 64  # images copied at once
 _ZSCORE_BLOCK = 1 << 24  # floats per z-scoring block (64 MB)
+DEFAULT_VAL_FRACTION = 0.03
+MIN_VAL_IMAGES = 2  # per subject: retrieval and two-way identification need >= 2 items
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -221,6 +227,29 @@ def _repeats(ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def draw_val_images(shown: dict[int, np.ndarray], test: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """The validation images: per subject, ``round(val_fraction * n)`` of its ``n`` non-test images (at least
+    :data:`MIN_VAL_IMAGES`, never all of them; none when ``val_fraction`` is 0), drawn by a generator seeded with
+    ``(seed, subject)``, so a subject's draw does not depend on which other subjects are converted.
+
+    Args:
+        shown: NSD subject (1-based) -> store rows (indices into the stimulus table) of its trials.
+        test: bool per store row, True for the test images (shared1000), which are never drawn.
+    Returns:
+        bool per store row, True for the validation images.
+    """
+    val = np.zeros(len(test), dtype=bool)
+    if val_fraction <= 0:
+        return val
+    for s, rows in shown.items():
+        own = np.unique(rows)
+        own = own[~test[own]]
+        n = min(len(own) - 1, max(MIN_VAL_IMAGES, int(round(val_fraction * len(own)))))
+        if n > 0:
+            val[np.random.default_rng((int(seed), int(s))).choice(own, n, replace=False)] = True
+    return val
+
+
 def _image_batches(brick: h5py.Dataset, ids: np.ndarray, image_size: int | None) -> Iterator[np.ndarray]:
     from PIL import Image
 
@@ -262,7 +291,7 @@ def prepare(
     grid_subject: int = 1,
     zscore: bool = True,
     image_size: int | None = None,
-    val_fraction: float = 0.0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
@@ -277,8 +306,10 @@ def prepare(
         grid_subject: the subject whose voxel grid is the common grid (the paper: subj01).
         zscore: z-score each voxel within each session (NSD practice) before resampling.
         image_size: resize stimuli to this square size (PIL bicubic); None keeps 425x425.
-        val_fraction: fraction of the train images (never shared1000) moved to the val split.
-        seed: seed of the val-image draw.
+        val_fraction: the validation split (``--val_fraction``): this fraction of each subject's training images
+            (never shared1000), with all their repeats, drawn per subject (at least 2 images each; 0 = no val split,
+            and checkpoints monitoring a val metric find none).
+        seed: seed of the val-image draw (same seed, same split).
         force: rebuild even when an up-to-date store exists at ``out``.
     """
     from tqdm.auto import tqdm
@@ -355,11 +386,10 @@ def prepare(
         repeats[s] = _repeats(nsd_ids[s])
         sess_of[s] = np.arange(n) // n_per_session + 1
     stim_ids = np.unique(np.concatenate(list(nsd_ids.values())))
-    stim_split = np.where(np.isin(stim_ids, shared), 2, 0).astype(np.uint8)
-    train = np.nonzero(stim_split == 0)[0]
-    n_val = int(round(val_fraction * len(train)))
-    if n_val:
-        stim_split[np.random.default_rng(seed).choice(train, n_val, replace=False)] = 1
+    is_test = np.isin(stim_ids, shared)
+    is_val = draw_val_images({s: np.searchsorted(stim_ids, v) for s, v in nsd_ids.items()}, is_test,
+                             val_fraction, seed)
+    stim_split = np.where(is_test, 2, np.where(is_val, 1, 0)).astype(np.uint8)
     info = _load_stim_info(info_p)
     missing = [int(i) for i in stim_ids if int(i) not in info]
     if missing:
@@ -373,8 +403,9 @@ def prepare(
     grid_aff = {s: resize_grid_affine(rois[s][1], rois[s][0].shape, grid_shape) for s in subjects}
     union = spec.set_active_from_masks([spec.mask_to_grid(rois[s][0], rois[s][1], grid_aff[s]) for s in subjects])
     assert spec.active_index is not None
-    log.info("nsd: grid %s, %d active patches of %d^3, %d stimuli, %d subjects", grid_shape,
-             len(spec.active_index), patch_size, len(stim_ids), len(subjects))
+    log.info("nsd: grid %s, %d active patches of %d^3, %d stimuli (train %d, val %d, test %d), %d subjects",
+             grid_shape, len(spec.active_index), patch_size, len(stim_ids), int((stim_split == 0).sum()),
+             int((stim_split == 1).sum()), int((stim_split == 2).sum()), len(subjects))
 
     with StoreWriter(out, source="nsd", converter_version=CONVERTER_VERSION, options=options,
                      fingerprint=fp) as w:
