@@ -280,3 +280,27 @@ def test_inconsistent_trial_count(fake: Path, tmp_path: Path) -> None:
         f.create_dataset("betas", data=data[:-1])
     with pytest.raises(ValueError, match=rf"subj02.*betas_session02\.hdf5: field 'betas': {TPS - 1} trials"):
         nsd.prepare(root, tmp_path / "x.h5", subjects=[1, 2], patch_size=P)
+
+
+def test_stage1_fit_on_the_default_nsd_store_logs_its_checkpoint_monitor(store: Store, tmp_path: Path) -> None:
+    """The shipped stage-1 YAML (tiny model) on an NSD store prepared with the defaults: the val split exists,
+    so the ModelCheckpoint's monitor is logged and it keeps a best checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from neurovision.lightning_cli import NeuroVisionCLI
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    local = tmp_path / "nsd.h5"
+    shutil.copy(store.path, local)  # the teacher cache is written beside the store
+    cli = NeuroVisionCLI(args=[
+        "fit", "-c", str(root / "stage1_vit3d.yaml"), "-c", str(root / "presets" / "stage1_vit3d_tiny.yaml"),
+        f"--data.init_args.store={local}", "--data.init_args.pin_memory=false",
+        f"--model.init_args.clip_teacher.init_args.model_config={root / 'teachers' / 'tiny_clip.json'}",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false"])
+    (ckpt,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert ckpt.monitor == "val/average/retrieval_fmri2img"
+    assert ckpt.monitor in cli.trainer.callback_metrics
+    for name in store.subject_names:
+        assert f"val/average/{name}/retrieval_fmri2img" in cli.trainer.callback_metrics
+    assert ckpt.best_model_score is not None and Path(ckpt.best_model_path).is_file()
