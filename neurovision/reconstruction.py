@@ -228,9 +228,41 @@ class UnCLIPReconstructor(torch.nn.Module):
         CLIP image embeddings, the space the embeddings were predicted in) has the highest cosine with the
         predicted embedding: MindEye's best-of-N selection, which uses the brain prediction only, never the
         stimulus. ``return_choice`` also returns the chosen candidate of each item. β = 0 is deterministic and
-        always has one candidate.
+        always has one candidate. The same as ``reconstruct_betas(..., betas=[beta])[0]``.
         """
-        beta = check_beta(beta)
+        imgs, choice = self.reconstruct_betas(vae_latents, clip_embeds, [beta], prompts, seeds, steps,
+                                              guidance_scale, noise_level, clip_norm, num_candidates, selector)[0]
+        return (imgs, choice) if return_choice else imgs
+
+    @torch.no_grad()
+    def reconstruct_betas(
+        self,
+        vae_latents: torch.Tensor | None,
+        clip_embeds: torch.Tensor,
+        betas: Sequence[float],
+        prompts: Sequence[str | None] | None = None,
+        seeds: Sequence[int] | None = None,
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        noise_level: int = 0,
+        clip_norm: float | str | None = "meta",
+        num_candidates: int = 1,
+        selector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the items for many noise strengths: ``[(images, chosen candidate)]``, one per β.
+
+        What does not depend on β is computed once and reused by every β: the (noise-augmented) image-embedding
+        conditioning, the prompt encoding and each candidate's item noise ε (seeded by the item, not by β).
+        Each β's images are exactly those of :meth:`reconstruct` at that β (same arguments).
+
+        What cannot be shared: the denoising itself. img2img at strength β starts from
+        ``add_noise(ẑ_vae, ε, t_β)``, a different latent at a different timestep for every β, and every step
+        after it is conditioned on that trajectory; a high-β sample is not a continuation of a lower-β one (the
+        timesteps of β' < β are the tail of β's, but the latents on them differ). β = 1 ignores ẑ_vae and is an
+        ordinary unCLIP sample. So best-of-N candidates are drawn, decoded and selected per β; only β = 0 (a
+        plain decode of ẑ_vae) is free of candidates. See :func:`unet_evaluations` / :func:`vae_decodes`.
+        """
+        betas = [check_beta(b) for b in betas]
         b = clip_embeds.shape[0]
         seeds = list(seeds) if seeds is not None else list(range(b))
         if len(seeds) != b:
@@ -245,44 +277,62 @@ class UnCLIPReconstructor(torch.nn.Module):
                                  f"reconstructor, got {tuple(vae_latents.shape)}")
             if not torch.isfinite(vae_latents).all():
                 raise ValueError("VAE latents contain NaN or Inf")
-        elif beta < 1:
-            raise ValueError(f"β = {beta} < 1 needs the predicted VAE latents (only β = 1 generates from noise)")
+        elif min(betas, default=1.0) < 1:
+            raise ValueError(f"β = {min(betas)} < 1 needs the predicted VAE latents (only β = 1 generates from noise)")
         if not torch.isfinite(clip_embeds).all():
             raise ValueError("CLIP embeddings contain NaN or Inf")
-        choice = torch.zeros(b, dtype=torch.long)
-        if beta == 0:
-            out = self.decode(vae_latents)  # type: ignore[arg-type]
-            return (out, choice) if return_choice else out
-        cond = self.image_condition(self.prepare_embeds(clip_embeds, clip_norm), noise_level, seeds)
-        texts = [p or "" for p in (prompts if prompts is not None else [None] * b)]
-        if len(texts) != b:
-            raise ValueError(f"prompts: {len(texts)} for {b} items")
-        hidden = self.encode_prompt(texts)
-        if guidance_scale > 1.0:
-            hidden = torch.cat([self.encode_prompt([""] * b), hidden])
-            cond = torch.cat([torch.zeros_like(cond), cond])
-        out = self._sample(vae_latents, cond, hidden, beta, seeds, steps, guidance_scale)
-        if num_candidates > 1:
-            target = torch.nn.functional.normalize(clip_embeds.float().cpu(), dim=-1)
+        for beta in betas:
+            if beta > 0 and len(self.timesteps(beta, steps)) == 0:
+                raise ValueError(f"β = {beta} runs int(steps·β) = 0 of steps = {steps} denoising steps (use β = 0, "
+                                 "or more steps)")
+        cond = hidden = None
+        if any(beta > 0 for beta in betas):
+            cond = self.image_condition(self.prepare_embeds(clip_embeds, clip_norm), noise_level, seeds)
+            texts = [p or "" for p in (prompts if prompts is not None else [None] * b)]
+            if len(texts) != b:
+                raise ValueError(f"prompts: {len(texts)} for {b} items")
+            hidden = self.encode_prompt(texts)
+            if guidance_scale > 1.0:
+                hidden = torch.cat([self.encode_prompt([""] * b), hidden])
+                cond = torch.cat([torch.zeros_like(cond), cond])
+        noises: dict[int, torch.Tensor] = {}
 
-            def score(imgs: torch.Tensor) -> torch.Tensor:  # cosine with the predicted embedding
-                return (torch.nn.functional.normalize(selector(imgs).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc]
+        def noise(k: int) -> torch.Tensor:  # candidate k's item noise, drawn once for every β
+            if k not in noises:
+                noises[k] = item_noise(self.latent_shape, seeds if k == 0 else [item_seed(s, k) for s in seeds],
+                                       self.device, self.dtype)
+            return noises[k]
 
-            best = score(out)
-            for k in range(1, int(num_candidates)):
-                cand = self._sample(vae_latents, cond, hidden, beta, [item_seed(s, k) for s in seeds], steps,
-                                    guidance_scale)
-                sim = score(cand)
-                better = sim > best
-                out[better], best[better], choice[better] = cand[better], sim[better], k
-        return (out, choice) if return_choice else out
+        target = torch.nn.functional.normalize(clip_embeds.float().cpu(), dim=-1) if num_candidates > 1 else None
+
+        def score(imgs: torch.Tensor) -> torch.Tensor:  # cosine with the predicted embedding
+            return (torch.nn.functional.normalize(selector(imgs).float().cpu(), dim=-1) * target).sum(-1)  # type: ignore[misc,operator]
+
+        results: list[tuple[torch.Tensor, torch.Tensor]] = []
+        decoded0: torch.Tensor | None = None
+        for beta in betas:
+            choice = torch.zeros(b, dtype=torch.long)
+            if beta == 0:
+                if decoded0 is None:
+                    decoded0 = self.decode(vae_latents)  # type: ignore[arg-type]
+                results.append((decoded0.clone(), choice))
+                continue
+            out = self._sample(vae_latents, cond, hidden, beta, noise(0), steps, guidance_scale)  # type: ignore[arg-type]
+            if num_candidates > 1:
+                best = score(out)
+                for k in range(1, int(num_candidates)):
+                    cand = self._sample(vae_latents, cond, hidden, beta, noise(k), steps, guidance_scale)  # type: ignore[arg-type]
+                    sim = score(cand)
+                    better = sim > best
+                    out[better], best[better], choice[better] = cand[better], sim[better], k
+            results.append((out, choice))
+        return results
 
     def _sample(self, vae_latents: torch.Tensor | None, cond: torch.Tensor, hidden: torch.Tensor, beta: float,
-                seeds: Sequence[int], steps: int, guidance_scale: float) -> torch.Tensor:
-        """One img2img sample per item: noise to strength β with the items' seeds, denoise, decode."""
-        b = len(seeds)
+                noise: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
+        """One img2img sample per item: the items' noise ``(B, C, h, w)`` to strength β, denoise, decode."""
+        b = noise.shape[0]
         ts = self.timesteps(beta, steps)
-        noise = item_noise(self.latent_shape, seeds, self.device, self.dtype)
         if beta >= 1:
             latents = noise * float(self.scheduler.init_noise_sigma)
         else:
@@ -298,6 +348,34 @@ class UnCLIPReconstructor(torch.nn.Module):
                 eps = e_u + guidance_scale * (e_c - e_u)
             latents = self.scheduler.step(eps, t, latents).prev_sample
         return self.decode(latents)
+
+
+def denoising_steps(beta: float, steps: int, order: int = 1) -> int:
+    """Scheduler timesteps strength β runs out of ``steps`` (img2img: ``int(steps·β)``, 0 for β = 0), times the
+    scheduler's ``order`` (1 for DDIM/DDPM; each timestep is one UNet call). As :meth:`UnCLIPReconstructor.timesteps`."""
+    beta = check_beta(beta)
+    return min(int(round(steps * beta, 6)), int(steps)) * int(order)
+
+
+def unet_evaluations(betas: Sequence[float] | float, steps: int, num_candidates: int = 1,
+                     guidance_scale: float = 1.0, order: int = 1) -> int:
+    """UNet forward passes per item of one :meth:`UnCLIPReconstructor.reconstruct_betas` call (one item's row
+    of a batched call counts one; classifier-free guidance, ``guidance_scale > 1``, doubles the rows).
+
+    Each β > 0 runs ``num_candidates`` samples of :func:`denoising_steps` steps (candidates are not shared
+    between β, see :meth:`UnCLIPReconstructor.reconstruct_betas`); β = 0 runs none. The cost model of the β
+    sweep (``benchmarks``): multiply by the UNet's FLOPs per evaluation at the latent size and by the items.
+    """
+    betas = [betas] if isinstance(betas, (int, float)) else list(betas)
+    cfg = 2 if guidance_scale > 1.0 else 1
+    return sum(denoising_steps(b, steps, order) * int(num_candidates) * cfg for b in betas if float(b) > 0)
+
+
+def vae_decodes(betas: Sequence[float] | float, num_candidates: int = 1) -> int:
+    """VAE decoder passes per item of one :meth:`UnCLIPReconstructor.reconstruct_betas` call: one per candidate
+    of each β > 0 (every candidate is decoded for the selector) and one for β = 0, whatever ``num_candidates``."""
+    betas = [betas] if isinstance(betas, (int, float)) else list(betas)
+    return sum(int(num_candidates) if float(b) > 0 else 0 for b in betas) + (1 if any(float(b) == 0 for b in betas) else 0)
 
 
 def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None,
@@ -345,4 +423,5 @@ def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None
     return grid
 
 
-__all__ = ["UnCLIPReconstructor", "check_beta", "image_grid", "item_noise", "item_seed"]
+__all__ = ["UnCLIPReconstructor", "check_beta", "denoising_steps", "image_grid", "item_noise", "item_seed",
+           "unet_evaluations", "vae_decodes"]

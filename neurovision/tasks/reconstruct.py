@@ -9,6 +9,19 @@ scores all reconstructions of a condition against their stimuli. Written into th
 ``test_scores_<cond>.json`` (scores + why a metric is unavailable), ``reconstructions_<cond>.npz``
 (uint8 images, subject, stimulus), ``recon_grid_<cond>.png`` (stimulus | reconstruction) and the same grid
 in TensorBoard.
+
+Many β in one pass: ``model.init_args.beta: [0.0, 0.5, 0.93]`` (a list) runs the stage-1 model, the
+conditioning, the prompt encoding and each item's noise once per batch and every β from them
+(:meth:`~neurovision.reconstruction.UnCLIPReconstructor.reconstruct_betas`); each β is scored and written on its
+own: metrics ``test/<cond>/beta=<b>/<metric>``, files ``beta=<b>/test_scores_<cond>.json`` and
+``beta=<b>/reconstructions_<cond>.npz`` (without the stimuli, which are written once as
+``stimuli_<cond>.npz``); ``recon_grid_<cond>.png`` then has one column per β. A scalar β keeps the layout above.
+
+Sharded over GPUs: ``neurovision test -c experiments/stage3_reconstruct.yaml --trainer.devices=8
+--trainer.strategy=ddp`` gives each rank a slice of the items (Lightning's DistributedSampler); an item's noise
+depends only on (seed, subject, stimulus), the best-of-N selector CLIP runs on the rank's own device (placed at
+test start), and rank 0 gathers the images (sorted by (subject, stimulus), DistributedSampler's padding
+dropped), scores and writes them: the same files and numbers for any number of ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from neurovision.reconstruction import UnCLIPReconstructor, check_beta, image_grid, item_seed
+from neurovision.reconstruction import UnCLIPReconstructor, check_beta, denoising_steps, image_grid, item_seed
 from neurovision.tasks.alignment import check_stage1_spec, load_stage1
 from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher
@@ -65,7 +78,8 @@ class ReconstructionTask(BaseTask):
         data_spec: linked by the CLI (must match the stage-1 run's grid and patches).
         stage1: the stage-1 checkpoint (``AlignmentTask``; loaded with ``weights_only=True``).
         reconstructor: a local Stable unCLIP folder (or the tiny one of ``python -m neurovision.unclip_training``).
-        beta: noise strength β in [0, 1] (paper 0.93; 0 decodes the predicted latent, 1 ignores it).
+        beta: noise strength β in [0, 1] (paper 0.93; 0 decodes the predicted latent, 1 ignores it), or a list of
+            them: one pass per item for every β (see the module docstring; distinct values).
         steps: denoising steps of the full schedule (β runs ``int(steps·β)`` of them).
         guidance_scale: classifier-free guidance (> 1) against the empty prompt and a zero image embedding.
         noise_level: unCLIP noise augmentation of the predicted image embedding (0 = none).
@@ -93,8 +107,8 @@ class ReconstructionTask(BaseTask):
         data_spec: DataSpec | None = None,
         stage1: str = "",
         reconstructor: str = "",
-        beta: float = 0.93,
-        steps: int = 50,
+        beta: float | list[float] = 0.93,
+        steps: int = 25,
         guidance_scale: float = 1.0,
         noise_level: int = 0,
         clip_norm: float | Literal["meta"] | None = "meta",
@@ -116,9 +130,17 @@ class ReconstructionTask(BaseTask):
         if not reconstructor:
             raise ValueError("ReconstructionTask needs model.init_args.reconstructor (a Stable unCLIP folder)")
         self.stage1_path, self.reconstructor_path = str(stage1), str(reconstructor)
-        self.beta = check_beta(beta)
+        self.multi_beta = isinstance(beta, (list, tuple))
+        self.betas = [check_beta(b) for b in (beta if isinstance(beta, (list, tuple)) else [beta])]
+        if not self.betas or len(set(self.betas)) != len(self.betas):
+            raise ValueError(f"model.init_args.beta: expected a noise strength or a non-empty list of distinct ones, "
+                             f"got {beta!r}")
         if steps < 1:
             raise ValueError(f"model.init_args.steps must be >= 1, got {steps}")
+        for b in self.betas:
+            if b > 0 and denoising_steps(b, steps) == 0:
+                raise ValueError(f"model.init_args.beta: β = {b:g} runs int(steps·β) = 0 of model.init_args.steps = "
+                                 f"{steps} denoising steps (use β = 0 or more steps)")
         self.steps, self.guidance_scale, self.noise_level = int(steps), float(guidance_scale), int(noise_level)
         self.clip_norm = clip_norm
         self.prompt_rows = read_prompts(prompts, prompt_type) if prompts else None
@@ -140,9 +162,9 @@ class ReconstructionTask(BaseTask):
     def configure_models(self) -> None:
         parts = load_stage1(self.stage1_path)
         check_stage1_spec(parts.spec, self.spec, self.stage1_path)
-        if parts.vae_head is None and self.beta < 1:
+        if parts.vae_head is None and min(self.betas) < 1:
             raise ValueError(f"{self.stage1_path}: field 'state_dict/vae_head.*': missing: the stage-1 run had no VAE "
-                             f"stream, so only beta = 1 is possible (model.init_args.beta = {self.beta})")
+                             f"stream, so only beta = 1 is possible (model.init_args.beta = {min(self.betas):g})")
         self.stage1 = parts.requires_grad_(False)
         self.subject_embedding = bool(parts.hparams.get("subject_embedding"))
         self.recon = UnCLIPReconstructor.from_pretrained(self.reconstructor_path, torch_dtype=self.torch_dtype)
@@ -198,18 +220,20 @@ class ReconstructionTask(BaseTask):
         if "image" not in batch:
             raise ValueError("ReconstructionTask needs the stimuli: set data.init_args.return_images: true")
         with torch.no_grad():
-            clip, vae = self.predict_latents(batch["patches"], batch["subject"])
+            clip, vae = self.predict_latents(batch["patches"], batch["subject"])  # once for every β
         averaged = bool((batch["trial"] < 0).all())
         seeds = [item_seed(self.sample_seed, s, i) for s, i in zip(batch["subject"].tolist(), batch["stimulus"].tolist(), strict=True)]
         selector = self.clip_teacher.encode if self.num_candidates > 1 and self.clip_teacher is not None else None
-        imgs, choice = self.recon.reconstruct(
-            vae, clip, beta=self.beta, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
+        per_beta = self.recon.reconstruct_betas(
+            vae, clip, self.betas, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
             seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale, noise_level=self.noise_level,
-            clip_norm=self.clip_norm, num_candidates=self.num_candidates, selector=selector, return_choice=True)
-        o = self._outputs.setdefault(dataloader_idx, {"recon": [], "image": [], "subject": [], "stimulus": [],
-                                                      "candidate": []})
-        o["recon"].append(imgs.cpu())
-        o["candidate"].append(choice.cpu())
+            clip_norm=self.clip_norm, num_candidates=self.num_candidates, selector=selector)
+        o = self._outputs.setdefault(dataloader_idx, {"image": [], "subject": [], "stimulus": [],
+                                                      "recon": [[] for _ in self.betas],
+                                                      "candidate": [[] for _ in self.betas]})
+        for j, (imgs, choice) in enumerate(per_beta):  # uint8 on the CPU: β × items stay small
+            o["recon"][j].append(imgs.cpu())
+            o["candidate"][j].append(choice.cpu())
         o["image"].append(batch["image"].cpu())
         o["subject"].append(batch["subject"].cpu())
         o["stimulus"].append(batch["stimulus"].cpu())
@@ -219,54 +243,107 @@ class ReconstructionTask(BaseTask):
         conds = getattr(dm, "eval_conditions", None) or ["average", "single"]
         return str(conds[idx])
 
-    def _gathered(self, o: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        local = {k: torch.cat(v) for k, v in o.items()}
-        if self.trainer.world_size <= 1:
-            return local
+    def _group(self) -> Any:
+        """The process group of the object collectives: gloo (CPU memory), also when the default one is NCCL."""
         import torch.distributed as dist
 
-        parts: list[Any] = [None] * self.trainer.world_size
-        dist.all_gather_object(parts, local)
-        merged = {k: torch.cat([p[k] for p in parts]) for k in local}
-        # DistributedSampler pads with repeated items: keep each (subject, stimulus) once
-        key = merged["subject"].long() * (int(merged["stimulus"].max()) + 1) + merged["stimulus"].long()
-        _, first = np.unique(key.numpy(), return_index=True)
-        return {k: v[torch.from_numpy(np.sort(first))] for k, v in merged.items()}
+        if getattr(self, "_cpu_group", None) is None:
+            self._cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self._cpu_group
+
+    def _gathered(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every rank's items on rank 0 (``None`` on the others), each (subject, stimulus) once, sorted by it.
+
+        DistributedSampler gives rank r the items r, r + W, ... and pads with repeats of the first ones; sorting
+        by (subject, stimulus), the order of the evaluation datasets, makes the result the same for any number
+        of ranks, and keeping the first of equal keys drops the padding. ``local`` must hold ``subject`` and
+        ``stimulus``."""
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] | None = [None] * self.trainer.world_size if self.trainer.is_global_zero else None
+            dist.gather_object(local, parts, dst=0, group=self._group())
+            if parts is None:
+                return None
+            local = {k: torch.cat([p[k] for p in parts]) for k in local}
+        key = local["subject"].long().numpy() * (int(local["stimulus"].max()) + 1) + local["stimulus"].long().numpy()
+        _, first = np.unique(key, return_index=True)  # sorted keys, the first occurrence of each
+        return {k: v[torch.from_numpy(first)] for k, v in local.items()}
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.trainer.world_size <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._group())
+        return box[0]
+
+    def _score(self, recon: torch.Tensor, stimuli: torch.Tensor) -> dict[str, Any]:
+        from neurovision.metrics.images import evaluate_images
+
+        device = self.trainer.strategy.root_device
+        clip_kw: dict[str, Any] = {}
+        if self.clip_teacher is not None:
+            ready = getattr(self.clip_teacher, "ready", None)
+            if callable(ready):
+                ready()
+            device = self.clip_teacher.device  # the metric CLIP runs where its weights are (the rank's device)
+            pp = self.clip_teacher.preprocess_cfg
+            clip_kw = {"clip_model": self.clip_teacher.model, "clip_mean": pp["mean"], "clip_std": pp["std"],
+                       "clip_size": self.clip_teacher.image_size[0]}
+        return evaluate_images(recon, stimuli, weights=self.feature_weights, size=self.metric_size,
+                               batch_size=self.metric_batch_size, device=device, **clip_kw)
 
     def on_test_epoch_end(self) -> None:
         from neurovision.atomic import atomic_path, write_json
-        from neurovision.metrics.images import evaluate_images
 
         log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        zero = self.trainer.is_global_zero
         for idx, o in sorted(self._outputs.items()):
             cond = self._condition(idx)
-            g = self._gathered(o)
-            clip_kw: dict[str, Any] = {}
-            if self.clip_teacher is not None:
-                pp = self.clip_teacher.preprocess_cfg
-                clip_kw = {"clip_model": self.clip_teacher.model, "clip_mean": pp["mean"], "clip_std": pp["std"],
-                           "clip_size": self.clip_teacher.image_size[0]}
-            scores = evaluate_images(g["recon"], g["image"], weights=self.feature_weights, size=self.metric_size,
-                                     batch_size=self.metric_batch_size, **clip_kw)
-            unavailable = scores.pop("unavailable", {})
-            for k, v in scores.items():
-                if v is not None:
-                    self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
-            if not self.trainer.is_global_zero or log_dir is None:
+            keys = {"subject": torch.cat(o["subject"]), "stimulus": torch.cat(o["stimulus"])}
+            stim = self._gathered({**keys, "image": torch.cat(o["image"])})
+            o["image"].clear()
+            cols: list[torch.Tensor] = []
+            sel = None
+            for j, beta in enumerate(self.betas):  # one β at a time on rank 0: its images, then the next
+                g = self._gathered({**keys, "recon": torch.cat(o["recon"][j]), "candidate": torch.cat(o["candidate"][j])})
+                o["recon"][j], o["candidate"][j] = [], []
+                scores = self._score(g["recon"], stim["image"]) if g is not None and stim is not None else None
+                scores = self._broadcast(scores)
+                unavailable = scores.pop("unavailable", {})
+                tag = f"test/{cond}/beta={beta:g}/" if self.multi_beta else f"test/{cond}/"
+                for k, v in scores.items():
+                    if v is not None:
+                        self.log(tag + k, float(v), sync_dist=False)
+                if not zero or log_dir is None or g is None or stim is None:
+                    continue
+                out = log_dir / f"beta={beta:g}" if self.multi_beta else log_dir
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / f"test_scores_{cond}.json", {
+                    "condition": cond, "beta": beta, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                    "prompts": self.prompt_rows is not None, "num_candidates": self.num_candidates,
+                    "n_items": int(len(g["recon"])), "scores": scores, "unavailable": unavailable})
+                arrays = {"images": g["recon"].numpy(), "subject": g["subject"].numpy(),
+                          "stimulus": g["stimulus"].numpy(), "candidate": g["candidate"].numpy()}
+                if not self.multi_beta:
+                    arrays["stimuli"] = stim["image"].numpy()
+                with atomic_path(out / f"reconstructions_{cond}.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+                n = min(self.grid_items, len(g["recon"]))
+                sel = torch.from_numpy(np.linspace(0, len(g["recon"]) - 1, n).round().astype(np.int64))
+                cols.append(g["recon"][sel])
+                del g
+            if not zero or log_dir is None or stim is None or sel is None:
                 continue
-            write_json(log_dir / f"test_scores_{cond}.json", {
-                "condition": cond, "beta": self.beta, "steps": self.steps, "prompts": self.prompt_rows is not None,
-                "num_candidates": self.num_candidates,
-                "n_items": int(len(g["recon"])), "scores": scores, "unavailable": unavailable})
-            with atomic_path(log_dir / f"reconstructions_{cond}.npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, images=g["recon"].numpy(), stimuli=g["image"].numpy(),
-                                    subject=g["subject"].numpy(), stimulus=g["stimulus"].numpy(),
-                                    candidate=g["candidate"].numpy())
-            n = min(self.grid_items, len(g["recon"]))
-            sel = torch.from_numpy(np.linspace(0, len(g["recon"]) - 1, n).round().astype(np.int64))
-            grid = image_grid([g["image"][sel], g["recon"][sel]], ["stimulus", f"β={self.beta:g}"],
-                              path=log_dir / f"recon_grid_{cond}.png",
-                              title=f"{cond}: stimulus | reconstruction (β={self.beta:g})")
+            if self.multi_beta:  # the stimuli once, not once per β
+                with atomic_path(log_dir / f"stimuli_{cond}.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez_compressed(f, stimuli=stim["image"].numpy(), subject=stim["subject"].numpy(),
+                                        stimulus=stim["stimulus"].numpy())
+            labels = [f"β={b:g}" for b in self.betas]
+            grid = image_grid([stim["image"][sel], *cols], ["stimulus", *labels], path=log_dir / f"recon_grid_{cond}.png",
+                              title=f"{cond}: stimulus | reconstruction ({', '.join(labels)})")
             exp = getattr(self.logger, "experiment", None)
             if exp is not None and hasattr(exp, "add_image"):
                 exp.add_image(f"test/{cond}/reconstructions", grid, global_step=self.global_step, dataformats="HWC")
