@@ -1,9 +1,12 @@
 """Figures of a β sweep (stage 3): metric-vs-β curves and stimulus | reconstruction-per-β grids.
 
 ``neurovision sweep experiments/sweeps/beta.yaml`` runs :class:`~neurovision.tasks.ReconstructionTask` once per
-β (× prompt on/off × seed) and, because the sweep file says ``after: [neurovision.beta_sweep.figures]``, then
-calls :func:`figures` on the sweep folder. It reads the sweep's ``results.csv`` (one row per run × metric, a
-``beta`` column) and each run's ``reconstructions_<condition>.npz``, and writes
+prompt setting (× best-of-N × seed), each run doing every β of its list in one pass over the items, and,
+because the sweep file says ``after: [neurovision.beta_sweep.figures]``, then calls :func:`figures` on the
+sweep folder. It reads the sweep's ``results.csv`` (one row per run × β × metric: the ``beta`` column comes
+from the metric name ``test/<cond>/beta=<b>/<metric>`` of a multi-β run, or from the β override of a
+one-β-per-run sweep) and each run's reconstructions (``beta=<b>/reconstructions_<condition>.npz`` with the
+run's ``stimuli_<condition>.npz``, or ``reconstructions_<condition>.npz`` of a one-β run), and writes
 
 - ``beta_curves.png``: every image metric against β (mean ± sd over seeds), one line per prompt setting and
   condition (the paper's Figure 5), and per ``num_candidates`` where the sweep varies it (best of N);
@@ -39,13 +42,31 @@ def _setting(df: Any) -> Any:
     return label
 
 
+def with_beta(results: Any) -> Any:
+    """``results.csv`` rows with a numeric ``beta`` per row: a metric-name component ``beta=<b>`` (a multi-β run;
+    ``neurovision sweep`` already splits it off when it writes the table) wins over the run's ``beta`` column;
+    rows without a single β (e.g. a β-list cell and a metric that has no β) are dropped."""
+    import pandas as pd
+
+    from neurovision.sweep import metric_columns
+
+    df = results.copy()
+    split = df["metric"].astype(str).map(metric_columns)
+    from_name = split.map(lambda t: t[1].get("beta"))
+    if "beta" not in df.columns and from_name.isna().all():
+        raise ValueError("results.csv has no 'beta' column: not a β sweep (model.init_args.beta as a list, or a "
+                         "grid key)")
+    df["metric"] = split.map(lambda t: t[0])
+    own = pd.to_numeric(df["beta"], errors="coerce") if "beta" in df.columns else pd.Series(float("nan"), df.index)
+    df["beta"] = pd.to_numeric(from_name, errors="coerce").fillna(own)
+    return df[df["beta"].notna()]
+
+
 def curves_table(results: Any) -> Any:
     """``results.csv`` rows -> mean/sd/n per (β, prompt, condition, metric) for the image metrics."""
     import pandas as pd
 
-    df = results.copy()
-    if "beta" not in df.columns:
-        raise ValueError("results.csv has no 'beta' column: not a β sweep (grid key model.init_args.beta)")
+    df = with_beta(results)
     df["prompt"] = _setting(df)
     parts = df["metric"].str.split("/", expand=True)
     if parts.shape[1] < 3:
@@ -95,12 +116,27 @@ def plot_curves(table: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def _recons(run_dir: Path, cond: str) -> dict[str, np.ndarray] | None:
-    hits = sorted(run_dir.rglob(f"reconstructions_{cond}.npz"))
+def _recons(run_dir: Path, cond: str, beta: float | None = None) -> dict[str, np.ndarray] | None:
+    """A run's reconstructions of ``cond`` at ``beta`` (``beta=<b>/`` of a multi-β run, with the stimuli of its
+    ``stimuli_<cond>.npz`` paired by (subject, stimulus)), else its one-β ``reconstructions_<cond>.npz``."""
+    hits = sorted(run_dir.rglob(f"beta={beta:g}/reconstructions_{cond}.npz")) if beta is not None else []
+    if not hits:
+        hits = [h for h in sorted(run_dir.rglob(f"reconstructions_{cond}.npz")) if not h.parent.name.startswith("beta=")]
     if not hits:
         return None
     with np.load(hits[-1]) as z:
-        return {k: z[k] for k in z.files}
+        out = {k: z[k] for k in z.files}
+    if "stimuli" not in out:
+        stim = hits[-1].parent.parent / f"stimuli_{cond}.npz"
+        if not stim.is_file():
+            return None
+        with np.load(stim) as s:
+            pos = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(s["subject"], s["stimulus"], strict=True))}
+            idx = [pos.get((int(a), int(b)), -1) for a, b in zip(out["subject"], out["stimulus"], strict=True)]
+            if min(idx, default=0) < 0:
+                return None
+            out["stimuli"] = s["stimuli"][idx]
+    return out
 
 
 def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None) -> list[Path]:
@@ -110,7 +146,7 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
 
     from neurovision.reconstruction import image_grid
 
-    df = results.drop_duplicates("run").copy()
+    df = with_beta(results).drop_duplicates(["run", "beta"]).copy()
     df["prompt"] = _setting(df)
     if "seed" in df.columns and df["seed"].notna().any():
         first = seed_pick if seed_pick is not None else sorted(df["seed"].dropna().unique())[0]
@@ -122,7 +158,7 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
             d = d.assign(beta=d["beta"].astype(float)).sort_values("beta")
             cols, labels, stim = [], [], None
             for _, row in d.iterrows():
-                z = _recons(sweep_dir / str(row["run"]), cond)
+                z = _recons(sweep_dir / str(row["run"]), cond, float(row["beta"]))
                 if z is None:
                     continue
                 key = z["subject"].astype(np.int64) * 1_000_000 + z["stimulus"].astype(np.int64)
@@ -186,4 +222,4 @@ def _tensorboard(d: Path, table: Any, files: list[Path]) -> None:
         w.close()
 
 
-__all__ = ["curves_table", "figures", "grids", "plot_curves"]
+__all__ = ["curves_table", "figures", "grids", "plot_curves", "with_beta"]

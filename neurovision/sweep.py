@@ -16,12 +16,21 @@ Sweep YAML (every key optional; an unknown key is an error naming the file and t
     metrics: ["test/*", "!test/*/sub-*"]   # fnmatch globs of metric names (* also matches /); !glob excludes
     aggregate_only: false     # true: only rebuild the tables (like --aggregate_only)
     after: [neurovision.beta_sweep.figures]   # functions called with the out folder once the tables are written
+    devices_per_run: 8        # each run is one multi-GPU job: --trainer.devices=8 (--trainer.strategy=ddp when > 1)
 
 ``configs`` paths are taken relative to the working directory, else to the sweep file's folder; ``args`` and
 override values are passed as they are (relative paths in them are relative to the working directory, where
 every run is started). Override keys are LightningCLI's dotted keys (``model.init_args.dim``, ``trainer.max_epochs``,
 ``ckpt_path``); a key may not be in both ``grid`` and a ``runs`` entry; seeds go in ``seeds``, not
 ``seed_everything``. Runs are ordered runs x grid x seeds (seeds innermost).
+
+``devices_per_run: n`` makes every run one job on ``n`` devices, ``--trainer.devices=n`` (and
+``--trainer.strategy=ddp`` when n > 1) after ``args``: the runs then go one after another, each using all
+``n`` GPUs (e.g. a stage-3 β-sweep cell sharded over the node's 8 GPUs), instead of one run per GPU. With
+``--parallel p`` the visible GPUs are split into p groups of n (``CUDA_VISIBLE_DEVICES`` per run; p·n must not
+exceed the GPUs). ``trainer.devices``/``trainer.strategy`` may then not be set in ``args``, ``grid`` or ``runs``.
+The device count is not part of a run's recorded settings (a run's numbers must not depend on it), so a sweep
+started on one GPU per run resumes with ``devices_per_run``.
 
 Before anything runs, every run still to do is parsed by the real LightningCLI parser (nothing instantiated): an
 override the config does not accept stops the sweep with LightningCLI's message and the run's name.
@@ -31,7 +40,10 @@ each key by its last dotted component, ``init_args`` skipped, longer when that i
 a file name become ``-`` and then a hash of the full mapping is appended)::
 
     <out>/sweep.yaml                  copy of the sweep file
-    <out>/results.csv                 run, seed, <override columns...>, metric, value   (one row per run x metric)
+    <out>/results.csv                 run, seed, <override columns...>, metric, value   (one row per run x metric;
+                                      a metric-name component ``<key>=<value>``, e.g. ``test/average/beta=0.93/ssim``
+                                      of a multi-β stage-3 run, becomes the column ``<key>`` of that row, the
+                                      override's value replaced, and leaves the name: ``test/average/ssim``)
     <out>/summary.csv                 <override columns...>, metric, mean, sd, n         (over seeds; sd ddof=1)
     <out>/results.parquet             when pyarrow is importable
     <run>/overrides.json              {dotted key: value, ..., seed_everything: seed}
@@ -95,7 +107,9 @@ from typing import Any
 from neurovision.atomic import atomic_path, write_json
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-SWEEP_KEYS = ("configs", "commands", "args", "grid", "runs", "seeds", "out", "metrics", "aggregate_only", "after")
+SWEEP_KEYS = ("configs", "commands", "args", "grid", "runs", "seeds", "out", "metrics", "aggregate_only", "after",
+              "devices_per_run")
+DEVICE_KEYS = ("trainer.devices", "trainer.strategy")  # set by devices_per_run
 RESERVED_COLUMNS = {"run", "seed", "metric", "value", "mean", "sd", "std", "n"}
 TABLE_FIELDS = ["epoch", "step", "stage", "metric", "value"]
 MAX_NAME = 120
@@ -119,6 +133,7 @@ class Sweep:
     metrics: list[str] = field(default_factory=lambda: ["test/*"])
     aggregate_only: bool = False
     after: list[str] = field(default_factory=list)
+    devices_per_run: int | None = None
 
 
 @dataclass
@@ -229,6 +244,17 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     bad = [a for a in sw.after if not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", a)]
     if bad:
         raise SweepError(f"{path}: after: {bad[0]!r} is not a dotted function name (package.module.function)")
+    if raw.get("devices_per_run") is not None:
+        n = raw["devices_per_run"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SweepError(f"{path}: devices_per_run: expected a positive integer (devices per run), got {n!r}")
+        sw.devices_per_run = n
+        keys = [*sw.grid, *(k for r in sw.runs for k in r),
+                *(a.lstrip("-").split("=", 1)[0] for a in sw.args if a.startswith("--"))]
+        clash = next((k for k in keys if k in DEVICE_KEYS), None)
+        if clash is not None:
+            raise SweepError(f"{path}: devices_per_run: {clash!r} is also set in args/grid/runs (devices_per_run "
+                             "sets trainer.devices and trainer.strategy)")
     return sw
 
 
@@ -337,10 +363,32 @@ def base_argv(sweep: Sweep, run: Run, cmd: str) -> list[str]:
     for c in sweep.configs:
         argv += ["-c", c]
     argv += sweep.args
+    argv += device_args(sweep)
     argv += [f"--{k}={cli_value(v)}" for k, v in run.overrides.items()]
     if run.seed is not None:
         argv.append(f"--seed_everything={run.seed}")
     return argv
+
+
+def device_args(sweep: Sweep) -> list[str]:
+    """``--trainer.devices=n`` (and ``--trainer.strategy=ddp`` for n > 1) of ``devices_per_run``; [] without it."""
+    n = sweep.devices_per_run
+    if n is None:
+        return []
+    return [f"--trainer.devices={n}", *(["--trainer.strategy=ddp"] if n > 1 else [])]
+
+
+def gpu_groups(gpus: list[str], parallel: int, per_run: int | None) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` of each of the ``parallel`` slots: one GPU each (round robin) without
+    ``per_run``; with it, disjoint groups of ``per_run`` GPUs (SweepError when there are too few). No GPUs: []."""
+    if not gpus:
+        return []
+    if per_run is None:
+        return [gpus[i % len(gpus)] for i in range(parallel)]
+    if parallel * per_run > len(gpus):
+        raise SweepError(f"devices_per_run: {per_run} x --parallel {parallel} needs {parallel * per_run} GPUs, "
+                         f"{len(gpus)} visible ({','.join(gpus)})")
+    return [",".join(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
 
 
 def _dir_logger(spec: dict[str, Any], run_dir: Path, cmd: str) -> dict[str, Any]:
@@ -801,16 +849,23 @@ def aggregate(sweep: Sweep, runs: list[Run], out: Path) -> dict[str, Any]:
         for k in keys:
             base[labels[k]] = _cell(run.overrides[k] if k in run.overrides else resolved.get(k))
         for m, v in chosen.items():
-            results.append({**base, "metric": m, "value": v})
+            name, extra = metric_columns(m)
+            for c in extra:
+                if c not in cols:
+                    cols.append(c)
+            results.append({**base, **extra, "metric": name, "value": v})
+    for r in results:
+        for c in cols:
+            r.setdefault(c, "")
     rfields = ["run", "seed", *cols, "metric", "value"]
     write_table(out / "results.csv", results, rfields)
     groups: dict[tuple[Any, ...], list[float]] = {}
     for r in results:
         groups.setdefault((*(str(r[c]) for c in cols), r["metric"]), []).append(float(r["value"]))
     firsts: dict[tuple[Any, ...], dict[str, Any]] = {}
+    summary = []
     for r in results:
         firsts.setdefault((*(str(r[c]) for c in cols), r["metric"]), r)
-    summary = []
     for key, vals in groups.items():
         n = len(vals)
         row = {c: firsts[key][c] for c in cols}
@@ -820,6 +875,23 @@ def aggregate(sweep: Sweep, runs: list[Run], out: Path) -> dict[str, Any]:
     write_table(out / "summary.csv", summary, [*cols, "metric", "mean", "sd", "n"])
     _write_parquet(out / "results.parquet", results, rfields)
     return {"results": results, "summary": summary, "columns": cols, "no_metrics": missing}
+
+
+def metric_columns(name: str) -> tuple[str, dict[str, Any]]:
+    """``test/average/beta=0.93/ssim`` -> (``test/average/ssim``, {"beta": 0.93}): path components ``<key>=<value>``
+    (key an identifier, not a reserved column) become columns; numbers are read as numbers."""
+    parts, extra = [], {}
+    for comp in name.split("/"):
+        m = re.fullmatch(r"([A-Za-z_][\w.]*)=([^=]+)", comp)
+        if m is None or m.group(1) in RESERVED_COLUMNS or m.group(1) in extra:
+            parts.append(comp)
+            continue
+        try:
+            value: Any = float(m.group(2))
+        except ValueError:
+            value = m.group(2)
+        extra[m.group(1)] = value
+    return "/".join(parts), extra
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
@@ -869,7 +941,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML")
     p.add_argument("--out", default=None, help="output folder (default: the sweep's out, else runs/sweeps/<stem>)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1); with CUDA GPUs each gets its "
-                   "own CUDA_VISIBLE_DEVICES, round robin")
+                   "own CUDA_VISIBLE_DEVICES, round robin (with the sweep's devices_per_run: n GPUs each)")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--aggregate_only", "--aggregate-only", action="store_true", help="only rebuild the tables")
     return p
@@ -913,12 +985,17 @@ def _main(ns: argparse.Namespace) -> int:
         raise SweepError("\n".join(errors[:3]) + (f"\n(and {len(errors) - 3} more runs)" if len(errors) > 3 else ""))
     if ns.dry_run:
         print(f"sweep {sweep.path} -> {out}: {len(runs)} runs, {len(todo)} to run")
+        if sweep.devices_per_run is not None:
+            print(f"  each run one job on {sweep.devices_per_run} devices ({' '.join(device_args(sweep))}), "
+                  f"{ns.parallel} at a time")
         width = max(len(r.name) for r in runs)
         for r in runs:
             state, action = describe(sweep, r, statuses[r.name])
             print(f"  {r.name.ljust(width)}  {state:<11}  {action}")
         return 0
 
+    gpus = _gpus() if ns.parallel > 1 or sweep.devices_per_run is not None else []
+    groups = gpu_groups(gpus, ns.parallel, sweep.devices_per_run)  # SweepError before anything starts
     out.mkdir(parents=True, exist_ok=True)
     import fcntl
 
@@ -928,13 +1005,13 @@ def _main(ns: argparse.Namespace) -> int:
     except BlockingIOError:
         raise SweepError(f"{out}: another sweep is running in this folder") from None
     try:
-        return _run_all(sweep, runs, todo, plans, out, ns.parallel)
+        return _run_all(sweep, runs, todo, plans, out, ns.parallel, groups)
     finally:
         lock.close()
 
 
 def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Plan], out: Path,
-             parallel: int) -> int:
+             parallel: int, groups: list[str] | None = None) -> int:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm.auto import tqdm
@@ -958,7 +1035,7 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
           file=sys.stderr)
     runner = Runner(sweep, plans)
     _STOP.clear()
-    gpus = _gpus() if parallel > 1 else []
+    groups = groups or []
     slots = list(range(parallel))
     slot_lock = threading.Lock()
     finals: dict[str, dict[str, Any]] = {}
@@ -968,8 +1045,8 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
             slot = slots.pop(0)
         try:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+            if groups:
+                env["CUDA_VISIBLE_DEVICES"] = groups[slot]
             return runner.execute(run, env)
         finally:
             with slot_lock:
