@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from neurovision.metrics import retrieval_top1, two_way_identification
 from neurovision.models import ViT3D, VoxelReadout, with_readout
+from neurovision.models.readout import principal_subspace
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
@@ -61,6 +63,27 @@ def soft_clip(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> t
     soft = F.softmax(t @ t.T / temperature, dim=-1)
     logits = p @ t.T / temperature
     return 0.5 * (F.cross_entropy(logits, soft) + F.cross_entropy(logits.T, soft))
+
+
+class _GroupMeans(torch.utils.data.Dataset):
+    """The repeat-averaged pattern of each group of an :class:`~data_modules.fmri.FMRITrials`, flattened."""
+
+    def __init__(self, train: Any) -> None:
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.train.groups)
+
+    def __getitem__(self, g: int) -> torch.Tensor:
+        return self.train.group_mean(g).flatten()
+
+
+def _group_mean_chunks(train: Any, dim: int, workers: int = 0, values: int = 2**25) -> torch.utils.data.DataLoader:
+    """The repeat-averaged patterns of ``train`` in chunks of about ``values`` values (128 MiB of float32), in
+    group order: a re-iterable stream for :func:`~neurovision.models.readout.principal_subspace`, read by
+    ``workers`` DataLoader processes."""
+    return torch.utils.data.DataLoader(_GroupMeans(train), batch_size=max(1, min(1024, values // max(dim, 1))),
+                                       shuffle=False, num_workers=workers)
 
 
 class AlignmentTask(BaseTask):
@@ -228,23 +251,68 @@ class AlignmentTask(BaseTask):
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
             self.bank_row[stimuli] = torch.arange(len(stimuli))
             self.bank = F.normalize(self.clip_targets[stimuli], dim=-1)
+        # buffers: the strategy moves them to the device with the module, after the setup hooks. The read-out's
+        # subspace is not fitted here: setup() runs before a checkpoint is restored (see _ensure_readout)
+
+    # the read-out's subspace -----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Lightning's order (trainer._run): setup -> configure_model -> checkpoint weights restored (resume) ->
+        # strategy.setup (module on the rank's device) -> on_fit_start -> sanity check -> on_train_start. Strategies
+        # that restore the checkpoint after on_fit_start (FSDP, DeepSpeed) fit at the first validation/train start
+        if not self.trainer.strategy.restore_checkpoint_after_setup:
+            self._ensure_readout()
+
+    def on_validation_start(self) -> None:
+        self._ensure_readout()
+
+    def on_train_start(self) -> None:
+        self._ensure_readout()
+
+    def _ensure_readout(self) -> None:
+        """Fit the read-out's principal subspace if ``fit`` is running and no checkpoint restored one: after the
+        restore, so a resumed fit never refits; ``validate/test/predict`` never fit (their checkpoint has it)."""
+        if self.skip is None or not self.skip.needs_fit or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        dm = self.trainer.datamodule
         train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-        if self.skip is not None and self.skip.needs_fit and train is not None:
-            self._fit_readout(train)
-        # buffers: the strategy moves them to the device with the module, after the setup hooks
+        if train is None:
+            raise ValueError("AlignmentTask: model.init_args.linear_skip_rank needs the datamodule's training set "
+                             "(datamodule.datasets['train']) to fit the read-out's principal subspace")
+        self._fit_readout(train)
 
     def _fit_readout(self, train: Any) -> None:
         """Fit the read-out's principal subspace to the repeat-averaged pattern of every training (subject,
-        stimulus); a function of the training data only, so every DDP rank computes the same basis."""
-        from tqdm.auto import tqdm
+        stimulus), read in chunks through ``train.group_mean`` (:func:`principal_subspace`: bounded memory,
+        exact for small inputs, randomised for large ones).
 
-        rank0 = self._trainer is None or self.trainer.global_rank == 0
-        means = [train.group_mean(g) for g in tqdm(range(len(train.groups)), desc="read-out subspace", unit="image",
-                                                   leave=False, disable=not rank0)]
-        ratio = self.skip.fit(torch.stack(means))
+        Only global rank 0 reads the patterns and fits, on its device; the other ranks receive the mean and
+        basis by ``trainer.strategy.broadcast`` (an error on rank 0 is broadcast too, so no rank waits for ever).
+        """
+        trainer = self._trainer
+        rank0 = trainer is None or trainer.global_rank == 0
+        distributed = trainer is not None and trainer.world_size > 1
+        result: Any = None
         if rank0:
-            print(f"read-out: {self.skip.rank} principal components of {len(means)} repeat-averaged training "
-                  f"patterns explain {ratio.sum().item():.1%} of their variance")
+            try:
+                workers = int(getattr(self.trainer.datamodule, "num_workers", 0) or 0) if trainer else 0
+                sub = principal_subspace(
+                    _group_mean_chunks(train, self.skip.in_dim, workers), self.skip.rank, n=len(train.groups),
+                    dim=self.skip.in_dim, seed=int(getattr(train, "seed", 0)), device=self.device, progress=True,
+                    desc="read-out subspace", where="AlignmentTask read-out fit (model.init_args.linear_skip_rank)")
+                result = (sub.mean.cpu(), sub.basis.cpu(), sub.ratio.cpu(), sub.n, sub.exact)
+            except Exception as e:
+                if not distributed:
+                    raise
+                result = e
+        if distributed:
+            result = trainer.strategy.broadcast(result, src=0)
+        if isinstance(result, BaseException):
+            raise result
+        mean, basis, ratio, n, exact = result
+        self.skip.set_subspace(mean, basis)
+        if rank0:
+            print(f"read-out: {self.skip.rank} principal components of {n} repeat-averaged training patterns "
+                  f"explain {ratio.sum().item():.1%} of their variance ({'exact' if exact else 'randomised'} fit)")
 
     # forward ----------------------------------------------------------------------------------------
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
