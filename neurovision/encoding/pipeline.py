@@ -7,7 +7,9 @@ For every subject and event set of an events store (:mod:`neurovision.encoding.e
 2. cross-validated ridge from each model's features to every site (electrode x time bin) with a per-target α
    and blocked folds (:mod:`neurovision.encoding.ridge`); banded ridge on [vision, language] for the
    "linearly integrated" baseline; out-of-fold predictions are centred within each test fold (as is Y) and r is
-   the pooled within-fold Pearson r; both are cached per (model, layer, subject, set);
+   the pooled within-fold Pearson r; r and α are cached per (model, layer, subject, set), the predictions only
+   where the statistics use them (the first layer of each model that ``integration`` or ``pairs`` names, and
+   the linear baseline), in float16 by default (``regression.predictions_dtype``; see :func:`encode_predictions`);
 3. statistics (:mod:`neurovision.encoding.stats`) with one set of bootstrap indices per (subject, set) shared
    by every comparison: integration sites (multimodal beats vision, language and the linear combination) and
    the pairwise comparisons of the YAML (trained vs random, SLIP vs SimCLR, ...), BH-FDR, minimum bins.
@@ -21,7 +23,15 @@ Outputs in ``out``::
     sites_brain.png    electrodes on a glass brain, integration sites highlighted (nilearn)
     r_by_model.png     distribution of each model's peak r; Δr time courses of the integration comparisons
     r_by_layer.png     the layer sweep (when a model lists several layers)
-    fits/, bootstrap/  cached predictions and bootstrap indices (re-running recomputes nothing)
+    fits/, bootstrap/  cached fits (r, α; predictions where used) and bootstrap indices (re-running recomputes
+                       nothing)
+
+Memory and disk at Brain Treebank size (E ~ 30k events, T = N x B ~ 25.8k targets, float32 E x T = 3.1 GB): Y
+and its fold-centred copy (2 x E x T float32) for the (subject, set) at hand; one model-layer's features at a
+time (two for the linear baseline; :class:`~neurovision.encoding.features.FeatureTable` reads a layer from the
+HDF5 cache when asked); a fit's predictions only while it is fitted and, for the statistics, those of the
+compared models (E x T float32 each); on disk, E x T x 2 bytes (float16) per compared model and nothing per
+extra layer of a layer sweep (r and α only: T x (1 + n_folds) x 4 bytes).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +51,7 @@ import numpy as np
 from neurovision.atomic import atomic_path, write_json
 
 log = logging.getLogger("neurovision.encode")
-FITS_VERSION = 2  # 2: fold-centred predictions and within-fold r
+FITS_VERSION = 3  # 2: fold-centred predictions and within-fold r; 3: predictions only where used, float16 + scale
 
 
 @dataclass
@@ -53,6 +64,7 @@ class Regression:
     inner_folds: int = 5
     backend: Literal["auto", "numpy", "torch", "torch_cuda"] = "auto"
     n_targets_batch: int | None = None
+    predictions_dtype: Literal["float16", "float32"] = "float16"  # stored predictions (see encode_predictions)
 
 
 @dataclass
@@ -108,6 +120,37 @@ def _digest(obj: Any) -> str:
 def _save_npz(path: Path, **arrays: Any) -> None:
     with atomic_path(path, suffix=".partial.npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+def encode_predictions(pred: np.ndarray, dtype: str = "float16") -> dict[str, np.ndarray]:
+    """Fold-centred predictions (E, T) as stored in ``fits/``: ``{"predictions": ...}`` in float32, or for
+    ``float16`` the predictions divided by each column's max |value| (``"predictions_scale"``, float32 (T,);
+    1 for an all-zero column), so every column uses float16's range without overflow or underflow: relative
+    rounding error <= 2^-11 (about 5e-4) per value; Pearson r, which the statistics use, does not depend on
+    the scale. ``pred`` (float32) is divided in place for float16."""
+    if dtype == "float32":
+        return {"predictions": np.asarray(pred, dtype=np.float32)}
+    if dtype != "float16":
+        raise ValueError(f"regression.predictions_dtype must be 'float16' or 'float32', got {dtype!r}")
+    pred = np.asarray(pred, dtype=np.float32)
+    scale = np.maximum(pred.max(axis=0), -pred.min(axis=0)) if len(pred) else np.ones(pred.shape[1:], np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    pred /= scale
+    return {"predictions": pred.astype(np.float16), "predictions_scale": scale}
+
+
+def decode_predictions(stored: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """Predictions (E, T) float32 in Y's units from :func:`encode_predictions`'s arrays (a dict or an npz),
+    written into ``out`` (float32, same shape) when given."""
+    p = np.asarray(stored["predictions"])
+    if p.dtype != np.float16:
+        return np.asarray(p, dtype=np.float32)
+    if out is None:
+        out = p.astype(np.float32)
+    else:
+        out[...] = p
+    out *= np.asarray(stored["predictions_scale"], dtype=np.float32)
+    return out
 
 
 def _folds(ev: Any, reg: Regression) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -203,51 +246,93 @@ class Encoder:
             self._data_key, self._data = key, (y, center_by_fold(y.reshape(len(y), -1), folds), folds)
         return self._data
 
-    def _cached_fit(self, path: Path, subject: str, event_set: str, solve: Any) -> dict[str, np.ndarray]:
-        """A fit's fold-centred out-of-fold predictions, pooled within-fold r (N, B) and α, from ``path`` or
-        computed by ``solve(Y (E, N*B), folds)`` and saved there atomically."""
+    def _cached_fit(self, path: Path, subject: str, event_set: str, solve: Any, predictions: bool
+                    ) -> dict[str, np.ndarray]:
+        """A fit's pooled within-fold r (N, B), α and (when ``predictions``) fold-centred out-of-fold predictions
+        (E, N*B) float32, from ``path`` or computed by ``solve(Y (E, N*B), folds, return_predictions)`` and saved
+        there atomically. A file of another FITS_VERSION, without the predictions asked for or with them in
+        another dtype than ``regression.predictions_dtype`` is recomputed (and replaced), never misread."""
+        want = self.regression.predictions_dtype
         if path.is_file():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        from neurovision.encoding.ridge import center_by_fold, pearson_r
+            why = None
+            try:
+                with np.load(path) as z:
+                    files = set(z.files)
+                    version = int(z["version"]) if "version" in files else None
+                    if version != FITS_VERSION:
+                        why = f"written by fits version {version}, this is {FITS_VERSION}"
+                    elif not {"r", "alphas"} <= files:
+                        why = "r or alphas missing"
+                    elif predictions and "predictions" not in files:
+                        why = "no predictions stored (a layer the statistics did not use)"
+                    elif predictions and z["predictions"].dtype != np.dtype(want):
+                        why = f"predictions stored as {z['predictions'].dtype}, asked for {want}"
+                    else:
+                        out = {"r": z["r"], "alphas": z["alphas"]}
+                        if predictions:
+                            out["predictions"] = decode_predictions(z)
+                        return out
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                why = f"unreadable ({e})"
+            log.info("%s: %s; recomputing", path, why)
+        from neurovision.encoding.ridge import center_by_fold
 
-        y, yc, folds = self.data(subject, event_set)
-        res = solve(y.reshape(len(y), -1), folds)
-        pred = center_by_fold(res.predictions, folds)
-        out = {"predictions": pred, "r": pearson_r(yc, pred).astype(np.float32).reshape(y.shape[1:]),
+        y, _, folds = self.data(subject, event_set)
+        res = solve(y.reshape(len(y), -1), folds, predictions)
+        out = {"r": np.asarray(res.r_pooled, np.float32).reshape(y.shape[1:]),
                "alphas": np.asarray(res.alphas_, np.float32)}
-        _save_npz(path, **out)
+        arrays = {"version": np.int64(FITS_VERSION), **out}
+        if predictions:
+            pred = center_by_fold(res.predictions, folds, copy=False)
+            del res
+            arrays.update(encode_predictions(pred, want))
+            out["predictions"] = decode_predictions(arrays, out=pred)  # what a re-run will read
+        _save_npz(path, **arrays)
         return out
 
-    def fit(self, name: str, subject: str, event_set: str, layer: str | None = None) -> dict[str, np.ndarray]:
-        """Out-of-fold predictions (E, N*B) and r (N, B) of one model layer (cached in ``fits/``)."""
+    def fit_path(self, name: str, subject: str, event_set: str, layer: str | None = None) -> Path:
+        """The ``fits/`` file of one model layer (``name`` ``"linear"``: the banded baseline)."""
+        if name == "linear" and name not in self.models:
+            assert self.integration is not None
+            iv, il = self.integration.vision, self.integration.language
+            lv, ll = self.layers(iv)[0], self.layers(il)[0]
+            key = self._fit_key(["banded", self.table(iv).model_id, lv, self.table(il).model_id, ll],
+                                subject, event_set)
+            return self.out / "fits" / "linear" / f"{subject}_{event_set}_{key}.npz"
+        layer = layer or self.layers(name)[0]
+        key = self._fit_key([self.table(name).model_id, layer], subject, event_set)
+        return self.out / "fits" / f"{name}__{_safe(layer)}" / f"{subject}_{event_set}_{key}.npz"
+
+    def fit(self, name: str, subject: str, event_set: str, layer: str | None = None,
+            predictions: bool = True) -> dict[str, np.ndarray]:
+        """r (N, B), α and (``predictions``) fold-centred out-of-fold predictions (E, N*B) of one model layer
+        (cached in ``fits/``; without ``predictions`` the fit holds and stores no (E, N*B) array)."""
         from neurovision.encoding.ridge import cross_validated_ridge
 
         layer = layer or self.layers(name)[0]
-        key = self._fit_key([self.table(name).model_id, layer], subject, event_set)
         reg = self.regression
         return self._cached_fit(
-            self.out / "fits" / f"{name}__{_safe(layer)}" / f"{subject}_{event_set}_{key}.npz", subject, event_set,
-            lambda y, folds: cross_validated_ridge(
+            self.fit_path(name, subject, event_set, layer), subject, event_set,
+            lambda y, folds, keep: cross_validated_ridge(
                 self.features(name, subject, event_set, layer), y, folds=folds, alphas=np.asarray(reg.alphas),
-                inner_folds=reg.inner_folds, backend=reg.backend, n_targets_batch=reg.n_targets_batch))
+                inner_folds=reg.inner_folds, backend=reg.backend, n_targets_batch=reg.n_targets_batch,
+                return_predictions=keep), predictions)
 
     def fit_linear(self, subject: str, event_set: str) -> dict[str, np.ndarray]:
-        """Banded ridge on [vision, language] features: the linearly integrated baseline (cached)."""
+        """Banded ridge on [vision, language] features: the linearly integrated baseline (cached, with its
+        predictions)."""
         from neurovision.encoding.ridge import cross_validated_banded_ridge
 
         assert self.integration is not None
         iv, il = self.integration.vision, self.integration.language
         lv, ll = self.layers(iv)[0], self.layers(il)[0]
-        key = self._fit_key(["banded", self.table(iv).model_id, lv, self.table(il).model_id, ll],
-                            subject, event_set)
         reg = self.regression
         return self._cached_fit(
-            self.out / "fits" / "linear" / f"{subject}_{event_set}_{key}.npz", subject, event_set,
-            lambda y, folds: cross_validated_banded_ridge(
+            self.fit_path("linear", subject, event_set), subject, event_set,
+            lambda y, folds, keep: cross_validated_banded_ridge(
                 [self.features(iv, subject, event_set, lv), self.features(il, subject, event_set, ll)], y,
                 folds=folds, alphas=np.asarray(reg.alphas), inner_folds=reg.inner_folds, backend=reg.backend,
-                n_targets_batch=reg.n_targets_batch, seed=self.statistics.seed))
+                n_targets_batch=reg.n_targets_batch, seed=self.statistics.seed, return_predictions=keep), True)
 
     def bootstrap(self, subject: str, event_set: str) -> np.ndarray:
         from neurovision.encoding.stats import bootstrap_indices
@@ -265,7 +350,6 @@ class Encoder:
         from neurovision.encoding import stats
 
         self.out.mkdir(parents=True, exist_ok=True)
-        st = self.statistics
         site_rows: list[pd.DataFrame] = []
         layer_rows: list[dict[str, Any]] = []
         curves: dict[str, list[np.ndarray]] = {}
@@ -276,9 +360,10 @@ class Encoder:
             y, yf, _ = self.data(subject, event_set)
             n_ev, n_sites, n_bins = y.shape
             fits: dict[str, dict[str, np.ndarray]] = {}
+            compared = self.compared_models
             for name in self.models:
                 for k, layer in enumerate(self.layers(name)):
-                    f = self.fit(name, subject, event_set, layer)
+                    f = self.fit(name, subject, event_set, layer, predictions=k == 0 and name in compared)
                     layer_rows.append({"model": name, "layer": layer, "subject": subject, "event_set": event_set,
                                        "mean_r": float(np.mean(f["r"])),
                                        "mean_peak_r": float(np.mean(f["r"].max(axis=1)))})
@@ -293,9 +378,8 @@ class Encoder:
                                "space": sites.space, "region": sites.region})
             for name, f in fits.items():
                 df[f"peak_r_{name}"] = f["r"].max(axis=1)
-            preds = {k: f["predictions"] for k, f in fits.items()}
-            common = {"n_bins": n_bins, "q": st.q, "min_bins": st.min_bins, "contiguous": st.contiguous,
-                      "device": self.stats_device, "p_value": st.p_value}
+            preds = {k: f["predictions"] for k, f in fits.items() if "predictions" in f}
+            common = self.stats_kwargs(n_bins)
             if self.integration is not None:
                 ig = self.integration
                 t = stats.integration_sites(yf, preds, idx, multimodal=ig.multimodal,
@@ -333,6 +417,22 @@ class Encoder:
         df[f"dr_{label}"] = np.asarray(dr_peak)
         df[f"bins_{label}"] = np.asarray(n_bins)
         df[f"sig_{label}"] = np.asarray(significant, bool)
+
+    @property
+    def compared_models(self) -> set[str]:
+        """Models whose (first-layer) predictions the statistics use: those of ``integration`` and ``pairs``."""
+        out = {n for p in self.pairs for n in (p.a, p.b)}
+        if self.integration is not None:
+            ig = self.integration
+            out |= {ig.multimodal, ig.vision, ig.language}
+        return out
+
+    def stats_kwargs(self, n_bins: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`~neurovision.encoding.stats.integration_sites` / ``pairwise`` as
+        :meth:`run` passes them."""
+        st = self.statistics
+        return {"n_bins": n_bins, "q": st.q, "min_bins": st.min_bins, "contiguous": st.contiguous,
+                "device": self.stats_device, "p_value": st.p_value}
 
     @property
     def stats_device(self) -> str | None:

@@ -33,6 +33,7 @@ import numpy as np
 DEFAULT_ALPHAS = np.logspace(-1, 5, 7)
 BACKENDS = ("auto", "numpy", "torch", "torch_cuda")
 _MEMORY_BUDGET = 1 << 30  # bytes: target the solver's largest temporaries at about this size
+_PEARSON_BUDGET = 64 << 20  # bytes of float64 temporaries per column chunk of pearson_r
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 
@@ -41,9 +42,12 @@ Folds = list[tuple[np.ndarray, np.ndarray]]
 class EncodingResult:
     """Out-of-fold encoding fit.
 
-    ``predictions`` (n_events, n_targets) float32 in Y's units, or None when not asked for; ``r`` (n_targets,)
-    over all events; ``r_folds`` (n_folds, n_targets) within each test fold; ``alphas_`` (n_folds, n_targets)
-    chosen α; ``folds`` the (train, test) indices used. ``coefs`` (per fold, (n_features, n_targets)) are
+    ``predictions`` (n_events, n_targets) float32 in Y's units, or None when not asked for (then never held
+    whole: r and r_pooled come from per-fold sums); ``r`` (n_targets,) over all events; ``r_folds``
+    (n_folds, n_targets) within each test fold; ``r_pooled`` (n_targets,) the pooled within-fold r (Pearson r of
+    Y and predictions each centred within every test fold, = ``pearson_r(center_by_fold(Y), center_by_fold(P))``;
+    no offset from the training-fold means); ``alphas_`` (n_folds, n_targets) chosen α; ``folds`` the (train,
+    test) indices used. ``coefs`` (per fold, (n_features, n_targets)) are
     weights on the z-scored features predicting the centred (or z-scored) Y, when asked for. Banded ridge only:
     ``deltas_`` (n_folds, n_bands, n_targets), the log band scalings (band weight = exp(delta)).
     """
@@ -55,6 +59,7 @@ class EncodingResult:
     folds: Folds
     coefs: list[np.ndarray] | None = None
     deltas_: np.ndarray | None = None
+    r_pooled: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ folds
@@ -141,25 +146,43 @@ def _scale(x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype: np.dtype) ->
 
 
 def pearson_r(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
-    """Column-wise Pearson r (float64) of two (n, t) arrays; 0 where either column is constant."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.asarray(yhat, dtype=np.float64)
-    y = y - y.mean(axis=0)
-    p = p - p.mean(axis=0)
-    num = (y * p).sum(axis=0)
-    den = np.sqrt((y * y).sum(axis=0) * (p * p).sum(axis=0))
-    ok = den > 0
-    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+    """Column-wise Pearson r (float64) of two (n, t) arrays; 0 where either column is constant.
+
+    Computed over column chunks (float64 temporaries of about ``_PEARSON_BUDGET`` bytes), so two float32
+    (events x targets) inputs need no float64 copy of either whole.
+    """
+    y = np.asarray(y)
+    p = np.asarray(yhat)
+    if y.shape != p.shape:
+        raise ValueError(f"pearson_r: shapes differ: {y.shape} vs {p.shape}")
+    n = len(y)
+    y2, p2 = y.reshape(n, -1), p.reshape(n, -1)
+    t = y2.shape[1]
+    out = np.empty(t)
+    chunk = int(max(1, min(t, _PEARSON_BUDGET // (8 * 3 * max(n, 1)))))
+    for c0 in range(0, t, chunk):
+        ys = np.array(y2[:, c0:c0 + chunk], dtype=np.float64)
+        ys -= ys.mean(axis=0)
+        ps = np.array(p2[:, c0:c0 + chunk], dtype=np.float64)
+        ps -= ps.mean(axis=0)
+        num = (ys * ps).sum(axis=0)
+        den = np.sqrt((ys * ys).sum(axis=0) * (ps * ps).sum(axis=0))
+        ok = den > 0
+        out[c0:c0 + chunk] = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+    return out.reshape(y.shape[1:])
 
 
-def center_by_fold(a: np.ndarray, folds: Folds) -> np.ndarray:
-    """``a`` (n_events, ...) with each test fold's own mean removed (float32).
+def center_by_fold(a: np.ndarray, folds: Folds, copy: bool = True) -> np.ndarray:
+    """``a`` (n_events, ...) with each test fold's own mean removed (float32; ``copy=False`` centres a float32
+    ``a`` in place instead of copying it).
 
     Pearson r of fold-centred Y and fold-centred out-of-fold predictions is the pooled within-fold correlation:
     it has no offset from the training-fold means added back to the predictions (see the module docstring),
     an offset that would otherwise favour, under the null, whichever model's predictions vary more.
     """
-    out = np.asarray(a, dtype=np.float32).copy()
+    out = np.asarray(a, dtype=np.float32)
+    if copy and isinstance(a, np.ndarray) and np.shares_memory(out, a):
+        out = out.copy()
     for _, test in folds:
         out[test] -= out[test].mean(axis=0, keepdims=True)
     return out
@@ -255,6 +278,40 @@ def _prepare(Y: Any, folds: Any, groups: Any, inner_folds: int, dtype: str, back
     return Y, folds, groups, name, np.dtype(dtype)
 
 
+def _add_moments(sums: np.ndarray, y_test: np.ndarray, pred: np.ndarray, shift: np.ndarray) -> None:
+    """Add one test fold to ``sums`` (8, n_targets): Σy, Σy², Σp, Σp², Σyp of y and p shifted by ``shift``
+    (r over all events) and Σy², Σp², Σyp of y and p centred on the fold's own means (the pooled within-fold
+    r); in column chunks of float64 temporaries."""
+    n, t = pred.shape
+    chunk = int(max(1, min(t, _PEARSON_BUDGET // (8 * 2 * max(n, 1)))))
+    for c0 in range(0, t, chunk):
+        sl = slice(c0, c0 + chunk)
+        y = np.array(y_test[:, sl], dtype=np.float64)
+        y -= shift[sl]
+        p = np.array(pred[:, sl], dtype=np.float64)
+        p -= shift[sl]
+        sy, sp = y.sum(axis=0), p.sum(axis=0)
+        sums[0, sl] += sy
+        sums[1, sl] += (y * y).sum(axis=0)
+        sums[2, sl] += sp
+        sums[3, sl] += (p * p).sum(axis=0)
+        sums[4, sl] += (y * p).sum(axis=0)
+        y -= sy / n
+        p -= sp / n
+        sums[5, sl] += (y * y).sum(axis=0)
+        sums[6, sl] += (p * p).sum(axis=0)
+        sums[7, sl] += (y * p).sum(axis=0)
+
+
+def _r_from_sums(sy: Any, syy: np.ndarray, sp: Any, spp: np.ndarray, syp: np.ndarray, n: int) -> np.ndarray:
+    """Pearson r from moment sums; 0 where either variance is 0 or at rounding level of its second moment."""
+    vy = syy - np.multiply(sy, sy) / n
+    vp = spp - np.multiply(sp, sp) / n
+    ok = (vy > 1e-10 * syy) & (vp > 1e-10 * spp) & (vy > 0) & (vp > 0)
+    cov = syp - np.multiply(sy, sp) / n
+    return np.where(ok, cov / np.sqrt(np.where(ok, vy * vp, 1.0)), 0.0)
+
+
 def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.ndarray | None, alphas: np.ndarray,
                inner_folds: int, backend: str, dtype: np.dtype, n_targets_batch: int | None,
                n_alphas_batch: int | None, zscore_y: bool, return_predictions: bool, return_coefs: bool,
@@ -263,7 +320,9 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
 
     n_events, n_targets = Y.shape
     n_features = sum(x.shape[1] for x in Xs)
-    predictions = np.empty((n_events, n_targets), dtype=np.float32)
+    predictions = np.empty((n_events, n_targets), dtype=np.float32) if return_predictions else None
+    shift = np.asarray(Y.mean(axis=0, dtype=np.float64))  # keeps the moment sums of r well conditioned
+    sums = np.zeros((8, n_targets))  # moments for r (without predictions held) and the pooled within-fold r
     r_folds = np.empty((len(folds), n_targets))
     alphas_ = np.empty((len(folds), n_targets))
     deltas = np.empty((len(folds), len(Xs), n_targets)) if banded is not None else None
@@ -311,14 +370,17 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
                 intercept = np.asarray(bk.to_numpy(model.intercept_), dtype=dtype)
             x_te = xs_te[0] if len(xs_te) == 1 else np.concatenate(xs_te, axis=1)
             pred = (x_te @ coef + intercept).astype(np.float64) * y_std + y_mean
-            predictions[test] = pred
+            if predictions is not None:
+                predictions[test] = pred
             r_folds[k] = pearson_r(Y[test], pred)
+            _add_moments(sums, Y[test], pred, shift)
             if return_coefs:
                 coefs.append(coef)
             del model, xs_tr, xs_te, y_tr
-    return EncodingResult(predictions=predictions if return_predictions else None, r=pearson_r(Y, predictions),
-                          r_folds=r_folds, alphas_=alphas_, folds=folds, coefs=coefs if return_coefs else None,
-                          deltas_=deltas)
+    r = pearson_r(Y, predictions) if predictions is not None else _r_from_sums(*sums[:5], n_events)
+    return EncodingResult(predictions=predictions, r=r, r_folds=r_folds, alphas_=alphas_, folds=folds,
+                          coefs=coefs if return_coefs else None, deltas_=deltas,
+                          r_pooled=_r_from_sums(0.0, sums[5], 0.0, sums[6], sums[7], n_events))
 
 
 def cross_validated_ridge(X: np.ndarray, Y: np.ndarray, *, folds: int | Folds, alphas: Any = DEFAULT_ALPHAS,

@@ -123,14 +123,24 @@ def bootstrap_indices(n_events: int, n_boot: int = 1000, seed: int = 0, block: i
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap r
+def _n_not_finite(a: np.ndarray) -> int:
+    """Number of NaN / inf entries of a 2-D array, over row blocks (no (n_events, n_targets) bool temporary)."""
+    if not np.issubdtype(a.dtype, np.floating):
+        return 0
+    rows = int(max(1, _TARGET_BUDGET // 8 // max(a.shape[1] * a.dtype.itemsize, 1)))
+    return sum(int(a.shape[1] * min(rows, len(a) - r0) - np.isfinite(a[r0:r0 + rows]).sum())
+               for r0 in range(0, len(a), rows))
+
+
 def _check_targets(a: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2 or 0 in a.shape:
         raise ValueError(f"{name} must be a non-empty (n_events, n_targets) array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds NaN or inf ({int((~np.isfinite(a)).sum())} entries)")
+    bad = _n_not_finite(a)
+    if bad:
+        raise ValueError(f"{name} holds NaN or inf ({bad} entries)")
     if shape is not None and a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}, expected {shape} (as y)")
     return a
@@ -179,10 +189,17 @@ def _boot_r_many(y: np.ndarray, yhats: Sequence[np.ndarray], idx: np.ndarray, ba
     for t0 in range(0, t, chunk):
         sl = slice(t0, t0 + chunk)
         ys = _standardise(y[:, sl])
-        ps = [_standardise(p[:, sl]) for p in yhats]
-        cols = [ys, ys * ys] + [a for p in ps for a in (p, p * p, ys * p)]
         w = ys.shape[1]
-        mats = np.concatenate(cols, axis=1)
+        mats = np.empty((n, (2 + 3 * m) * w))  # [y, y², (ŷ, ŷ², y ŷ) per model], filled without copies
+        mats[:, :w] = ys
+        np.multiply(ys, ys, out=mats[:, w:2 * w])
+        for j, p in enumerate(yhats):
+            o = 2 * w + 3 * j * w
+            ps = _standardise(p[:, sl])
+            mats[:, o:o + w] = ps
+            np.multiply(ps, ps, out=mats[:, o + w:o + 2 * w])
+            np.multiply(ys, ps, out=mats[:, o + 2 * w:o + 3 * w])
+            del ps
         if device is not None:
             mats_d = torch.from_numpy(mats).to(dev)
         for b0 in range(0, n_boot, batch):
