@@ -86,8 +86,9 @@ def chain_problems(cfg: dict[str, Any], vae: dict[str, Any], unet: dict[str, Any
     if have_clip != want_clip:
         out.append(f"CLIP: stage 1 predicts {have_clip}-d embeddings, Stable unCLIP takes {want_clip}-d")
     if s1.vae_teacher is None:
-        if s3.beta < 1:
-            out.append(f"VAE: stage 1 has no VAE stream, stage 3 needs one at beta {s3.beta}")
+        betas = s3.beta if isinstance(s3.beta, list | tuple) else [s3.beta]  # one β or a list of them
+        if min(betas) < 1:
+            out.append(f"VAE: stage 1 has no VAE stream, stage 3 needs one at beta {min(betas)}")
     else:
         have_latent = vae_latent_shape(vae, int(s1.vae_teacher.init_args.image_size))
         if have_latent != want_latent:
