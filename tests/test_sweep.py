@@ -463,3 +463,57 @@ def test_the_repository_sweeps_resolve(path: Path, tmp_path: Path, capsys: pytes
     n = math.prod(len(v) for v in (spec.get("grid") or {}).values()) * max(1, len(spec.get("runs") or [])) \
         * len(spec.get("seeds") or [0])
     assert f"{n} runs" in out and "pending" in out
+
+
+# ------------------------------------------------------------------------------- one multi-GPU job per run
+def test_devices_per_run_makes_each_run_one_ddp_job(fake_sweep, tmp_path, monkeypatch, capsys):
+    doc = yaml.safe_load(fake_sweep.read_text())
+    path = _write(fake_sweep, {**doc, "devices_per_run": 2})
+    sweep = sw.load_sweep(path)
+    run = sw.expand(sweep, tmp_path / "out")[0]
+    argv = sw.base_argv(sweep, run, "fit")
+    assert argv[argv.index("--trainer.max_epochs=2") + 1:argv.index("--model.init_args.dim=32")] == [
+        "--trainer.devices=2", "--trainer.strategy=ddp"]  # after args, before the overrides
+    parsed = sw.parse(argv).trainer  # the real parser accepts them (devices as Lightning's "2")
+    assert (str(parsed.devices), parsed.strategy) == ("2", "ddp")
+    assert sw.device_args(sw.load_sweep(_write(tmp_path / "one.yaml", {**doc, "devices_per_run": 1}))) == [
+        "--trainer.devices=1"]
+    assert sw.gpu_groups(["3", "5", "6", "7"], 2, 2) == ["3,5", "6,7"]
+    assert sw.gpu_groups(["3", "5"], 3, None) == ["3", "5", "3"] and sw.gpu_groups([], 2, 8) == []
+
+    # 4 GPUs, 2 runs at a time on 2 GPUs each: every process gets its own pair and the DDP flags
+    fake = FakeLauncher(delay=0.2)
+    monkeypatch.setattr(sw, "_launch", fake)
+    monkeypatch.setattr(sw, "_gpus", lambda: ["0", "1", "2", "3"])
+    assert sw.main([str(path), "--parallel", "2"]) == 0
+    assert len(fake.calls) == 8
+    assert {env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls} == {"0,1", "2,3"}
+    assert all({"--trainer.devices=2", "--trainer.strategy=ddp"} <= set(a) for a, _ in fake.calls)
+    # the device count is not a run setting: the finished sweep is still done without it
+    assert sw.main([str(_write(path, doc)), "--dry_run"]) == 0
+    assert "4 runs, 0 to run" in capsys.readouterr().out
+
+    # too few GPUs: one error before anything starts
+    monkeypatch.setattr(sw, "_launch", _must_not_launch)
+    monkeypatch.setattr(sw, "_gpus", lambda: ["0", "1", "2"])
+    assert sw.main([str(_write(path, {**doc, "devices_per_run": 2})), "--parallel", "2", "--out",
+                    str(tmp_path / "o2")]) == 2
+    assert "needs 4 GPUs, 3 visible" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ({"devices_per_run": 0}, "devices_per_run: expected a positive integer"),
+    ({"devices_per_run": "8"}, "devices_per_run: expected a positive integer"),
+    ({"devices_per_run": 2, "args": ["--trainer.devices=4"]}, "devices_per_run: 'trainer.devices' is also set"),
+    ({"devices_per_run": 2, "grid": {"trainer.strategy": ["ddp"]}}, "devices_per_run: 'trainer.strategy' is also set"),
+])
+def test_devices_per_run_is_validated(tmp_path, doc, msg):
+    with pytest.raises(sw.SweepError, match=rf"s\.yaml: {msg}"):
+        sw.load_sweep(_write(tmp_path / "s.yaml", {"configs": [str(STAGE1)], **doc}))
+
+
+def test_metric_name_components_become_columns():
+    assert sw.metric_columns("test/average/beta=0.93/ssim") == ("test/average/ssim", {"beta": 0.93})
+    assert sw.metric_columns("test/single/beta=0/clip") == ("test/single/clip", {"beta": 0.0})
+    assert sw.metric_columns("test/average/sub-01/pixcorr") == ("test/average/sub-01/pixcorr", {})
+    assert sw.metric_columns("test/a/run=x/m") == ("test/a/run=x/m", {})  # reserved column names stay
