@@ -128,3 +128,92 @@ def test_best_of_n_is_its_own_curve_and_grid(tmp_path):
     np.testing.assert_allclose(eight - one, 0.1, atol=1e-6)
     names = {p.name for p in figures(tmp_path)}
     assert {"beta_grid_average.png", "beta_grid_average_best8.png"} <= names
+
+
+def _multi_beta_sweep(root: Path, betas=(0.0, 0.5, 1.0)) -> Path:
+    """A finished sweep of multi-β runs as ReconstructionTask + MetricsTable + neurovision sweep leave it: one run
+    per prompt setting, metrics test/average/beta=<b>/<metric>, beta=<b>/reconstructions_average.npz without the
+    stimuli and stimuli_average.npz beside the β folders (in another item order)."""
+    import csv
+    import json
+
+    import yaml
+
+    from neurovision import sweep as sw
+
+    beta_list = [float(b) for b in betas]
+    spec = {"commands": ["test"], "args": [f"--model.init_args.beta={beta_list}"],
+            "runs": [{"model.init_args.prompts": None}, {"model.init_args.prompts": "runs/x/predictions.jsonl"}],
+            "seeds": [0], "out": str(root / "out"), "after": ["neurovision.beta_sweep.figures"]}
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = sw.load_sweep(path)
+    n = 5
+    for run in sw.expand(sweep, root / "out"):
+        prompted = run.overrides["model.init_args.prompts"] is not None
+        log = run.dir / "test"
+        rows = []
+        for b in betas:
+            (log / f"beta={b:g}").mkdir(parents=True)
+            order = np.array([3, 1, 4, 0, 2])  # the stimulus of each npz row
+            imgs = (order[:, None, None, None] * 40 + int(b * 10) + np.zeros((n, 3, 8, 8))).astype(np.uint8)
+            np.savez(log / f"beta={b:g}" / "reconstructions_average.npz", images=imgs, subject=np.zeros(n, np.int64),
+                     stimulus=order)
+            pix = 0.5 - (b - 0.5) ** 2 + (0.05 if prompted else 0)
+            for m, v in (("pixcorr", pix), ("clip", 0.9 + 0.01 * b)):
+                rows.append({"epoch": 0, "step": 0, "stage": "test", "metric": f"test/average/beta={b:g}/{m}",
+                             "value": v})
+        stim = (np.arange(n)[:, None, None, None] * 40 + np.zeros((n, 3, 8, 8))).astype(np.uint8)
+        np.savez(log / "stimuli_average.npz", stimuli=stim, subject=np.zeros(n, np.int64), stimulus=np.arange(n))
+        with open(log / "metrics_table.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sw.TABLE_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        (run.dir / "status.json").write_text(json.dumps({"run": run.name, "state": "done", "spec": sw.spec_of(sweep, run),
+                                                          "commands": {"test": {"state": "done"}}}))
+    return path
+
+
+def test_multi_beta_runs_give_the_beta_column_curves_and_grids(tmp_path):
+    """One run per prompt setting doing every β: the sweep's tables get one row per β (from the metric names),
+    and the figures draw a point per β and a grid column per β with each stimulus beside its own images."""
+    from neurovision import sweep as sw
+    from neurovision.beta_sweep import curves_table
+
+    path = _multi_beta_sweep(tmp_path)
+    captured = {}
+    import neurovision.reconstruction as rec
+
+    real = rec.image_grid
+
+    def spy(rows, labels=None, path=None, title=None):
+        captured[str(path)] = (rows, labels)
+        return real(rows, labels, path, title)
+
+    rec.image_grid = spy
+    try:
+        assert sw.main([str(path), "--aggregate_only"]) == 0  # tables, then the after hook (figures)
+    finally:
+        rec.image_grid = real
+    out = tmp_path / "out"
+    res = pd.read_csv(out / "results.csv")
+    assert set(res["metric"]) == {"test/average/pixcorr", "test/average/clip"}
+    assert sorted(set(res["beta"])) == [0.0, 0.5, 1.0] and len(res) == 2 * 3 * 2
+    summ = pd.read_csv(out / "summary.csv")
+    assert len(summ) == 2 * 3 * 2 and set(summ["n"]) == {1}
+    t = curves_table(res)
+    peak = t[(t["metric"] == "pixcorr") & (t["prompt"] == "LLM prompt")].sort_values("mean").iloc[-1]
+    assert peak["beta"] == 0.5 and peak["mean"] == pytest.approx(0.55)
+    assert {"beta_curves.png", "beta_grid_average.png", "beta_grid_average_prompt.png"} <= {
+        p.name for p in out.iterdir()}
+    rows, labels = captured[str(out / "beta_grid_average.png")]
+    assert labels == ["stimulus", "β=0", "β=0.5", "β=1"]
+    stim_ids = rows[0][:, 0, 0, 0].numpy() // 40
+    for j, b in enumerate((0.0, 0.5, 1.0), start=1):  # each β column: the row's own stimulus, that β's image
+        assert (rows[j][:, 0, 0, 0].numpy() // 40 == stim_ids).all()
+        assert (rows[j][:, 0, 0, 0].numpy() % 40 == int(b * 10)).all()
+    # the raw per-β metric names (a table written before the split) give the same curves
+    raw = res.assign(metric=[m.replace("average/", f"average/beta={b:g}/") for m, b in zip(res.metric, res.beta,
+                                                                                          strict=True)])
+    raw["beta"] = "[0.0, 0.5, 1.0]"
+    pd.testing.assert_frame_equal(curves_table(raw).reset_index(drop=True), t.reset_index(drop=True))
