@@ -11,6 +11,7 @@ the LLM width from ``llama3_8b.json``. :func:`chain_problems` compares them (and
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -20,12 +21,16 @@ from typing import Any
 import pytest
 import torch
 
+from neurovision.sources import nsd
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 MODELS = EXPERIMENTS / "models"
 STAGES = {"stage1": ("fit", EXPERIMENTS / "stage1_vit3d.yaml"),
           "stage2": ("fit", EXPERIMENTS / "stage2_instruct.yaml"),
           "stage3": ("test", EXPERIMENTS / "stage3_reconstruct.yaml")}
+#: subj01's func1pt8mm volume, the common grid of `prepare nsd` (X, Y, Z)
+NSD_GRID = (81, 104, 83)
 #: the stage-1 teacher arguments that decide its embedding space (stage 3 selects and scores in it)
 CLIP_IDENTITY = ("model_name", "checkpoint", "model_config", "image_size", "normalize")
 
@@ -108,10 +113,14 @@ def chain_problems(cfg: dict[str, Any], vae: dict[str, Any], unet: dict[str, Any
     stores = {k: cfg[k].data.init_args.store for k in cfg}
     if len(set(stores.values())) != 1:
         out.append(f"store: the stages read different stores {stores}")
-    width = int(llm["hidden_size"])
-    hidden = s2.projector_hidden or width
-    if hidden < 1 or int(s1.dim) < 1:
-        out.append(f"projector: {s1.dim} -> {hidden} -> {width}")
+    # stage 2's sequences: max_length tokens, the <fmri> placeholder replaced by CLS + every active patch
+    # (at most every patch of the NSD grid at prepare nsd's patch size)
+    patch = inspect.signature(nsd.prepare).parameters["patch_size"].default
+    fmri_tokens = 1 + math.prod(math.ceil(g / patch) for g in NSD_GRID)
+    longest = int(cfg["stage2"].data.init_args.max_length) - 1 + fmri_tokens
+    if longest > int(llm["max_position_embeddings"]):
+        out.append(f"LLM context: stage 2's sequences reach {longest} tokens, the LLM has "
+                   f"{llm['max_position_embeddings']} positions")
     return out
 
 
@@ -146,12 +155,17 @@ def test_the_shipped_chain_holds(shipped):
     ({"model.init_args.vae_teacher.init_args.image_size": 512}, "VAE latent: stage 1 predicts (4, 64, 64)"),
     ({"model.init_args.clip_teacher.init_args.model_name": "ViT-B-32-quickgelu"}, "CLIP: stage 1 predicts 512-d"),
     ({"trainer.logger.init_args.save_dir": "runs/elsewhere"}, "checkpoint: stage 2 reads"),
-], ids=["vae-512px", "clip-vit-b32", "stage1-run-dir"])
-def test_the_chain_check_catches_a_broken_stage1(shipped, change, problem):
-    """The same comparison fails for the old 512-px VAE teacher (and other stage-1 changes)."""
-    cfg = {**shipped, "stage1": shipped["stage1"].clone()}
+    ({"model.init_args.vae_teacher": None}, "VAE: stage 1 has no VAE stream"),
+    ({"stage2:data.init_args.max_length": 8000}, "LLM context: stage 2's sequences reach 8288 tokens"),
+], ids=["vae-512px", "clip-vit-b32", "stage1-run-dir", "no-vae", "stage2-too-long"])
+def test_the_chain_check_catches_a_broken_chain(shipped, change, problem):
+    """The same comparison fails for the old 512-px VAE teacher (and other changes; keys of stage 1 unless
+    prefixed with the stage)."""
+    cfg = dict(shipped)
     for k, v in change.items():
-        cfg["stage1"][k] = v
+        stage, key = k.split(":") if ":" in k else ("stage1", k)
+        cfg[stage] = cfg[stage].clone()
+        cfg[stage][key] = v
     vae, unet, llm = (model_config(n) for n in ("sd21_vae.json", "sd21_unclip_small_unet.json", "llama3_8b.json"))
     problems = chain_problems(cfg, vae, unet, llm)
     assert any(p.startswith(problem) for p in problems), problems
