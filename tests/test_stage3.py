@@ -125,6 +125,74 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_predicted_embedding(recon)
         recon.reconstruct(z, e, seeds=seeds, num_candidates=0, **kw)
 
 
+class _Count:
+    """Counts the calls (and the rows of their first tensor argument) of a wrapped function."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.rows += int(first.shape[0]) if first is not None else 0
+        return self.fn(*args, **kwargs)
+
+
+def test_multi_beta_pass_equals_single_beta_runs_and_shares_the_per_item_work(recon, monkeypatch):
+    import neurovision.reconstruction as rmod
+
+    z, _ = _inputs(3)
+    e = _pixel_selector(recon.reconstruct(z, torch.randn(3, CLIP_DIM), beta=0.8, steps=4, seeds=[1, 2, 3]))
+    kw = {"steps": 4, "guidance_scale": 2.0, "seeds": [31, 32, 33], "prompts": ["a red circle", None, "x"],
+          "num_candidates": 2, "selector": _pixel_selector, "noise_level": 10}
+    betas = [0.0, 0.5, 1.0]
+    singles = [recon.reconstruct(z, e, beta=b, return_choice=True, **kw) for b in betas]
+    counts = {"encode_prompt": _Count(recon.encode_prompt), "image_condition": _Count(recon.image_condition),
+              "item_noise": _Count(rmod.item_noise)}
+    monkeypatch.setattr(recon, "encode_prompt", counts["encode_prompt"])
+    monkeypatch.setattr(recon, "image_condition", counts["image_condition"])
+    monkeypatch.setattr(rmod, "item_noise", counts["item_noise"])
+    multi = recon.reconstruct_betas(z, e, betas, **kw)
+    assert len(multi) == 3
+    for b, (img, choice), (want, want_choice) in zip(betas, multi, singles, strict=True):
+        assert torch.equal(img, want), b
+        assert torch.equal(choice, want_choice), b
+    assert not torch.equal(multi[1][0], multi[2][0])
+    # once per call, not per β: the prompts (+ the empty one of CFG), the conditioning, each candidate's noise
+    # (+ the embedding's noise augmentation)
+    assert (counts["encode_prompt"].calls, counts["image_condition"].calls, counts["item_noise"].calls) == (2, 1, 3)
+
+
+@pytest.mark.parametrize("betas, steps, n, gs", [([0.0, 0.3, 0.5, 1.0], 10, 1, 1.0), ([0.5, 0.93], 10, 3, 2.0),
+                                                 ([0.0], 4, 2, 7.5)])
+def test_unet_evaluations_and_vae_decodes_match_the_denoising_loop(recon, monkeypatch, betas, steps, n, gs):
+    from neurovision.reconstruction import unet_evaluations, vae_decodes
+
+    z, _ = _inputs(2)
+    e = torch.randn(2, CLIP_DIM)
+    rows = []
+    handle = recon.unet.register_forward_hook(lambda m, args, out: rows.append(int(args[0].shape[0])))
+    decode = _Count(recon.vae.decode)
+    monkeypatch.setattr(recon.vae, "decode", decode)
+    try:
+        recon.reconstruct_betas(z, e, betas, steps=steps, guidance_scale=gs, num_candidates=n,
+                                selector=_pixel_selector, seeds=[1, 2])
+    finally:
+        handle.remove()
+    assert sum(rows) == 2 * unet_evaluations(betas, steps, n, gs)  # per item: rows / 2 items
+    assert decode.rows == 2 * vae_decodes(betas, n)
+
+
+def test_unet_evaluations_of_the_nsd_sweep():
+    from neurovision.reconstruction import denoising_steps, unet_evaluations, vae_decodes
+
+    betas = [0.0, 0.3, 0.5, 0.7, 0.85, 0.93, 1.0]
+    assert [denoising_steps(b, 25) for b in betas] == [0, 7, 12, 17, 21, 23, 25]
+    assert unet_evaluations(betas, 25, 1, 7.5) == 2 * 105 and vae_decodes(betas) == 7
+    assert unet_evaluations([0.93], 25, 8, 7.5) == 368 and vae_decodes([0.93], 8) == 8
+    assert unet_evaluations(0.93, 50, 1, 1.0) == 46
+
+
 def test_save_and_load_round_trip(recon, tmp_path):
     from neurovision.reconstruction import UnCLIPReconstructor
 
@@ -281,3 +349,57 @@ def test_cli_best_of_n_needs_the_stage1_clip_teacher(run, tmp_path):
                  "--model.init_args.clip_teacher.init_args.normalize=false"])
     with pytest.raises(ValueError, match="num_candidates must be >= 1"):
         run_cli(["test", *common, *_root(tmp_path / "o2"), "--model.init_args.num_candidates=0"])
+
+
+# ------------------------------------------------------------------------------------------ many β, one pass
+@pytest.fixture(scope="module")
+def multi(run):
+    """One test run over β in [0, 0.5, 1] with best of 2 (trial-averaged items), counting stage-1 predictions."""
+    from neurovision.tasks.reconstruct import ReconstructionTask
+
+    out = run["root"] / "multi"
+    calls = _Count(ReconstructionTask.predict_latents)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReconstructionTask, "predict_latents", lambda self, *a: calls(self, *a))
+        assert run_cli(["test", *run["common"], *_root(out), "--model.init_args.beta=[0.0, 0.5, 1.0]",
+                        "--model.init_args.num_candidates=2", "--data.init_args.eval_conditions=[average]"]) == 0
+    return {"dir": _version(out), "stage1_calls": calls.calls}
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_cli_multi_beta_gives_each_beta_the_images_and_scores_of_a_one_beta_run(run, multi, beta, tmp_path):
+    out = tmp_path / "one"
+    assert run_cli(["test", *run["common"], *_root(out), f"--model.init_args.beta={beta}",
+                    "--model.init_args.num_candidates=2", "--data.init_args.eval_conditions=[average]"]) == 0
+    one, v = _version(out), multi["dir"]
+    want = np.load(one / "reconstructions_average.npz")
+    got = np.load(v / f"beta={beta:g}" / "reconstructions_average.npz")
+    assert np.array_equal(got["images"], want["images"]) and np.array_equal(got["candidate"], want["candidate"])
+    assert np.array_equal(got["stimulus"], want["stimulus"]) and "stimuli" not in got.files
+    stim = np.load(v / "stimuli_average.npz")
+    assert np.array_equal(stim["stimuli"], want["stimuli"]) and np.array_equal(stim["stimulus"], want["stimulus"])
+    m, m1 = _metrics(v), _metrics(one)
+    for k in ("pixcorr", "ssim", "clip"):
+        assert m[f"test/average/beta={beta:g}/{k}"] == pytest.approx(m1[f"test/average/{k}"], abs=1e-7)
+    scores = json.loads((v / f"beta={beta:g}" / "test_scores_average.json").read_text())
+    assert scores["beta"] == beta and scores["n_items"] == 8 and scores["num_candidates"] == 2
+
+
+def test_cli_multi_beta_runs_stage1_once_per_batch(multi):
+    v = multi["dir"]
+    assert multi["stage1_calls"] == 1  # 8 items, batch 8: one stage-1 prediction for the three β
+    assert {p.name for p in v.iterdir() if p.name.startswith("beta=")} == {"beta=0", "beta=0.5", "beta=1"}
+    assert set(np.load(v / "beta=0" / "reconstructions_average.npz")["candidate"].tolist()) == {0}
+    from PIL import Image
+
+    w = Image.open(v / "recon_grid_average.png").size[0]
+    assert w > 0 and not (v / "test_scores_average.json").exists()
+    m = _metrics(v)
+    assert {f"test/average/beta={b}/pixcorr" for b in ("0", "0.5", "1")} <= set(m)
+
+
+def test_cli_bad_beta_lists(run, tmp_path):
+    for arg, msg in (("[0.5, 0.5]", "list of distinct"), ("[]", "list of distinct"),
+                     ("[0.1, 0.5]", r"β = 0.1 runs int\(steps·β\) = 0")):
+        with pytest.raises(ValueError, match=msg):
+            run_cli(["test", *run["common"], *_root(tmp_path / "o"), f"--model.init_args.beta={arg}"])
