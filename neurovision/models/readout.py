@@ -71,7 +71,7 @@ def principal_subspace(
     seed: int = 0,
     oversample: int | None = None,
     power_iters: int = 2,
-    exact_max: int = EXACT_MAX_VALUES,
+    exact_max: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "principal subspace",
@@ -91,7 +91,8 @@ def principal_subspace(
             so columns are cheaper than passes).
         power_iters: subspace iterations after the first pass (each one more pass over the stream).
         exact_max: inputs of at most this many values (n·d) whose smaller side is at most
-            :data:`EXACT_MAX_SIDE` are fitted exactly; larger ones by the randomised path.
+            :data:`EXACT_MAX_SIDE` are fitted exactly, larger ones by the randomised path (default
+            :data:`EXACT_MAX_VALUES`; 0 = always randomised).
         device: where the products run (default: the first chunk's device); results come back there.
         progress: show a progress bar (patterns read, over all passes).
         desc: the progress bar's label.
@@ -113,6 +114,7 @@ def principal_subspace(
     from tqdm.auto import tqdm
 
     source = _reiterable(chunks, where)
+    exact_max = EXACT_MAX_VALUES if exact_max is None else exact_max
     if rank < 1:
         raise ValueError(f"{where}: rank must be >= 1, got {rank}")
 
@@ -123,13 +125,10 @@ def principal_subspace(
         if dim is None:
             dim = x.shape[1]
         if x.shape[1] != dim:
-            raise ValueError(f"{where}: patterns have {x.shape[1]} values each, the read-out reads {dim}")
+            raise ValueError(f"{where}: patterns have {x.shape[1]} values each, expected {dim}")
         if device is None:
             device = x.device
-        x = x.to(device=device, dtype=torch.float32)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{where}: patterns contain NaN or inf")
-        return x
+        return x.to(device=device, dtype=torch.float32)  # finite: checked on the float64 sums of the first pass
 
     def stream(it: Iterable[Tensor]) -> Iterator[Tensor]:
         for c in it:
@@ -150,12 +149,14 @@ def principal_subspace(
             if size > exact_max:
                 break
         else:
+            x = None
             m = sum(len(b) for b in buf)
             _check_n(m, n, rank, dim, where)
             if buf and min(m, dim) <= EXACT_MAX_SIDE:  # type: ignore[type-var]
-                mean, v, evals, total = _exact(buf, rank)
+                mean, v, evals, total = _exact(buf, rank, where)
                 return _finish(mean, v, evals, total, m, exact=True)
             first = iter(())  # all of it is in buf: the randomised path re-reads it from there
+        x = None  # the buffered chunks are released one by one in the first pass
         p = 64 if oversample is None else oversample
         passes = 1 + power_iters
         if n is not None:
@@ -184,11 +185,21 @@ def _check_n(m: int, n: int | None, rank: int, dim: int | None, where: str) -> N
         raise ValueError(f"{where}: {dim} values per pattern cannot give {rank} principal components")
 
 
-def _exact(buf: list[Tensor], rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _finite(colsum: Tensor, where: str) -> None:
+    """NaN or ±inf anywhere in a chunk makes its float64 column sums non-finite (float32 values cannot overflow
+    a float64 sum): one check of d sums instead of m·d values."""
+    if not torch.isfinite(colsum).all():
+        raise ValueError(f"{where}: patterns contain NaN or inf")
+
+
+def _exact(buf: list[Tensor], rank: int, where: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact PCA of the stacked chunks: mean, components (d × k), top-k eigenvalues, total sum of squares
     (float64; the matrices are built in column or row blocks of ≤ 32 MiB, so the float32 stack is the peak)."""
     n, d = sum(len(b) for b in buf), buf[0].shape[1]
-    mean = torch.stack([b.sum(0, dtype=torch.float64) for b in buf]).sum(0) / n
+    sums = [b.sum(0, dtype=torch.float64) for b in buf]
+    for c in sums:
+        _finite(c, where)
+    mean = torch.stack(sums).sum(0) / n
     if n <= d:  # components from the n × n Gram matrix: v = xcᵀ u / s
         x = torch.cat(buf)
         buf.clear()
@@ -246,7 +257,9 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
             pd = pq.double()
             t.addmm_(pd.T, pd)
             if it == 0:
-                sum_x += (y.sum(0, dtype=torch.float64))
+                colsum = y.sum(0, dtype=torch.float64)
+                _finite(colsum, where)
+                sum_x += colsum
                 sumsq += torch.linalg.vector_norm(y, dtype=torch.float64) ** 2
             count += len(y)
             del y, pq, pd
