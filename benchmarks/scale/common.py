@@ -222,15 +222,21 @@ def run_isolated_detail(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tu
     return result, seconds, peak, base
 
 
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
-    """``(result, flops)`` of ``fn(*args)`` under ``torch.utils.flop_counter.FlopCounterMode`` (works on ``meta``
-    tensors: matmuls/convolutions/attention are counted from shapes; elementwise ops count 0)."""
+def count_flops(fn: Callable[..., Any], *args: Any, per_op: bool = False, **kwargs: Any) -> Any:
+    """``(result, flops)`` of ``fn(*args, **kwargs)`` under ``torch.utils.flop_counter.FlopCounterMode`` (works
+    on ``meta`` tensors: matmuls/convolutions/attention are counted from shapes; elementwise ops count 0).
+    ``per_op=True`` returns ``(result, flops, {op name: flops})``. Count on ``meta`` (or with autograd on):
+    CPU inference of ``nn.MultiheadAttention`` takes a fused fast path the counter does not see."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         result = fn(*args, **kwargs)
-    return result, int(counter.get_total_flops())
+    total = int(counter.get_total_flops())
+    if per_op:
+        ops = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+        return result, total, ops
+    return result, total
 
 
 def fmt_hours(h: float) -> str:
@@ -242,3 +248,39 @@ def fmt_bytes(nbytes: float) -> str:
         if abs(nbytes) >= div:
             return f"{nbytes / div:.3g} {unit}"
     return f"{nbytes:.0f} B"
+
+
+def peak_memory_meta(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """``(result, peak bytes)`` of the tensors ``fn`` allocates, run on ``meta`` tensors (nothing is allocated):
+    every new (non-aliasing) op output adds its bytes until Python frees it; tensors autograd saves stay
+    counted until the backward frees them. Bytes alive before the call (weights, inputs) are not included."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = {"live": 0, "peak": 0}
+
+    def free(n: int) -> None:
+        state["live"] -= n
+
+    class _Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            returns = func._schema.returns
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for i, t in enumerate(outs):
+                import torch
+
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if i < len(returns) and returns[i].alias_info is not None:
+                    continue  # a view or in-place result: no new memory
+                n = t.untyped_storage().nbytes()
+                state["live"] += n
+                state["peak"] = max(state["peak"], state["live"])
+                weakref.finalize(t, free, n)
+            return out
+
+    with _Track():
+        result = fn(*args, **kwargs)
+    return result, int(state["peak"])
