@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning as L
 
 from neurovision.interpretation import ModelParts, localize
+from neurovision.teachers import placed
 
 _NEEDS = ("encoder", "clip_head", "clip_teacher")
 
@@ -90,11 +91,13 @@ class ConceptMaps(L.Callback):
         parts = ModelParts(pl_module.encoder, pl_module.clip_head,  # type: ignore[arg-type]
                            getattr(spec, "patch_size", None), getattr(spec, "patch_coords", None),
                            name=type(pl_module).__name__, skip=getattr(pl_module, "skip", None))
-        loc = localize([parts], store, pl_module.clip_teacher, out if trainer.is_global_zero else None,
-                       concepts=self.concepts, split=self.split, method=self.method,
-                       aggregate_mode=self.aggregate, upsample=self.upsample, layer=self.layer, mask=self.mask,
-                       target=self.target, prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device, png=self.png,
-                       progress=False)
+        # the CLIP teacher on this rank's own device for the concept words, and back as it was afterwards
+        with placed(pl_module.clip_teacher, pl_module.device) as clip:
+            loc = localize([parts], store, clip, out if trainer.is_global_zero else None,
+                           concepts=self.concepts, split=self.split, method=self.method,
+                           aggregate_mode=self.aggregate, upsample=self.upsample, layer=self.layer, mask=self.mask,
+                           target=self.target, prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device,
+                           png=self.png, progress=False)
         self.runs += 1
         self.last = loc
         if not math.isnan(loc.r_mean):  # every rank computes the same values

@@ -127,7 +127,9 @@ def localize_main(args: list[str]) -> int:
     parser.add_argument("--prompt", default="{}", help="text template of a concept, e.g. 'a picture of a {}'")
     parser.add_argument("--png", default="glass", choices=["glass", "stat", "none"], help="PNG per map")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto",
+                        help="where the models run (auto: cuda:<LOCAL_RANK> (index 0 when unset) when CUDA is "
+                             "available, else cpu)")
     cfg = parser.parse_args(args)
 
     for c in cfg.ckpt:  # before loading anything
@@ -140,8 +142,14 @@ def localize_main(args: list[str]) -> int:
     store = cfg.store or ((run_cfg.get("data") or {}).get("init_args") or {}).get("store")
     if not store:
         raise ValueError("no store: pass --store (the run config names none)")
-    from neurovision.teachers import OpenCLIPImageTeacher
+    import torch
 
+    from neurovision.teachers import OpenCLIPImageTeacher, default_device
+
+    try:  # resolved here, explicitly (no Lightning rank to decide it)
+        device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {cfg.device!r}: not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
     if cfg.clip_config or cfg.clip_checkpoint or cfg.clip_model_name:
         kw = {"model_name": cfg.clip_model_name or "ViT-L-14", "model_config": cfg.clip_config,
               "checkpoint": cfg.clip_checkpoint}
@@ -151,7 +159,7 @@ def localize_main(args: list[str]) -> int:
             raise ValueError("no CLIP teacher: pass --clip-config/--clip-checkpoint/--clip-model-name or "
                              "--run-config (the training run's config.yaml)")
         kw = dict(teacher.get("init_args") or {})
-    kw["device"] = cfg.device
+    kw["device"] = device
     clip = OpenCLIPImageTeacher(**kw)
 
     from neurovision.interpretation import localize
@@ -159,7 +167,7 @@ def localize_main(args: list[str]) -> int:
     loc = localize(cfg.ckpt, store, clip, cfg.out, concepts=cfg.concepts, split=cfg.split, condition=cfg.condition,
                    method=cfg.method, aggregate_mode=cfg.aggregate, upsample=cfg.upsample, mask=cfg.mask,
                    relu=not cfg.no_relu, layer=cfg.layer, target=cfg.target, prompt=cfg.prompt, batch_size=cfg.batch_size,
-                   device=cfg.device, subjects=cfg.subjects, png=cfg.png != "none", png_kind="stat" if cfg.png == "stat" else "glass")
+                   device=device, subjects=cfg.subjects, png=cfg.png != "none", png_kind="stat" if cfg.png == "stat" else "glass")
     if loc.rows:
         import numpy as np
 

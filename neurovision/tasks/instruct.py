@@ -236,8 +236,9 @@ class InstructTask(BaseTask):
             self.llm.load_state_dict(full.state_dict())
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            self.save_adapters(Path(self.trainer.log_dir) / "adapters")
+        log_dir = self.trainer.log_dir  # on every rank: a collective (broadcast) under DDP
+        if self.trainer.is_global_zero and log_dir:
+            self.save_adapters(Path(log_dir) / "adapters")
 
     def train(self, mode: bool = True) -> InstructTask:
         """Frozen parts stay in eval mode (no dropout / stochastic depth in what is not trained)."""
@@ -331,6 +332,7 @@ class InstructTask(BaseTask):
 
         dm = self.trainer.datamodule
         names = dm.store.subject_names if dm is not None else []
+        log_dir = self.trainer.log_dir  # on every rank: a collective (broadcast) under DDP
         for idx, rows in sorted(self._eval_rows.items()):
             rows = self._all_rows(rows)
             cond = self._condition(idx)
@@ -342,9 +344,9 @@ class InstructTask(BaseTask):
             for k, v in scores.items():
                 if v is not None:
                     self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
-            if self.trainer.is_global_zero and self.trainer.log_dir:
-                write_jsonl(Path(self.trainer.log_dir) / f"test_generations_{cond}.jsonl", rows)
-                write_json(Path(self.trainer.log_dir) / f"test_scores_{cond}.json", scores)
+            if self.trainer.is_global_zero and log_dir:
+                write_jsonl(Path(log_dir) / f"test_generations_{cond}.jsonl", rows)
+                write_json(Path(log_dir) / f"test_scores_{cond}.json", scores)
         self._eval_rows.clear()
 
     def _all_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
