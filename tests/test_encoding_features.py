@@ -283,6 +283,44 @@ def test_event_features_mapping_and_missing_items() -> None:
         lang.event_features(np.array([4]), np.array([0]))
 
 
+def test_features_stream_through_the_cache(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraction writes each batch into the HDF5 entry as it comes, the projection writes blocks of rows, and a
+    table reads a layer from the file when asked (it holds no features itself)."""
+    import neurovision.encoding.features as features
+
+    writes: list[tuple[str, int]] = []
+    setitem = h5py.Dataset.__setitem__
+
+    def spy(self: h5py.Dataset, key: Any, value: Any) -> None:
+        if "/layers/" in self.name:
+            writes.append((self.name.rsplit("/", 1)[1], len(np.atleast_2d(value))))
+        setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", spy)
+    cache = tmp_path / "f.h5"
+    net = Counting("multimodal")
+    t = extract_features(store, net, cache, batch_size=2, accelerator="cpu", progress=False)
+    n = t.n_items
+    assert n == 5 and net.calls == 3
+    assert writes == [("concepts", 2), ("concepts", 2), ("concepts", 1)]  # one write per batch, none whole
+    # the JL projection of a cached raw layer: blocks of rows (here 2 rows of 200 float64 per block)
+    monkeypatch.setattr(features, "_ROW_BYTES", 2 * 200 * 8)
+    writes.clear()
+    wide = extract_features(store, WideFeatures(), cache, batch_size=4, accelerator="cpu", progress=False,
+                            projection="sparse_jl", jl_eps=0.9)
+    # 4 frames: one batch of raw features, then the projection in 2 blocks of 2 rows
+    assert [w for w in writes if w[0] == "x"] == [("x", 4), ("x", 2), ("x", 2)]
+    assert wide.dim("x") < 200
+    # a table reads from the file: a change there shows in the next read
+    fr, se = _all_events(store)
+    before = t.event_features(fr, se)
+    with h5py.File(cache, "r+") as f:
+        name = next(k for k, g in f["entries"].items() if g.attrs["model_id"] == net.model_id)
+        f["entries"][name]["layers"]["concepts"][:] += 1.0
+    np.testing.assert_allclose(t.event_features(fr, se), before + 1.0)
+    assert not any(isinstance(v, np.ndarray) and v.ndim == 2 for v in vars(t).values())
+
+
 # ------------------------------------------------------------------------------------------- open_clip
 def test_open_clip_network(store: Path, clip_config: str, tmp_path: Path) -> None:
     def net(**kw: Any) -> OpenClipNetwork:

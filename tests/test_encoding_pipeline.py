@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from neurovision.encoding.features import PhantomOracle
 from neurovision.encoding.pipeline import call_scores
 from neurovision.report import build_report
 from neurovision.sources import phantom_seeg
@@ -182,3 +183,175 @@ def test_call_scores() -> None:
     assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
     assert s["f1"] == pytest.approx(2 / 3) and s["false_call_rate"] == pytest.approx(1 / 2)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+
+# ------------------------------------------------------------------------------------------- Brain Treebank size
+class SweepOracle(PhantomOracle):
+    """The phantom oracle with a 3-layer sweep whose first layer is the oracle's own features."""
+
+    def __init__(self, modality: str) -> None:
+        super().__init__(modality)  # type: ignore[arg-type]
+        self.layers = ["concepts", "reversed", "sine"]
+
+    @property
+    def model_id(self) -> str:
+        return super().model_id + "|sweep"
+
+    def extract(self, batch: dict) -> dict:
+        x = super().extract(batch)["concepts"]
+        return {"concepts": x, "reversed": x.flip(1), "sine": (7 * x + 1).sin()}
+
+
+def _encoder(store: Path, out: Path, cls: type = PhantomOracle, **regression: object) -> object:
+    from neurovision.encoding.pipeline import Encoder, Extraction, Integration, Regression, Statistics
+
+    models = {m: cls(m) for m in ("vision", "language", "multimodal")}
+    return Encoder(store, out, models, integration=Integration(), cache=out.parent / "features.h5",
+                   regression=Regression(folds_by="contiguous", n_folds=4, inner_folds=3, **regression),
+                   statistics=Statistics(n_boot=100, block=1, p_value="normal", min_bins=3),
+                   extraction=Extraction(accelerator="cpu"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A small planted phantom run twice: one layer per model, and a 3-layer sweep whose first layer is it."""
+    import neurovision.encoding.plots as plots
+
+    d = tmp_path_factory.mktemp("sweep")
+    store = phantom_seeg.prepare(d / "seeg.h5", preset="tiny", n_subjects=1, n_electrodes=12, movie_minutes=10.0,
+                                 n_bins=41, snr=0.8)
+    with pytest.MonkeyPatch.context() as m:  # the figures are tested above; seconds each
+        for name in ("sites_brain", "r_by_model", "r_by_layer"):
+            m.setattr(plots, name, lambda *a, **k: None)
+        _encoder(store, d / "one").run()
+        _encoder(store, d / "three", SweepOracle).run()
+    return store, d / "one", d / "three"
+
+
+def test_layer_sweep_stores_predictions_of_the_compared_layer_only(sweep: tuple[Path, Path, Path]) -> None:
+    store, one, three = sweep
+    # the statistics use the first layer: the sweep changes layers.csv, not the calls
+    assert pd.read_csv(three / "sites.csv").equals(pd.read_csv(one / "sites.csv"))
+    s1, s3 = (json.loads((d / "summary.json").read_text()) for d in (one, three))
+    assert s3["event_sets"] == s1["event_sets"] and s3["all"] == s1["all"]
+    assert s1["all"]["n_integration"] > 0  # the calls compared are not trivially empty
+    layers = pd.read_csv(three / "layers.csv")
+    assert len(layers) == 3 * 3 * 2 and set(layers["layer"]) == {"concepts", "reversed", "sine"}
+    from neurovision.encoding.events import EventStore
+
+    es = EventStore(store)
+    for d in ("vision__concepts", "language__concepts", "multimodal__concepts", "linear"):
+        for f in sorted((three / "fits" / d).glob("*.npz")):
+            with np.load(f) as z:
+                assert set(z.files) == {"version", "r", "alphas", "predictions", "predictions_scale"}, f
+                n_ev = len(es.events("sub_1", f.name.split("_")[2]))
+                assert z["predictions"].dtype == np.float16 and z["predictions"].shape[0] == n_ev
+                assert f.stat().st_size >= 2 * z["predictions"].size  # float16 (E, N*B)
+    n_targets = 12 * 41
+    for d in ("reversed", "sine"):
+        files = sorted((three / "fits").glob(f"*__{d}/*.npz"))
+        assert len(files) == 3 * 2  # 3 models x 2 event sets
+        for f in files:
+            with np.load(f) as z:
+                assert set(z.files) == {"version", "r", "alphas"}, f  # r (N, B) and α only
+                assert z["r"].shape == (12, 41) and z["alphas"].shape == (4, n_targets)
+            assert f.stat().st_size < (1 + 4) * n_targets * 4 + 2048  # r + α per fold (float32) + zip headers
+
+
+def test_sweep_rerun_recomputes_nothing(sweep: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import neurovision.encoding.features as features
+    import neurovision.encoding.plots as plots
+    import neurovision.encoding.ridge as ridge
+
+    store, _, three = sweep
+    fits = {p: p.stat().st_mtime_ns for p in (three / "fits").rglob("*.npz")}
+    sites = (three / "sites.csv").read_text()
+
+    def fail(*a: object, **k: object) -> None:
+        raise AssertionError("recomputed")
+
+    for mod, name in ((ridge, "cross_validated_ridge"), (ridge, "cross_validated_banded_ridge"),
+                      (features, "_run_network")):
+        monkeypatch.setattr(mod, name, fail)
+    for name in ("sites_brain", "r_by_model", "r_by_layer"):
+        monkeypatch.setattr(plots, name, lambda *a, **k: None)
+    _encoder(store, three, SweepOracle).run()
+    assert {p: p.stat().st_mtime_ns for p in (three / "fits").rglob("*.npz")} == fits
+    assert (three / "sites.csv").read_text() == sites
+
+
+def test_stale_fits_are_recomputed_not_misread(sweep: tuple[Path, Path, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import neurovision.encoding.pipeline as pipeline
+
+    store, one, _ = sweep
+    out = tmp_path / "one"
+    shutil.copytree(one / "fits", out / "fits")
+    enc = _encoder(store, out)
+    path = enc.fit_path("vision", "sub_1", "language")
+    with np.load(path) as z:
+        good = {k: z[k] for k in z.files}
+    fresh = enc.fit("vision", "sub_1", "language")
+    np.testing.assert_array_equal(fresh["r"], good["r"])
+    # a file in the previous format (FITS_VERSION 2: float32 predictions, no version) at the current path
+    n, t = good["predictions"].shape
+    np.savez(path, predictions=np.zeros((n, t), np.float32), r=np.zeros_like(good["r"]), alphas=good["alphas"])
+    again = enc.fit("vision", "sub_1", "language")
+    np.testing.assert_array_equal(again["r"], good["r"])  # recomputed, not the zeros
+    np.testing.assert_array_equal(again["predictions"], fresh["predictions"])
+    with np.load(path) as z:
+        assert int(z["version"]) == pipeline.FITS_VERSION and z["predictions"].dtype == np.float16
+    # a file without predictions (an unused layer's) is refitted when the predictions are asked for
+    np.savez(path, version=np.int64(pipeline.FITS_VERSION), r=good["r"], alphas=good["alphas"])
+    assert "predictions" not in enc.fit("vision", "sub_1", "language", predictions=False)
+    np.testing.assert_array_equal(enc.fit("vision", "sub_1", "language")["predictions"], fresh["predictions"])
+    # float32 asked for: float16 files are not read as such
+    enc32 = _encoder(store, out, predictions_dtype="float32")
+    assert enc32.fit_path("vision", "sub_1", "language") == path  # same fit, stored predictions differ
+    p32 = enc32.fit("vision", "sub_1", "language")["predictions"]
+    with np.load(path) as z:
+        assert z["predictions"].dtype == np.float32
+    assert np.abs(p32 - fresh["predictions"]).max() <= 1e-3 * np.abs(p32).max()
+    # the version is part of every fit's key: an old version's files are never even opened
+    monkeypatch.setattr(pipeline, "FITS_VERSION", 2)
+    assert enc.fit_path("vision", "sub_1", "language") != path
+
+
+def test_float16_predictions_keep_the_calls(sweep: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The phantom's statistics from float32 predictions vs the float16 ones the pipeline stores: the same calls,
+    Δr within 5e-4 (measured: < 1e-4 here and on the tiny phantom)."""
+    from neurovision.encoding import stats
+    from neurovision.encoding.pipeline import decode_predictions, encode_predictions
+
+    store, one, _ = sweep
+    enc = _encoder(store, tmp_path / "enc32", predictions_dtype="float32")
+    sites = pd.read_csv(one / "sites.csv")  # the float16 run
+    ig = enc.integration
+    n_sig = 0
+    for event_set in ("language", "vision"):
+        y, yf, _ = enc.data("sub_1", event_set)
+        preds = {m: enc.fit(m, "sub_1", event_set)["predictions"] for m in (ig.multimodal, ig.vision, ig.language)}
+        preds["linear"] = enc.fit_linear("sub_1", event_set)["predictions"]
+        assert all(p.dtype == np.float32 for p in preds.values())
+        idx = enc.bootstrap("sub_1", event_set)
+        kw = dict(multimodal=ig.multimodal, baselines=(ig.vision, ig.language, "linear"),
+                  **enc.stats_kwargs(y.shape[2]))
+        t32 = stats.integration_sites(yf, preds, idx, **kw)
+        half = {k: decode_predictions(encode_predictions(p.copy())) for k, p in preds.items()}
+        assert max(float(np.abs(half[k] - p).max() / np.abs(p).max()) for k, p in preds.items()) < 1e-3
+        t16 = stats.integration_sites(yf, half, idx, **kw)
+        row = sites[sites["event_set"] == event_set].reset_index(drop=True)
+        for b in (ig.vision, ig.language, "linear"):
+            label = f"{ig.multimodal}>{b}"
+            want = t32[f"sig_{label}"].to_numpy()
+            n_sig += int(want.sum())
+            np.testing.assert_array_equal(t16[f"sig_{label}"].to_numpy(), want)
+            np.testing.assert_array_equal(row[f"sig_{label}"].to_numpy(), want)
+            np.testing.assert_array_equal(t16[f"n_sig_bins_{label}"].to_numpy(), t32[f"n_sig_bins_{label}"])
+            np.testing.assert_allclose(t16[f"dr_peak_{label}"], t32[f"dr_peak_{label}"], atol=5e-4)
+            np.testing.assert_allclose(row[f"dr_{label}"], t32[f"dr_peak_{label}"], atol=5e-4)
+        np.testing.assert_array_equal(row["integration"].to_numpy(), t32["integration"].to_numpy())
+    assert n_sig >= 10  # enough calls for the comparison to mean something

@@ -205,3 +205,28 @@ def test_ridge_rejects_bad_options(rng) -> None:
         cross_validated_banded_ridge([x, x[:-1]], y, folds=4, backend="numpy")
     with pytest.raises(ValueError, match="Xs"):
         cross_validated_banded_ridge(x, y, folds=4, backend="numpy")
+
+
+def test_fit_without_predictions_gives_the_same_r(rng, monkeypatch) -> None:
+    """return_predictions=False holds no (events x targets) array: r over all events and the pooled within-fold
+    r come from per-fold sums and equal those computed from the predictions (a constant target: r 0)."""
+    import neurovision.encoding.ridge as ridge
+
+    x, y = _planted(rng, n=240, t=12)
+    y = y.astype(np.float32) + 50.0  # an offset the sums must not lose precision to
+    y[:, 3] = 7.0
+    folds = blocked_folds(240, 4)
+    a = cross_validated_ridge(x, y, folds=folds, inner_folds=3, backend="numpy")
+    monkeypatch.setattr(ridge, "_PEARSON_BUDGET", 8 * 2 * 60 * 5)  # 5 columns per chunk: the chunked path
+    b = cross_validated_ridge(x, y, folds=folds, inner_folds=3, backend="numpy", return_predictions=False)
+    assert b.predictions is None
+    # a's r comes from its float32 predictions (resolution ~4e-6 at 50): tight where the predictions vary, loose
+    # on the noise targets, whose predictions vary by ~1e-3 (large α)
+    pooled = pearson_r(ridge.center_by_fold(y, folds), ridge.center_by_fold(a.predictions, folds))
+    for want, got in ((a.r, b.r), (pooled, a.r_pooled)):
+        np.testing.assert_allclose(got[:6], want[:6], atol=1e-6)
+        np.testing.assert_allclose(got, want, atol=2e-3)
+    np.testing.assert_allclose(b.r_pooled, a.r_pooled, atol=1e-12)
+    assert a.r[3] == b.r[3] == a.r_pooled[3] == 0.0
+    assert a.r_pooled[:6].mean() > 0.5 and not np.allclose(a.r_pooled, a.r)  # signal found; not the same r
+    np.testing.assert_allclose(pearson_r(y, a.predictions), a.r, atol=1e-12)  # chunked = whole

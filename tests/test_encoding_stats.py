@@ -205,3 +205,31 @@ def test_stats_reject_bad_input(rng) -> None:
         pairwise("a", "c", y, preds, idx)
     with pytest.raises(ValueError, match="baselines"):
         integration_sites(y, preds, idx, multimodal="a", baselines="b")
+
+
+def test_integration_sites_memory_grows_with_targets_not_events_x_targets(rng, monkeypatch) -> None:
+    """Peak memory of the statistics: no float64 (or bool) copy of the (events x targets) inputs; what remains is
+    the bootstrap r (models x n_boot x targets float64) and budget-sized chunks (budgets shrunk to 4 MB here)."""
+    import tracemalloc
+
+    import neurovision.encoding.ridge as ridge
+    import neurovision.encoding.stats as stats
+
+    budget = 4 << 20
+    monkeypatch.setattr(stats, "_TARGET_BUDGET", budget)
+    monkeypatch.setattr(ridge, "_PEARSON_BUDGET", budget)
+    n, n_sites, n_bins, n_boot = 4000, 50, 20, 20
+    y = rng.standard_normal((n, n_sites * n_bins), dtype=np.float32)
+    preds = {k: y + rng.standard_normal(y.shape, dtype=np.float32) * s
+             for k, s in (("multimodal", 1.0), ("vision", 2.0), ("language", 2.0), ("linear", 2.0))}
+    idx = bootstrap_indices(n, n_boot)
+    tracemalloc.start()
+    try:
+        df = integration_sites(y, preds, idx, n_bins=n_bins, batch=10, p_value="normal")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert df["integration"].mean() > 0.9  # it did the work
+    boot = 4 * n_boot * y.shape[1] * 8
+    print(f"peak {peak / 2**20:.1f} MiB, bootstrap r {boot / 2**20:.1f} MiB")
+    assert peak < boot + 3 * budget < y.nbytes * 2 / 2  # a float64 copy of y: 32 MB

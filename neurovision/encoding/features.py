@@ -21,10 +21,12 @@ separates what the architecture does from what training taught it). This module 
 
 - A Lightning predict path: :class:`StimulusDataModule` iterates the *unique* items needed by the events of
   a store (frames, sentences or (frame, sentence) pairs), :class:`FeatureExtractor` runs a network on them,
-  and :func:`extract_features` ties both to a ``lightning.Trainer`` (any accelerator), optionally reduces each
-  layer with a seeded sparse Johnson-Lindenstrauss projection, and caches the result in HDF5.
-- :class:`FeatureTable`: the features of every item, and :meth:`FeatureTable.event_features` mapping events
-  (frame and sentence index arrays) to their item's features.
+  and :func:`extract_features` ties both to a ``lightning.Trainer`` (any accelerator), writing each batch's
+  features into the HDF5 cache as it comes (never the whole (items x dims) array of a layer in memory),
+  optionally reduces each layer with a seeded sparse Johnson-Lindenstrauss projection (in blocks of rows).
+- :class:`FeatureTable`: the features of every item, read from the cache one layer at a time when asked for,
+  and :meth:`FeatureTable.event_features` mapping events (frame and sentence index arrays) to their item's
+  features.
 
 Cache file layout (``FEATURES_SCHEMA_VERSION`` 1)::
 
@@ -39,18 +41,22 @@ The key is (model id, projection parameters, store fingerprint): a re-prepared s
 another network invalidates an entry. The raw (unprojected) features are always cached too, so a new
 projection of an already extracted network does not run the network again. Writes copy the other still-valid
 entries into a new file (``neurovision.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
-entries of an earlier version of the *same* store (same path, other fingerprint) are pruned on write.
+entries of an earlier version of the *same* store (same path, other fingerprint) are pruned on write. Memory:
+one batch of features while extracting, blocks of ~16 MB of rows while validating, projecting or copying, and
+one layer (items x D float32, e.g. 30k x 4096 = 0.5 GB) while a caller uses it; the copy makes adding an
+entry cost a read and a write of the whole cache file on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import inspect
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -797,19 +803,28 @@ class FeatureExtractor(L.LightningModule):
 
 # --------------------------------------------------------------------------------------------- table
 class FeatureTable:
-    """Features of the unique stimulus items of a store, for one network (and projection)."""
+    """Features of the unique stimulus items of a store, for one network (and projection).
+
+    ``features`` maps layer names to (n_items, D) arrays: in memory (a dict), or, as
+    :func:`extract_features` returns it, the layers of an HDF5 cache entry that are read from the file when
+    asked for (:meth:`__getitem__`, :meth:`event_features`): a table holds no features itself, and a caller
+    holds one layer at a time (n_items x D float32).
+    """
 
     def __init__(self, model_id: str, modality: str, frame_index: np.ndarray, sentence_index: np.ndarray,
-                 features: dict[str, np.ndarray], projection: dict[str, Any] | None = None) -> None:
+                 features: Mapping[str, np.ndarray], projection: dict[str, Any] | None = None) -> None:
         self.model_id, self.modality = model_id, _check_modality(modality)
         self.frame_index = np.asarray(frame_index, dtype=np.int64)
         self.sentence_index = np.asarray(sentence_index, dtype=np.int64)
-        self.features = dict(features)
+        self.features = features if isinstance(features, _H5Layers) else dict(features)
         self.projection = dict(projection or {"kind": "none"})
         n = len(self.frame_index)
-        for name, x in self.features.items():
-            if x.ndim != 2 or x.shape[0] != n:
-                raise ValueError(f"layer {name!r}: shape {x.shape}, expected ({n}, D)")
+        shapes = getattr(features, "shapes", None)
+        self._shapes: dict[str, tuple[int, ...]] = dict(shapes) if shapes is not None else \
+            {k: tuple(np.shape(v)) for k, v in self.features.items()}
+        for name, shape in self._shapes.items():
+            if len(shape) != 2 or shape[0] != n:
+                raise ValueError(f"layer {name!r}: shape {shape}, expected ({n}, D)")
         key = self._keys(self.frame_index, self.sentence_index)
         self._order = np.argsort(key, kind="stable")
         self._sorted = key[self._order]
@@ -818,28 +833,28 @@ class FeatureTable:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.features)
+        return list(self._shapes)
 
     @property
     def n_items(self) -> int:
         return len(self.frame_index)
 
     def dim(self, layer: str | None = None) -> int:
-        return int(self.features[self._layer(layer)].shape[1])
+        return int(self._shapes[self._layer(layer)][1])
 
     def __getitem__(self, layer: str) -> np.ndarray:
         return self.features[self._layer(layer)]
 
     def __repr__(self) -> str:
-        dims = {k: v.shape[1] for k, v in self.features.items()}
+        dims = {k: v[1] for k, v in self._shapes.items()}
         return f"FeatureTable({self.model_id}, {self.n_items} {self.modality} items, dims={dims})"
 
     def _layer(self, layer: str | None) -> str:
         if layer is None:
-            if len(self.features) != 1:
+            if len(self._shapes) != 1:
                 raise ValueError(f"{self.model_id}: several layers {self.layers}; name one")
-            return next(iter(self.features))
-        if layer not in self.features:
+            return next(iter(self._shapes))
+        if layer not in self._shapes:
             raise KeyError(f"{self.model_id}: no layer {layer!r} (has {self.layers})")
         return layer
 
@@ -869,8 +884,9 @@ class FeatureTable:
 
     def event_features(self, frame: np.ndarray, sentence: np.ndarray, layer: str | None = None) -> np.ndarray:
         """(E, D) features of events given their frame and sentence indices (vision uses the frame, language
-        the sentence, multimodal the pair)."""
-        return self.features[self._layer(layer)][self.rows(frame, sentence)]
+        the sentence, multimodal the pair); reads the one layer (n_items x D) when the table is a cache's."""
+        rows = self.rows(frame, sentence)
+        return self.features[self._layer(layer)][rows]
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -878,10 +894,49 @@ def _entry_name(model_id: str, projection: dict[str, Any], fingerprint: str) -> 
     return _json_digest({"model_id": model_id, "projection": projection, "store": fingerprint})[:32]
 
 
+_ROW_BYTES = 16 << 20  # bytes per block of rows when streaming features through the cache
+
+
+def _row_block(d: int, itemsize: int = 8) -> int:
+    return int(max(1, _ROW_BYTES // max(1, d * itemsize)))
+
+
+class _H5Layers(Mapping):
+    """The layers of a cache entry, each read from the HDF5 file when asked for (never held by this object)."""
+
+    def __init__(self, path: Path, entry: str, shapes: dict[str, tuple[int, ...]], created: str, model_id: str
+                 ) -> None:
+        self.path, self.entry, self.shapes, self.created, self.model_id = path, entry, shapes, created, model_id
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        if layer not in self.shapes:
+            raise KeyError(layer)
+        with h5py.File(self.path, "r") as f:
+            g = f.get(f"entries/{self.entry}")
+            if g is None or _plain(g.attrs.get("created")) != self.created:
+                raise RuntimeError(f"{self.path}: the cached features of {self.model_id} were replaced or removed "
+                                   "since they were opened; call extract_features again")
+            return g["layers"][layer][()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def _all_finite(ds: h5py.Dataset) -> bool:
+    """Every value of a (n, d) dataset is finite, read in blocks of rows."""
+    n, d = ds.shape
+    step = _row_block(d, ds.dtype.itemsize)
+    return all(np.isfinite(ds[r0:r0 + step]).all() for r0 in range(0, n, step))
+
+
 def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, Any], fingerprint: str,
                 items: tuple[np.ndarray, np.ndarray], layers: Sequence[str], quiet: bool = False
-                ) -> dict[str, np.ndarray] | None:
-    """The layers of a valid cache entry, or None (with a warning saying why, unless ``quiet``)."""
+                ) -> _H5Layers | None:
+    """The layers of a valid cache entry (read lazily; validated here block by block, bounded memory), or None
+    (with a warning saying why, unless ``quiet``)."""
     if not path.exists():
         return None
 
@@ -915,25 +970,28 @@ def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, A
             if not (np.array_equal(fi, items[0]) and np.array_equal(si, items[1])):
                 stale(f"its {len(fi)} items differ from the store's {len(items[0])}")
                 return None
-            out: dict[str, np.ndarray] = {}
+            shapes: dict[str, tuple[int, ...]] = {}
             for layer in layers:
                 key = f"layers/{layer}"
                 if key not in g:
                     stale(f"layer {layer!r} missing")
                     return None
-                x = g[key][()]
-                if x.ndim != 2 or x.shape[0] != len(fi) or not np.isfinite(x).all():
-                    stale(f"layer {layer!r} has shape {x.shape} or non-finite values")
+                ds = g[key]
+                if ds.ndim != 2 or ds.shape[0] != len(fi) or not _all_finite(ds):
+                    stale(f"layer {layer!r} has shape {ds.shape} or non-finite values")
                     return None
-                out[layer] = x
-            return out
+                shapes[layer] = tuple(ds.shape)
+            return _H5Layers(path, name, shapes, str(_plain(a.get("created"))), model_id)
     except (OSError, KeyError, ValueError) as e:
         stale(f"unreadable: {e}")
         return None
 
 
-def _write_entries(path: Path, new: dict[str, dict[str, Any]], store: EventStore, fingerprint: str) -> None:
-    """Write ``new`` entries (name -> {attrs, items, layers}) and copy the other valid ones, atomically."""
+@contextlib.contextmanager
+def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str]) -> Iterator[h5py.Group]:
+    """A new cache file (written atomically over ``path`` when the block succeeds) holding the other valid
+    entries of the old one (all but ``replace``, incomplete ones and those of an earlier version of the same
+    store); yields its ``/entries`` group for the block to add entries to."""
     store_path = str(store.path.resolve())
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
         out.attrs["schema"], out.attrs["schema_version"] = FEATURES_SCHEMA, FEATURES_SCHEMA_VERSION
@@ -944,7 +1002,7 @@ def _write_entries(path: Path, new: dict[str, dict[str, Any]], store: EventStore
                     if _plain(f.attrs.get("schema")) == FEATURES_SCHEMA:
                         for name, g in f.get("entries", {}).items():
                             a = g.attrs
-                            if name in new or not bool(a.get("complete", False)):
+                            if name in replace or not bool(a.get("complete", False)):
                                 continue
                             if _plain(a.get("store")) == store_path and \
                                     _plain(a.get("store_fingerprint")) != fingerprint:
@@ -954,69 +1012,107 @@ def _write_entries(path: Path, new: dict[str, dict[str, Any]], store: EventStore
                             f.copy(g, entries, name=name)
             except OSError as e:
                 log.warning("%s: unreadable feature cache (%s); starting a new one", path, e)
-        for name, e in new.items():
-            g = entries.create_group(name)
-            g.attrs["complete"] = False
-            g.create_dataset("frame_index", data=e["items"][0].astype(np.int64))
-            g.create_dataset("sentence_index", data=e["items"][1].astype(np.int64))
-            lg = g.create_group("layers")
-            for layer, x in e["layers"].items():
-                if "/" in layer:
-                    raise ValueError(f"layer name {layer!r} contains '/'")
-                n, d = x.shape
-                rows = int(max(1, min(n, (1 << 20) // max(1, d * 4))))
-                ds = lg.create_dataset(layer, data=x.astype(np.float32), chunks=(rows, d) if n else None)
-                ds.attrs["layer"] = layer
-                ds.attrs["input_dim"] = int(e["input_dims"].get(layer, d))
-                ds.attrs["projected"] = bool(e["input_dims"].get(layer, d) != d)
-            g.attrs["model_id"] = e["model_id"]
-            g.attrs["modality"] = e["modality"]
-            g.attrs["layers"] = json.dumps(list(e["layers"]))
-            g.attrs["projection"] = json.dumps(e["projection"], sort_keys=True)
-            g.attrs["store"] = store_path
-            g.attrs["store_fingerprint"] = fingerprint
-            g.attrs["n_items"] = len(e["items"][0])
-            g.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-            g.attrs["complete"] = True
+        yield entries
 
 
-def _project(features: dict[str, np.ndarray], n_items: int, eps: float, seed: int
-             ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Seeded sparse JL projection of each layer whose dim exceeds ``johnson_lindenstrauss_min_dim``."""
-    from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+def _new_entry(entries: h5py.Group, name: str, *, model_id: str, modality: str, items: tuple[np.ndarray, np.ndarray],
+               projection: dict[str, Any], store: EventStore, fingerprint: str) -> h5py.Group:
+    """An empty entry (``complete`` false until :func:`_finish_entry`)."""
+    g = entries.create_group(name)
+    g.attrs["complete"] = False
+    g.create_dataset("frame_index", data=items[0].astype(np.int64))
+    g.create_dataset("sentence_index", data=items[1].astype(np.int64))
+    g.create_group("layers")
+    g.attrs["model_id"] = model_id
+    g.attrs["modality"] = modality
+    g.attrs["projection"] = json.dumps(projection, sort_keys=True)
+    g.attrs["store"] = str(store.path.resolve())
+    g.attrs["store_fingerprint"] = fingerprint
+    g.attrs["n_items"] = len(items[0])
+    return g
 
-    k = int(johnson_lindenstrauss_min_dim(max(n_items, 1), eps=eps))
-    out, dims = {}, {}
-    for layer, x in features.items():
-        dims[layer] = x.shape[1]
-        if k < x.shape[1] and n_items > 0:
-            rp = SparseRandomProjection(n_components=k, random_state=seed, dense_output=True)
-            out[layer] = np.asarray(rp.fit_transform(x.astype(np.float64)), dtype=np.float32)
-        else:
-            out[layer] = x
-    return out, dims
+
+def _new_layer(g: h5py.Group, layer: str, n: int, d: int, input_dim: int) -> h5py.Dataset:
+    if "/" in layer:
+        raise ValueError(f"layer name {layer!r} contains '/'")
+    rows = int(max(1, min(n, (1 << 20) // max(1, d * 4))))
+    ds = g["layers"].create_dataset(layer, shape=(n, d), dtype=np.float32, chunks=(rows, d) if n else None)
+    ds.attrs["layer"] = layer
+    ds.attrs["input_dim"] = int(input_dim)
+    ds.attrs["projected"] = bool(input_dim != d)
+    return ds
 
 
-def _run_network(dm: StimulusDataModule, network: torch.nn.Module, accelerator: str, devices: Any,
-                 progress: bool) -> dict[str, np.ndarray]:
+def _finish_entry(g: h5py.Group, layers: Sequence[str]) -> None:
+    g.attrs["layers"] = json.dumps(list(layers))
+    g.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    g.attrs["complete"] = True
+
+
+class _EntryWriter(L.Callback):
+    """Writes each predict batch's features into the entry's layer datasets as it comes (row blocks in item
+    order), so no more than one batch of features is held in memory."""
+
+    def __init__(self, group: h5py.Group, items: tuple[np.ndarray, np.ndarray], layers: Sequence[str],
+                 owner: str) -> None:
+        self.group, self.items, self.layers, self.owner = group, items, list(layers), owner
+        self.offset = 0
+        self.datasets: dict[str, h5py.Dataset] = {}
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        fi, si = outputs["frame_index"].numpy(), outputs["sentence_index"].numpy()
+        sl = slice(self.offset, self.offset + len(fi))
+        if not (np.array_equal(fi, self.items[0][sl]) and np.array_equal(si, self.items[1][sl])):
+            raise RuntimeError("feature extraction returned the items out of order")
+        n_items = len(self.items[0])
+        for layer in self.layers:
+            x = outputs["features"][layer].numpy()
+            if not np.isfinite(x).all():
+                raise ValueError(f"{self.owner}: layer {layer!r} has NaN/inf features")
+            ds = self.datasets.get(layer)
+            if ds is None:
+                ds = self.datasets[layer] = _new_layer(self.group, layer, n_items, x.shape[1], x.shape[1])
+            elif x.shape[1] != ds.shape[1]:
+                raise RuntimeError(f"{self.owner}: layer {layer!r} has {x.shape[1]} features in batch "
+                                   f"{batch_idx}, {ds.shape[1]} before")
+            ds[sl] = x
+        self.offset = sl.stop
+        outputs["features"].clear()  # written: nothing keeps the batch's features
+
+
+def _run_network(dm: StimulusDataModule, network: torch.nn.Module, group: h5py.Group, accelerator: str,
+                 devices: Any, progress: bool) -> None:
+    """Run ``network`` over the datamodule's items, streaming each batch's layers into the entry ``group``."""
+    owner = str(getattr(network, "model_id", network))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator=accelerator, devices=devices,
-                        enable_progress_bar=progress, enable_model_summary=False, num_nodes=1)
+                        enable_progress_bar=progress, enable_model_summary=False, num_nodes=1,
+                        callbacks=[writer := _EntryWriter(group, dm.items, network.layers, owner)])
     if trainer.world_size != 1:
         raise ValueError(f"extract_features runs on one device (got devices={devices!r}, world size "
                          f"{trainer.world_size})")
-    outputs = trainer.predict(FeatureExtractor(network), datamodule=dm, return_predictions=True) or []
-    fi, si = dm.items
-    if not outputs:
-        raise ValueError(f"{dm.store_path}: no {dm.modality} items to extract (no events?)")
-    got_f = torch.cat([o["frame_index"] for o in outputs]).numpy()
-    got_s = torch.cat([o["sentence_index"] for o in outputs]).numpy()
-    if not (np.array_equal(got_f, fi) and np.array_equal(got_s, si)):
-        raise RuntimeError("feature extraction returned the items out of order")
-    feats = {layer: torch.cat([o["features"][layer] for o in outputs]).numpy() for layer in network.layers}
-    for layer, x in feats.items():
-        if not np.isfinite(x).all():
-            raise ValueError(f"{getattr(network, 'model_id', network)}: layer {layer!r} has NaN/inf features")
-    return feats
+    trainer.predict(FeatureExtractor(network), datamodule=dm, return_predictions=False)
+    if writer.offset != len(dm.items[0]):
+        raise RuntimeError(f"{owner}: feature extraction returned {writer.offset} of {len(dm.items[0])} items")
+
+
+def _project_entry(src: h5py.Group, dst: h5py.Group, n_items: int, eps: float, seed: int) -> None:
+    """Seeded sparse JL projection of each layer of ``src`` whose dim exceeds ``johnson_lindenstrauss_min_dim``
+    into ``dst`` (others copied), in blocks of rows: the projection matrix depends on (k, dim, seed) only."""
+    from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+
+    k = int(johnson_lindenstrauss_min_dim(max(n_items, 1), eps=eps))
+    for layer, ds in src["layers"].items():
+        n, d = ds.shape
+        if not (k < d and n > 0):
+            dst["layers"].copy(ds, dst["layers"], name=layer)  # already narrow enough: kept as is
+            continue
+        rp = SparseRandomProjection(n_components=k, random_state=seed, dense_output=True)
+        rp.fit(np.zeros((1, d)))
+        out = _new_layer(dst, layer, n, k, d)
+        step = _row_block(max(d, k))
+        for r0 in range(0, n, step):
+            out[r0:r0 + step] = np.asarray(rp.transform(ds[r0:r0 + step].astype(np.float64)), dtype=np.float32)
 
 
 def extract_features(
@@ -1063,7 +1159,7 @@ def extract_features(
     name = _entry_name(model_id, proj_p, fingerprint)
     kw = dict(model_id=model_id, fingerprint=fingerprint, items=items, layers=layers)
 
-    def table(feats: dict[str, np.ndarray]) -> FeatureTable:
+    def table(feats: _H5Layers) -> FeatureTable:
         return FeatureTable(model_id, modality, items[0], items[1], feats, proj_p)
 
     hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
@@ -1075,17 +1171,23 @@ def extract_features(
         if hit is not None:  # another process wrote it while we waited
             return table(hit)
         raw = _read_entry(path, raw_name, projection=raw_p, quiet=True, **kw)  # type: ignore[arg-type]
-        new: dict[str, dict[str, Any]] = {}
-        base = {"model_id": model_id, "modality": modality, "items": items}
-        if raw is None:
-            raw = _run_network(dm, network, accelerator, devices, progress)
-            new[raw_name] = {**base, "projection": raw_p, "layers": raw, "input_dims": {}}
-        feats = raw
-        if projection == "sparse_jl":
-            feats, dims = _project(raw, len(items[0]), jl_eps, seed)
-            new[name] = {**base, "projection": proj_p, "layers": feats, "input_dims": dims}
-        _write_entries(path, new, es, fingerprint)
-    return table(feats)
+        if len(items[0]) == 0:
+            raise ValueError(f"{dm.store_path}: no {modality} items to extract (no events?)")
+        base = {"model_id": model_id, "modality": modality, "items": items, "store": es,
+                "fingerprint": fingerprint}
+        with _rewrite(path, es, fingerprint, replace={name} | ({raw_name} if raw is None else set())) as entries:
+            if raw is None:
+                g = _new_entry(entries, raw_name, projection=raw_p, **base)  # type: ignore[arg-type]
+                _run_network(dm, network, g, accelerator, devices, progress)
+                _finish_entry(g, layers)
+            if projection == "sparse_jl":
+                g = _new_entry(entries, name, projection=proj_p, **base)  # type: ignore[arg-type]
+                _project_entry(entries[raw_name], g, len(items[0]), jl_eps, seed)
+                _finish_entry(g, layers)
+    hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
+    if hit is None:
+        raise RuntimeError(f"{path}: the features of {model_id} just written are unreadable")
+    return table(hit)
 
 
 def cache_entries(cache: str | Path) -> Iterator[dict[str, Any]]:

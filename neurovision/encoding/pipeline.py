@@ -231,8 +231,10 @@ class Encoder:
 
     # regression ---------------------------------------------------------------------------------
     def _fit_key(self, what: Any, subject: str, event_set: str) -> str:
+        """Names a fit (not how its predictions are stored: the file says, and is checked on load)."""
+        reg = {k: v for k, v in asdict(self.regression).items() if k != "predictions_dtype"}
         return _digest({"version": FITS_VERSION, "what": what, "store": self.store.attrs.get("fingerprint"),
-                        "subject": subject, "set": event_set, "regression": asdict(self.regression)})
+                        "subject": subject, "set": event_set, "regression": reg})
 
     def data(self, subject: str, event_set: str) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """(targets (E, N, B), targets as (E, N*B) centred within each test fold, the outer folds) of one subject
@@ -543,6 +545,20 @@ def instantiate_network(name: str, spec: Any) -> Any:
     return cls(**dict(p.instantiate_classes(cfg)["init_args"]))
 
 
+def _build(p: Any, cfg: Any) -> Encoder:
+    init = p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)
+    models = {name: instantiate_network(name, spec) for name, spec in init.models.items()}
+    return Encoder(init.store, init.out, models, integration=init.integration, pairs=init.pairs,
+                   event_sets=init.event_sets, subjects=init.subjects, cache=init.cache, regression=init.regression,
+                   statistics=init.statistics, extraction=init.extraction, progress=init.progress)
+
+
+def encoder_from_args(args: list[str]) -> Encoder:
+    """The :class:`Encoder` that ``neurovision encode <args>`` runs (a bad argument raises)."""
+    p = _parser()
+    return _build(p, p.parse_args(args))
+
+
 def main(args: list[str]) -> int:
     p = _parser()
     try:
@@ -558,11 +574,7 @@ def main(args: list[str]) -> int:
                 break
         print(f"neurovision encode: error{f' in {where}' if where else ''}: {e}", file=sys.stderr)
         return 2
-    init = p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)
-    models = {name: instantiate_network(name, spec) for name, spec in init.models.items()}
-    enc = Encoder(init.store, init.out, models, integration=init.integration, pairs=init.pairs,
-                  event_sets=init.event_sets, subjects=init.subjects, cache=init.cache, regression=init.regression,
-                  statistics=init.statistics, extraction=init.extraction, progress=init.progress)
+    enc = _build(p, cfg)
     with atomic_path(enc.out / "config.yaml") as tmp:
         tmp.write_text(p.dump(cfg, skip_none=False))
     summary = enc.run()
