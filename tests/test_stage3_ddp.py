@@ -44,9 +44,19 @@ def _test(run, out: Path, devices: int, record: Path) -> Path:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_ddp_sharded_test_equals_one_process(run, tmp_path):  # noqa: F811  (the imported fixture)
-    one = _test(run, tmp_path / "one", 1, tmp_path / "rec1")
-    two = _test(run, tmp_path / "two", 2, tmp_path / "rec2")
+def test_ddp_sharded_test_equals_one_process(run, tmp_path, monkeypatch):  # noqa: F811  (the imported fixture)
+    # one CPU thread in every process (Lightning gives each CPU rank cores // ranks threads otherwise, and float
+    # sums differ with the thread count); batch 1, so an item's images do not depend on its batch-mates either
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        one = _test(run, tmp_path / "one", 1, tmp_path / "rec1")
+        two = _test(run, tmp_path / "two", 2, tmp_path / "rec2")
+    finally:
+        torch.set_num_threads(threads)
     # the items were sharded: each rank saw part of them (7 items: 4 + 4 with DistributedSampler's one repeat)
     seen = {r: [json.loads(x) for x in (tmp_path / "rec2" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
     per_rank = [{s for row in seen[r] for s in row["stimuli"]} for r in (0, 1)]

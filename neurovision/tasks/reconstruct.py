@@ -21,7 +21,9 @@ Sharded over GPUs: ``neurovision test -c experiments/stage3_reconstruct.yaml --t
 --trainer.strategy=ddp`` gives each rank a slice of the items (Lightning's DistributedSampler); an item's noise
 depends only on (seed, subject, stimulus), the best-of-N selector CLIP runs on the rank's own device (placed at
 test start), and rank 0 gathers the images (sorted by (subject, stimulus), DistributedSampler's padding
-dropped), scores and writes them: the same files and numbers for any number of ranks.
+dropped), scores and writes them: the same files and numbers for any number of ranks, up to float rounding:
+sharding changes an item's batch-mates, and batched kernels (and CPU thread counts) may round differently (at
+most a grey level in an image; tests/test_stage3_ddp.py shows exact equality at batch size 1, one thread).
 """
 
 from __future__ import annotations
