@@ -186,8 +186,8 @@ def _check_n(m: int, n: int | None, rank: int, dim: int | None, where: str) -> N
 
 
 def _finite(colsum: Tensor, where: str) -> None:
-    """NaN or ±inf anywhere in a chunk makes its float64 column sums non-finite (float32 values cannot overflow
-    a float64 sum): one check of d sums instead of m·d values."""
+    """NaN or ±inf anywhere in a chunk makes its column sums non-finite: one check of d sums instead of m·d
+    values (a float32 column sum of finite patterns overflows only for values near 1e38 / m)."""
     if not torch.isfinite(colsum).all():
         raise ValueError(f"{where}: patterns contain NaN or inf")
 
@@ -256,11 +256,11 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
             z.addmm_(y.T, pq)
             pd = pq.double()
             t.addmm_(pd.T, pd)
-            if it == 0:
-                colsum = y.sum(0, dtype=torch.float64)
+            if it == 0:  # float32 reductions of the chunk (a dtype=float64 one would copy it), float64 totals
+                colsum = y.sum(0).double()
                 _finite(colsum, where)
                 sum_x += colsum
-                sumsq += torch.linalg.vector_norm(y, dtype=torch.float64) ** 2
+                sumsq += torch.linalg.vector_norm(y, dim=1).double().square().sum()
             count += len(y)
             del y, pq, pd
         if it == 0:

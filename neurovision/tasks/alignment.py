@@ -121,7 +121,9 @@ class AlignmentTask(BaseTask):
             beside the transformer, zero-initialised; MindEye pairs a linear layer with its MLP likewise).
         linear_skip_dropout: dropout on the input of the linear path (voxels, or components with a rank).
         linear_skip_rank: read the top-k principal components of the repeat-averaged training patterns
-            (fitted once at setup, stored in the checkpoint) instead of every voxel (None = full rank).
+            instead of every voxel (None = full rank): fitted once, by global rank 0 at the start of ``fit``
+            (streamed, bounded memory; broadcast to the other ranks), stored in the checkpoint, so a resumed
+            fit and ``validate/test/predict --ckpt_path`` restore it instead of refitting.
         gradient_checkpointing: recompute activations in the backward pass (memory for compute).
         retrieval_candidates: candidate-set size of the retrieval metric (paper: 300).
         retrieval_draws: random candidate sets averaged in the retrieval metric.
