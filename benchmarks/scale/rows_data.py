@@ -398,7 +398,7 @@ def _stage1_time(batch: int, steps: int, progress: bool) -> dict[str, Any]:
 
 
 def row_stage1_train(args: argparse.Namespace) -> Row:
-    batch, steps = _size(args, (2, 1), (8, 2), (32, 2))
+    batch, steps = _size(args, (2, 1), (4, 1), (8, 2))
     cnt, _, _ = run_isolated(_stage1_count)
     tm, _, peak = run_isolated(_stage1_time, batch, steps, args.progress)
     s_per_sample = tm["seconds"] / (steps * batch)
@@ -552,10 +552,182 @@ def row_stage1_readout(args: argparse.Namespace) -> Row:
                notes=f"old exact path: {old_gb:.0f} GB per rank")
 
 
+# ============================================================================================ encoding
+ENC_MODELS = 6           # experiments/encoding.yaml: vision, language, multimodal and their random twins
+ENC_BANDED_ITERS = 20    # the linear baseline: banded ridge, n_iter 20 plain-ridge fits on [vision, language]
+ENC_SETS = 2             # event sets: language, vision
+ENC_FOLDS, ENC_INNER, ENC_ALPHAS = 5, 5, 7
+ENC_FEATURES = 768       # features per layer after the sparse JL projection (<= 495 at 30k items; 768 bounds it)
+ENC_STORED_MODELS = 7    # predictions kept: the 6 compared models' first layer + the linear baseline
+A100_FP64_TFLOPS = 19.5  # the bootstrap's float64 products (tensor-core FP64)
+
+
+def _enc_data(events: int, features: int, targets: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((events, features), dtype=np.float32)
+    w = rng.standard_normal((features, targets), dtype=np.float32) / np.sqrt(features)
+    y = 0.3 * (x @ w) + rng.standard_normal((events, targets), dtype=np.float32)
+    return x, y
+
+
+def _encoding_fit(events: int, features: int, targets: int, seed: int) -> dict[str, Any]:
+    """Child: neurovision.encoding.ridge.cross_validated_ridge (himalaya torch backend, float32, 7 alphas,
+    5 x 5 blocked folds) under FlopCounterMode; out-of-fold predictions kept as the pipeline keeps them."""
+    import torch
+
+    from neurovision.encoding.ridge import cross_validated_ridge
+
+    x, y = _enc_data(events, features, targets, seed)
+    cross_validated_ridge(x[:50, :8], y[:50, :4], folds=2, inner_folds=2, backend="torch")  # imports, warm-up
+    a = torch.randn(1024, 1024)
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    blas = 8 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    base = max_rss_gb()
+    t0 = time.perf_counter()
+    res, flops = count_flops(cross_validated_ridge, x, y, folds=ENC_FOLDS, inner_folds=ENC_INNER,
+                             alphas=np.logspace(-1, 5, ENC_ALPHAS), backend="torch", return_predictions=True)
+    return {"seconds": time.perf_counter() - t0, "flops": flops, "base_rss_gb": base, "blas_flops_per_s": blas,
+            "mean_r": float(np.mean(res.r)), "threads": torch.get_num_threads()}
+
+
+def row_encoding_fit(args: argparse.Namespace) -> Row:
+    E, F, T1 = _size(args, (300, 64, 64), (500, 256, 128), (1000, ENC_FEATURES, 250))
+    T2 = 2 * T1
+    r1, _, p1 = run_isolated(_encoding_fit, E, F, T1, args.seed)
+    r2, _, p2 = run_isolated(_encoding_fit, E, F, T2, args.seed)
+    k_time = scaling_exponent(T1, r1["seconds"], T2, r2["seconds"])
+    k_flops = scaling_exponent(T1, r1["flops"], T2, r2["flops"])  # deterministic (time is noisy on shared cores)
+    # FLOPs = fixed (decompositions of X, counted where they are matmuls) + per target (X^T Y, predictions)
+    per_t = max(0.0, (r2["flops"] - r1["flops"]) / (T2 - T1))
+    fixed = max(0.0, r1["flops"] - per_t * T1)
+    Ef, Ff, Tf = Scale.bt_events_per_subject, ENC_FEATURES, Scale.bt_targets_per_subject
+    e_ratio, f_ratio = Ef / E, Ff / F
+    # eigen/SVD FLOPs are not counted by FlopCounterMode: add ~ (2 E F^2 + 10 F^3) per (outer x (inner + 1)) fit
+    decomp = ENC_FOLDS * (ENC_INNER + 1) * (2 * Ef * Ff ** 2 + 10 * Ff ** 3)
+    plain = fixed * e_ratio * f_ratio ** 2 + per_t * Tf * e_ratio * f_ratio + decomp
+    banded = ENC_BANDED_ITERS * (fixed * e_ratio * (2 * f_ratio) ** 2 + per_t * Tf * e_ratio * 2 * f_ratio
+                                 + ENC_FOLDS * (ENC_INNER + 1) * (2 * Ef * (2 * Ff) ** 2 + 10 * (2 * Ff) ** 3))
+    jobs = Scale.bt_subjects * ENC_SETS
+    total = jobs * (ENC_MODELS * plain + banded)
+    hours = gpu_hours(total, tflops=A100_FP32_TFLOPS)
+    # CPU alternative: at this machine's measured float32 matmul rate (a lower bound on the core-hours)
+    rate = r2["blas_flops_per_s"]
+    cpu_core_h = total / rate * r2["threads"] / 3600
+    # memory of one fit: Y, its fold-centred copy and the kept predictions (float32 E x T each), X, and the
+    # solver's temporaries (ridge._MEMORY_BUDGET, ~1 GiB); the measured growth is shown for reference
+    y_gb = 4 * Ef * Tf / GB
+    mult = (p2 - r2["base_rss_gb"]) * GB / (4 * E * T2)
+    ram = r2["base_rss_gb"] + 3 * y_gb + 4 * Ef * 2 * Ff / GB + 2 ** 30 / GB
+    disk = jobs * ENC_STORED_MODELS * Ef * Tf * 2 / GB
+    measured = {"seconds": r1["seconds"] + r2["seconds"], "peak_rss_gb": p2, "events": E, "features": F,
+                "targets": [T1, T2], "seconds_by_targets": [r1["seconds"], r2["seconds"]],
+                "gflops_counted": [r1["flops"] / 1e9, r2["flops"] / 1e9], "scaling_exponent": k_flops,
+                "time_exponent": k_time, "measured_rss_growth_multiple_of_y": mult,
+                "cpu_blas_gflops_per_s": rate / 1e9, "threads": r2["threads"]}
+    arithmetic = [
+        f"measured: cross_validated_ridge (himalaya torch backend, {ENC_ALPHAS} alphas, {ENC_FOLDS} x {ENC_INNER} "
+        f"blocked folds, predictions kept) at {E:,} events x {F} features x {T1:,} / {T2:,} targets on CPU: "
+        f"{r1['seconds']:.1f} s / {r2['seconds']:.1f} s (time ~ T^{k_time:.2f}, FLOPs ~ T^{k_flops:.2f}), peak RSS "
+        f"{p2:.2f} GB",
+        f"FLOPs counted (FlopCounterMode): {r1['flops'] / 1e9:.1f} / {r2['flops'] / 1e9:.1f} G -> {fixed / 1e9:.2f} G "
+        f"fixed + {per_t / 1e6:.1f} M per target; scaled linearly in events and targets, fixed part ~ F^2",
+        f"one fit at {Ef:,} events x {Ff} features x {Tf:,} targets: {plain / 1e12:.1f} TFLOP (incl. "
+        f"{decomp / 1e12:.2f} T of uncounted decompositions); banded baseline {ENC_BANDED_ITERS} fits on "
+        f"{2 * Ff} features: {banded / 1e12:.0f} TFLOP",
+        f"all: {Scale.bt_subjects} subjects x {ENC_SETS} event sets x ({ENC_MODELS} models x 1 layer + banded) = "
+        f"{total / 1e15:.2f} PFLOP; torch_cuda float32 at {A100_FP32_TFLOPS} TFLOPS x {NODE['efficiency']} = "
+        f"{hours:.2f} A100-hours (each extra layer of a layer sweep: + {jobs * plain / 1e15:.2f} PFLOP)",
+        f"CPU alternative at this machine's float32 matmul rate ({rate / 1e9:.0f} GFLOP/s on {r2['threads']} "
+        f"threads): >= {cpu_core_h:,.0f} core-hours",
+        f"RAM per fit: 3 x Y ({Ef:,} x {Tf:,} float32 = {y_gb:.1f} GB: Y, fold-centred Y, predictions) + X + ~1 GiB "
+        f"solver temporaries = {ram:.1f} GB (measured growth here: {mult:.1f} x Y at {E:,} x {T2:,}, dominated by "
+        "fixed costs)",
+        f"disk: predictions float16 for the {ENC_STORED_MODELS} compared fits per (subject, set): {jobs} x "
+        f"{ENC_STORED_MODELS} x {Ef:,} x {Tf:,} x 2 B = {disk:.0f} GB (other layers keep r and alpha only)",
+    ]
+    return Row("encoding_fit", "neurovision.encoding.ridge.cross_validated_ridge on generated data at Brain "
+               "Treebank widths (bounded events/targets), FLOPs counted and scaled to 10 subjects x 30k events x "
+               "25.8k targets", measured,
+               projected(ram_gb=ram, gpu_mem_gb=ram - r2["base_rss_gb"], disk_gb=disk, gpu_hours=hours),
+               arithmetic, True, notes=f"CPU-only alternative: {cpu_core_h:,.0f} core-hours")
+
+
+def _encoding_bootstrap(events: int, sites: int, n_boot: int, seed: int) -> dict[str, Any]:
+    """Child: bootstrap_indices (block 20) + integration_sites (multimodal vs vision, language, linear) on
+    generated targets and predictions of ``sites`` x 161 bins."""
+    import torch
+
+    from neurovision.encoding.stats import bootstrap_indices, integration_sites
+
+    rng = np.random.default_rng(seed)
+    t = sites * Scale.bt_bins
+    y = rng.standard_normal((events, t), dtype=np.float32)
+    preds = {k: (0.2 * y + rng.standard_normal((events, t), dtype=np.float32)).astype(np.float32)
+             for k in ("multimodal", "vision", "language", "linear")}
+    base = max_rss_gb()
+    t0 = time.perf_counter()
+    idx = bootstrap_indices(events, n_boot=n_boot, seed=seed, block=20)
+    df = integration_sites(y, preds, idx, n_bins=Scale.bt_bins, min_bins=3)
+    return {"seconds": time.perf_counter() - t0, "base_rss_gb": base, "sites": int(len(df)),
+            "threads": torch.get_num_threads()}
+
+
+def _boot_flops(events: float, targets: float, n_boot: float, models: int) -> float:
+    """stats._boot_r_many: (n_boot x events) counts @ (events x (2 + 3 m) targets) moments, float64."""
+    return 2.0 * n_boot * events * (2 + 3 * models) * targets
+
+
+def row_encoding_bootstrap(args: argparse.Namespace) -> Row:
+    E1, sites, n_boot = _size(args, (500, 4, 200), (1000, 8, 1000), (2500, 12, 1000))
+    E2 = 2 * E1
+    r1, _, p1 = run_isolated(_encoding_bootstrap, E1, sites, n_boot, args.seed)
+    r2, _, p2 = run_isolated(_encoding_bootstrap, E2, sites, n_boot, args.seed)
+    k_time = scaling_exponent(E1, r1["seconds"], E2, r2["seconds"])
+    T = sites * Scale.bt_bins
+    meas_flops = _boot_flops(E2, T, n_boot, 4)
+    rate = meas_flops / r2["seconds"]
+    Ef, Tf, B = Scale.bt_events_per_subject, Scale.bt_targets_per_subject, Scale.bt_bootstraps
+    jobs = Scale.bt_subjects * ENC_SETS
+    per_job = _boot_flops(Ef, Tf, B, 4) + 3 * _boot_flops(Ef, Tf, B, 2)  # integration + 3 pairs
+    total = jobs * per_job
+    hours = gpu_hours(total, tflops=A100_FP64_TFLOPS)
+    cpu_core_h = total / rate * r2["threads"] / 3600
+    # memory: y + the 4 predictions (float32) + the float64 moments chunk (~_TARGET_BUDGET) + counts
+    data_gb = 5 * 4 * Ef * Tf / GB
+    idx_gb = B * Ef * (4 + 8) / GB  # int32 indices + a float64 counts batch bound
+    ram = r2["base_rss_gb"] + data_gb + idx_gb + 1.0
+    measured = {"seconds": r1["seconds"] + r2["seconds"], "peak_rss_gb": p2, "events": [E1, E2], "sites": sites,
+                "bins": Scale.bt_bins, "targets": T, "n_boot": n_boot,
+                "seconds_by_events": [r1["seconds"], r2["seconds"]], "scaling_exponent": k_time,
+                "cpu_gflops_per_s_fp64": rate / 1e9, "threads": r2["threads"]}
+    arithmetic = [
+        f"measured: bootstrap_indices (block 20) + integration_sites (multimodal vs vision, language, linear; "
+        f"BH-FDR, min 3 bins) at {E1:,} / {E2:,} events x {T:,} targets ({sites} sites x {Scale.bt_bins} bins) x "
+        f"{n_boot} resamples: {r1['seconds']:.1f} s / {r2['seconds']:.1f} s (time ~ events^{k_time:.2f}), peak RSS "
+        f"{p2:.2f} GB",
+        f"FLOPs: 2 n_boot E (2 + 3 m) T float64 per comparison set (m models): per (subject, set) integration "
+        f"(m=4) + 3 pairs (m=2) at {Ef:,} x {Tf:,} x {B}: {per_job / 1e12:.0f} TFLOP; x {jobs} = "
+        f"{total / 1e15:.2f} PFLOP",
+        f"GPU (stats on the regression's CUDA device): FP64 {A100_FP64_TFLOPS} TFLOPS x {NODE['efficiency']} = "
+        f"{hours:.2f} A100-hours; CPU alternative at the measured {rate / 1e9:.1f} GFLOP/s on {r2['threads']} "
+        f"threads: {cpu_core_h:,.0f} core-hours",
+        f"RAM: y + 4 predictions float32 ({data_gb:.1f} GB) + indices/counts ({idx_gb:.2f} GB) + ~1 GB "
+        f"moment chunks = {ram:.1f} GB",
+    ]
+    return Row("encoding_bootstrap", "neurovision.encoding.stats bootstrap_indices + integration_sites on "
+               "generated targets/predictions at Brain Treebank widths (bounded events)", measured,
+               projected(ram_gb=ram, gpu_mem_gb=1.0 + idx_gb, gpu_hours=hours), arithmetic, True,
+               notes=f"CPU-only alternative: {cpu_core_h:,.0f} core-hours")
+
+
 # ============================================================================================ registry
 ROWS: dict[str, Callable[[argparse.Namespace], Row]] = {
     "prepare": row_prepare,
     "teacher_cache": row_teacher_cache,
     "stage1_train": row_stage1_train,
     "stage1_readout": row_stage1_readout,
+    "encoding_fit": row_encoding_fit,
+    "encoding_bootstrap": row_encoding_bootstrap,
 }
