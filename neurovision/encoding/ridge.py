@@ -134,15 +134,32 @@ def zscore_fit(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     "Constant" is std == 0 or std at rounding level (<= 1e-12 |mean|). Apply as ``(X - mean) / std``.
     """
-    x = np.asarray(X_train, dtype=np.float64)
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    x = np.asarray(X_train)
+    x2 = x.reshape(len(x), -1)
+    mean, std = np.empty(x2.shape[1]), np.empty(x2.shape[1])
+    for sl in _column_chunks(x2.shape, 2):  # float64 temporaries of a column chunk, not of the whole array
+        c = np.asarray(x2[:, sl], dtype=np.float64)
+        mean[sl], std[sl] = c.mean(axis=0), c.std(axis=0)
     std[(std == 0) | (std <= 1e-12 * np.abs(mean))] = 1.0
-    return mean, std
+    return mean.reshape(x.shape[1:]), std.reshape(x.shape[1:])
+
+
+def _column_chunks(shape: tuple[int, ...], n_temporaries: int) -> list[slice]:
+    """Column slices of an (n, t) array whose ``n_temporaries`` float64 copies fit ``_PEARSON_BUDGET``."""
+    n, t = shape[0], int(np.prod(shape[1:]))
+    chunk = int(max(1, min(t, _PEARSON_BUDGET // (8 * n_temporaries * max(n, 1)))))
+    return [slice(c0, c0 + chunk) for c0 in range(0, t, chunk)]
 
 
 def _scale(x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return ((x - mean) / std).astype(dtype, copy=False)
+    """``(x - mean) / std`` as ``dtype``, computed by column chunks (no float64 copy of the whole x)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        return ((x - mean) / std).astype(dtype, copy=False)
+    out = np.empty(x.shape, dtype=dtype)
+    for sl in _column_chunks(x.shape, 2):
+        out[:, sl] = (x[:, sl] - mean[sl]) / std[sl]
+    return out
 
 
 def pearson_r(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
@@ -334,10 +351,12 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
                 mean, std = zscore_fit(x[train])
                 xs_tr.append(_scale(x[train], mean, std, dtype))
                 xs_te.append(_scale(x[test], mean, std, dtype))
-            y_mean, y_std = zscore_fit(Y[train])
+            y_train = Y[train]
+            y_mean, y_std = zscore_fit(y_train)
             if not zscore_y:
                 y_std = np.ones_like(y_std)
-            y_tr = _scale(Y[train], y_mean, y_std, dtype)
+            y_tr = _scale(y_train, y_mean, y_std, dtype)
+            del y_train
             inner = _inner_cv(len(train), inner_folds, None if groups is None else groups[train])
             n_test_inner = max(len(te) for _, te in inner)
             tb, ab = _batches(n_targets, len(alphas), len(train), n_test_inner, n_features, dtype.itemsize,
