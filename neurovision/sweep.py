@@ -848,8 +848,9 @@ def aggregate(sweep: Sweep, runs: list[Run], out: Path) -> dict[str, Any]:
         base = {"run": run.name, "seed": _cell(run.seed if run.seed is not None else st.get("seed"))}
         for k in keys:
             base[labels[k]] = _cell(run.overrides[k] if k in run.overrides else resolved.get(k))
-        for m, v in chosen.items():
-            name, extra = metric_columns(m)
+        split = [(*metric_columns(m), v) for m, v in chosen.items()]
+        split.sort(key=lambda t: (tuple((isinstance(x, str), x) for x in t[1].values()), t[0]))  # numeric order
+        for name, extra, v in split:
             for c in extra:
                 if c not in cols:
                     cols.append(c)
