@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-full demo-encoding test test-full bench lint clean
+.PHONY: help install demo demo-full demo-encoding test test-full bench bench-scale lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -125,6 +125,9 @@ bench: install ## benchmarks (prints ratios measured in one run)
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
 	$(BIN)/python benchmarks/bench_encoding.py
+
+bench-scale: install ## the scale rehearsal at NSD / Brain Treebank shapes (<= 20 min; --quick <= 5)
+	$(BIN)/python benchmarks/bench_scale.py $(BENCH_SCALE_ARGS)
 
 lint: install ## ruff
 	$(BIN)/ruff check neurovision data_modules callbacks tests benchmarks
