@@ -214,16 +214,20 @@ class _Placement:
         return self
 
 
-def place(teacher: Any, device: str | torch.device) -> Any:
+def place(teacher: Any, device: str | torch.device, *, lazy: bool = False) -> Any:
     """Put an unpinned teacher (built with ``device=None``) on ``device``; returns it.
 
-    A teacher pinned by an explicit ``device`` (YAML ``init_args.device``) keeps it; ``None`` passes through.
-    Objects without a ``pinned`` attribute (other :class:`Teacher` implementations) are moved with their
-    ``to(device)`` when they have one.
+    ``lazy``: only set where it runs; the weights move at its first use (:meth:`_Placement.ready`), so a teacher
+    that is never called costs no accelerator memory. A teacher pinned by an explicit ``device`` (YAML
+    ``init_args.device``) keeps it; ``None`` passes through. Objects without a ``pinned`` attribute (other
+    :class:`Teacher` implementations) are moved with their ``to(device)`` when they have one.
     """
     if teacher is None or getattr(teacher, "pinned", False) or not callable(getattr(teacher, "to", None)):
         return teacher
-    teacher.to(device)
+    if lazy and isinstance(teacher, _Placement):
+        teacher.device = torch.device(device)
+    else:
+        teacher.to(device)
     return teacher
 
 

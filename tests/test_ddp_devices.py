@@ -216,30 +216,33 @@ def _scoring_task(clip: Any) -> Any:
     from neurovision.tasks.base import BaseTask, DataSpec
 
     class Scorer(BaseTask):
-        def __init__(self, spec: DataSpec, clip_teacher: Any) -> None:
-            self.clip_teacher = clip_teacher  # before BaseTask.__init__, as the tasks do
+        def __init__(self, spec: DataSpec, clip_teacher: Any, vae_teacher: Any) -> None:
+            self.clip_teacher, self.vae_teacher = clip_teacher, vae_teacher  # before BaseTask.__init__, as tasks do
+            self.unused_weights: list[str] = []
             super().__init__(spec)
-            self.drop_hparams("clip_teacher")
+            self.drop_hparams("clip_teacher", "vae_teacher")
 
         def configure_models(self) -> None:
             self.lin = torch.nn.Linear(1, 1)
 
         def test_step(self, batch: Any, batch_idx: int) -> None:
             self.clip_teacher.encode(torch.zeros(1, 3, 40, 40, dtype=torch.uint8))
+            self.unused_weights.append(str(self.vae_teacher.weights_device))  # never called in the test
 
     spec = DataSpec(num_active_patches=1, patch_size=2, grid_shape=(2, 2, 2), patch_coords=((0, 0, 0),),
                     num_subjects=1, image_shape=(40, 40, 3))
-    return Scorer(spec, clip)
+    return Scorer(spec, clip, _vae())
 
 
 def test_scorers_are_placed_at_test_start_and_released_after(tmp_path):
     clip = _clip()
     task = _scoring_task(clip)
-    assert task.teachers() == {"clip_teacher": clip}
+    assert task.teachers() == {"clip_teacher": clip, "vae_teacher": task.vae_teacher}
     data = torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
     L.Trainer(accelerator="cpu", strategy=_one(torch.device("cpu", 1)), **_quiet()).test(task, data)
-    assert [c["device"] for c in clip.calls] == ["cpu:1", "cpu:1"]
-    assert clip.weights_device == torch.device("cpu")
+    assert [(c["device"], c["weights"]) for c in clip.calls] == [("cpu:1", "cpu:1")] * 2
+    assert task.unused_weights == ["cpu", "cpu"]  # placed lazily: a teacher the test never calls stays off
+    assert clip.weights_device == torch.device("cpu") and clip.device == torch.device("cpu")  # released
     pinned = _clip(device="cpu")  # an explicit device wins
     L.Trainer(accelerator="cpu", strategy=_one(torch.device("cpu", 1)), **_quiet()).test(_scoring_task(pinned), data)
     assert {c["device"] for c in pinned.calls} == {"cpu"}
@@ -342,4 +345,4 @@ def test_ddp_stage2_scores_match_one_rank_and_clip_runs_on_each_rank_device(stag
         assert c["device"] == c["weights"] == f"cpu:{c['rank']}", c  # ...on its own device
     for s in two["states"]:
         assert s["root"] == f"cpu:{s['rank']}"
-        assert s["teachers"]["clip_teacher"]["weights"] == s["root"]
+        assert s["teachers"]["clip_teacher"]["device"] == s["root"]  # placed at test start (weights: at first use)

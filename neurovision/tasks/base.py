@@ -86,16 +86,20 @@ class BaseTask(L.LightningModule):
         return {k: v for k, v in vars(self).items()
                 if not k.startswith("_") and isinstance(v, Teacher) and callable(getattr(v, "to", None))}
 
-    def place_teachers(self, device: str | torch.device | None = None) -> None:
+    def place_teachers(self, device: str | torch.device | None = None, lazy: bool = True) -> None:
         """Put every unpinned teacher on ``device`` (default :attr:`teacher_device`, the rank's own); teachers
-        with an explicit ``device`` keep it (see :func:`neurovision.teachers.place`). Called at test start, so
-        scorers and selectors (CLIP-S, best-of-N) run where the rank's data are; override
-        :meth:`on_test_start` only with ``super().on_test_start()``."""
+        with an explicit ``device`` keep it (see :func:`neurovision.teachers.place`). ``lazy``: the weights
+        move at each teacher's first use (a teacher the run never calls takes no accelerator memory).
+
+        Called at test start (:meth:`on_test_start`), so scorers and selectors (stage 2's CLIP-S, stage 3's
+        best-of-N CLIP, the ConceptMaps callback) run where the rank's data are; released at test end. A task
+        that overrides :meth:`on_test_start` / :meth:`on_test_end` calls ``super()`` first. Code that uses a
+        teacher's network directly (``teacher.model``) calls ``teacher.ready()`` first."""
         from neurovision.teachers import place
 
         dev = self.teacher_device if device is None else torch.device(device)
         for t in self.teachers().values():
-            place(t, dev)
+            place(t, dev, lazy=lazy)
 
     def release_teachers(self) -> None:
         """Move every teacher's weights back to the CPU (frees the accelerator; see
