@@ -147,6 +147,23 @@ def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tm
     assert len(calls) == 1
 
 
+def test_the_task_streams_repeat_averages_in_group_order_with_or_without_workers(tiny_store):
+    from data_modules import FMRIDataModule
+    from neurovision.tasks.alignment import _group_mean_chunks
+
+    dm = FMRIDataModule(store=str(tiny_store), batch_size=8)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    want = torch.stack([train.group_mean(g).flatten() for g in range(len(train.groups))])
+    d = want.shape[1]
+    for workers in (0, 2):
+        chunks = _group_mean_chunks(train, d, workers, values=10 * d)  # chunks of 10 patterns
+        for _ in range(2):  # re-iterable: every pass reads the same stream
+            got = list(chunks)
+            assert [len(c) for c in got[:-1]] == [10] * (len(got) - 1)
+            assert torch.equal(torch.cat(got), want)
+
+
 class _CountFits(L.Callback):
     """Counts the read-out fits in its own (spawned) process and saves each rank's read-out buffers."""
 
