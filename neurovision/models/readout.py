@@ -278,6 +278,7 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
         z.addr_(delta.float(), qd.float(), alpha=-m)
         t.addr_(qd, qd, alpha=-m)
         if it < passes - 1:
+            q = None  # the old basis is not needed during the QR
             q, _ = torch.linalg.qr(z)
         del z
     t = (t + t.T) / 2
