@@ -134,7 +134,7 @@ class ReconstructionTask(BaseTask):
         self.stage1_path, self.reconstructor_path = str(stage1), str(reconstructor)
         self.multi_beta = isinstance(beta, (list, tuple))
         self.betas = [check_beta(b) for b in (beta if isinstance(beta, (list, tuple)) else [beta])]
-        if not self.betas or len(set(self.betas)) != len(self.betas):
+        if not self.betas or len({f"{b:g}" for b in self.betas}) != len(self.betas):  # distinct names (beta=<b>/)
             raise ValueError(f"model.init_args.beta: expected a noise strength or a non-empty list of distinct ones, "
                              f"got {beta!r}")
         if steps < 1:
