@@ -346,3 +346,18 @@ def test_ddp_stage2_scores_match_one_rank_and_clip_runs_on_each_rank_device(stag
     for s in two["states"]:
         assert s["root"] == f"cpu:{s['rank']}"
         assert s["teachers"]["clip_teacher"]["device"] == s["root"]  # placed at test start (weights: at first use)
+
+
+@pytest.mark.slow
+def test_ddp_stage2_fit_end_writes_adapters(stage2_parts, tmp_path):
+    """InstructTask.on_fit_end reads trainer.log_dir (a broadcast) on every rank: rank 0 alone deadlocked."""
+    from data_modules import InstructionDataModule
+    from neurovision.tasks.instruct import InstructTask
+
+    dm = InstructionDataModule(str(stage2_parts["store"]), tokenizer=str(stage2_parts["llm"]), batch_size=4,
+                               max_length=160, max_eval_items=2)
+    task = InstructTask(dm.spec, llm=str(stage2_parts["llm"]), stage1=str(stage2_parts["s1"]), phase="projector",
+                        max_new_tokens=4)
+    L.Trainer(accelerator="cpu", devices=2, strategy=_ddp(2), max_steps=1, limit_val_batches=0,
+              default_root_dir=tmp_path, **_quiet()).fit(task, dm)
+    assert (tmp_path / "adapters" / "fmri_projector.safetensors").is_file()
