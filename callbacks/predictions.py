@@ -41,8 +41,8 @@ class JSONLPredictionWriter(BasePredictionWriter):
             parts: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(parts, rows)
             rows = [r for p in parts for r in p]
+        target = self._target(trainer)  # trainer.log_dir is a collective under DDP: read it on every rank
         if not trainer.is_global_zero:
             return
-        target = self._target(trainer)
         write_jsonl(target, rows)
         self.written = target

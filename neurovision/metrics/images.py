@@ -577,8 +577,11 @@ def evaluate_images(
     r, t = _pair(recons, stimuli, same_size=size is None)
     if len(r) < 2 and (any(v not in (None, "") for v in weights.values()) or clip_model is not None):
         raise ValueError(f"two-way identification needs at least 2 images, got {len(r)}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:  # the CLIP model's device (a rank's own GPU under DDP), else the current CUDA device
+        if clip_model is not None and next(iter(clip_model.parameters()), None) is not None:
+            device = next(iter(clip_model.parameters())).device
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
     out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
     unavailable: dict[str, str] = {}
