@@ -117,7 +117,20 @@ def _repeat_average_fit(store: Path):
     return ref
 
 
-def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tmp_path, monkeypatch):
+def _late_restore():
+    """A single-device strategy that restores checkpoints after ``on_fit_start``, as FSDP and DeepSpeed do."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class LateRestore(SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    return LateRestore(device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["restore-before-setup", "restore-after-setup"])
+def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tmp_path, monkeypatch, late):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from data_modules import FMRIDataModule
@@ -131,7 +144,7 @@ def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tm
     seen: dict[str, torch.Tensor] = {}
 
     class Spy(L.Callback):  # the read-out is fitted (or restored) before the sanity check's first forward
-        def on_sanity_check_start(self, trainer, module):
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
             assert not module.skip.needs_fit
 
         def on_train_start(self, trainer, module):
@@ -139,7 +152,7 @@ def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tm
 
     dm = FMRIDataModule(store=str(store), batch_size=8)
     kw = dict(limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=1, default_root_dir=tmp_path,
-              **_quiet())
+              **_quiet(), **({"strategy": _late_restore()} if late else {}))
     first = _task(dm)
     L.Trainer(max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), Spy()],
               **kw).fit(first, dm)
@@ -153,6 +166,8 @@ def test_resumed_fit_and_checkpoint_runs_never_refit_the_read_out(tiny_store, tm
     assert len(calls) == 1  # resumed: restored from the checkpoint, not refitted
     assert torch.equal(seen["basis"], saved["skip.basis"])
     assert torch.equal(resumed.skip.basis, saved["skip.basis"])
+    if late:
+        return
     for run in ("validate", "test", "predict"):
         getattr(L.Trainer(limit_val_batches=1, limit_test_batches=1, limit_predict_batches=1,
                           enable_checkpointing=False, default_root_dir=tmp_path, **_quiet()), run)(
