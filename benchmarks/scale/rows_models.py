@@ -58,6 +58,7 @@ PROMPT_TOKENS = 40       # text tokens of one evaluation prompt (chat headers + 
 QA_PER_IMAGE = 5         # reasoning questions per test image (NSD has no QA yet, issue 4: assumed)
 A100_HBM_TBPS = 2.039    # A100-80GB HBM2e bandwidth (public spec); decoding streams the weights each step
 CUDA_OVERHEAD_GB = 2.0   # CUDA context + allocator/cuBLAS workspaces per process (estimate)
+PROCESS_RAM_GB = 4.0     # host RAM of one rank besides its model copy: interpreter, CUDA host state, loaders
 LOGIT_BYTES = 14         # bytes per logit in the LM loss: bf16 logits + fp32 upcast + log-softmax + fp32 grad
 VAL_FRACTION = Scale.val_fraction
 # SD-2.1's text encoder (OpenCLIP ViT-H/14 text tower as transformers.CLIPTextModel; public config values)
@@ -600,7 +601,7 @@ def _fake_activation_gb(ucfg: dict[str, Any], vcfg: dict[str, Any], items: int, 
 
 
 def stage3_child(latent: int, batches: Sequence[int], seed: int, vae_latent: int, items_batch: int,
-                 dtype_name: str) -> dict[str, Any]:
+                 dtype_name: str, full_size: bool = False) -> dict[str, Any]:
     """Spawned: FLOPs of the UNet (batch 2, 96 x 96), VAE decoder (768 px), text encoder, selector CLIP and the
     metric networks on ``meta``; peak activation memory of the UNet (``items_batch`` x 2 CFG rows) and of the VAE
     decode (``items_batch`` images) at 768 px in ``dtype_name`` with ``MemTracker`` under ``FakeTensorMode`` (no
@@ -672,13 +673,19 @@ def stage3_child(latent: int, batches: Sequence[int], seed: int, vae_latent: int
     out["rss_unet_built_gb"] = max_rss_gb()
     out["rss_before_build_gb"] = rss0
     out["unet_seconds"] = {}
-    unet_fwd(unet, *unet_inputs(1, min(latent, 16), "cpu"))  # warm-up
+    unet_fwd(unet, *unet_inputs(1, 8, "cpu"))  # warm-up
     out["unet_flops"] = {}
     for b in batches:
         x = unet_inputs(b, latent, "cpu")
         t = time.perf_counter()
         y, out["unet_flops"][b] = count_flops(unet_fwd, unet, *x)
         out["unet_seconds"][b] = time.perf_counter() - t
+        if not torch.isfinite(y).all():
+            raise RuntimeError("unCLIP UNet forward produced non-finite values")
+    if full_size:  # the real CFG pair at the real latent size (4 x 96 x 96: 768 px)
+        t = time.perf_counter()
+        y = unet_fwd(unet, *unet_inputs(2, s, "cpu"))
+        out["unet_full_seconds"] = time.perf_counter() - t
         if not torch.isfinite(y).all():
             raise RuntimeError("unCLIP UNet forward produced non-finite values")
     out["rss_unet_peak_gb"] = max_rss_gb()
@@ -751,7 +758,8 @@ def stage2_train(args: argparse.Namespace) -> Row:
                 "loss": round(res["loss"], 4),
                 "rss_growth_gb": round(res["rss_peak_gb"] - res["rss_before_build_gb"], 3),
                 "flops_step_lora_1_2_layers": list(fl["lora"]), "flops_step_lora_32_layers_direct": direct,
-                "step_flops_cpu": {str(k): v for k, v in res["step_flops"].items()}}
+                "step_flops_cpu": {str(k): v for k, v in res["step_flops"].items()},
+                "phase_seconds": {k: round(res[k], 2) for k in ("count_seconds", "build_seconds")}}
     arithmetic = [
         f"shipped YAMLs: phase A ({st['phase_a']}) {st['epochs_a']} epoch(s) + phase B ({st['phase_b']}, LoRA r "
         f"{st['lora'].get('r')} on {len(st['lora'].get('target_modules', []))} projections) {st['epochs_b']} "
@@ -761,6 +769,9 @@ def stage2_train(args: argparse.Namespace) -> Row:
         f"{fl['lora'][1]:.3e} -> per layer {per_b:.3e}, rest (embeddings, LM head, loss) {rest_b:.3e}",
         f"32 layers = 32 x {per_b:.3e} + {rest_b:.3e} = {full_b:.3e}" + (
             f" (direct 32-layer meta count {direct:.3e}, {100 * (full_b / direct - 1):+.2f}%)" if direct else ""),
+        f"per token per layer {per_b / (b * seq):.3e} FLOPs = {per_b / (b * seq) / p['layer']:.2f} x the "
+        f"{p['layer'] / 1e6:.0f} M layer weights (forward + checkpoint recompute + input-gradient backward = 6, "
+        f"+ LoRA and attention)",
         f"batch {b} -> {2 * b} (1 layer, meta): FLOPs exponent {exponent:.3f} (the fits check)",
         f"phase A (LLM frozen, grads to the projector) 32 layers = {full_a:.3e}/step; ViT3D fwd + projector "
         f"fwd/bwd {side_train:.3e}/sample (counted on CPU)",
@@ -769,7 +780,8 @@ def stage2_train(args: argparse.Namespace) -> Row:
         f"validation: {val_items} held-out images x {len(st['eval_conditions'])} conditions x {prompts} prompts "
         f"x {st['epochs_a'] + st['epochs_b']} epochs x {seq_v:.3e} (forward) = {flops_v:.3e}",
         f"GPU-hours = {total:.3e} / ({NODE['efficiency']} x {NODE['gpu_tflops_bf16']} TFLOP/s, estimated "
-        f"utilisation) = {gh:.2f} A100-h ({h100_hours(total):.2f} H100-h; {gh / NODE['gpus']:.2f} h wall on 8 GPUs)",
+        f"utilisation) = {gh:.2f} A100-h ({h100_hours(total):.2f} H100-h; {gh / NODE['gpus']:.2f} h wall on 8 GPUs)"
+        f"; each phase-B epoch {gpu_hours(trials * seq_b):.2f} A100-h, phase A {gpu_hours(flops_a):.2f}",
         "GPU memory/GPU (estimate) = " + " + ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")
         + f" = {mem['total']:.1f} GB (LoRA {lp / 1e6:.1f} M + projector {proj_params / 1e6:.1f} M trainable, "
         f"8B frozen weights {p['total'] / 1e9:.2f} B params bf16)",
@@ -779,10 +791,12 @@ def stage2_train(args: argparse.Namespace) -> Row:
             f"batch {k} {v:.1f} s ({res['step_flops'][k] / v / 1e9:.0f} GFLOP/s)" for k, v in res["step_seconds"].items())
         + ("" if t_exponent is None else f"; time exponent {t_exponent:.2f} (a shared 2-core CPU: noisy)"),
     ]
-    proj = projected(ram_gb=max(2 * p["total"] * 2 / GB, 32.0), gpu_mem_gb=mem["total"], disk_gb=0.5,
-                     gpu_hours=gh)
+    ram = NODE["gpus"] * (p["total"] * 2 / GB + PROCESS_RAM_GB)
+    arithmetic.append(f"RAM: {NODE['gpus']} ranks each load the bf16 weights on the CPU before moving them "
+                      f"({p['total'] * 2 / GB:.1f} GB) + {PROCESS_RAM_GB} GB process/loaders = {ram:.0f} GB")
+    proj = projected(ram_gb=ram, gpu_mem_gb=mem["total"], disk_gb=0.5, gpu_hours=gh)
     notes = (f"paper (Shen et al.): 8xA100 ~4 h + ~36 h for the LLM (~320 A100-h); projection {gh:.1f} A100-h "
-             f"at 40% MFU. RAM: the 8B bf16 weights are read once per rank (mmap'd safetensors), disk: adapters.")
+             f"at 40% MFU. Disk: LoRA adapters + projector checkpoints.")
     row = Row("stage2_train", f"Llama-3-8B-shaped LlamaForCausalLM ({layers} of {n_layers} layers, real width/"
               f"GQA/vocab) + LoRA + projector from the 16x768 ViT3D, {len(batches)} CPU step(s) at the real "
               f"sequence; FLOPs on meta",
@@ -824,16 +838,19 @@ def stage2_test(args: argparse.Namespace) -> Row:
     if len(batches) > 1:
         t_exponent = scaling_exponent(batches[0], res["step_seconds"][batches[0]], batches[-1],
                                       res["step_seconds"][batches[-1]])
-    mem = (llama_params(cfg)["total"] * 2 + 2 * b * n_layers * (res["seq"] + max_new)
-           * 2 * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"])) / GB \
-        + b * (res["seq"] + max_new) * (cfg["vocab_size"] + 1) * 4 / GB + CUDA_OVERHEAD_GB + 2.0
+    kv_cache = b * n_layers * (res["seq"] + max_new) * 2 * cfg["num_key_value_heads"] * \
+        (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+    clip_s = 427.6e6 * 4  # the CLIP-S scorer (ViT-L/14, fp32)
+    mem = (llama_params(cfg)["total"] * 2 + kv_cache + b * (cfg["vocab_size"] + 1) * 4 * 2 + clip_s) / GB \
+        + CUDA_OVERHEAD_GB
     measured = {"seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3), "layers": 1, "batches": list(batches),
                 "prompt_sequence": res["seq"], "new_tokens": new,
                 "decode_seconds_per_token": {str(k): round(v, 4) for k, v in t_tok.items()},
                 "generate_seconds": {str(k): round(v, 3) for k, v in res["step_seconds"].items()},
                 "scaling_exponent": round(exponent, 3),
                 "time_exponent": None if t_exponent is None else round(t_exponent, 3),
-                "decode_flops_per_token_counted": f_counted}
+                "decode_flops_per_token_counted": f_counted,
+                "phase_seconds": {k: round(res[k], 2) for k in ("count_seconds", "build_seconds")}}
     arithmetic = [
         f"test rows = {Scale.subjects} subjects x {Scale.test_items} items x {len(st['eval_conditions'])} "
         f"conditions x {prompts} prompts ({'+'.join(st['eval_tasks'])}; reasoning = {QA_PER_IMAGE} QA, assumed) "
@@ -850,11 +867,13 @@ def stage2_test(args: argparse.Namespace) -> Row:
         f"CPU (fp32, 1 layer): decode {', '.join(f'batch {k}: {v * 1e3:.0f} ms/token' for k, v in t_tok.items())}"
         + f"; prefill FLOPs batch {b} -> {2 * b} exponent {exponent:.3f} (the fits check)"
         + ("" if t_exponent is None else f"; time exponent {t_exponent:.2f} (shared CPU: noisy)"),
-        f"GPU memory/GPU: bf16 weights + KV cache + fp32 logits + CLIP-S scorer ~ {mem:.1f} GB (estimate)",
+        f"GPU memory/GPU: bf16 weights {llama_params(cfg)['total'] * 2 / GB:.1f} + KV cache {kv_cache / GB:.2f} + "
+        f"last-token logits + CLIP-S scorer {clip_s / GB:.1f} + {CUDA_OVERHEAD_GB} CUDA = {mem:.1f} GB (estimate)",
     ]
     row = Row("stage2_test", f"greedy generate (KV cache, {new} new tokens) on the Llama-3-8B-shaped model "
               f"(1 layer) + LoRA-free eval path; prefill FLOPs on meta, decode bandwidth-bound",
-              measured, projected(ram_gb=40.0, gpu_mem_gb=mem, disk_gb=0.1, gpu_hours=gh), arithmetic, True,
+              measured, projected(ram_gb=NODE["gpus"] * (llama_params(cfg)["total"] * 2 / GB + PROCESS_RAM_GB),
+                                  gpu_mem_gb=mem, disk_gb=0.1, gpu_hours=gh), arithmetic, True,
               "generation is bandwidth-bound: the time per token hardly grows with the batch",
               extra={"rows": rows, "per_batch_seconds": per_batch})
     row.fits_node = fits(row)
@@ -890,7 +909,9 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
     dtype_name = str(_get(s3, "model.init_args.dtype", "float16"))
     _log(args, f"stage3_sweep: unCLIP UNet forwards at 4x{latent}x{latent}, batches {batches}; VAE decode at "
                f"{8 * vae_latent} px; FLOPs/memory at 768 px on meta/fake tensors")
-    res, seconds, peak = run_isolated(stage3_child, latent, batches, args.seed, vae_latent, items_batch, dtype_name)
+    full_size = not (args.quick or getattr(args, "smoke", False))
+    res, seconds, peak = run_isolated(stage3_child, latent, batches, args.seed, vae_latent, items_batch, dtype_name,
+                                      full_size)
     exponent = scaling_exponent(batches[0], res["unet_flops"][batches[0]], batches[-1],
                                 res["unet_flops"][batches[-1]])
     t_exponent = scaling_exponent(batches[0], res["unet_seconds"][batches[0]], batches[-1],
@@ -911,6 +932,7 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
     img = 3 * (8 * int(model_config("sd21_unclip_small_unet")["sample_size"])) ** 2
     gather = max(Scale.subjects * a.items_per_subject * len(a.conditions) * (len(a.betas) + 1) * img for a in arms)
     disk = sum(Scale.subjects * a.items_per_subject * len(a.conditions) * len(a.betas) * img for a in arms)
+    ram = gather / GB + NODE["gpus"] * (weights / GB + PROCESS_RAM_GB)
     b_meas = batches[-1]
     real_flops = fl["unet_cfg_batch2"] * (latent / 96) ** 2 * b_meas / 2
     sec_meas = res["unet_seconds"][b_meas]
@@ -920,7 +942,10 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
                 "scaling_exponent": round(exponent, 3), "time_exponent": round(t_exponent, 3),
                 "vae_decode_px": res["vae_image"][-1], "vae_decode_seconds": round(res["vae_seconds"], 3),
                 "unet_flops_cfg_batch2_768px": fl["unet_cfg_batch2"], "vae_decode_flops_768px": fl["vae_decode"],
-                "activation_gb_768px": {k: round(v, 3) for k, v in act.items()}}
+                "activation_gb_768px": {k: round(v, 3) for k, v in act.items()},
+                "phase_seconds": {k: round(res[k], 2) for k in ("count_seconds", "memtrack_seconds", "build_seconds")}}
+    if "unet_full_seconds" in res:
+        measured["unet_forward_seconds_cfg_pair_768px"] = round(res["unet_full_seconds"], 2)
     c = base["arms"]
     arithmetic = [
         f"sweep: {source}: {len(arms)} runs, each all its β in one pass per item; items = {Scale.subjects} "
@@ -951,15 +976,18 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
         f"{weights / GB:.2f} GB + max(UNet {act['unet']:.2f}, VAE decode {act['vae']:.2f}) GB activations at "
         f"{items_batch} items (x 2 CFG rows), tracked on fake tensors + {CUDA_OVERHEAD_GB} CUDA = {mem:.1f} GB",
         f"RAM: rank 0 gathers a run's reconstructions (uint8 768 px, every β + stimuli) = {gather / GB:.0f} GB "
-        f"for the largest run; disk (npz, uncompressed bound) {disk / GB:.0f} GB",
+        f"for the largest run + {NODE['gpus']} ranks x (weights {weights / GB:.1f} + {PROCESS_RAM_GB}) GB = "
+        f"{ram:.0f} GB; disk (npz, uncompressed bound) {disk / GB:.0f} GB",
         f"CPU (fp32): UNet forward batch {b_meas} at 4x{latent}x{latent} {sec_meas:.1f} s ({real_flops:.3e} "
         f"FLOPs); batch 1 -> 2: FLOPs exponent {exponent:.2f} (the fits check), time exponent {t_exponent:.2f} (a shared 2-core CPU: noisy); VAE decode at {res['vae_image'][-1]} px "
-        f"{res['vae_seconds']:.1f} s",
+        f"{res['vae_seconds']:.1f} s" + (f"; the CFG pair at 4x96x96 (768 px) {res['unet_full_seconds']:.1f} s "
+                                          f"({fl['unet_cfg_batch2'] / res['unet_full_seconds'] / 1e9:.0f} GFLOP/s)"
+                                          if "unet_full_seconds" in res else ""),
     ]
     row = Row("stage3_sweep", f"Stable unCLIP-small UNet ({pr['unet'] / 1e6:.0f} M, from_config) real CPU forwards "
               f"at 4x{latent}x{latent} + SD-2.1 VAE decode; FLOPs at 768 px on meta, memory on fake tensors; the "
               f"β sweep counted as the reconstructor runs it", measured,
-              projected(ram_gb=gather / GB + 16.0, gpu_mem_gb=mem, disk_gb=disk / GB, gpu_hours=gh),
+              projected(ram_gb=ram, gpu_mem_gb=mem, disk_gb=disk / GB, gpu_hours=gh),
               arithmetic, True,
               f"the β sweep = {gh:.1f} A100-h with its defaults; {costs['steps_50']['gpu_hours']:.1f} at 50 steps",
               extra={"costs": {k: {"gpu_hours": v["gpu_hours"], "unet_evals": v["unet_evals"],
