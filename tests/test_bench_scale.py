@@ -110,7 +110,7 @@ def test_encoding_fit_projection_follows_counted_flops(monkeypatch: pytest.Monke
     def canned(scale: float) -> dict[str, list[dict]]:
         run = {"seconds": 1.0, "flops": scale * 1e9, "base_rss_gb": 0.3, "blas_flops_per_s": 1e10, "mean_r": 0.1,
                "threads": 2}
-        return {"_encoding_fit": [run, {**run, "seconds": 2.0, "flops": scale * 1.5e9}]}
+        return {"_encoding_fit_pair": [{"runs": [run, {**run, "seconds": 2.0, "flops": scale * 1.5e9}]}]}
 
     rows = []
     for scale in (1.0, 2.0):

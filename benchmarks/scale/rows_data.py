@@ -204,9 +204,13 @@ def _small_store(args: argparse.Namespace, n_images: int) -> Path:
     """A prepared NSD store (true geometry, 425 px images) holding ``n_images`` stimuli."""
     root = args.workdir / f"nsd_geometry_img{n_images}"
     out = args.workdir / f"nsd_img{n_images}.h5"
-    run_isolated(make_nsd_geometry, root, 3 * n_images, 1, args.seed)
-    run_isolated(_prepare_store, root, out, 1)
+    run_isolated(_make_small_store, root, out, 3 * n_images, args.seed)
     return out
+
+
+def _make_small_store(root: Path, out: Path, trials: int, seed: int) -> None:
+    make_nsd_geometry(root, trials, 1, seed)
+    _prepare_store(root, out, 1)
 
 
 def _clip_teacher(device: str = "cpu") -> Any:
@@ -264,6 +268,17 @@ def _teacher_fill(store: Path, which: str, image_size: int, batch: int, progress
             "base_rss_gb": base, "cache_bytes": int(cache_path.stat().st_size), "teacher_id": teacher.id}
 
 
+def _teacher_all(store: Path, vae_px: int, n_img: int, progress: bool) -> dict[str, Any]:
+    """Child: the FLOP/memory counts on meta, then the CLIP fill, then the VAE fill (peak RSS after each)."""
+    t0 = time.perf_counter()
+    fl = _teacher_flops()
+    flops_s = time.perf_counter() - t0
+    clip = _teacher_fill(store, "clip", Scale.clip_px, n_img, progress)
+    clip["peak_rss_gb"] = max_rss_gb()
+    vae = _teacher_fill(store, "vae", vae_px, n_img, progress)
+    return {"flops": fl, "flops_s": flops_s, "clip": clip, "vae": vae}
+
+
 def _hours_by_op(ops: dict[str, int], n: float) -> tuple[float, float]:
     """(A100-hours, FLOPs) of ``n`` forwards: convolutions at TF32, the rest at FP32 (both at NODE efficiency)."""
     conv = sum(v for k, v in ops.items() if "convolution" in k)
@@ -277,9 +292,9 @@ def row_teacher_cache(args: argparse.Namespace) -> Row:
     n_img = _size(args, 1, 1, 1)
     vae_px = _size(args, 64, 128, Scale.vae_px)
     store = _small_store(args, n_img)
-    fl, fl_s, _ = run_isolated(_teacher_flops)
-    clip, _, clip_peak = run_isolated(_teacher_fill, store, "clip", Scale.clip_px, n_img, args.progress)
-    vae, _, vae_peak = run_isolated(_teacher_fill, store, "vae", vae_px, n_img, args.progress)
+    both, _, vae_peak = run_isolated(_teacher_all, store, vae_px, n_img, args.progress)
+    fl, fl_s, clip, vae = both["flops"], both["flops_s"], both["clip"], both["vae"]
+    clip_peak = clip["peak_rss_gb"]
     n = Scale.images
     clip_h, clip_flops = _hours_by_op(fl["clip_ops"], n)
     vae_h, vae_flops = _hours_by_op(fl["vae_ops"], n)
@@ -391,7 +406,17 @@ def _stage1_time(batch: int, steps: int, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     torch.manual_seed(0)
-    model = _stage1_model()
+    # built on meta and materialised with plain normal weights: ViT3D's trunc_normal init of 156 M parameters
+    # takes longer than the steps on 2 cores, and the time of a step does not depend on the values
+    model = _stage1_model("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02)
+            else:
+                p.fill_(1.0 if "norm" in name or name.endswith(".0.weight") else 0.0)
+        coords = model["vit"].patch_coords
+        coords.copy_(torch.as_tensor(active_patch_coords(), dtype=coords.dtype))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     _stage1_step(model, opt, 1)  # warm-up (allocates AdamW state)
     t0 = time.perf_counter()
@@ -400,10 +425,15 @@ def _stage1_time(batch: int, steps: int, progress: bool) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "steps": steps, "batch": batch}
 
 
+def _stage1_both(batch: int, steps: int, progress: bool) -> dict[str, Any]:
+    """Child: :func:`_stage1_count` (meta) then :func:`_stage1_time` (CPU) in one process."""
+    return {"count": _stage1_count(), "time": _stage1_time(batch, steps, progress)}
+
+
 def row_stage1_train(args: argparse.Namespace) -> Row:
     batch, steps = _size(args, (1, 1), (2, 1), (8, 2))
-    cnt, _, _ = run_isolated(_stage1_count)
-    tm, _, peak = run_isolated(_stage1_time, batch, steps, args.progress)
+    both, _, peak = run_isolated(_stage1_both, batch, steps, args.progress)
+    cnt, tm = both["count"], both["time"]
     s_per_sample = tm["seconds"] / (steps * batch)
     flops_sample = cnt["flops_per_step"] / Scale.batch
     samples = Scale.epochs * Scale.train_trials
@@ -595,11 +625,16 @@ def _encoding_fit(events: int, features: int, targets: int, seed: int) -> dict[s
             "mean_r": float(np.mean(res.r)), "threads": torch.get_num_threads()}
 
 
+def _encoding_fit_pair(events: int, features: int, targets: tuple[int, int], seed: int) -> dict[str, Any]:
+    """Child: :func:`_encoding_fit` at two target counts in one process (the second, larger, sets the peak)."""
+    return {"runs": [_encoding_fit(events, features, t, seed) for t in targets]}
+
+
 def row_encoding_fit(args: argparse.Namespace) -> Row:
     E, F, T1 = _size(args, (200, 32, 32), (300, 64, 64), (1000, ENC_FEATURES, 128))
     T2 = 2 * T1
-    r1, _, p1 = run_isolated(_encoding_fit, E, F, T1, args.seed)
-    r2, _, p2 = run_isolated(_encoding_fit, E, F, T2, args.seed)
+    both, _, p2 = run_isolated(_encoding_fit_pair, E, F, (T1, T2), args.seed)
+    r1, r2 = both["runs"]
     k_time = scaling_exponent(T1, r1["seconds"], T2, r2["seconds"])
     k_flops = scaling_exponent(T1, r1["flops"], T2, r2["flops"])  # deterministic (time is noisy on shared cores)
     # FLOPs = fixed (decompositions of X, counted where they are matmuls) + per target (X^T Y, predictions)
@@ -697,8 +732,9 @@ def row_encoding_bootstrap(args: argparse.Namespace) -> Row:
     total = jobs * per_job
     hours = gpu_hours(total, tflops=A100_FP64_TFLOPS)
     cpu_core_h = total / rate * r2["threads"] / 3600
-    # memory: y + the 4 predictions (float32) + the float64 moments chunk (~_TARGET_BUDGET) + counts
-    data_gb = 5 * 4 * Ef * Tf / GB
+    # memory: what Encoder.run holds at the statistics step: y, its fold-centred copy and the decoded float32
+    # predictions of every compared fit (6 models + the linear baseline), + the float64 moment chunks and counts
+    data_gb = (2 + ENC_STORED_MODELS) * 4 * Ef * Tf / GB
     idx_gb = B * Ef * (4 + 8) / GB  # int32 indices + a float64 counts batch bound
     ram = r2["base_rss_gb"] + data_gb + idx_gb + 1.0
     measured = {"seconds": r1["seconds"] + r2["seconds"], "peak_rss_gb": p2, "events": [E1, E2], "sites": sites,
@@ -716,7 +752,7 @@ def row_encoding_bootstrap(args: argparse.Namespace) -> Row:
         f"GPU (stats on the regression's CUDA device): FP64 {A100_FP64_TFLOPS} TFLOPS x {NODE['efficiency']} = "
         f"{hours:.2f} A100-hours; CPU alternative at the measured {rate / 1e9:.1f} GFLOP/s on {r2['threads']} "
         f"threads: {cpu_core_h:,.0f} core-hours",
-        f"RAM: y + 4 predictions float32 ({data_gb:.1f} GB) + indices/counts ({idx_gb:.2f} GB) + ~1 GB "
+        f"RAM: y, fold-centred y and {ENC_STORED_MODELS} compared fits' predictions as float32 ({data_gb:.1f} GB) + indices/counts ({idx_gb:.2f} GB) + ~1 GB "
         f"moment chunks = {ram:.1f} GB",
     ]
     return Row("encoding_bootstrap", "neurovision.encoding.stats bootstrap_indices + integration_sites on "
