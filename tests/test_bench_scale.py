@@ -81,10 +81,10 @@ def _fake_isolated(results: dict[str, list[dict]]):
 
 
 def _prepare_results(seconds: float, patch_bytes: int, peak: float) -> dict[str, list[dict]]:
-    one = {"seconds": seconds / 2, "base_rss_gb": 0.3, "trials": 10, "active_patches": 78, "values_per_trial": 214032,
+    one = {"seconds": seconds / 2, "cpu_seconds": seconds / 2, "base_rss_gb": 0.3, "trials": 10, "active_patches": 78, "values_per_trial": 214032,
            "patch_bytes": patch_bytes // 2, "images": 4, "image_bytes": 4 * 1000, "file_bytes": 1,
            "grid": [81, 104, 83], "_peak": peak}
-    two = {**one, "seconds": seconds, "trials": 20, "patch_bytes": patch_bytes}
+    two = {**one, "seconds": seconds, "cpu_seconds": seconds, "trials": 20, "patch_bytes": patch_bytes}
     return {"make_nsd_geometry": [{"roi_voxels": 15000}], "_prepare_store": [one, two]}
 
 
