@@ -372,10 +372,13 @@ def _patch_coords(n: int) -> list[tuple[int, int, int]]:
 def _no_packed_check() -> Any:
     """On ``meta`` tensors transformers' packed-sequence probe calls ``.item()``; it only picks the mask form (no
     FLOPs), so it is switched off while counting."""
+    import contextlib
     from unittest import mock
 
     import transformers.masking_utils as mu
 
+    if not hasattr(mu, "find_packed_sequence_indices"):  # another transformers: nothing to switch off
+        return contextlib.nullcontext()
     return mock.patch.object(mu, "find_packed_sequence_indices", lambda *a, **k: None)
 
 
