@@ -59,7 +59,7 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert m["image_bytes"] == 425 * 425 * 3
     assert abs(m["roi_voxels"] - Scale.roi_voxels) < 200
     # projections from those measurements
-    assert p["cpu_core_hours"] == pytest.approx(m["ms_per_trial"] / 1e3 * Scale.trials / 3600)
+    assert p["cpu_core_hours"] == pytest.approx(m["cpu_ms_per_trial"] / 1e3 * Scale.trials / 3600)
     assert p["disk_gb"] == pytest.approx((m["store_bytes_per_trial"] * Scale.trials
                                          + m["image_bytes"] * Scale.images) / 1e9)
     assert p["ram_gb"] > m["peak_rss_gb"]  # + the trials of a 750-trial session the smoke size did not hold
