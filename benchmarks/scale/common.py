@@ -167,15 +167,34 @@ def fits(row: Row, node: dict[str, Any] | None = None) -> bool:
 
 
 def max_rss_gb() -> float:
-    """This process's peak resident set size so far (monotone), in GB."""
+    """This process's peak resident set size in GB: ``VmHWM`` (Linux; since the last :func:`reset_peak_rss`), else
+    ``ru_maxrss`` (monotone, and inherited from the parent's address space at fork/exec, so a spawned child would
+    report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024) / GB
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, where Linux allows it (no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
     """``(result, seconds, peak_rss_delta_gb)`` of ``fn(*args)`` in this process. ``ru_maxrss`` is monotone, so
     the delta is only meaningful when the call raises the process's peak: use :func:`run_isolated` for rows
     whose memory is the point."""
+    reset_peak_rss()
     before = max_rss_gb()
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -184,6 +203,7 @@ def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, flo
 
 def _child(fn: Callable[..., Any], args: tuple, kwargs: dict, conn: Any) -> None:
     try:
+        reset_peak_rss()  # a spawned child starts with its parent's ru_maxrss; VmHWM after this is its own
         base = max_rss_gb()
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
