@@ -303,9 +303,10 @@ def row_teacher_cache(args: argparse.Namespace) -> Row:
     clip_h, clip_flops = _hours_by_op(fl["clip_ops"], n)
     vae_h, vae_flops = _hours_by_op(fl["vae_ops"], n)
     work_h = clip_h + vae_h
-    # as shipped, AlignmentTask.setup fills the cache inside the DDP fit: one rank wins the file lock and
-    # computes, the other ranks wait on it, so the node is held for the fill's wall-clock
-    node_h = NODE["gpus"] * work_h
+    # AlignmentTask.setup fills the cache inside the DDP fit, every rank encoding its own shard of the stimuli
+    # (TeacherCache.get under a process group): all GPUs of the node work, so node time = work, in 1/gpus the wall
+    wall_h = work_h / NODE["gpus"]
+    node_h = NODE["gpus"] * wall_h
     row_bytes = 2 * (Scale.clip_dim + math.prod(Scale.vae_latent))
     disk = row_bytes * n / GB
     # GPU memory of the fill: the teachers' float32 weights + the VAE's activations at its default batch
@@ -332,9 +333,10 @@ def row_teacher_cache(args: argparse.Namespace) -> Row:
         f"{(clip_flops + vae_flops) / 1e15:.0f} PFLOP; float32 outside autocast: convolutions at TF32 "
         f"{A100_TF32_TFLOPS:.0f} TFLOPS, matmuls at FP32 {A100_FP32_TFLOPS} TFLOPS, x {NODE['efficiency']} -> "
         f"CLIP {clip_h:.2f} + VAE {vae_h:.2f} = {work_h:.2f} A100-hours of work",
-        f"as shipped the fill runs inside the 8-GPU fit (one rank computes, {NODE['gpus'] - 1} wait on the lock): "
-        f"{NODE['gpus']} x {work_h:.2f} = {node_h:.2f} A100-hours of node time (counted); filling on the ranks' "
-        f"shards or on one GPU before the fit would cost {work_h:.2f}",
+        f"the fill runs inside the {NODE['gpus']}-GPU fit, sharded over the ranks (each encodes 1/{NODE['gpus']} "
+        f"of the images; rank 0 gathers and writes): {work_h:.2f} / {NODE['gpus']} = {wall_h:.3f} h wall-clock "
+        f"({wall_h * 60:.0f} min) x {NODE['gpus']} GPUs = {node_h:.2f} A100-hours of node time (counted; = the "
+        f"work, no GPU idles)",
         f"disk: ({Scale.clip_dim} + {math.prod(Scale.vae_latent):,}) float16 values x {n:,} images = "
         f"{fmt_bytes(row_bytes * n)}",
         f"RAM: every rank builds both teachers on the CPU first: {NODE['gpus']} x {max(clip_peak, vae_peak):.1f} GB "
@@ -347,8 +349,8 @@ def row_teacher_cache(args: argparse.Namespace) -> Row:
                "config, 768 px), random weights, timed on CPU; GPU-hours from FLOPs counted on the meta device",
                measured, projected(ram_gb=NODE["gpus"] * max(clip_peak, vae_peak),
                                    gpu_mem_gb=gpu_mem, disk_gb=disk, gpu_hours=node_h), arithmetic, True,
-               notes=f"{work_h:.2f} A100-h of work; {node_h:.2f} counted because {NODE['gpus'] - 1} ranks wait "
-                     "while one fills the cache; H100: "
+               notes=f"{work_h:.2f} A100-h of work, sharded over the {NODE['gpus']} ranks of the fit "
+                     f"({wall_h * 60:.0f} min wall-clock): {node_h:.2f} counted; H100: "
                      f"{h100_hours(clip_flops + vae_flops):.2f} h at bf16 peak (if the teachers ran in bf16)")
 
 

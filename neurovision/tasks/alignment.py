@@ -235,7 +235,9 @@ class AlignmentTask(BaseTask):
         store = getattr(dm, "store", None)
         if store is None:
             raise ValueError("AlignmentTask needs a datamodule with a neurovision store (data.init_args.store)")
-        cache = TeacherCache(dtype=self.cache_dtype, device=self.teacher_device)  # the rank's own; back to CPU after
+        # on the rank's own device (back to the CPU after); under DDP every rank calls get() and encodes its
+        # shard of a missing entry (TeacherCache.get: rank 0 gathers and writes, all ranks then read it)
+        cache = TeacherCache(dtype=self.cache_dtype, device=self.teacher_device)
         self.clip_targets = torch.from_numpy(np.asarray(cache.get(store, self.clip_teacher))).float()
         if self.vae_teacher is not None:
             self.vae_targets = torch.from_numpy(np.asarray(cache.get(store, self.vae_teacher))).float()
