@@ -649,14 +649,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+def shard_bounds(n: int, world_size: int, rank: int, align: int = 1) -> tuple[int, int]:
     """Rows ``[i0, i1)`` of ``rank``'s contiguous shard of ``n`` rows over ``world_size`` ranks: the shards
-    cover every row once, in rank order, and the first ``n % world_size`` shards hold one row more."""
-    if world_size < 1 or not 0 <= rank < world_size or n < 0:
-        raise ValueError(f"no shard {rank} of {n} rows over {world_size} ranks")
-    base, extra = divmod(n, world_size)
-    i0 = rank * base + min(rank, extra)
-    return i0, i0 + base + (1 if rank < extra else 0)
+    cover every row once, in rank order, and the first shards hold one unit more. The unit is ``align`` rows
+    (a shard starts at a multiple of ``align``): with the fill's batch size, every batch holds the same images as
+    in a one-process fill, so the cache does not depend on the number of ranks."""
+    if world_size < 1 or not 0 <= rank < world_size or n < 0 or align < 1:
+        raise ValueError(f"no shard {rank} of {n} rows over {world_size} ranks (align {align})")
+    units = -(-n // align)
+    base, extra = divmod(units, world_size)
+    u0 = rank * base + min(rank, extra)
+    u1 = u0 + base + (1 if rank < extra else 0)
+    return min(n, u0 * align), min(n, u1 * align)
 
 
 def _dist_context() -> tuple[int, int] | None:
@@ -826,7 +830,7 @@ class TeacherCache:
         from tqdm.auto import tqdm
 
         images = store.h5["stimuli/images"]
-        bs = int(self.batch_size or getattr(teacher, "batch_size", 64))
+        bs = self._batch_size(teacher)
         bar = tqdm(total=hi - lo, desc=f"teacher {teacher.id[:48]}", unit="img", disable=not progress)
         try:
             for i0 in range(lo, hi, bs):
@@ -881,6 +885,9 @@ class TeacherCache:
                 ds.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
                 ds.attrs["complete"] = True
 
+    def _batch_size(self, teacher: Teacher) -> int:
+        return int(self.batch_size or getattr(teacher, "batch_size", 64))
+
     def _fill_sharded(self, path: Path, store: Store, teacher: Teacher, rank: int, world: int,
                       force: bool = False) -> None:
         """Every rank encodes its shard on ``device``; global rank 0 gathers the shards (CPU arrays in the cache
@@ -889,7 +896,7 @@ class TeacherCache:
         import torch.distributed as dist
 
         n = int(store.h5["stimuli/images"].shape[0])
-        lo, hi = shard_bounds(n, world, rank)
+        lo, hi = shard_bounds(n, world, rank, align=self._batch_size(teacher))
         mine: BaseException | None = None
         try:
             with placed(teacher, self._fill_device()):

@@ -101,6 +101,21 @@ def test_shards_are_contiguous_and_cover_every_stimulus_once(n, world):
     assert sizes == sorted(sizes, reverse=True)  # the first n % world shards hold the extra row
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 124, 37000])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_aligned_shards_start_at_batch_boundaries(n, world):
+    """Aligned to the fill's batch size, the sharded fill's batches are the one-process fill's batches."""
+    bs = 16
+    bounds = [shard_bounds(n, world, r, align=bs) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (_, a1), (b0, _) in zip(bounds, bounds[1:], strict=False):
+        assert a1 == b0
+    sharded = {(i0, min(i0 + bs, i1)) for lo, i1 in bounds for i0 in range(lo, i1, bs)}
+    assert sharded == {(i0, min(i0 + bs, n)) for i0 in range(0, n, bs)}
+    sizes = [-(-(i1 - i0) // bs) for i0, i1 in bounds]  # batches per rank differ by at most one
+    assert max(sizes) - min(sizes) <= 1
+
+
 def test_shard_bounds_rejects_a_rank_outside_the_world():
     with pytest.raises(ValueError, match="shard 2 of 10 rows over 2 ranks"):
         shard_bounds(10, 2, 2)
