@@ -955,9 +955,10 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
     weights = (pr["unet"] + pr["vae"] + pr["text_encoder"]) * dtype_bytes + (pr["clip"] + pr["metric_nets"]) * 4
     act = res["activation_gb"]
     mem = weights / GB + max(act["unet"], act["vae"]) + CUDA_OVERHEAD_GB
-    # rank 0 gathers every reconstruction of a run (uint8, 768 px) before writing it: the run's RAM peak
+    # the ranks keep their share of a run's reconstructions (uint8, 768 px, every β) until the epoch ends; rank 0
+    # then gathers the stimuli and one β at a time to score and write them: the run's RAM peak over the node
     img = 3 * (8 * int(model_config("sd21_unclip_small_unet")["sample_size"])) ** 2
-    gather = max(Scale.subjects * a.items_per_subject * len(a.conditions) * (len(a.betas) + 1) * img for a in arms)
+    gather = max(Scale.subjects * a.items_per_subject * len(a.conditions) * (len(a.betas) + 2) * img for a in arms)
     disk = sum(Scale.subjects * a.items_per_subject * len(a.conditions) * len(a.betas) * img for a in arms)
     ram = gather / GB + NODE["gpus"] * (weights / GB + PROCESS_RAM_GB)
     b_meas = batches[-1]
@@ -1002,8 +1003,8 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
         f"GPU memory/GPU: weights (UNet + VAE + text encoder in {dtype_name}, CLIP + metric nets fp32) "
         f"{weights / GB:.2f} GB + max(UNet {act['unet']:.2f}, VAE decode {act['vae']:.2f}) GB activations at "
         f"{items_batch} items (x 2 CFG rows), tracked on fake tensors + {CUDA_OVERHEAD_GB} CUDA = {mem:.1f} GB",
-        f"RAM: rank 0 gathers a run's reconstructions (uint8 768 px, every β + stimuli) = {gather / GB:.0f} GB "
-        f"for the largest run + {NODE['gpus']} ranks x (weights {weights / GB:.1f} + {PROCESS_RAM_GB}) GB = "
+        f"RAM: the ranks' shares of a run's reconstructions (uint8 768 px, every β) + rank 0's gathered stimuli "
+        f"and one gathered β = {gather / GB:.0f} GB for the largest run + {NODE['gpus']} ranks x (weights {weights / GB:.1f} + {PROCESS_RAM_GB}) GB = "
         f"{ram:.0f} GB; disk (npz, uncompressed bound) {disk / GB:.0f} GB",
         f"CPU (fp32): UNet forward batch {b_meas} at 4x{latent}x{latent} {sec_meas:.1f} s ({real_flops:.3e} "
         f"FLOPs); batch 1 -> 2: FLOPs exponent {exponent:.2f} (the fits check), time exponent {t_exponent:.2f} (a shared 2-core CPU: noisy); VAE decode at {res['vae_image'][-1]} px "

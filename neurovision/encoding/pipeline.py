@@ -553,12 +553,6 @@ def _build(p: Any, cfg: Any) -> Encoder:
                    statistics=init.statistics, extraction=init.extraction, progress=init.progress)
 
 
-def encoder_from_args(args: list[str]) -> Encoder:
-    """The :class:`Encoder` that ``neurovision encode <args>`` runs (a bad argument raises)."""
-    p = _parser()
-    return _build(p, p.parse_args(args))
-
-
 def main(args: list[str]) -> int:
     p = _parser()
     try:
