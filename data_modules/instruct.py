@@ -15,7 +15,9 @@ from neurovision.instructions import (
     GENERATORS,
     InstructionType,
     Sample,
+    as_list,
     check_types,
+    concept_vocabulary,
     encode_chat,
     eval_samples,
     needed_annotations,
@@ -26,6 +28,14 @@ EvalType = Literal["caption", "description", "reasoning", "sd_prompt", "concept"
 
 def _annotations(store: Any, stimulus: int, kinds: Sequence[str]) -> dict[str, Any]:
     return {k: store.annotations(k, stimulus) for k in kinds}
+
+
+def _has(kind: str, ann: dict[str, Any]) -> bool:
+    """Whether one image's annotations hold data for an instruction type (imported data may cover only some
+    images; a COCO image may lack captions)."""
+    key = {"caption": "captions", "description": "descriptions", "reasoning": "qa", "dialogue": "dialogues",
+           "sd_prompt": "sd_prompts"}.get(kind)
+    return key is None or bool(as_list(ann[key]) if key in ("descriptions", "sd_prompts", "dialogues") else ann[key])
 
 
 class InstructionTrials(Dataset):
@@ -42,6 +52,7 @@ class InstructionTrials(Dataset):
         self.p = w / w.sum()
         self.max_length, self.seed = max_length, seed
         self.kinds = needed_annotations(self.types)
+        self.vocabulary = concept_vocabulary(trials.store) if "concept" in self.types else []
 
     def __len__(self) -> int:
         return len(self.trials)
@@ -50,8 +61,18 @@ class InstructionTrials(Dataset):
         idx, epoch = (int(i[0]), int(i[1])) if isinstance(i, tuple) else (int(i), 0)
         item = self.trials[(idx, epoch)]
         rng = np.random.default_rng((self.seed, epoch, idx, 1))
-        kind = self.types[int(rng.choice(len(self.types), p=self.p))]
-        sample = GENERATORS[kind](_annotations(self.trials.store, item["stimulus"], self.kinds), rng)
+        ann = _annotations(self.trials.store, item["stimulus"], self.kinds)
+        has = np.array([_has(t, ann) for t in self.types])
+        if not has.all():  # draw among the types this image has data for
+            if not (has * self.p).any():
+                raise ValueError(f"{self.trials.store.path}: stimulus {item['stimulus']} has no data for any of the "
+                                 f"instruction types {self.types} (YAML key data.init_args.tasks)")
+            p = has * self.p
+            kind = self.types[int(rng.choice(len(self.types), p=p / p.sum()))]
+        else:
+            kind = self.types[int(rng.choice(len(self.types), p=self.p))]
+        fn = GENERATORS[kind]
+        sample = fn(ann, rng, vocabulary=self.vocabulary) if kind == "concept" else fn(ann, rng)
         ids, labels = encode_chat(self.tokenizer, sample.messages, self.max_length)
         return {**item, "input_ids": ids, "labels": labels, "type": kind}
 
@@ -66,13 +87,14 @@ class EvalInstructions(Dataset):
                  max_items: int | None = None, shuffle_fmri: bool = False) -> None:
         self.trials, self.tokenizer, self.max_length = trials, tokenizer, max_length
         kinds = needed_annotations(types)
+        vocabulary = concept_vocabulary(trials.store) if "concept" in types else []
         n_all = len(trials)
         picked = evenly_spaced(n_all, max_items)
         n = len(picked)
         self.rows: list[tuple[int, Sample]] = []
         for i in picked.tolist():
             stim = int(trials.store.trials["stimulus"][int(trials.items[i])])
-            for s in eval_samples(_annotations(trials.store, stim, kinds), types):
+            for s in eval_samples(_annotations(trials.store, stim, kinds), types, vocabulary, key=stim):
                 self.rows.append((i, s))
         self.source = {int(i): int(i) for i in picked}  # item -> the item whose fMRI it gets
         if shuffle_fmri and n > 1:  # a derangement: no prompt keeps its own image's fMRI

@@ -67,8 +67,26 @@ def inspect_main(args: list[str]) -> int:
     parser.add_argument("--json", type=bool, default=False, help="print JSON instead of a table")
     parser.add_argument("--plot", type=str | None, default=None,
                         help="also write a PNG overview (stimuli, active patches, ROIs) to this path")
+    parser.add_argument("--stimulus", type=int | None, default=None,
+                        help="print this stimulus row's annotations (every kind, as JSON) instead of the summary")
+    parser.add_argument("--export_instructions", type=str | None, default=None,
+                        help="write the store's instruction data (descriptions, QA, dialogues, SD prompts) to this "
+                             "JSON file in the LLaVA format `prepare nsd --instructions` imports")
     cfg = parser.parse_args(args)
     s = Store(cfg.store)
+    if cfg.export_instructions:
+        from neurovision.sources.llava import export_instructions
+
+        print(f"instructions: {export_instructions(s, cfg.export_instructions)}")
+        return 0
+    if cfg.stimulus is not None:
+        n = len(s.stimulus_ids)
+        if not 0 <= cfg.stimulus < n:
+            raise ValueError(f"{cfg.store}: --stimulus {cfg.stimulus}: the store has stimulus rows 0..{n - 1}")
+        ann = {"stimulus_id": int(s.stimulus_ids[cfg.stimulus]),
+               **{k: s.annotations(k, cfg.stimulus) for k in s.annotation_kinds}}
+        print(json.dumps(ann, indent=1))
+        return 0
     summary = s.summary()
     if cfg.plot:
         from neurovision.plots import store_overview

@@ -89,6 +89,19 @@ def _chat(question: str, answer: str | None) -> list[dict[str, str]]:
     return msgs
 
 
+def as_list(value: Any) -> list[Any]:
+    """An annotation that holds one text (or one conversation) or several (imported data), as a list."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # one conversation
+        return [value]
+    return list(value or [])
+
+
+def _pick(values: Sequence[Any], rng: np.random.Generator) -> Any:
+    return values[int(rng.integers(len(values)))]
+
+
 def caption(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
     caps = ann["captions"]
     q = BRIEF_TEMPLATES[int(rng.integers(len(BRIEF_TEMPLATES)))]
@@ -98,8 +111,8 @@ def caption(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = Tru
 
 def description(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
     q = DETAILED_TEMPLATES[int(rng.integers(len(DETAILED_TEMPLATES)))]
-    return Sample("description", _chat(q, ann["descriptions"] if answer else None),
-                  {"references": [ann["descriptions"]]})
+    refs = as_list(ann["descriptions"])
+    return Sample("description", _chat(q, _pick(refs, rng) if answer else None), {"references": refs})
 
 
 def reasoning(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
@@ -109,7 +122,8 @@ def reasoning(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = T
 
 
 def dialogue(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
-    turns = ann["dialogues"]
+    convs = as_list(ann["dialogues"])
+    turns = _pick(convs, rng) if convs else []
     msgs: list[dict[str, str]] = []
     for i, t in enumerate(turns):
         role = "user" if t["from"] == "human" else "assistant"
@@ -122,35 +136,37 @@ def dialogue(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = Tr
 
 def sd_prompt(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True) -> Sample:
     q = SD_PROMPT_TEMPLATES[int(rng.integers(len(SD_PROMPT_TEMPLATES)))]
-    return Sample("sd_prompt", _chat(q, ann["sd_prompts"] if answer else None), {"references": [ann["sd_prompts"]]})
+    refs = as_list(ann["sd_prompts"])
+    return Sample("sd_prompt", _chat(q, _pick(refs, rng) if answer else None), {"references": refs})
 
 
-def _where(obj: Mapping[str, Any]) -> str:
+def _where(box: Sequence[float]) -> str:
+    from neurovision.sources.coco import cell_of
     from neurovision.sources.scenes import POSITIONS
 
-    return POSITIONS[int(obj["position"])]
+    return POSITIONS[cell_of(box)]
 
 
-def concept_answer(objects: Sequence[Mapping[str, Any]], concept: str) -> str:
-    """Where a concept word occurs in a scene, in words (or that it is absent)."""
-    hits = [o for o in objects if concept in (o["shape"], o["colour"], o["size"])]
+def concept_answer(boxes: Sequence[Mapping[str, Any]], concept: str) -> str:
+    """Where a concept word occurs in an image (its ``boxes`` annotation: ``label``, ``box``, ``concepts``), in
+    words: the 3x3 cell of each box carrying the concept, with the box's label; or that it is absent."""
+    hits = [b for b in boxes if concept in b["concepts"]]
     if not hits:
         return f"There is no {concept} in the image."
     return "The concept of {} is at the {}.".format(concept, " and at the ".join(
-        f"{_where(o)} ({o['size']} {o['colour']} {o['shape']})" for o in hits))
+        f"{_where(b['box'])} ({b['label']})" for b in hits))
 
 
 def concept(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = True,
             vocabulary: Sequence[str] | None = None) -> Sample:
-    """"Locate the concept of <x>": half the time a concept of the scene, otherwise any concept word."""
-    from neurovision.sources.scenes import CONCEPTS
-
-    vocab = list(vocabulary or CONCEPTS)
+    """"Locate the concept of <x>": half the time a concept of the image, otherwise any word of the store's
+    concept vocabulary (``vocabulary``; the image's own concepts when none is given)."""
     present = list(ann["concepts"])
-    word = present[int(rng.integers(len(present)))] if present and rng.random() < 0.5 \
-        else vocab[int(rng.integers(len(vocab)))]
+    vocab = list(vocabulary or present)
+    word = present[int(rng.integers(len(present)))] if present and (rng.random() < 0.5 or not vocab) \
+        else vocab[int(rng.integers(len(vocab)))] if vocab else ""
     q = CONCEPT_TEMPLATES[int(rng.integers(len(CONCEPT_TEMPLATES)))].format(concept=word)
-    a = concept_answer(ann["scenes"], word)
+    a = concept_answer(ann["boxes"], word)
     return Sample("concept", _chat(q, a if answer else None), {"concept": word, "answer": a})
 
 
@@ -161,33 +177,60 @@ GENERATORS: dict[str, Callable[..., Sample]] = {
 # the annotation kinds each generator reads
 NEEDS: dict[str, tuple[str, ...]] = {
     "caption": ("captions",), "description": ("descriptions",), "reasoning": ("qa",), "dialogue": ("dialogues",),
-    "sd_prompt": ("sd_prompts",), "concept": ("concepts", "scenes"),
+    "sd_prompt": ("sd_prompts",), "concept": ("concepts", "boxes"),
 }
+MAX_EVAL_CONCEPTS = 12  # concept prompts per evaluated image; a larger vocabulary is subsampled (see eval_samples)
 
 
-def eval_samples(ann: Mapping[str, Any], types: Sequence[str]) -> list[Sample]:
-    """The deterministic evaluation prompts of one image: the first template of each type, every QA pair, and
-    every concept word of the vocabulary for ``concept``; each sample ends with its reference answer."""
-    from neurovision.sources.scenes import CONCEPTS
+def concept_vocabulary(store: Any) -> list[str]:
+    """The store's concept words: ``extras/concept_names`` (the phantom's words, COCO's categories on NSD), else
+    every word of the ``concepts`` annotations, else none."""
+    if "concept_names" in store.extras:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in store.extra("concept_names")]
+    if "concepts" in store.annotation_kinds:
+        return sorted({w for ws in store.annotations("concepts") for w in ws})
+    return []
 
+
+def eval_concepts(present: Sequence[str], vocabulary: Sequence[str], key: int) -> list[str]:
+    """The concept words one image is evaluated on: the whole vocabulary when it has at most
+    :data:`MAX_EVAL_CONCEPTS` words; otherwise up to half of that from the image's concepts and the rest drawn
+    from the words it lacks, by a generator seeded with ``key`` (the stimulus), so every run asks the same."""
+    vocab = list(vocabulary) or list(present)
+    if len(vocab) <= MAX_EVAL_CONCEPTS:
+        return vocab
+    rng = np.random.default_rng((int(key), 7))
+    have = [w for w in vocab if w in present]
+    have = [have[i] for i in sorted(rng.choice(len(have), min(len(have), MAX_EVAL_CONCEPTS // 2), replace=False))]
+    lack = [w for w in vocab if w not in present]
+    lack = [lack[i] for i in sorted(rng.choice(len(lack), min(len(lack), MAX_EVAL_CONCEPTS - len(have)),
+                                               replace=False))]
+    return [w for w in vocab if w in have or w in lack]
+
+
+def eval_samples(ann: Mapping[str, Any], types: Sequence[str], vocabulary: Sequence[str] = (),
+                 key: int = 0) -> list[Sample]:
+    """The deterministic evaluation prompts of one image (``key``: its stimulus index): the first template of each
+    type, every QA pair, and the concept words of :func:`eval_concepts` for ``concept``; each sample ends with its
+    reference answer (the first one where there are several)."""
     out: list[Sample] = []
     for t in types:
         if t == "caption":
             q, refs = BRIEF_TEMPLATES[0], list(ann["captions"])
-            out.append(Sample(t, _chat(q, refs[0]), {"question": q, "references": refs}))
-        elif t == "description":
-            q = DETAILED_TEMPLATES[0]
-            out.append(Sample(t, _chat(q, ann["descriptions"]), {"question": q, "references": [ann["descriptions"]]}))
-        elif t == "sd_prompt":
-            q = SD_PROMPT_TEMPLATES[0]
-            out.append(Sample(t, _chat(q, ann["sd_prompts"]), {"question": q, "references": [ann["sd_prompts"]]}))
+            if refs:
+                out.append(Sample(t, _chat(q, refs[0]), {"question": q, "references": refs}))
+        elif t in ("description", "sd_prompt"):
+            q = DETAILED_TEMPLATES[0] if t == "description" else SD_PROMPT_TEMPLATES[0]
+            refs = as_list(ann["descriptions" if t == "description" else "sd_prompts"])
+            if refs:
+                out.append(Sample(t, _chat(q, refs[0]), {"question": q, "references": refs}))
         elif t == "reasoning":
             for p in ann["qa"]:
                 out.append(Sample(t, _chat(p["q"], p["a"]), {"question": p["q"], "answer": p["a"], "qtype": p["type"]}))
         elif t == "concept":
-            for c in CONCEPTS:
+            for c in eval_concepts(ann["concepts"], vocabulary, key):
                 q = CONCEPT_TEMPLATES[0].format(concept=c)
-                a = concept_answer(ann["scenes"], c)
+                a = concept_answer(ann["boxes"], c)
                 out.append(Sample(t, _chat(q, a), {"question": q, "answer": a, "qtype": "concept", "concept": c}))
         else:
             raise ValueError(f"evaluation type {t!r} unknown (YAML key data.init_args.eval_tasks)")
@@ -208,7 +251,9 @@ def check_types(types: Sequence[str], annotation_kinds: Sequence[str], source: s
         missing = [k for k in NEEDS[t] if k not in annotation_kinds]
         if missing:
             raise ValueError(f"{source}: field 'annotations/{missing[0]}': missing, needed by instruction type "
-                             f"{t!r}; available: {list(annotation_kinds)}")
+                             f"{t!r}; available: {list(annotation_kinds)} (an NSD store has them when converted "
+                             "with COCO's instances files or --instructions; to train captions only add -c "
+                             "experiments/presets/stage2_instruct_captions_only.yaml)")
 
 
 # ------------------------------------------------------------------------------------------ tokenisation
@@ -269,16 +314,16 @@ def corpus(annotations: Mapping[str, Sequence[Any]]) -> list[str]:
             if kind == "captions":
                 out += list(v)
             elif kind in ("descriptions", "sd_prompts"):
-                out.append(v)
+                out += as_list(v)
             elif kind == "qa":
                 out += [f"{p['q']} {p['a']}" for p in v]
             elif kind == "dialogues":
-                out.append(" ".join(t["value"] for t in v))
+                out += [" ".join(t["value"] for t in conv) for conv in as_list(v)]
     return out
 
 
 __all__ = [
     "BRIEF_TEMPLATES", "DETAILED_TEMPLATES", "FMRI_TOKEN", "GENERATORS", "IGNORE_INDEX", "INSTRUCTION_TYPES",
-    "Sample", "chat_pieces", "check_types", "concept_answer", "corpus", "encode_chat", "eval_samples",
+    "Sample", "as_list", "chat_pieces", "check_types", "concept_answer", "concept_vocabulary", "corpus", "eval_concepts", "encode_chat", "eval_samples",
     "needed_annotations",
 ]

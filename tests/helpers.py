@@ -11,6 +11,17 @@ TINY_CLIP = {  # a random-weight open_clip model config (nothing downloaded)
 }
 
 
+def run_dirs(d) -> list[str]:
+    """CLI options sending a run's logs and checkpoints under ``d`` (no progress bar, no model summary)."""
+    return [f"--trainer.default_root_dir={d}", f"--trainer.logger.init_args.save_dir={d}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def last_version(d):
+    """The newest ``<d>/tb/version_N`` folder."""
+    return sorted((d / "tb").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+
+
 def run_cli(args: list[str]) -> int:
     """``neurovision <args>`` in-process; the exit code (LightningCLI/jsonargparse exit via SystemExit)."""
     try:

@@ -24,7 +24,7 @@ def _ann(seed: int = 0) -> dict:
     s = scenes.sample_scene(rng)
     return {"captions": scenes.captions(s), "descriptions": scenes.description(s), "qa": scenes.qa(s),
             "dialogues": scenes.dialogue(s, rng), "sd_prompts": scenes.sd_prompt(s),
-            "concepts": scenes.concepts(s), "scenes": s.to_json()}
+            "concepts": scenes.concepts(s), "boxes": scenes.boxes(s)}
 
 
 def test_template_banks_have_the_papers_sizes():
@@ -35,7 +35,8 @@ def test_template_banks_have_the_papers_sizes():
 @pytest.mark.parametrize("kind", ins.INSTRUCTION_TYPES)
 def test_every_generator_puts_one_fmri_placeholder_first_and_answers_from_the_annotations(kind):
     ann = _ann(3)
-    s = ins.GENERATORS[kind](ann, np.random.default_rng(1))
+    kw = {"vocabulary": scenes.CONCEPTS} if kind == "concept" else {}
+    s = ins.GENERATORS[kind](ann, np.random.default_rng(1), **kw)
     assert s.type == kind
     assert s.messages[0]["role"] == "user" and s.messages[0]["content"].startswith(ins.FMRI_TOKEN)
     assert sum(m["content"].count(ins.FMRI_TOKEN) for m in s.messages) == 1
@@ -59,12 +60,26 @@ def test_every_generator_puts_one_fmri_placeholder_first_and_answers_from_the_an
 
 
 def test_concept_answer_names_the_position_of_each_object_with_the_concept():
-    objs = [{"shape": "circle", "colour": "red", "size": "small", "position": 0},
-            {"shape": "square", "colour": "red", "size": "large", "position": 8}]
+    objs = scenes.boxes(scenes.Scene((scenes.SceneObject("circle", "red", "small", 0),
+                                      scenes.SceneObject("square", "red", "large", 8, dx=0.03, dy=-0.03))))
     a = ins.concept_answer(objs, "red")
-    assert "top left" in a and "bottom right" in a
+    assert a == "The concept of red is at the top left (small red circle) and at the bottom right (large red square)."
     assert "bottom right" in ins.concept_answer(objs, "square") and "top left" not in ins.concept_answer(objs, "square")
     assert ins.concept_answer(objs, "blue") == "There is no blue in the image."
+    # a COCO box: the cell of its centre, its category as the label
+    coco = [{"label": "dog", "box": [0.62, 0.0, 0.99, 0.3], "concepts": ["dog"]}]
+    assert ins.concept_answer(coco, "dog") == "The concept of dog is at the top right (dog)."
+
+
+def test_concept_eval_words_are_the_small_vocabulary_or_a_fixed_half_present_draw():
+    small = list(scenes.CONCEPTS)
+    assert ins.eval_concepts(["red"], small, key=3) == small
+    vocab = [f"w{i}" for i in range(80)]
+    present = ["w3", "w40", "w41"]
+    words = ins.eval_concepts(present, vocab, key=5)
+    assert len(words) == ins.MAX_EVAL_CONCEPTS and set(present) <= set(words)
+    assert words == ins.eval_concepts(present, vocab, key=5)  # the same every run
+    assert words != ins.eval_concepts(present, vocab, key=6)  # another image asks about other absent words
 
 
 def test_labels_cover_exactly_the_assistant_answers(tokenizer):
@@ -142,8 +157,8 @@ def test_eval_samples_are_deterministic_and_cover_every_question():
     from neurovision.instructions import eval_samples
 
     ann = _ann(9)
-    a = eval_samples(ann, ["caption", "reasoning", "concept"])
-    b = eval_samples(ann, ["caption", "reasoning", "concept"])
+    a = eval_samples(ann, ["caption", "reasoning", "concept"], scenes.CONCEPTS)
+    b = eval_samples(ann, ["caption", "reasoning", "concept"], scenes.CONCEPTS)
     assert [s.messages for s in a] == [s.messages for s in b]
     assert sum(s.type == "reasoning" for s in a) == len(ann["qa"])
     assert sum(s.type == "concept" for s in a) == len(scenes.CONCEPTS)

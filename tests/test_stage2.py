@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import last_version, run_cli, run_dirs
 
 S1 = ["-c", "experiments/stage1_vit3d.yaml", "-c", "experiments/presets/stage1_vit3d_tiny.yaml"]
 S2 = ["-c", "experiments/stage2_instruct.yaml", "-c", "experiments/presets/stage2_instruct_tiny.yaml"]
 PHASE_A = ["-c", "experiments/presets/stage2_instruct_phase_a.yaml"]
 
 
-def _root(d: Path) -> list[str]:
-    return [f"--trainer.default_root_dir={d}", f"--trainer.logger.init_args.save_dir={d}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def _version(d: Path) -> Path:
-    return sorted((d / "tb").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+_root = run_dirs
+_version = last_version
 
 
 @pytest.fixture(scope="module")

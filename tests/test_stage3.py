@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import last_version, run_cli, run_dirs
 
 S1 = ["-c", "experiments/stage1_vit3d.yaml", "-c", "experiments/presets/stage1_vit3d_tiny.yaml"]
 S3 = ["-c", "experiments/stage3_reconstruct.yaml", "-c", "experiments/presets/stage3_reconstruct_tiny.yaml"]
 CLIP_DIM = 128  # experiments/teachers/tiny_clip.json
 
 
-def _root(d: Path) -> list[str]:
-    return [f"--trainer.default_root_dir={d}", f"--trainer.logger.init_args.save_dir={d}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def _version(d: Path) -> Path:
-    return sorted((d / "tb").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+_root = run_dirs
+_version = last_version
 
 
 def _tiny_vae():

@@ -55,7 +55,7 @@ SWEEP_YAML = REPO / "experiments" / "sweeps" / "beta_nsd.yaml"
 FMRI_TOKENS = 1 + Scale.active_patches  # CLS + active patches: the ViT3D's penultimate token states
 TEXT_TOKENS = 120        # text tokens of one training conversation (chat headers + instruction + answer)
 PROMPT_TOKENS = 40       # text tokens of one evaluation prompt (chat headers + question + generation prompt)
-QA_PER_IMAGE = 5         # reasoning questions per test image (NSD has no QA yet, issue 4: assumed)
+QA_PER_IMAGE = 12        # reasoning questions per NSD test image (sources/coco.py asks at most 15; assumed ~3 categories)
 A100_HBM_TBPS = 2.039    # A100-80GB HBM2e bandwidth (public spec); decoding streams the weights each step
 CUDA_OVERHEAD_GB = 2.0   # CUDA context + allocator/cuBLAS workspaces per process (estimate)
 PROCESS_RAM_GB = 4.0     # host RAM of one rank besides its model copy: interpreter, CUDA host state, loaders
@@ -154,10 +154,10 @@ def stage2_settings(main: Path = STAGE2_YAML, phase_a: Path = PHASE_A_YAML) -> d
 def eval_prompts_per_item(tasks: Sequence[str]) -> int:
     """Evaluation prompts per (subject, image) item, as :func:`neurovision.instructions.eval_samples` makes them:
     one per caption/description/sd_prompt, every QA pair for reasoning (:data:`QA_PER_IMAGE`, assumed), every
-    concept word for concept."""
-    from neurovision.sources.scenes import CONCEPTS
+    concept word evaluated per image for concept (:data:`~neurovision.instructions.MAX_EVAL_CONCEPTS` of COCO's 80)."""
+    from neurovision.instructions import MAX_EVAL_CONCEPTS
 
-    per = {"caption": 1, "description": 1, "sd_prompt": 1, "reasoning": QA_PER_IMAGE, "concept": len(CONCEPTS)}
+    per = {"caption": 1, "description": 1, "sd_prompt": 1, "reasoning": QA_PER_IMAGE, "concept": MAX_EVAL_CONCEPTS}
     unknown = [t for t in tasks if t not in per]
     if unknown:
         raise ValueError(f"{STAGE2_YAML}: data.init_args.eval_tasks: unknown type {unknown[0]!r}")

@@ -6,6 +6,7 @@ Reads the public NSD layout under ``root``::
     nsddata/experiments/nsd/nsd_stim_info_merged.csv       nsdId (0-based), cocoId, cocoSplit, shared1000
     nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5           imgBrick uint8 (73000, 425, 425, 3)
     nsddata_stimuli/stimuli/nsd/annotations/captions_{train,val}2017.json   COCO captions (optional)
+    nsddata_stimuli/stimuli/nsd/annotations/instances_{train,val}2017.json  COCO objects (optional)
     nsddata/ppdata/subjXX/func1pt8mm/roi/nsdgeneral.nii.gz NIfTI X*Y*Z: -1 outside brain, 0 brain, 1 ROI
     nsddata/ppdata/subjXX/func1pt8mm/brainmask.nii.gz      optional
     nsddata_betas/ppdata/subjXX/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_sessionYY.hdf5
@@ -15,6 +16,12 @@ Every subject's single-trial betas (divided by 300, optionally z-scored per voxe
 outside the brain mask when one exists) are resized trilinearly onto subject ``grid_subject``'s grid (the
 paper's choice: subj01, 81x104x83), padded to a multiple of ``patch_size`` and stored as the patches that
 touch the union of the subjects' nsdgeneral ROIs. One session is in memory at a time.
+
+Annotations: the COCO captions (the brief-caption references) and, when the COCO instances files are present,
+every other instruction type's data derived from the object boxes seen through each image's ``cropBox``
+(:mod:`neurovision.sources.coco`: ``boxes``, ``concepts``, ``qa``, ``dialogues``, templated ``descriptions``
+and ``sd_prompts``; the concept vocabulary, ``extras/concept_names``, is COCO's 80 categories). Instruction
+data in the LLaVA format (``instructions``) is merged in (:mod:`neurovision.sources.llava`).
 
 Splits are per image, so all repeats of an image share one: shared1000 is ``test``; ``val`` is a held-out slice
 of each subject's own training images (``val_fraction``, 3 % by default, drawn per subject with ``seed``, see
@@ -27,7 +34,7 @@ import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -35,7 +42,7 @@ import numpy as np
 from neurovision.sources import log, up_to_date
 from neurovision.store import StoreError, StoreWriter, fingerprint
 
-CONVERTER_VERSION = "2"  # 2: the val images are drawn per subject (val_fraction 0.03 by default)
+CONVERTER_VERSION = "3"  # 2: per-subject val images; 3: instruction annotations from COCO instances
 N_NSD_SUBJECTS = 8
 _TRIAL_BATCH = 32  # trials resampled at once
 _STIM_BATCH = 64  # images copied at once
@@ -60,6 +67,11 @@ def stimuli_path(root: Path) -> Path:
 def captions_paths(root: Path) -> list[Path]:
     d = root / "nsddata_stimuli" / "stimuli" / "nsd" / "annotations"
     return [d / "captions_train2017.json", d / "captions_val2017.json"]
+
+
+def instances_paths(root: Path) -> list[Path]:
+    d = root / "nsddata_stimuli" / "stimuli" / "nsd" / "annotations"
+    return [d / "instances_train2017.json", d / "instances_val2017.json"]
 
 
 def nsdgeneral_path(root: Path, subject: int) -> Path:
@@ -130,8 +142,8 @@ def _load_expdesign(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, subjectim, shared
 
 
-def _load_stim_info(path: Path) -> dict[int, tuple[int, str]]:
-    """nsdId -> (cocoId, cocoSplit)."""
+def _load_stim_info(path: Path) -> dict[int, tuple[int, str, str | None]]:
+    """nsdId -> (cocoId, cocoSplit, cropBox text or None when the column is absent)."""
     import pandas as pd
 
     _need_file(path, "<file>", "NSD stimulus info")
@@ -140,7 +152,8 @@ def _load_stim_info(path: Path) -> dict[int, tuple[int, str]]:
         if col not in df.columns:
             raise StoreError(path, col, f"missing column (found {list(df.columns)[:12]})")
     split = df["cocoSplit"].astype(str) if "cocoSplit" in df.columns else pd.Series([""] * len(df))
-    return {int(n): (int(c), s) for n, c, s in zip(df["nsdId"], df["cocoId"], split, strict=True)}
+    crop = df["cropBox"].astype(str) if "cropBox" in df.columns else pd.Series([None] * len(df))
+    return {int(n): (int(c), s, b) for n, c, s, b in zip(df["nsdId"], df["cocoId"], split, crop, strict=True)}
 
 
 def _load_captions(paths: Sequence[Path], coco_ids: Sequence[int]) -> list[list[str]]:
@@ -165,6 +178,62 @@ def _load_captions(paths: Sequence[Path], coco_ids: Sequence[int]) -> list[list[
     if missing:
         warnings.warn(f"{present[0].parent}: {missing} stimuli have no COCO caption", UserWarning, stacklevel=3)
     return [by_image.get(int(c), []) for c in coco_ids]
+
+
+_DERIVED_TYPES = ("description", "reasoning", "dialogue", "sd_prompt", "concept")
+
+
+def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, str | None]], stim_ids: np.ndarray,
+                 coco_ids: np.ndarray, captions: list[list[str]], seed: int, instructions: str | None,
+                 skip_unmatched: bool) -> tuple[dict[str, list[Any]], list[str] | None]:
+    """Every annotation kind per stimulus (captions, the COCO-derived kinds, the imported instruction data) and
+    the concept vocabulary (COCO's categories; None without the instances files)."""
+    from neurovision.instructions import NEEDS
+    from neurovision.sources import coco, llava
+
+    ann: dict[str, list[Any]] = {"captions": captions}
+    vocabulary: list[str] | None = None
+    inst_p = [p for p in instances_paths(root) if p.is_file()]
+    if inst_p:
+        inst = coco.load_instances(inst_p, coco_ids.tolist())
+        vocabulary = inst.categories
+        missing = sum(1 for c in coco_ids if int(c) not in inst.images)
+        if missing:
+            warnings.warn(f"{inst_p[0].parent}: {missing} stimuli are not in the COCO instances files; they get no "
+                          "objects", UserWarning, stacklevel=3)
+        per = []
+        for nsd_id, c in zip(stim_ids.tolist(), coco_ids.tolist(), strict=True):
+            crop_text = info[int(nsd_id)][2]
+            if crop_text is None:
+                raise StoreError(info_path, "cropBox", "missing column (needed to map COCO boxes into the stimuli)")
+            objs = coco.objects_in_view(inst, int(c), coco.parse_crop_box(crop_text, info_path, int(nsd_id)))
+            per.append(coco.annotate(objs, captions[len(per)], vocabulary,
+                                     np.random.default_rng((int(seed), int(nsd_id)))))
+        ann.update({k: [a[k] for a in per] for k in coco.DERIVED_KINDS})
+    if instructions is not None:
+        row_of = {int(i): r for r, i in enumerate(stim_ids.tolist())}
+        nsd_of_coco = {v[0]: k for k, v in info.items()}
+
+        def resolve(field: str, ident: int) -> int | None:
+            nsd_id = ident if field == "nsd_id" else nsd_of_coco.get(ident)
+            if nsd_id is None:
+                raise KeyError(f"COCO image {ident} is not one of NSD's images")
+            if nsd_id not in info:
+                raise KeyError(f"nsdId {nsd_id} is not an NSD image (see {info_path.name})")
+            return row_of.get(nsd_id)  # None: an NSD image no converted subject saw
+
+        imported = llava.read_instructions(instructions, resolve, skip_unmatched=skip_unmatched)
+        log.info("nsd: %d instruction entries imported from %s (%s), %d skipped (images not in this store)",
+                 imported.n_entries - imported.n_skipped, instructions, ", ".join(imported.kinds) or "nothing",
+                 imported.n_skipped)
+        ann = llava.merge(ann, imported, len(stim_ids))
+    unavailable = [t for t in _DERIVED_TYPES if any(k not in ann for k in NEEDS[t])]
+    if unavailable:
+        warnings.warn(f"{instances_paths(root)[0].parent}: COCO instances files (instances_train2017.json, "
+                      f"instances_val2017.json) not found: instruction types {unavailable} are unavailable in this "
+                      "store; train captions only with -c experiments/presets/stage2_instruct_captions_only.yaml",
+                      UserWarning, stacklevel=3)
+    return ann, vocabulary
 
 
 def _load_nifti(path: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -293,6 +362,8 @@ def prepare(
     image_size: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
+    instructions: str | None = None,
+    instructions_unmatched: Literal["error", "skip"] = "error",
     force: bool = False,
 ) -> Path:
     """Convert the Natural Scenes Dataset at ``root`` into a neurovision store at ``out``.
@@ -309,7 +380,12 @@ def prepare(
         val_fraction: the validation split (``--val_fraction``): this fraction of each subject's training images
             (never shared1000), with all their repeats, drawn per subject (at least 2 images each; 0 = no val split,
             and checkpoints monitoring a val metric find none).
-        seed: seed of the val-image draw (same seed, same split).
+        seed: seed of the val-image draw (same seed, same split) and of the derived QA/dialogue picks.
+        instructions: a LLaVA-format JSON file of instruction data to import (see :mod:`neurovision.sources.llava`):
+            entries naming images by ``nsd_id``, ``coco_id``, ``image`` or ``id``.
+        instructions_unmatched: ``error``: an entry naming an image NSD does not have is an error; ``skip``: such
+            entries are skipped and counted (to import a superset such as LLaVA-Instruct-150K). Entries naming
+            NSD images no converted subject saw are always skipped.
         force: rebuild even when an up-to-date store exists at ``out``.
     """
     from tqdm.auto import tqdm
@@ -342,12 +418,19 @@ def prepare(
     mask_p = {s: brainmask_path(root, s) for s in subjects if brainmask_path(root, s).is_file()}
     sess_p = {s: _session_files(root, s, sessions) for s in subjects}
     cap_p = [p for p in captions_paths(root) if p.is_file()]
+    inst_p = [p for p in instances_paths(root) if p.is_file()]
+    if instructions is not None:
+        _need_file(Path(instructions), "instructions", "LLaVA-format instruction data")
+    if instructions_unmatched not in ("error", "skip"):
+        raise ValueError(f"instructions_unmatched must be 'error' or 'skip', got {instructions_unmatched!r}")
     options: dict[str, Any] = {
         "root": str(root.resolve()), "subjects": subjects, "sessions": sessions, "patch_size": patch_size,
         "grid_subject": grid_subject, "zscore": zscore, "image_size": image_size,
-        "val_fraction": val_fraction, "seed": seed,
+        "val_fraction": val_fraction, "seed": seed, "instructions": instructions,
+        "instructions_unmatched": instructions_unmatched,
     }
-    files = [design_p, info_p, stim_p, *roi_p.values(), *mask_p.values(), *cap_p,
+    files = [design_p, info_p, stim_p, *roi_p.values(), *mask_p.values(), *cap_p, *inst_p,
+             *([Path(instructions)] if instructions is not None else []),
              *(p for ps in sess_p.values() for p in ps)]
     fp = fingerprint({"converter_version": CONVERTER_VERSION, **options}, files)
     if up_to_date(out, fp, force):
@@ -396,6 +479,8 @@ def prepare(
         raise StoreError(info_p, "nsdId", f"{len(missing)} used images missing, e.g. nsdId {missing[0]}")
     coco_ids = np.array([info[int(i)][0] for i in stim_ids], dtype=np.int64)
     captions = _load_captions(captions_paths(root), coco_ids.tolist())
+    annotations, vocabulary = _annotations(root, info_p, info, stim_ids, coco_ids, captions, seed, instructions,
+                                           instructions_unmatched == "skip")
 
     # ---- common grid and active patches
     grid_shape = rois[grid_subject][0].shape
@@ -439,7 +524,10 @@ def prepare(
                 bar.update(1)
         bar.close()
         _write_stimuli(w, stim_p, stim_ids, image_size)
-        w.set_annotations("captions", captions)
+        for kind, values in annotations.items():
+            w.set_annotations(kind, values)
+        if vocabulary is not None:
+            w.set_extra("concept_names", np.array(vocabulary, dtype=object).astype("S"))
         w.set_extra("coco_ids", coco_ids)
         w.set_extra("shared1000", np.isin(stim_ids, shared).astype(np.uint8))
     return out

@@ -35,7 +35,7 @@ from neurovision.preprocessing import GridSpec, resample, resize_grid_affine, to
 from neurovision.sources import scenes, up_to_date
 from neurovision.store import SPLITS, Store, StoreWriter, fingerprint
 
-CONVERTER_VERSION = "phantom-2"  # 2: the shared test scenes are distinct
+CONVERTER_VERSION = "phantom-3"  # 2: the shared test scenes are distinct; 3: boxes carry a label
 _RF = 6  # receptive fields per image axis for the retinotopic term
 
 

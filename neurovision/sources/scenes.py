@@ -123,12 +123,13 @@ def render(scene: Scene, size: int) -> np.ndarray:
 
 
 def boxes(scene: Scene) -> list[dict[str, Any]]:
-    """Object boxes (x0, y0, x1, y1 as image fractions) with their concept words."""
+    """Object boxes (x0, y0, x1, y1 as image fractions) with their label and concept words."""
     out = []
     for o in scene.objects:
         cx, cy = o.centre
         r = 0.14 if o.size == "large" else 0.075
-        out.append({"box": [round(cx - r, 4), round(cy - r, 4), round(cx + r, 4), round(cy + r, 4)],
+        out.append({"label": f"{o.size} {o.colour} {o.shape}",
+                    "box": [round(cx - r, 4), round(cy - r, 4), round(cx + r, 4), round(cy + r, 4)],
                     "concepts": [o.colour, o.shape, o.size]})
     return out
 
@@ -159,14 +160,22 @@ def description(scene: Scene) -> str:
         s.append(f"{o.phrase.capitalize()} there is a {o.size} {o.colour} {o.shape}.")
     if n == 2:
         a, b = objs
-        (ax, ay), (bx, by) = a.centre, b.centre
-        if abs(ay - by) > 0.2:
-            upper, lower = (a, b) if ay < by else (b, a)
-            s.append(f"The {upper.colour} {upper.shape} is above the {lower.colour} {lower.shape}.")
-        if abs(ax - bx) > 0.2:
-            left, right = (a, b) if ax < bx else (b, a)
-            s.append(f"The {left.colour} {left.shape} is to the left of the {right.colour} {right.shape}.")
+        s += relations(f"{a.colour} {a.shape}", a.centre, f"{b.colour} {b.shape}", b.centre)
     return " ".join(s)
+
+
+def relations(a: str, a_centre: tuple[float, float], b: str, b_centre: tuple[float, float]) -> list[str]:
+    """'The <a> is above the <b>.' and 'The <a> is to the left of the <b>.' (either way round) where the centres
+    (x, y as image fractions) are more than 0.2 apart along that axis."""
+    (ax, ay), (bx, by) = a_centre, b_centre
+    out = []
+    if abs(ay - by) > 0.2:
+        upper, lower = (a, b) if ay < by else (b, a)
+        out.append(f"The {upper} is above the {lower}.")
+    if abs(ax - bx) > 0.2:
+        left, right = (a, b) if ax < bx else (b, a)
+        out.append(f"The {left} is to the left of the {right}.")
+    return out
 
 
 def qa(scene: Scene) -> list[dict[str, str]]:

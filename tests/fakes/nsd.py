@@ -23,6 +23,11 @@ DEFAULT_SHAPES: dict[int, tuple[int, int, int]] = {1: (12, 14, 11), 2: (11, 13, 
 OTHER_SHAPE = (12, 13, 11)
 IMAGE_SIZE = 16
 N_DESIGN_SUBJECTS = 8
+#: a few of COCO's 80 categories, with their real ids
+CATEGORIES: dict[int, str] = {1: "person", 2: "bicycle", 3: "car", 6: "bus", 16: "bird", 17: "cat", 18: "dog",
+                              38: "kite", 44: "bottle", 62: "chair", 67: "dining table"}
+LANDSCAPE_CROP = "(0, 0, 0.125, 0.125)"  # (top, bottom, left, right): 640x480 -> the central 480x480
+PORTRAIT_CROP = "(0.125, 0.125, 0, 0)"  # 480x640 -> the central 480x480
 
 
 def _affine(subject: int, shape_xyz: Sequence[int]) -> np.ndarray:
@@ -41,6 +46,34 @@ def _brain_and_roi(shape_xyz: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return brain, roi
 
 
+def _write_instances(d: Path, coco_ids: np.ndarray, coco_split: np.ndarray, landscape: np.ndarray, planted_at: int,
+                     planted: Sequence[tuple[str, Sequence[float], bool]] | None, rng: np.random.Generator) -> None:
+    by_name = {v: k for k, v in CATEGORIES.items()}
+    cats = [{"id": k, "name": v, "supercategory": "thing"} for k, v in CATEGORIES.items()]
+    for split in ("train2017", "val2017"):
+        images, anns = [], []
+        for i in np.flatnonzero(coco_split == split):
+            w, h = (640, 480) if landscape[i] else (480, 640)
+            images.append({"id": int(coco_ids[i]), "width": w, "height": h, "file_name": f"{int(coco_ids[i]):012d}.jpg"})
+            if i == planted_at and planted is not None:
+                objs = [(by_name[c], [float(v) for v in box], bool(crowd)) for c, box, crowd in planted]
+            else:
+                objs = []
+                for _ in range(int(rng.integers(0, 5))):
+                    bw, bh = rng.uniform(0.1, 0.6) * w, rng.uniform(0.1, 0.6) * h
+                    x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+                    objs.append((int(rng.choice(list(CATEGORIES))), [round(x, 2), round(y, 2), round(bw, 2),
+                                                                     round(bh, 2)], False))
+            for cat, box, crowd in objs:
+                anns.append({"id": len(anns) + 1, "image_id": int(coco_ids[i]), "category_id": cat, "bbox": box,
+                             "area": box[2] * box[3], "iscrowd": int(crowd), "segmentation": []})
+        anns.append({"id": len(anns) + 1, "image_id": 999_999_999, "category_id": 1, "bbox": [0, 0, 9, 9],
+                     "area": 81, "iscrowd": 0, "segmentation": []})  # a COCO image not in NSD
+        doc = {"info": {"description": "fake COCO 2017"}, "licenses": [], "images": images, "annotations": anns,
+               "categories": cats}
+        (d / f"instances_{split}.json").write_text(json.dumps(doc))
+
+
 def make_fake_nsd(
     root: Path,
     subjects: Sequence[int] = (1, 2),
@@ -48,11 +81,17 @@ def make_fake_nsd(
     trials_per_session: int = 750,
     shapes: dict[int, tuple[int, int, int]] | None = None,
     seed: int = 0,
+    instances: bool = True,
+    planted: Sequence[tuple[str, Sequence[float], bool]] | None = None,
 ) -> Path:
     """Write the fake NSD under ``root`` and return ``root``.
 
     ``shapes`` maps subject -> betas volume shape in h5py order (Z, Y, X); subjects not in ``subjects`` get
     nothing on disk but still have a row in ``subjectim`` (as in the real design, 8 subjects).
+    ``instances`` writes COCO ``instances_{train,val}2017.json``: every image 640x480 (cropBox cutting the left
+    and right eighths) or 480x640 (top and bottom), with 0-4 random objects of :data:`CATEGORIES`;
+    ``planted`` replaces the objects of the first shared image (landscape) by these ``(category, [x, y, w, h]
+    in pixels, iscrowd)``.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -83,9 +122,11 @@ def make_fake_nsd(
     # ---- stimulus info (first column: an unnamed pandas index, as in the real csv)
     coco_ids = rng.choice(np.arange(1, 600_000), size=n_images, replace=False)
     coco_split = np.where(rng.random(n_images) < 0.8, "train2017", "val2017")
+    landscape = rng.random(n_images) < 0.7
+    landscape[shared[0]] = True
     info = pd.DataFrame({
         "cocoId": coco_ids, "cocoSplit": coco_split,
-        "cropBox": ["(0, 0, 0.1, 0.1)"] * n_images, "loss": np.zeros(n_images),
+        "cropBox": np.where(landscape, LANDSCAPE_CROP, PORTRAIT_CROP), "loss": np.zeros(n_images),
         "nsdId": np.arange(n_images), "flagged": False, "BOLD5000": False,
         "shared1000": np.isin(np.arange(n_images), shared),
     })
@@ -102,6 +143,8 @@ def make_fake_nsd(
         doc = {"info": {"description": "fake COCO 2017"}, "licenses": [],
                "images": [{"id": int(c), "file_name": f"{int(c):012d}.jpg"} for c in ids], "annotations": anns}
         (stim / "annotations" / f"captions_{split}.json").write_text(json.dumps(doc))
+    if instances:
+        _write_instances(stim / "annotations", coco_ids, coco_split, landscape, shared[0], planted, rng)
 
     # ---- per subject: ROI, brain mask, betas sessions
     for s in subjects:
