@@ -15,7 +15,7 @@ Sweep YAML (every key optional; an unknown key is an error naming the file and t
     out: runs/sweeps/stage1_tiny     # default runs/sweeps/<sweep file stem>; --out wins
     metrics: ["test/*", "!test/*/sub-*"]   # fnmatch globs of metric names (* also matches /); !glob excludes
     aggregate_only: false     # true: only rebuild the tables (like --aggregate_only)
-    after: [neurovision.beta_sweep.figures]   # functions called with the out folder once the tables are written
+    after: [neurovision.beta_sweep.figures]   # registered functions called with the out folder after the tables
     devices_per_run: 8        # each run is one multi-GPU job: --trainer.devices=8 (--trainer.strategy=ddp when > 1)
 
 ``configs`` paths are taken relative to the working directory, else to the sweep file's folder; ``args`` and
@@ -75,6 +75,20 @@ seed) is an error (remove its dir or use another ``--out``). A run's metric valu
 in ``<run>/metrics_table.csv`` (test metrics come from the test command); only done runs are aggregated. Then
 each ``after`` function is called with the out folder (also with ``--aggregate_only``; not with ``--dry_run``).
 
+A sweep file is data, not code: ``after`` names are looked up in :data:`AFTER_HOOKS`, the registry of the
+project's own summary/figure functions; any other name stops the sweep (exit 2, naming the file and the key)
+before anything runs, and its module is never imported (importing runs code). A new hook is added to
+:data:`AFTER_HOOKS` in code (or, from Python, :func:`register_after`), never by a sweep file.
+
+An unreadable checkpoint does not keep a run failing on every re-run: before a fit is resumed (or a later command
+evaluates it) its ``latest.ckpt`` is checked (:func:`checkpoint_problem`: the torch zip's structure and its pickle
+record, not the tensor data, so it costs a few reads whatever the size). An unreadable one (truncated, garbage)
+is set aside as ``<run>/latest.ckpt.corrupt-<n>`` (one line on stderr and in ``fit.log``, recorded in
+status.json) and the fit restarts from the newest other readable checkpoint of ``<run>/fit/checkpoints``
+(e.g. the config's ModelCheckpoint's) if there is one, else from scratch in a clean dir; commands after the fit
+are then rerun on the new fit. ``latest.ckpt`` itself is written to a hidden ``.latest.ckpt.partial`` and renamed
+over the old one, so a process killed mid-write leaves the previous epoch's file whole.
+
 Exit status: 0 all runs done, 1 a run or an ``after`` function failed (the summary names it and its log), 2 a bad
 sweep or override (nothing is started).
 """
@@ -100,6 +114,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +132,33 @@ MAX_NAME = 120
 
 class SweepError(ValueError):
     """A sweep that cannot run: a bad sweep file, an override the config rejects, a conflicting run dir."""
+
+
+AfterHook = Callable[[Path], Any]
+# The functions a sweep file's ``after`` may name: name -> "module:function" (imported only when it is called,
+# so loading a sweep imports nothing) or the function itself (:func:`register_after`). A sweep file is shared
+# data; were ``after`` any dotted name, ``after: [os.system]`` with a crafted ``out`` would run a shell command.
+AFTER_HOOKS: dict[str, str | AfterHook] = {
+    "neurovision.beta_sweep.figures": "neurovision.beta_sweep:figures",
+}
+
+
+def register_after(fn: AfterHook, name: str | None = None) -> AfterHook:
+    """Allow ``fn`` as an ``after`` hook under ``name`` (default ``<module>.<qualname>``); returns ``fn``, so it
+    also works as a decorator. Code that calls this is trusted (it already runs); a sweep file cannot."""
+    AFTER_HOOKS[name or f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+def _after_function(name: str) -> AfterHook:
+    """The registered function of an ``after`` name (the caller checked that it is registered)."""
+    target = AFTER_HOOKS[name]
+    if callable(target):
+        return target
+    import importlib
+
+    mod, _, attr = target.partition(":")
+    return getattr(importlib.import_module(mod), attr)
 
 
 # ---------------------------------------------------------------------------------------------- sweep file
@@ -241,9 +283,11 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
             raise SweepError(f"{path}: aggregate_only: expected true or false")
         sw.aggregate_only = raw["aggregate_only"]
     sw.after = _str_list(path, "after", raw.get("after", []))
-    bad = [a for a in sw.after if not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", a)]
-    if bad:
-        raise SweepError(f"{path}: after: {bad[0]!r} is not a dotted function name (package.module.function)")
+    refused = [a for a in sw.after if a not in AFTER_HOOKS]  # looked up by name only: nothing is imported
+    if refused:
+        raise SweepError(f"{path}: after: {refused[0]!r} is not an allowed after function (a sweep file is data, "
+                         f"not code; allowed: {', '.join(sorted(AFTER_HOOKS))}; new ones are registered in "
+                         "neurovision.sweep.AFTER_HOOKS)")
     if raw.get("devices_per_run") is not None:
         n = raw["devices_per_run"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -403,15 +447,21 @@ def _dir_logger(spec: dict[str, Any], run_dir: Path, cmd: str) -> dict[str, Any]
     return spec
 
 
+def _loaded_class(class_path: str) -> Any:
+    """The object ``class_path`` names if its module is already imported (the LightningCLI parser imported it
+    when it checked the config), else None: the sweep itself never imports a module a config names."""
+    mod, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(mod), name, None) if mod else None
+
+
 def _is_dir_logger(class_path: str) -> bool:
     """TensorBoardLogger / CSVLogger (or a subclass): log dir = save_dir/name/version."""
-    import importlib
-
-    mod, _, name = class_path.rpartition(".")
+    cls = _loaded_class(class_path)
     try:
-        cls = getattr(importlib.import_module(mod), name)
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    except (ImportError, AttributeError, ValueError):
+    except ImportError:
+        cls = None
+    if cls is None:
         return class_path.endswith(("TensorBoardLogger", "CSVLogger"))
     return isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger))
 
@@ -472,6 +522,25 @@ def _latest_checkpoint_class() -> type:
         def state_key(self) -> str:  # never clashes with a plain ModelCheckpoint of the config
             return self._generate_state_key(sweep=LATEST)
 
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            """Write a hidden ``.latest.ckpt.partial`` (the same name on every rank: a sharded strategy writes
+            into it from all of them), then rename it over ``latest.ckpt``: a process killed mid-write leaves the
+            previous epoch's file whole instead of a truncated one (Lightning writes the target in place)."""
+            from weakref import proxy
+
+            partial = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.partial")
+            trainer.save_checkpoint(partial, self.save_weights_only)
+            if trainer.is_global_zero and os.path.exists(partial):
+                if os.path.isdir(partial) and os.path.isdir(filepath):  # a sharded checkpoint is a folder
+                    shutil.rmtree(filepath)
+                os.replace(partial, filepath)
+            trainer.strategy.barrier("LatestCheckpoint._save_checkpoint")
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:  # as ModelCheckpoint._save_checkpoint does, with the final path
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+
     LatestCheckpoint.__module__ = MODULE
     LatestCheckpoint.__qualname__ = "LatestCheckpoint"
     return LatestCheckpoint
@@ -489,6 +558,96 @@ def resume_ckpt(run_dir: Path) -> Path | None:
     """The fit's ``latest.ckpt`` (see :class:`LatestCheckpoint`), if any."""
     p = run_dir / "fit" / "checkpoints" / f"{LATEST}.ckpt"
     return p if p.is_file() else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable torch checkpoint (None when it is).
+
+    A checkpoint is a zip (``torch.save``'s format): a truncated file has lost the zip's central directory (at
+    its end), garbage has none. Checked here: the central directory, every record's local header and extent
+    within the file, and the pickle record (``data.pkl``, CRC-checked). The tensor records' bytes are not read,
+    so the check costs a few small reads whatever the checkpoint's size, and nothing is unpickled (no code
+    runs); what it cannot see (a flipped bit inside a tensor) only ``torch.load`` of the whole file would."""
+    import struct
+    import zipfile
+    import zlib
+
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            infos = z.infolist()
+            pkl = next((i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")), None)
+            if pkl is None:
+                return "no data.pkl record: not a torch checkpoint"
+            for i in infos:
+                f.seek(i.header_offset)
+                head = f.read(30)
+                if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                    return f"record {i.filename}: no local header at offset {i.header_offset}"
+                name_len, extra_len = struct.unpack("<HH", head[26:30])
+                if i.header_offset + 30 + name_len + extra_len + i.compress_size > size:
+                    return f"record {i.filename}: extends past the end of the file ({size} bytes)"
+            z.read(pkl)  # raises on a bad CRC
+    except zipfile.BadZipFile as e:
+        return f"not a complete zip archive, truncated or not a checkpoint ({e})"
+    except (OSError, EOFError, zlib.error, ValueError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def older_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint of the fit other than ``latest.ckpt`` (e.g. the config's ModelCheckpoint's
+    ``last.ckpt`` or best one): the last good state of a fit whose ``latest.ckpt`` is unreadable."""
+    folder = run_dir / "fit" / "checkpoints"
+    if not folder.is_dir():
+        return None
+    cands = [p for p in folder.glob("*.ckpt") if p.is_file() and p.name != f"{LATEST}.ckpt"]
+    for p in sorted(cands, key=lambda q: (q.stat().st_mtime_ns, q.name), reverse=True):
+        if checkpoint_problem(p) is None:
+            return p
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """Where the fit of a run starts: ``ckpt`` (None: from scratch), and when ``latest.ckpt`` is unreadable
+    (``problem``), that file (``bad``), which is to be set aside."""
+    ckpt: Path | None
+    problem: str | None = None
+    bad: Path | None = None
+
+
+def resume_point(run_dir: Path) -> ResumePoint:
+    """Where the run's fit would start (see :class:`ResumePoint`); changes nothing (``--dry_run`` uses it)."""
+    ck = resume_ckpt(run_dir)
+    if ck is None:
+        return ResumePoint(None)
+    problem = checkpoint_problem(ck)
+    if problem is None:
+        return ResumePoint(ck)
+    return ResumePoint(older_checkpoint(run_dir), problem, ck)
+
+
+def set_aside(run: Run, point: ResumePoint) -> Path:
+    """Move an unreadable ``latest.ckpt`` to ``<run>/latest.ckpt.corrupt-<n>`` (outside ``fit/``, which a restart
+    from scratch clears) and say so on one stderr line and in ``fit.log``; the new path."""
+    assert point.bad is not None
+    n = 1
+    while (run.dir / f"{point.bad.name}.corrupt-{n}").exists():
+        n += 1
+    dest = run.dir / f"{point.bad.name}.corrupt-{n}"
+    os.replace(point.bad, dest)
+    restart = f"resuming from {point.ckpt.relative_to(run.dir)}" if point.ckpt else "restarting the fit from scratch"
+    msg = (f"neurovision sweep: run {run.name}: {point.bad.relative_to(run.dir)} is unreadable ({point.problem}); "
+           f"set aside as {dest.name}, {restart}")
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+    with open(run.dir / "fit.log", "a") as f:
+        f.write(f"\n===== {_now()} {msg}\n")
+    return dest
 
 
 def checkpoint_args(run_dir: Path) -> list[str]:
@@ -591,19 +750,13 @@ def _check_checkpointing(sweep: Sweep, run: Run, cfg: Any) -> None:
     if cfg.get("trainer.enable_checkpointing") is False and len(sweep.commands) > 1:
         raise SweepError(f"run {run.name}: {sweep.commands[1]} after fit needs the fit's checkpoint, but "
                          "trainer.enable_checkpointing is false")
-    import importlib
-
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for cb in cfg.get("trainer.callbacks") or []:
         cb = _as_dict(cb)
         if not isinstance(cb, dict) or "class_path" not in cb:
             continue
-        mod, _, name = cb["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError, ValueError):
-            continue
+        cls = _loaded_class(str(cb["class_path"]))
         dirpath = (cb.get("init_args") or {}).get("dirpath")
         if isinstance(cls, type) and issubclass(cls, ModelCheckpoint) and dirpath:
             raise SweepError(f"run {run.name}: ModelCheckpoint dirpath={dirpath!r} would be shared by all runs; "
@@ -644,12 +797,16 @@ def describe(sweep: Sweep, run: Run, status: dict[str, Any] | None) -> tuple[str
         return "done", "skip"
     state = status.get("state", "pending")
     todo = [c for c in sweep.commands if not cmd_done(status, c)]
-    first = todo[0]
-    if first == "fit":
-        ck = resume_ckpt(run.dir)
-        first = f"fit (resume from {ck.relative_to(run.dir)})" if ck else "fit"
+    if "fit" in sweep.commands:
+        point = resume_point(run.dir)
+        if point.bad is not None:  # the fit and everything after it are redone
+            todo = list(sweep.commands)
+            start = f"resume from {point.ckpt.relative_to(run.dir)}" if point.ckpt else "from scratch"
+            todo[0] = f"fit ({point.bad.name} unreadable: set aside, {start})"
+        elif todo[0] == "fit" and point.ckpt is not None:
+            todo[0] = f"fit (resume from {point.ckpt.relative_to(run.dir)})"
     state = {"running": "interrupted", "done": "partial"}.get(state, state)  # done: commands were added since
-    return state, " -> ".join([first, *todo[1:]])
+    return state, " -> ".join(todo)
 
 
 def combine_tables(run_dir: Path, commands: list[str]) -> list[dict[str, str]]:
@@ -748,14 +905,25 @@ class Runner:
                   failed_command=None, updated=_now())
         st.setdefault("commands", {})
         st.setdefault("metrics", {})
+        point = resume_point(run.dir) if "fit" in sweep.commands else ResumePoint(None)
+        if point.bad is not None:  # unreadable: set aside, and the fit (and what evaluates it) is redone
+            dest = set_aside(run, point)
+            st["set_aside"] = [*st.get("set_aside", []), {"file": dest.name, "problem": point.problem,
+                                                          "resume_from": str(point.ckpt) if point.ckpt else None}]
+            for cmd in sweep.commands:
+                if cmd in st["commands"]:
+                    st["commands"][cmd]["state"] = "pending"
         write_json(run.dir / "status.json", st)
+        partial = run.dir / "fit" / "checkpoints" / f".{LATEST}.ckpt.partial"
+        if partial.is_file():  # left by a fit killed while writing latest.ckpt (the sweep holds the folder's lock)
+            partial.unlink()
         for cmd in sweep.commands:
             if cmd_done(st, cmd):
                 continue
             if _STOP.is_set():
                 return self._interrupted(run, st)
             rec = dict(st["commands"].get(cmd) or {})
-            ck = resume_ckpt(run.dir) if "fit" in sweep.commands else None
+            ck = (point.ckpt if cmd == "fit" else resume_ckpt(run.dir)) if "fit" in sweep.commands else None
             if cmd == "fit":
                 if ck is None:  # nothing to resume from: start clean
                     shutil.rmtree(run.dir / "fit", ignore_errors=True)
@@ -1117,15 +1285,16 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
 
 
 def run_after(sweep: Sweep, out: Path) -> bool:
-    """Call each ``after`` function with the out folder; False when one failed (reported, the others still run)."""
-    import importlib
+    """Call each ``after`` function with the out folder; False when one failed (reported, the others still run).
+    Only registered functions (:data:`AFTER_HOOKS`) are called, whatever ``sweep.after`` holds."""
     import traceback
 
     ok = True
     for name in sweep.after:
-        mod, _, fn = name.rpartition(".")
         try:
-            result = getattr(importlib.import_module(mod), fn)(out)
+            if name not in AFTER_HOOKS:  # load_sweep refuses it; a Sweep built in code must not bypass that
+                raise SweepError(f"{sweep.path}: after: {name!r} is not an allowed after function")
+            result = _after_function(name)(out)
         except Exception:  # noqa: BLE001  (the tables are written; report the hook's error and go on)
             print(f"neurovision sweep: after: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
             ok = False
