@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from neurovision import sweep as sw
@@ -179,7 +180,7 @@ class FakeLauncher:
             assert latest == {"class_path": "neurovision.sweep.LatestCheckpoint",
                               "init_args": {"dirpath": str(root / "checkpoints")}}
             (root / "checkpoints").mkdir(exist_ok=True)
-            (root / "checkpoints" / "latest.ckpt").write_bytes(b"ckpt")
+            torch.save({"epoch": 1}, root / "checkpoints" / "latest.ckpt")  # readable: the sweep checks it
         else:  # like MetricsTable under test: the fit's rows restored from the checkpoint, then the test rows
             assert a["ckpt_path"] == str(root.parent / "fit" / "checkpoints" / "latest.ckpt")
             rows += [{"epoch": 2, "step": 8, "stage": "test", "metric": m, "value": _fake_value(m, seed, dim)}
@@ -207,7 +208,8 @@ def after_hook(out: Path) -> list[Path]:
 
 
 @pytest.fixture
-def fake_sweep(tmp_path) -> Path:
+def fake_sweep(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setitem(sw.AFTER_HOOKS, "tests.test_sweep.after_hook", after_hook)  # after names: a registry
     return _write(tmp_path / "fake.yaml", {
         "configs": [str(STAGE1), str(TINY)],
         "args": ["--trainer.max_epochs=2"],
@@ -298,10 +300,18 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     assert "mean ± sd" in capsys.readouterr().out
 
     # a failing after function: reported, exit 1, the tables are still written
+    def failing_hook(out: Path) -> None:
+        raise RuntimeError("hook boom")
+
+    monkeypatch.setitem(sw.AFTER_HOOKS, "tests.test_sweep.failing_hook", failing_hook)
     doc = yaml.safe_load(fake_sweep.read_text())
-    doc["after"] = ["tests.test_sweep.no_such_function"]
+    doc["after"] = ["tests.test_sweep.failing_hook"]
     assert sw.main([str(_write(fake_sweep, doc)), "--aggregate_only"]) == 1
-    assert "after: tests.test_sweep.no_such_function failed" in capsys.readouterr().err
+    assert "after: tests.test_sweep.failing_hook failed" in capsys.readouterr().err
+    # a name outside the registry: refused before anything runs (exit 2), naming the file and the key
+    refused = _write(tmp_path / "refused.yaml", {**doc, "after": ["tests.test_sweep.no_such_function"]})
+    assert sw.main([str(refused), "--aggregate_only"]) == 2
+    assert f"{refused}: after: 'tests.test_sweep.no_such_function' is not an allowed" in capsys.readouterr().err
 
     # a run recorded with other settings is not silently reused
     doc = yaml.safe_load(fake_sweep.read_text())
