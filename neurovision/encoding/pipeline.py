@@ -533,6 +533,9 @@ def instantiate_network(name: str, spec: Any) -> Any:
         cls = getattr(importlib.import_module(mod), cls_name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"encode: field 'models.{name}.class_path': cannot import {spec['class_path']!r}") from e
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):  # a config file is data, not code
+        raise ValueError(f"encode: field 'models.{name}.class_path': {spec['class_path']!r} is not a torch.nn.Module "
+                         "class (feature networks only)")
     unknown = set(spec) - {"class_path", "init_args"}
     if unknown:
         raise ValueError(f"encode: field 'models.{name}': unknown key(s) {sorted(unknown)}")
