@@ -193,6 +193,10 @@ class InstructionDataModule(FMRIDataModule):
         tokenizer: str | None = None,
         eval_batch_size: int | None = None,
     ) -> None:
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                ("max_length", max_length, 1), ("max_eval_items", max_eval_items, 1)):
+            if value is not None and value < low:  # before the store opens: torch refuses it only at the first batch
+                raise ValueError(f"data.init_args.{key}: {value}: must be >= {low}")
         super().__init__(store, subjects, eval_subjects, batch_size, num_workers, eval_conditions, mixup_prob,
                          mixup_alpha, False, pin_memory, shuffle, seed)
         self.save_hyperparameters()

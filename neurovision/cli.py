@@ -11,9 +11,13 @@ writes an HTML dashboard (:mod:`neurovision.report`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
 import neurovision  # noqa: F401  (torchvision fix first)
 
@@ -36,12 +40,34 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def check_out_file(out: str | os.PathLike[str], flag: str) -> Path:
+    """Refuse an output file that cannot be written before any work: a folder, or a file in a folder that does
+    not exist and cannot be created or is read-only (probed by creating a temp file there, which also covers a
+    read-only file system and root, for whom permission bits do not say)."""
+    import tempfile
+
+    p = Path(out)
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {p}: is a folder; give the path of the file to write (e.g. {p / 'x.h5'})")
+    blocker = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"{flag} {p}: {blocker} is a file, not a folder")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+    except OSError as e:
+        raise PermissionError(f"{flag} {p}: cannot write in {p.parent} ({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
 def prepare_main(args: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     from neurovision.sources import registry
 
-    parser = ArgumentParser(prog="neurovision prepare", description=TOOL_COMMANDS["prepare"])
+    parser = ArgumentParser(prog="neurovision prepare", description=TOOL_COMMANDS["prepare"], exit_on_error=False)
     sub = parser.add_subcommands(dest="source")
     sources = registry()
     for name, fn in sources.items():
@@ -52,7 +78,15 @@ def prepare_main(args: list[str]) -> int:
     name = cfg.source
     kwargs = dict(cfg[name])
     kwargs.pop("__path__", None)
-    out = sources[name](**kwargs)
+    if kwargs.get("out") is not None:
+        check_out_file(kwargs["out"], "--out")
+    try:
+        out = sources[name](**kwargs)
+    except OSError as e:  # a full disk while writing: name the flag (the temp file's name means nothing)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"--out {kwargs.get('out')}: no space left on device (disk full) while writing "
+                          "the store; nothing was written", kwargs.get("out")) from e
+        raise
     print(f"store: {out}")
     return 0
 
@@ -62,7 +96,7 @@ def inspect_main(args: list[str]) -> int:
 
     from neurovision.store import Store
 
-    parser = ArgumentParser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"])
+    parser = ArgumentParser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"], exit_on_error=False)
     parser.add_argument("store", type=str, help="path of the store file")
     parser.add_argument("--json", type=bool, default=False, help="print JSON instead of a table")
     parser.add_argument("--plot", type=str | None, default=None,
@@ -232,19 +266,160 @@ def format_summary(s: dict) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------- user errors
+USER_ERROR_EXIT = 2
+#: the exceptions that mean "the input (a file, a YAML key, a flag) is wrong", not "the program is": one short
+#: message, exit 2. StoreError is a ValueError.
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, KeyError)
+#: errnos of OSErrors that are the machine's state rather than a bug: disk full, quota, read-only file system
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+MAX_ERROR_LINES = 3  # "neurovision <cmd>: error: ..." included
+
+
+def _debug() -> bool:
+    """Full tracebacks instead of one-line errors (``NEUROVISION_TRACEBACK`` is the older name)."""
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("NEUROVISION_DEBUG", "NEUROVISION_TRACEBACK"))
+
+
+def _raised_in_jsonargparse(e: BaseException) -> bool:
+    """jsonargparse re-raises an exception from a class's ``__init__`` as ``ValueError("Does not validate against
+    any of the Union subtypes ... Given value: Namespace(...)")`` from it: a wrapper, never the message to show."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+        return True
+    return isinstance(e, USER_ERROR_TYPES) and not _raised_in_jsonargparse(e)
+
+
+def _text(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.strerror and "disk full" in e.strerror:  # already says which file and flag
+            return e.strerror
+        return f"{e.filename or '(the output)'}: no space left on device (disk full)"
+    if isinstance(e, OSError) and e.errno in _USER_ERRNOS and e.filename and e.filename not in str(e):
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return str(e.args[0])  # not repr'd
+    return str(e) or type(e).__name__
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def _where(key: str, argv: list[str]) -> str:
+    """Where the user set ``key`` (dotted): the flag when one sets it, else the last ``-c`` YAML file holding it."""
+    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+        return f"flag --{key}"
+    import yaml
+
+    for f in reversed(_config_files(argv)):
+        try:
+            node: Any = yaml.safe_load(Path(f).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            return f"in {f}"
+    return ""
+
+
+_MISSING = object()
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+          "- Expected a <class 'NoneType'>", "tip:")
+
+
+def _condense_parse_error(message: str, argv: list[str]) -> str:
+    """One line of a jsonargparse error: the dotted key (``Parser key`` components, ``init_args`` for a class) and
+    the first concrete problem, instead of a usage screen and a nested report ending in ``Given value: ...``."""
+    keys: list[str] = []
+    for line in message.splitlines():
+        t = line.strip().lstrip("- ").strip()
+        if not t or any(line.strip().startswith(n) for n in _NOISE):
+            continue
+        m = re.fullmatch(r'Parser key "([^"]+)":', t)
+        if m:
+            keys.append(m.group(1))
+            continue
+        m = re.fullmatch(r"Problem with given class_path '([^']+)':", t)
+        if m:
+            keys.append("init_args")
+            continue
+        m = re.search(r"Option '([^']+)' is not accepted", t)
+        if m:
+            keys.append(m.group(1))
+        key = ".".join(keys).removesuffix(".init_args")
+        where = _where(key, argv) if key else ""
+        return f"{key}: {t}" + (f" ({where})" if where else "") if key else t
+    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
+def _short(message: str) -> str:
+    """At most :data:`MAX_ERROR_LINES` lines in all."""
+    lines = [ln.rstrip() for ln in message.strip().splitlines() if ln.strip()]
+    if len(lines) > MAX_ERROR_LINES:
+        lines = [*lines[:MAX_ERROR_LINES - 1], f"... ({len(lines) - MAX_ERROR_LINES + 1} more lines: "
+                                               "NEUROVISION_DEBUG=1 shows them and the traceback)"]
+    return "\n".join(lines)
+
+
+def _is_problem_list(e: BaseException) -> bool:
+    """A report of an input file's bad entries, one line each (``prepare nsd --instructions``): shown whole, since
+    its lines are the answer (which entries to fix), not noise."""
+    from neurovision.sources.llava import InstructionFileError
+
+    return isinstance(e, InstructionFileError)
+
+
+def user_error(e: BaseException, argv: list[str]) -> str | None:
+    """The short message of a user error (a bad file, YAML key or flag; a full disk), or None when ``e`` is not
+    one (a bug: the caller keeps its traceback).
+
+    jsonargparse re-raises an error of a class's ``__init__`` (a missing teacher checkpoint, say) as a ValueError
+    from it, twice or more: those wrappers are looked through (``__cause__``), so the class's own message shows.
+    """
+    from argparse import ArgumentError
+
+    if isinstance(e, ArgumentError):  # jsonargparse parse errors (exit_on_error=False: see checked_cli)
+        return _short(_condense_parse_error(e.message, argv))
+    x: BaseException | None = e
+    for _ in range(32):  # a cause chain is short; a cycle must not hang the error report
+        if x is None:
+            return None
+        if _is_user_error(x):
+            return _text(x) if _is_problem_list(x) else _short(_text(x))
+        if not _raised_in_jsonargparse(x):
+            return None
+        x = x.__cause__
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
+    """Run one ``neurovision`` command; a user error (see :func:`user_error`) ends it with exit code 2 and at most
+    3 lines on stderr naming the file and the YAML key or flag, ``NEUROVISION_DEBUG=1`` (or the older
+    ``NEUROVISION_TRACEBACK=1``) re-raises it with its traceback. Other failures keep Python's traceback, exit 1."""
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     cmd = argv[0]
+    tools = {"prepare": prepare_main, "inspect": inspect_main, "localize": localize_main}
     try:
-        if cmd == "prepare":
-            return prepare_main(argv[1:])
-        if cmd == "inspect":
-            return inspect_main(argv[1:])
-        if cmd == "localize":
-            return localize_main(argv[1:])
+        if cmd in tools:
+            return tools[cmd](argv[1:])
         if cmd == "sweep":
             from neurovision.sweep import main as sweep_main
 
@@ -257,21 +432,17 @@ def main(args: list[str] | None = None) -> int:
             from neurovision.report import main as report_main
 
             return report_main(argv[1:])
-    except (FileNotFoundError, ValueError, KeyError) as e:  # one clear line, not a traceback
-        print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
-        return 1
-    if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
-        from neurovision.lightning_cli import NeuroVisionCLI
-        from neurovision.store import StoreError
+        if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
+            from neurovision.checked_cli import CheckedCLI
 
-        try:
-            NeuroVisionCLI(args=None if args is None else argv)
-        except (FileNotFoundError, StoreError) as e:  # bad input: one line (NEUROVISION_TRACEBACK=1: full)
-            if os.environ.get("NEUROVISION_TRACEBACK"):
-                raise
-            print(f"neurovision {cmd}: error: {e}", file=sys.stderr)
-            return 1
-        return 0
+            CheckedCLI(args=None if args is None else argv)
+            return 0
+    except Exception as e:
+        message = user_error(e, argv)
+        if message is None or _debug():
+            raise
+        print(f"neurovision {cmd}: error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT
     print(f"neurovision: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

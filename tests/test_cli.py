@@ -119,7 +119,7 @@ def test_inspect_foreign_file_one_line_error(tmp_path, capsys):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = [1, 2, 3]
-    assert run_cli(["inspect", str(foreign)]) == 1
+    assert run_cli(["inspect", str(foreign)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "foreign.h5" in err and "schema" in err
 
@@ -147,6 +147,6 @@ def test_fit_with_missing_store_is_one_line(tmp_path, capsys):
     missing = tmp_path / "absent.h5"
     code = run_cli(["fit", "-c", str(EXPERIMENTS / "baseline_linear.yaml"), f"--data.init_args.store={missing}",
                     f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "absent.h5" in err and "data.init_args.store" in err and "neurovision prepare" in err

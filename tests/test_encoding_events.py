@@ -159,5 +159,5 @@ def test_phantom_cli_is_deterministic_and_idempotent(tmp_path: Path, capsys: pyt
     assert not all((phantom_seeg.site_truth(sa, s) == "null").all() for s in sa.subject_names)
     c = phantom_seeg.prepare(tmp_path / "c.h5", preset="tiny", n_electrodes=8, movie_minutes=1.5)
     np.testing.assert_array_equal(EventStore(c).targets("sub_2", "vision"), sa.targets("sub_2", "vision"))
-    assert cli_main([*args, "--out", str(tmp_path / "d.h5"), "--vision_fraction", "0.9"]) == 1
+    assert cli_main([*args, "--out", str(tmp_path / "d.h5"), "--vision_fraction", "0.9"]) == 2
     assert "fractions" in capsys.readouterr().err

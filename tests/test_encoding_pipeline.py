@@ -150,11 +150,11 @@ def test_bad_configs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert run_cli(["encode", *base, "-c", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "n_bootstrap" in err
-    assert run_cli(["encode", *base, "--integration.multimodal", "fused"]) == 1
+    assert run_cli(["encode", *base, "--integration.multimodal", "fused"]) == 2
     assert "integration.multimodal" in capsys.readouterr().err
-    assert run_cli(["encode", *base, "--subjects", "[sub_7]"]) == 1
+    assert run_cli(["encode", *base, "--subjects", "[sub_7]"]) == 2
     assert "'subjects'" in capsys.readouterr().err
-    assert run_cli(["encode", *PHANTOM, "--store", str(tmp_path / "missing.h5")]) == 1
+    assert run_cli(["encode", *PHANTOM, "--store", str(tmp_path / "missing.h5")]) == 2
     assert "missing.h5" in capsys.readouterr().err
     assert not (tmp_path / "o" / "sites.csv").exists()
 

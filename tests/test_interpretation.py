@@ -523,7 +523,7 @@ def test_cli_layer_flag(tested, store: Store, clip, tmp_path: Path, capsys: pyte
     assert np.abs(vols[0]).max() > 0
     np.testing.assert_array_equal(*vols)
     capsys.readouterr()
-    assert run_cli([*base, "--out", str(tmp_path / "l1"), "--layer", "1"]) == 1
+    assert run_cli([*base, "--out", str(tmp_path / "l1"), "--layer", "1"]) == 2
     assert "layer must be in [-1, 0]" in capsys.readouterr().err
 
 
@@ -568,7 +568,7 @@ def test_localize_refuses_another_clip_teacher(tested, store: Store, clip_config
 
 def test_cli_missing_checkpoint_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "nope.ckpt"
-    assert run_cli(["localize", "--ckpt", str(missing), "--out", str(tmp_path / "o")]) == 1
+    assert run_cli(["localize", "--ckpt", str(missing), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

@@ -187,7 +187,7 @@ def test_inspect_prints_one_stimulus_and_exports_instructions(store: Store, fake
     assert run_cli(["inspect", str(store.path), f"--stimulus={r}"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["stimulus_id"] == int(store.stimulus_ids[r]) and shown["concepts"] == ["person", "bus", "dog"]
-    assert run_cli(["inspect", str(store.path), "--stimulus=100000"]) == 1
+    assert run_cli(["inspect", str(store.path), "--stimulus=100000"]) == 2
     assert "--stimulus 100000" in capsys.readouterr().err
     assert run_cli(["inspect", str(store.path), f"--export_instructions={tmp_path / 'x.json'}"]) == 0
     assert json.loads((tmp_path / "x.json").read_text()) == json.loads(
@@ -255,7 +255,7 @@ def test_llava_bad_entries_get_one_line_each(store: Store, fake: Path, tmp_path:
     code = run_cli(["prepare", "nsd", f"--root={fake}", f"--out={tmp_path / 's.h5'}", "--subjects=[1]",
                     "--sessions=1", f"--patch_size={P}", f"--instructions={f}"])
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err and f"{f}: entry 7: field 'nsd_id'" in err
+    assert code == 2 and "Traceback" not in err and f"{f}: entry 7: field 'nsd_id'" in err
 
 
 def test_llava_unmatched_ids_can_be_skipped(store: Store, fake: Path, tmp_path: Path) -> None:

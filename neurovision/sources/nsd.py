@@ -44,6 +44,10 @@ from neurovision.store import StoreError, StoreWriter, fingerprint
 
 CONVERTER_VERSION = "3"  # 2: per-subject val images; 3: instruction annotations from COCO instances
 N_NSD_SUBJECTS = 8
+#: sessions each NSD subject completed (Allen et al. 2022): subjects 1, 2, 5 and 7 all 40 of the design's, 3 and 6
+#: 32, 4 and 8 30. The expected count of a subject is the smaller of this and the design's length in sessions
+#: (``masterordering`` / trials per session), so a missing session file is an error, not fewer trials.
+NSD_SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 _TRIAL_BATCH = 32  # trials resampled at once
 _STIM_BATCH = 64  # images copied at once
 _ZSCORE_BLOCK = 1 << 24  # floats per z-scoring block (64 MB)
@@ -147,7 +151,10 @@ def _load_stim_info(path: Path) -> dict[int, tuple[int, str, str | None]]:
     import pandas as pd
 
     _need_file(path, "<file>", "NSD stimulus info")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises parser, decode and empty-data errors for a foreign file
+        raise StoreError(path, "<file>", f"not a readable CSV file: {type(e).__name__}: {e}") from e
     for col in ("nsdId", "cocoId"):
         if col not in df.columns:
             raise StoreError(path, col, f"missing column (found {list(df.columns)[:12]})")
@@ -237,14 +244,25 @@ def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, st
 
 
 def _load_nifti(path: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels, affine) of a mask volume, refusing what would silently zero trials: a NaN/inf affine maps every
+    voxel nowhere (the resampled trials are all zero), a NaN voxel is neither in nor out of the mask."""
     import nibabel as nib
 
     _need_file(path, field, "NIfTI volume")
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # nibabel, gzip and zlib raise several types for a foreign or truncated file
+        raise StoreError(path, field, f"not a readable NIfTI volume: {type(e).__name__}: {e}") from e
     if data.ndim != 3:
         raise StoreError(path, field, f"expected a 3-D volume, got shape {data.shape}")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise StoreError(path, "affine", f"{int((~np.isfinite(affine)).sum())} NaN/inf values in the voxel-to-world "
+                         f"affine ({field}): every voxel would map nowhere and the subject's trials be zero")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise StoreError(path, field, f"{int((~np.isfinite(data)).sum())} NaN/inf voxels (a mask is finite)")
+    return data, affine
 
 
 def _betas_header(path: Path) -> tuple[int, tuple[int, int, int]]:
@@ -265,8 +283,11 @@ def _betas_header(path: Path) -> tuple[int, tuple[int, int, int]]:
 
 def _read_betas(path: Path) -> np.ndarray:
     """(trials, X, Y, Z) float32 percent signal change."""
-    with h5py.File(path, "r") as f:
-        raw = f["betas"][()]
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f["betas"][()]
+    except (OSError, KeyError) as e:  # a truncated or corrupt file whose header read fine
+        raise StoreError(path, "betas", f"not readable: {e}") from e
     out = np.ascontiguousarray(raw.transpose(0, 3, 2, 1), dtype=np.float32)
     del raw
     out /= 300.0
@@ -330,24 +351,45 @@ def _image_batches(brick: h5py.Dataset, ids: np.ndarray, image_size: int | None)
         yield imgs
 
 
-def _write_stimuli(writer: StoreWriter, path: Path, ids: np.ndarray, image_size: int | None) -> None:
-    """Stream the used images into /stimuli (StoreWriter.set_stimuli needs them all in memory: 73k*0.5 MB)."""
-    with h5py.File(path, "r") as f:
+def _check_stimuli(path: Path, ids: np.ndarray) -> None:
+    """Open the image file and check ``imgBrick`` before any session is converted (it is copied last)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(path, "<file>", f"not a readable HDF5 file: {e}") from e
+    with f:
         if "imgBrick" not in f:
             raise StoreError(path, "imgBrick", f"missing dataset (found {list(f.keys())})")
         brick = f["imgBrick"]
         if brick.dtype != np.uint8 or brick.ndim != 4 or brick.shape[-1] != 3:
             raise StoreError(path, "imgBrick", f"dtype {brick.dtype} shape {brick.shape}, expected uint8 (N, H, W, 3)")
-        if np.any(np.diff(ids) <= 0):
-            raise ValueError("stimulus ids must be strictly increasing")
         if len(ids) and int(ids.max()) >= brick.shape[0]:
             raise StoreError(path, "imgBrick", f"{brick.shape[0]} images, but nsdId {int(ids.max())} is used")
+        if len(ids):  # the first and last used images: a truncated file fails here, not after every session
+            try:
+                _ = brick[int(ids[0])], brick[int(ids[-1])]
+            except OSError as e:
+                raise StoreError(path, "imgBrick", f"not readable: {e}") from e
+
+
+def _write_stimuli(writer: StoreWriter, path: Path, ids: np.ndarray, image_size: int | None) -> None:
+    """Stream the used images into /stimuli (StoreWriter.set_stimuli needs them all in memory: 73k*0.5 MB)."""
+    if np.any(np.diff(ids) <= 0):
+        raise ValueError("stimulus ids must be strictly increasing")
+    _check_stimuli(path, ids)
+    with h5py.File(path, "r") as f:
+        brick = f["imgBrick"]
         hw = brick.shape[1:3] if image_size is None else (image_size, image_size)
         ds = writer.create_stimuli(len(ids), (*hw, 3), ids)
         start = 0
-        for batch in _image_batches(brick, ids, image_size):
-            ds[start:start + len(batch)] = batch
-            start += len(batch)
+        try:
+            for batch in _image_batches(brick, ids, image_size):
+                ds[start:start + len(batch)] = batch
+                start += len(batch)
+        except OSError as e:
+            if e.errno in (28, 122):  # ENOSPC, EDQUOT: the store's disk, not the image file
+                raise
+            raise StoreError(path, "imgBrick", f"not readable near nsdId {int(ids[start])}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -444,6 +486,12 @@ def prepare(
     for s, p in roi_p.items():
         data, affine = _load_nifti(p, "nsdgeneral")
         rois[s] = (data > 0, affine)
+    brains: dict[int, np.ndarray] = {}
+    for s, p in mask_p.items():
+        bm, _ = _load_nifti(p, "brainmask")
+        if bm.shape != rois[s][0].shape:
+            raise StoreError(p, "brainmask", f"shape {bm.shape} != nsdgeneral {rois[s][0].shape}")
+        brains[s] = bm > 0
     first = sess_p[subjects[0]][0]
     n_per_session = _betas_header(first)[0]  # 750 in NSD; read from the data, checked against the design
     for s in subjects:
@@ -458,6 +506,12 @@ def prepare(
         if len(sess_p[s]) * n_per_session > len(order):
             raise StoreError(design_p, "masterordering", f"{len(order)} trials, but subject {s} has "
                              f"{len(sess_p[s])} sessions of {n_per_session} trials")
+        expected = min(len(order) // n_per_session, NSD_SESSIONS[s])
+        if sessions is None and len(sess_p[s]) < expected:
+            raise FileNotFoundError(
+                f"{betas_path(root, s, len(sess_p[s]) + 1)}: field 'betas': file not found (subject {s} did "
+                f"{expected} sessions of {n_per_session} trials by {design_p.name}, {len(sess_p[s])} found; "
+                f"convert fewer with --sessions {len(sess_p[s])})")
 
     # ---- trial table and stimuli
     nsd_ids: dict[int, np.ndarray] = {}
@@ -478,6 +532,7 @@ def prepare(
     if missing:
         raise StoreError(info_p, "nsdId", f"{len(missing)} used images missing, e.g. nsdId {missing[0]}")
     coco_ids = np.array([info[int(i)][0] for i in stim_ids], dtype=np.int64)
+    _check_stimuli(stim_p, stim_ids)
     captions = _load_captions(captions_paths(root), coco_ids.tolist())
     annotations, vocabulary = _annotations(root, info_p, info, stim_ids, coco_ids, captions, seed, instructions,
                                            instructions_unmatched == "skip")
@@ -500,12 +555,7 @@ def prepare(
                           original_shape=rois[s][0].shape, roi=rois[s][0])
         bar = tqdm(total=sum(len(v) for v in sess_p.values()), desc="nsd sessions", unit="session")
         for si, s in enumerate(subjects):
-            brain = None
-            if s in mask_p:
-                bm, _ = _load_nifti(mask_p[s], "brainmask")
-                if bm.shape != rois[s][0].shape:
-                    raise StoreError(mask_p[s], "brainmask", f"shape {bm.shape} != nsdgeneral {rois[s][0].shape}")
-                brain = bm > 0
+            brain = brains.get(s)
             stim_row = np.searchsorted(stim_ids, nsd_ids[s])
             for k, p in enumerate(sess_p[s]):
                 vols = _read_betas(p)
@@ -517,6 +567,9 @@ def prepare(
                 for b in range(0, n_per_session, _TRIAL_BATCH):
                     e = min(b + _TRIAL_BATCH, n_per_session)
                     patches = spec.forward(vols[b:e], rois[s][1], grid_aff[s]).numpy()
+                    if not np.isfinite(patches).all():
+                        raise StoreError(p, "betas", f"NaN/inf values in trials {b}..{e - 1} after scaling"
+                                         f"{' and z-scoring' if zscore else ''} and resampling")
                     rows = stim_row[lo + b:lo + e]
                     w.append_trials(subject=si, stimulus=rows, repeat=repeats[s][lo + b:lo + e],
                                     session=sess_of[s][lo + b:lo + e], split=stim_split[rows], patches=patches)

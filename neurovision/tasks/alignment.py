@@ -468,33 +468,46 @@ class Stage1Parts(nn.Module):
         return with_readout(self.clip_head(cls), self.skip, patches)
 
 
-def check_stage1_spec(stage1_spec: DataSpec, spec: DataSpec, path: str) -> None:
-    """The grid and patches of a stage-1 run must be the datamodule store's (later stages reuse its ViT3D)."""
+def check_stage1_spec(stage1_spec: DataSpec, spec: DataSpec, path: str, key: str = "model.init_args.stage1") -> None:
+    """The grid and patches of a stage-1 run must be the datamodule store's (later stages reuse its ViT3D: another
+    grid's patches would go through embeddings trained for other positions without an error)."""
     for f in ("patch_size", "grid_shape", "patch_coords"):
-        if getattr(stage1_spec, f) != getattr(spec, f):
-            raise ValueError(f"{path}: field 'data_spec/{f}': the stage-1 run's differs from the "
-                             f"datamodule store's (YAML keys model.init_args.stage1, data.init_args.store)")
+        ours, theirs = getattr(spec, f), getattr(stage1_spec, f)
+        if theirs != ours:
+            said = (f"{len(theirs)} active patches vs {len(ours)} (or other positions)" if f == "patch_coords"
+                    else f"{theirs} vs {ours}")
+            raise ValueError(f"{path}: field 'data_spec/{f}': the stage-1 run's differs from the datamodule store's: "
+                             f"{said} (YAML keys {key}, data.init_args.store: a stage-1 run of another grid)")
 
 
-def load_stage1(path: str | Any, map_location: str | torch.device = "cpu") -> Stage1Parts:
+def load_stage1(path: str | Any, map_location: str | torch.device = "cpu",
+                key: str = "model.init_args.stage1") -> Stage1Parts:
     """Rebuild the ViT3D and heads of an :class:`AlignmentTask` checkpoint (``torch.load(weights_only=True)``).
 
-    Raises ``FileNotFoundError`` naming the path if it does not exist and ``ValueError`` naming the missing
-    field if the file is not a stage-1 checkpoint.
+    Raises ``FileNotFoundError`` naming the path (and ``key``, the YAML key or flag that gave it) if it does not
+    exist and ``ValueError`` naming the missing field if the file is not a stage-1 checkpoint.
     """
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: stage-1 checkpoint does not exist")
-    ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        raise FileNotFoundError(f"{p}: stage-1 checkpoint does not exist ({key})")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign file, a pickle of non-tensor objects
+        raise ValueError(f"{p}: field '<file>': not a readable checkpoint ({key}): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{p}: field '<file>': not a Lightning checkpoint ({key}): a {type(ckpt).__name__}")
     hp = ckpt.get("hyper_parameters") or {}
     sd = ckpt.get("state_dict") or {}
     for field in ("dim", "depth", "heads", "data_spec"):
         if field not in hp:
-            raise ValueError(f"{p}: field 'hyper_parameters/{field}': missing (not a stage-1 AlignmentTask checkpoint)")
+            raise ValueError(f"{p}: field 'hyper_parameters/{field}': missing (not a stage-1 AlignmentTask checkpoint; "
+                             f"{key})")
     if "clip_head.3.weight" not in sd:
-        raise ValueError(f"{p}: field 'state_dict/clip_head.3.weight': missing (not a stage-1 AlignmentTask checkpoint)")
+        raise ValueError(f"{p}: field 'state_dict/clip_head.3.weight': missing (not a stage-1 AlignmentTask checkpoint; "
+                         f"{key})")
     ds = dict(hp["data_spec"])
     spec = DataSpec(
         num_active_patches=int(ds["num_active_patches"]), patch_size=int(ds["patch_size"]),

@@ -131,6 +131,8 @@ class ReconstructionTask(BaseTask):
             raise ValueError("ReconstructionTask needs model.init_args.stage1 (a stage-1 checkpoint)")
         if not reconstructor:
             raise ValueError("ReconstructionTask needs model.init_args.reconstructor (a Stable unCLIP folder)")
+        if not Path(stage1).is_file():  # before the prompts, the teacher and the diffusion model are read
+            raise FileNotFoundError(f"{stage1}: stage-1 checkpoint does not exist (YAML key model.init_args.stage1)")
         self.stage1_path, self.reconstructor_path = str(stage1), str(reconstructor)
         self.multi_beta = isinstance(beta, (list, tuple))
         self.betas = [check_beta(b) for b in (beta if isinstance(beta, (list, tuple)) else [beta])]
