@@ -2,18 +2,59 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import neurovision  # noqa: F401  (torchvision fix first)
 from data_modules.fmri import StoreDataModule
+from neurovision.checkpoints import (
+    CheckpointError,
+    CheckpointMeta,
+    LatestCheckpoint,
+    check_data_spec,
+    check_store,
+    find_last,
+    has_latest_checkpoint,
+    init_params,
+    install_atomic_io,
+    plain,
+    read_meta,
+    run_layout,
+    version_of,
+    warn_unknown,
+)
 from neurovision.tasks.base import BaseTask
 
 
 class NeuroVisionCLI(LightningCLI):
     """LightningCLI with neurovision's base task and datamodule (subclass mode), seed 0 by default, the run's
-    config saved with overwrite; links what the data decides (``data.spec`` -> ``model.init_args.data_spec``)."""
+    config saved with overwrite; links what the data decides (``data.spec`` -> ``model.init_args.data_spec``).
+
+    Checkpoints (see :mod:`neurovision.checkpoints`):
+
+    * every trainer writes checkpoints atomically (:class:`~neurovision.checkpoints.AtomicCheckpointIO`);
+    * ``fit`` keeps ``<checkpoint dir>/latest.ckpt``, the end of the latest finished training epoch
+      (:class:`~neurovision.checkpoints.LatestCheckpoint`; the config's monitored ``last.ckpt`` is the *best*
+      epoch in Lightning 2.6, not the latest);
+    * ``--ckpt_path=last`` is that ``latest.ckpt`` of the newest run folder (``version_N``) holding a complete
+      checkpoint; a resumed ``fit`` logs into that same folder (also for an explicit path inside one);
+    * ``--ckpt_path=<file>``: every model init arg given on the command line or in a ``-c`` file applies (the
+      saved ``config.yaml`` and ``hparams.yaml`` show them); an init arg given nowhere takes the checkpoint's
+      value (Lightning's merge made the checkpoint win over everything); an init arg fixed by training
+      (``BaseTask.immutable_hparams()``, the model class, the data spec) given another value is one error naming
+      the key and both values;
+    * a checkpoint trained on a store with another fingerprint: a resumed ``fit`` refuses, naming both stores;
+      ``validate/test/predict`` warn once, naming both.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self._args: Any = args
+        self._ckpt_meta: CheckpointMeta | None = None
+        self._resume_version: int | None = None
         super().__init__(
             model_class=BaseTask,
             datamodule_class=StoreDataModule,
@@ -29,3 +70,155 @@ class NeuroVisionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+
+    # --------------------------------------------------------------------------------- checkpoint config
+    def _explicit_model(self, sub: str) -> dict[str, Any]:
+        """The ``model`` values given on the command line and in ``-c`` files (no defaults), as plain data: the
+        parser run again with ``defaults=False``."""
+        args = self._args if self._args is not None else sys.argv[1:]
+        if isinstance(args, dict | Namespace):
+            given = self.parser.parse_object(args, defaults=False)
+        else:
+            given = self.parser.parse_args(list(args), defaults=False)
+        model = plain(given.get(sub, {}).get("model")) if isinstance(given.get(sub), Namespace) else None
+        return model if isinstance(model, dict) else {}
+
+    def _resolve_last(self, sub: str, cfg: Namespace) -> str | None:
+        """``--ckpt_path=last``: the newest complete checkpoint of the newest run (see the class docstring)."""
+        trainer = cfg.get("trainer") or Namespace()
+        try:
+            layout = run_layout(trainer.get("logger"), trainer.get("default_root_dir"))
+        except ValueError as e:
+            raise CheckpointError("--ckpt_path=last", "trainer.logger", f"{e}; pass the checkpoint file") from None
+        found = find_last(layout)
+        where = layout.fixed if layout.fixed is not None else layout.root
+        if found is None:
+            if sub == "fit":  # the first run of a resumable command line: start from scratch, say so
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"--ckpt_path=last: no complete checkpoint under {where}; fit starts from scratch")
+                return None
+            raise CheckpointError("--ckpt_path=last", "ckpt_path", f"no complete checkpoint under {where}")
+        path, version = found
+        if sub == "fit":
+            self._resume_version = version
+        return str(path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces Lightning's merge, in which the checkpoint's ``hyper_parameters`` overwrote the parsed config
+        (``test --ckpt_path=X --model.init_args.max_new_tokens=40`` ran with the checkpoint's value): here the
+        checkpoint only fills the model init args the command line and ``-c`` files leave unset."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            ckpt = self._resolve_last(sub, cfg)
+            cfg.ckpt_path = ckpt
+        if not ckpt or not Path(ckpt).is_file():  # best/hpc/registry names, a missing file: Lightning decides
+            return
+        if sub == "fit" and self._resume_version is None:
+            try:
+                trainer = cfg.get("trainer") or Namespace()
+                self._resume_version = version_of(ckpt, run_layout(trainer.get("logger"),
+                                                                    trainer.get("default_root_dir")))
+            except ValueError:
+                pass
+        if self._resume_version is not None:
+            self._set_logger_version(cfg, self._resume_version)
+        meta = self._ckpt_meta = read_meta(ckpt)
+        hp = dict(meta.hparams)
+        for k in ("_instantiator", "data_spec"):  # data_spec: linked from the store, checked after instantiation
+            hp.pop(k, None)
+        trained_class = hp.pop("_class_path", None)
+        if not hp and not trained_class:
+            return
+        given = self._explicit_model(sub)
+        given_class = given.get("class_path")
+        if trained_class and given_class and given_class != trained_class:
+            raise CheckpointError(ckpt, "hyper_parameters/_class_path",
+                                  f"the checkpoint is a {trained_class}, but the config gives model.class_path = "
+                                  f"{given_class}")
+        class_path = trained_class or plain(cfg.get("model") or {}).get("class_path")
+        if not class_path:
+            return
+        cls = _import(class_path)
+        immutable = cls.immutable_hparams() if isinstance(cls, type) and issubclass(cls, BaseTask) else frozenset()
+        given_args = set((given.get("init_args") or {}) | (given.get("dict_kwargs") or {}))
+        current = plain(cfg.get("model") or {}).get("init_args") or {}
+        for k in sorted(given_args & immutable & set(hp)):
+            if plain(current.get(k)) != plain(hp[k]):
+                raise CheckpointError(ckpt, f"hyper_parameters/{k}",
+                                      f"the checkpoint was trained with {k} = {plain(hp[k])!r}, but the config gives "
+                                      f"model.init_args.{k} = {plain(current.get(k))!r}; {k} cannot change after "
+                                      "training (drop it from the command line and -c files)")
+        params = init_params(cls) if isinstance(cls, type) else None
+        if params is not None:
+            warn_unknown(set(hp) - params, class_path.rpartition(".")[2], ckpt)
+            hp = {k: v for k, v in hp.items() if k in params}
+        fill = {k: v for k, v in hp.items() if k not in given_args}
+        if not fill and not (trained_class and not given_class):
+            return
+        model = {"class_path": class_path, "dict_kwargs": fill}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"{ckpt}: parsing the checkpoint's hyper_parameters failed\n")
+            raise
+
+    @staticmethod
+    def _set_logger_version(cfg: Namespace, version: int) -> None:
+        """Log a resumed fit into the run's own ``version_N`` (a logger given as a class without a version)."""
+        logger = cfg.get("trainer.logger")
+        if isinstance(logger, list):
+            logger = logger[0] if logger else None
+        if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace) \
+                and "version" in logger.init_args and logger.init_args.version is None:
+            logger.init_args.version = version
+
+    # --------------------------------------------------------------------------------------- the trainer
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_io(trainer)
+        # every subcommand (it saves only while fitting): a checkpoint's callback states then match the trainer's
+        if trainer.checkpoint_callback is not None and not has_latest_checkpoint(trainer.callbacks):
+            trainer.callbacks.append(LatestCheckpoint())  # checkpoint callbacks go last (Lightning's order)
+        return trainer
+
+    def _check_checkpoint(self, sub: str) -> None:
+        """Before the run: the checkpoint's data spec and store against the run's (see the class docstring)."""
+        if self._resume_version is not None and sub == "fit":
+            logger = self.trainer.logger
+            if logger is not None and getattr(logger, "_version", 0) is None:  # the default logger (logger: true)
+                logger._version = self._resume_version
+        meta = self._ckpt_meta
+        if meta is None:
+            return
+        spec = getattr(self.model, "hparams", {}).get("data_spec")
+        check_data_spec(meta.hparams.get("data_spec"), plain(spec) if spec is not None else None, meta.path)
+        dm = self.datamodule
+        if isinstance(dm, StoreDataModule):
+            check_store(meta, str(dm.store_path), dm.store.attrs.get("fingerprint") or None, refuse=sub == "fit")
+
+    def before_fit(self) -> None:
+        self._check_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._check_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._check_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._check_checkpoint("predict")
+
+
+def _import(class_path: str) -> Any:
+    import importlib
+
+    mod, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
