@@ -37,6 +37,8 @@ def _usage() -> str:
     lines += [f"  {c:<10} {c} a task with a YAML config: -c experiments/<stage>.yaml" for c in TRAINER_COMMANDS]
     lines += ["", "tools:"]
     lines += [f"  {c:<10} {h}" for c, h in TOOL_COMMANDS.items()]
+    lines += ["", "A bad input (file, YAML key, flag) is one error line naming it, exit code 2; NEUROVISION_DEBUG=1 "
+              "shows the traceback."]
     return "\n".join(lines)
 
 

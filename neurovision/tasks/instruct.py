@@ -129,9 +129,8 @@ class InstructTask(BaseTask):
             raise ValueError(f"model.init_args.phase must be projector, lora or full, got {phase!r}")
         if phase == "lora" and lora is None:
             raise ValueError("model.init_args.phase='lora' needs model.init_args.lora (class_path: peft.LoraConfig)")
-        # the paths before anything is built (the stage-1 ViT3D, the LLM): each a one-line error naming its key
-        if not (Path(llm) / "config.json").is_file():
-            raise FileNotFoundError(f"{llm}: no causal LM checkpoint (config.json) here (YAML key model.init_args.llm)")
+        # the paths before anything is built (the LLM's is load_llm's; `neurovision fit` checks all of them
+        # before any class is built: neurovision.checked_cli)
         if not Path(stage1).is_file():
             raise FileNotFoundError(f"{stage1}: stage-1 checkpoint does not exist (YAML key model.init_args.stage1)")
         for key, path in (("init_from", init_from), ("adapter", adapter)):
