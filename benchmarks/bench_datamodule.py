@@ -11,6 +11,11 @@ batches (the work the DataModule's dataset + ``default_collate`` do). The pread 
   the DataModule's own shuffled order), so each (workers x cache) cell compares like with like;
 - ``pread_loop``: a bare Python loop, one process, no DataLoader (the floor).
 
+The store's chunks carry HDF5's Fletcher32 checksum (schema version 2), which HDF5 verifies as
+:meth:`Store.patches` reads each trial through its filter pipeline. One more DataModule pass prices it:
+``datamodule_unverified`` reads the same trials as direct chunk reads without the check (the read of the stores
+before checksums; ``Store.verify_checksums = False``). ``checksum`` = DataModule / DataModule unverified.
+
 Each cell runs cold (the files' pages dropped from the page cache: ``posix_fadvise(DONTNEED)`` after
 ``fsync``, plus ``echo 1 > /proc/sys/vm/drop_caches`` where permitted) and warm (right after a full
 sequential read of the file). The residency of each file just before its timed pass is measured with
@@ -60,7 +65,7 @@ DEFAULT_JSON = REPO / "benchmarks" / "results" / "datamodule.json"
 # 2100 of them training trials; prepare takes ~3 min on 2 cores (~13 trials/s).
 DEFAULT_SIZES: dict[str, tuple[int | None, int | None]] = {"nsd": (700, 20), "demo": (None, None),
                                                            "tiny": (None, None)}
-READERS = ("datamodule", "pread_dataloader", "pread_loop", "pread_loop_numpy")
+READERS = ("datamodule", "datamodule_unverified", "pread_dataloader", "pread_loop", "pread_loop_numpy")
 
 
 # ----------------------------------------------------------------------------------------- page cache
@@ -247,10 +252,13 @@ def _iterate(loader: DataLoader, n_batches: int, key: str | None, desc: str, pro
 
 
 def pass_datamodule(store_path: Path, workers: int, batch_size: int, n_batches: int, seed: int,
-                    progress: bool, desc: str) -> tuple[dict[str, Any], np.ndarray]:
+                    progress: bool, desc: str, verify: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """One pass of the training dataloader; ``verify=False``: unverified direct chunk reads (the store's
+    per-instance switch, pickled into the workers)."""
     torch.manual_seed(seed)  # the shuffled order of the pass (same in every cell)
     dm = FMRIDataModule(store_path, batch_size=batch_size, num_workers=workers, mixup_prob=0.0)
     dm.prepare_data()
+    dm.store.verify_checksums = verify
     dm.setup("fit")
     loader = dm.train_dataloader()
     total = min(n_batches * batch_size, len(dm.datasets["train"]))
@@ -334,9 +342,10 @@ def _fmt_table(res: dict[str, Any]) -> str:
                  f"{cfg['repeats']} run(s); vol/s (MB/s of float16 read); torch threads in the main process: "
                  f"{cfg['torch_threads']}")
     lines.append("ratio = DataModule / pread+DataLoader (same workers, same order); "
-                 "loop ratio = DataModule / bare pread loop")
+                 "loop ratio = DataModule / bare pread loop; checksum = DataModule (Fletcher32 verified) / "
+                 "DataModule unverified")
     hdr = (f"{'cache':<6}{'workers':>8}  {'DataModule':>17}{'res':>5}  {'pread+DataLoader':>17}{'res':>5}"
-           f"  {'ratio':>6}  {'pread loop':>17}{'loop ratio':>11}")
+           f"  {'ratio':>6}  {'pread loop':>17}{'loop ratio':>11}  {'unverified':>17}{'checksum':>9}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
 
@@ -354,9 +363,12 @@ def _fmt_table(res: dict[str, Any]) -> str:
             lr = res["ratios"].get(f"{cache}/workers={w}/vs_pread_loop")
             loop = get.get("pread_loop")
             loop_s = f"{'-':>17}" if loop is None else f"{loop['volumes_per_s']:>8.1f} ({loop['mb_per_s']:>5.0f})"
+            un = get.get("datamodule_unverified")
+            un_s = f"{'-':>17}" if un is None else f"{un['volumes_per_s']:>8.1f} ({un['mb_per_s']:>5.0f})"
+            cr = res["ratios"].get(f"{cache}/workers={w}/checksum")
             lines.append(f"{cache:<6}{w:>8}  {cell(get.get('datamodule'))}  {cell(get.get('pread_dataloader'))}  "
                          f"{'-' if ratio is None else f'{ratio:.2f}':>6}  {loop_s}"
-                         f"{'' if lr is None else f'{lr:.2f}':>11}")
+                         f"{'' if lr is None else f'{lr:.2f}':>11}  {un_s}{'' if cr is None else f'{cr:.2f}':>9}")
     np_rows = [r for r in res["results"] if r["reader"] == "pread_loop_numpy"]
     if np_rows:
         lines.append("diagnostic, bare pread loop converting with numpy astype (float16->float32 in numpy is ~10x slower than in torch) instead of "
@@ -512,6 +524,12 @@ def _run(args: argparse.Namespace, workdir: Path, n_train: int | None, n_test: i
                 rows = np.searchsorted(train_trials, order_trials)  # the DataModule's order, as flat-file rows
                 if not np.array_equal(train_trials[rows], order_trials):
                     raise RuntimeError("the DataModule streamed trials outside the training split")
+                res_dm = prime(cache, store_path)
+                r, order_u = pass_datamodule(store_path, w, args.batch_size, n_batches, args.seed, progress,
+                                             f"{tag} DataModule unverified", verify=False)
+                if not np.array_equal(order_u, order_trials):
+                    raise RuntimeError("the unverified DataModule pass streamed another order")
+                record(cache, w, "datamodule_unverified", r, res_dm)
                 res_p = prime(cache, flat_path)
                 r = pass_pread_dataloader(pread_ds, rows, w, args.batch_size, progress, f"{tag} pread+DL")
                 record(cache, w, "pread_dataloader", r, res_p)
@@ -537,6 +555,8 @@ def _run(args: argparse.Namespace, workdir: Path, n_train: int | None, n_test: i
             ratios[f"{cache}/workers={w}"] = get["datamodule"] / get["pread_dataloader"]
             if "pread_loop" in get:
                 ratios[f"{cache}/workers={w}/vs_pread_loop"] = get["datamodule"] / get["pread_loop"]
+            ratios[f"{cache}/workers={w}/checksum"] = get["datamodule"] / get["datamodule_unverified"]
+            ratios[f"{cache}/workers={w}/unverified_vs_pread"] = get["datamodule_unverified"] / get["pread_dataloader"]
 
     return {
         "benchmark": "datamodule",

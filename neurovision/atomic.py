@@ -1,16 +1,91 @@
 """Atomic file writes: write to a temp file beside the target, then rename it over the target.
 
 A reader sees the old file or the new one, never half of one; a failed write leaves the old file as it was,
-and a killed process leaves at most a hidden ``.<name>.*.partial`` file (never a valid target).
+and a killed process leaves at most a hidden ``.<name>.<host>-<pid>.*.partial`` file (never a valid target), which
+:func:`remove_stale_partials` (called by the next writer of the same target) removes once its process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+log = logging.getLogger("neurovision.atomic")
+
+#: a temp file of the old naming (no host and pid in it) is taken for a killed run's once this old (seconds)
+LEGACY_PARTIAL_AGE_S = 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>``: who writes a temp file, so a later writer can tell a killed run's file from a live one."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike[str], suffixes: tuple[str, ...] = (".partial",)) -> list[Path]:
+    """Remove the temp files of writers of ``path`` that were killed (``.<name>.<host>-<pid>.*.partial`` whose
+    process no longer runs on this host); returns the paths removed.
+
+    A file of a live writer (its pid runs here), of another host (a shared file system: this host cannot tell) or of
+    this process is kept. A temp file of the older naming, without host and pid, is removed once it has not been
+    modified for :data:`LEGACY_PARTIAL_AGE_S`.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    host, removed = _host(), []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[^/]*$")
+    for p in path.parent.glob(f".{_glob_escape(path.name)}.*"):
+        if not p.name.endswith(suffixes):
+            continue
+        m = pattern.match(p.name)
+        if m is None:
+            continue
+        try:
+            if m.group("pid") is not None:
+                pid = int(m.group("pid"))
+                if m.group("host") != host or pid == os.getpid() or _alive(pid):
+                    continue
+            elif time.time() - p.stat().st_mtime < LEGACY_PARTIAL_AGE_S:
+                continue
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+        log.info("removed %s (left by a killed run writing %s)", p, path)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    import glob
+
+    return glob.escape(name)
 
 
 def shared_mode(mode: int = 0o666) -> int:
@@ -29,7 +104,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".partial") -> Itera
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -50,7 +125,7 @@ def atomic_dir(path: str | os.PathLike[str], suffix: str = ".partial") -> Iterat
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=suffix, dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, shared_mode(0o777))

@@ -22,7 +22,7 @@ Nothing here downloads: a checkpoint is always a local path, and a missing one i
 ``nn.Module``s, so a LightningModule holding one does not put hundreds of millions of frozen weights into
 its checkpoints or its optimiser.
 
-Cache file layout (``CACHE_SCHEMA_VERSION`` 1)::
+Cache file layout (``CACHE_SCHEMA_VERSION`` 2: entries carry HDF5's Fletcher32 checksum per chunk)::
 
     /                   attrs: schema="neurovision.teachers", schema_version, store (path when written)
     /entries/<sha256(teacher id|dtype)[:32]>   (S, *output_shape) float16|float32, chunked by rows
@@ -37,6 +37,10 @@ or the new complete file. An exception or a killed process leaves the old cache 
 ``*.partial`` file, removed on exceptions). Adding an entry copies the others (cheap: entries are a few MB
 for the phantom; ~GB for full NSD VAE latents, and a new teacher is rare). Entries written for another store
 fingerprint (the store was regenerated) are stale: recomputed on request and pruned on the next write.
+
+Integrity: HDF5 verifies each chunk's checksum when the entry is read; an entry with a damaged chunk (or a cache of
+an older version, without checksums) is stale like the others: a warning naming the file, the teacher and the bad
+rows, then it is recomputed (never used). Entries are copied into a new file only when they read back intact.
 
 Under DDP (a ``torch.distributed`` process group of more than one rank, e.g. ``AlignmentTask.setup``) a missing
 entry is filled by all ranks at once: each encodes its contiguous shard of the stimuli on its own device, global
@@ -65,7 +69,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurovision.atomic import atomic_path
+from neurovision.atomic import atomic_path, remove_stale_partials
 from neurovision.store import Store
 
 log = logging.getLogger("neurovision.teachers")
@@ -76,7 +80,8 @@ VAE_PATH_KEY = "model.init_args.vae_teacher.init_args.path"
 VAE_CONFIG_KEY = "model.init_args.vae_teacher.init_args.config"
 
 CACHE_SCHEMA = "neurovision.teachers"
-CACHE_SCHEMA_VERSION = 1
+#: 2: entries checksummed (Fletcher32); version-1 caches are rebuilt
+CACHE_SCHEMA_VERSION = 2
 
 #: A tiny AutoencoderKL for 64 px CPU runs: 3 blocks (2 downsamplings) -> 4 x 16 x 16 latents at 64 px.
 #: (SD's VAE has 4 blocks, /8; two blocks would give only /2, i.e. 32 x 32 latents at 64 px.) Channels
@@ -523,6 +528,10 @@ class VAETeacher(_Placement):
     ) -> None:
         from diffusers import AutoencoderKL
 
+        if path is not None and not Path(path).exists():  # before the one-of check: a preset may set `config`
+            raise FileNotFoundError(
+                f"VAE teacher folder not found: {path} (set `{VAE_PATH_KEY}` to a local AutoencoderKL folder, e.g. "
+                "stable-diffusion-2-1/vae; nothing is downloaded)")
         if (path is None) == (config is None):
             raise ValueError(f"VAETeacher needs exactly one of `path` ({VAE_PATH_KEY}) and `config` "
                              f"({VAE_CONFIG_KEY}), got path={path!r}, config={config!r}")
@@ -785,6 +794,8 @@ class TeacherCache:
             return f"row shape {tuple(ds.shape[1:])} != teacher output {expected}"
         if ds.dtype != self.dtype:
             return f"dtype {ds.dtype} != {self.dtype}"
+        if not ds.fletcher32:
+            return "no per-chunk checksum"
         return None
 
     def _read(self, path: Path, store: Store, teacher: Teacher, quiet: bool = False) -> np.ndarray | None:
@@ -794,8 +805,9 @@ class TeacherCache:
             with h5py.File(path, "r") as f:
                 if _plain(f.attrs.get("schema")) != CACHE_SCHEMA or \
                         int(_plain(f.attrs.get("schema_version", -1))) != CACHE_SCHEMA_VERSION:
-                    log.warning("%s: not a neurovision teacher cache of schema version %d; it will be rebuilt",
-                                path, CACHE_SCHEMA_VERSION)
+                    if not quiet:
+                        log.warning("%s: not a neurovision teacher cache of schema version %d (an older version "
+                                    "of neurovision wrote it?); it will be rebuilt", path, CACHE_SCHEMA_VERSION)
                     return None
                 name = entry_name(teacher.id, self.dtype.name)
                 if name not in f.get("entries", {}):
@@ -806,9 +818,16 @@ class TeacherCache:
                     if not quiet:
                         log.warning("%s: entry for %s is stale (%s); recomputing", path, teacher.id, why)
                     return None
-                data = ds[()]
+                try:
+                    data = ds[()]
+                except OSError as e:  # a chunk failing its checksum: name the rows, recompute the entry
+                    if not quiet:
+                        log.warning("%s: entry for %s is damaged (%s: %s); recomputing", path, teacher.id,
+                                    _bad_rows(ds), e)
+                    return None
         except OSError as e:
-            log.warning("%s: unreadable teacher cache (%s); it will be rebuilt", path, e)
+            if not quiet:
+                log.warning("%s: unreadable teacher cache (%s); it will be rebuilt", path, e)
             return None
         if not np.isfinite(data).all():
             log.warning("%s: entry for %s holds NaN/inf; recomputing", path, teacher.id)
@@ -853,6 +872,7 @@ class TeacherCache:
         (the other valid entries copied) replaces the old one atomically. The caller holds the lock."""
         key = store_key(store)
         name = entry_name(teacher.id, self.dtype.name)
+        remove_stale_partials(path)  # temp files of killed fills
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as out:
                 out.attrs["schema"] = CACHE_SCHEMA
@@ -870,7 +890,7 @@ class TeacherCache:
                         row_bytes = max(1, int(np.prod(row)) * self.dtype.itemsize)
                         chunk_rows = int(min(n, max(1, (1 << 20) // row_bytes)))
                         ds = entries.create_dataset(name, shape=(n, *row), dtype=self.dtype,
-                                                    chunks=(chunk_rows, *row))
+                                                    chunks=(chunk_rows, *row), fletcher32=True)
                         ds.attrs["complete"] = False
                     ds[i0:i1] = y.astype(self.dtype, copy=False)
                     covered += i1 - i0
@@ -938,18 +958,37 @@ class TeacherCache:
             return
         try:
             with h5py.File(path, "r") as f:
-                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA:
+                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA or \
+                        _plain(f.attrs.get("schema_version")) != CACHE_SCHEMA_VERSION:
                     return
                 for name, ds in f.get("entries", {}).items():
-                    if name == skip or not bool(ds.attrs.get("complete", False)):
+                    if name == skip or not bool(ds.attrs.get("complete", False)) or not ds.fletcher32:
                         continue
                     if _plain(ds.attrs.get("store_fingerprint")) != store_key_:
                         log.info("%s: pruning stale entry %s (another store fingerprint)", path,
                                  _plain(ds.attrs.get("teacher_id")))
                         continue
+                    bad = _bad_rows(ds)  # a raw copy would carry a damaged chunk over
+                    if bad:
+                        log.warning("%s: dropping damaged entry %s (%s)", path, _plain(ds.attrs.get("teacher_id")),
+                                    bad)
+                        continue
                     f.copy(ds, entries, name=name)
         except OSError as e:
             log.warning("%s: unreadable teacher cache (%s); starting a new one", path, e)
+
+
+def _bad_rows(ds: h5py.Dataset) -> str:
+    """The first chunk of rows of ``ds`` failing its checksum ("rows i..j fail their checksum"), or "" when every
+    chunk reads back intact."""
+    step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+    for r0 in range(0, ds.shape[0], step):
+        r1 = min(r0 + step, ds.shape[0])
+        try:
+            ds[r0:r1]
+        except OSError:
+            return f"rows {r0}..{r1 - 1} fail their checksum"
+    return ""
 
 
 def _plain(v: Any) -> Any:

@@ -2,7 +2,8 @@
 
 Written once by ``neurovision prepare braintreebank|phantom_seeg`` through :class:`EventStoreWriter` (temp file
 + atomic rename) and read by :class:`EventStore`, which validates the schema on open and names the file and the
-field on any mismatch. Layout (``EVENTS_SCHEMA_VERSION`` 1)::
+field on any mismatch. Layout (``EVENTS_SCHEMA_VERSION`` 2: every non-empty numeric dataset carries HDF5's
+Fletcher32 checksum per chunk, verified on every read, as in :mod:`neurovision.store`)::
 
     /                         attrs: schema="neurovision.events", schema_version, source, converter_version,
                                      options (JSON), fingerprint, created, complete
@@ -40,13 +41,29 @@ from typing import Any
 import h5py
 import numpy as np
 
-from neurovision.store import AtomicH5Writer, StoreError, _plain, check_header, open_checked
+from neurovision.store import (
+    CHECKSUM,
+    AtomicH5Writer,
+    StoreError,
+    _plain,
+    check_header,
+    corrupt_problem,
+    open_checked,
+    verify_rows,
+)
 
 EVENTS_SCHEMA = "neurovision.events"
-EVENTS_SCHEMA_VERSION = 1
+#: 2: Fletcher32 checksums on every non-empty numeric dataset (version 1 files had none)
+EVENTS_SCHEMA_VERSION = 2
 EVENT_SETS: tuple[str, ...] = ("language", "vision")
 _STR = h5py.string_dtype(encoding="utf-8")
 _EVENT_FIELDS = {"time": "f", "trial": "i", "frame": "i", "sentence": "i"}
+
+
+def _checked(data: np.ndarray) -> dict[str, Any]:
+    """``create_dataset`` keywords adding the checksum to a non-empty array (HDF5 filters need chunks; an empty
+    dataset has none to check)."""
+    return dict(CHECKSUM) if np.asarray(data).size else {}
 
 
 def default_bins(n_bins: int = 161, start: float = -2.0, stop: float = 2.0) -> np.ndarray:
@@ -90,7 +107,8 @@ class EventStoreWriter(AtomicH5Writer):
         g = self._f.require_group("stimuli")
         h, w = (int(x) for x in frame_shape)
         ds = g.create_dataset("frames", shape=(len(frame_keys), h, w, 3), dtype=np.uint8,
-                              chunks=(1, h, w, 3) if len(frame_keys) else None)
+                              chunks=(1, h, w, 3) if len(frame_keys) else None,
+                              **(CHECKSUM if len(frame_keys) else {}))
         g.create_dataset("frame_keys", data=np.array(list(frame_keys), dtype=object), dtype=_STR)
         g.create_dataset("sentences", data=np.array(list(sentences), dtype=object), dtype=_STR)
         return ds
@@ -105,7 +123,7 @@ class EventStoreWriter(AtomicH5Writer):
         self._subjects.append(name)
         s = g.create_group("sites")
         s.create_dataset("electrode", data=np.array(list(electrodes), dtype=object), dtype=_STR)
-        ds = s.create_dataset("coords", data=coords)
+        ds = s.create_dataset("coords", data=coords, **_checked(coords))
         ds.attrs["space"] = space
         regions = list(regions) if regions is not None else [""] * len(electrodes)
         s.create_dataset("region", data=np.array(regions, dtype=object), dtype=_STR)
@@ -115,21 +133,23 @@ class EventStoreWriter(AtomicH5Writer):
         """Events of one set for one subject with their targets (E, N sites, B bins)."""
         g = self._f["subjects"][subject]
         e = g.require_group("events").create_group(event_set)
-        e.create_dataset("time", data=np.asarray(time, dtype=np.float64))
-        e.create_dataset("trial", data=np.asarray(trial, dtype=np.int16))
+        for name, values, dt in (("time", time, np.float64), ("trial", trial, np.int16), ("frame", frame, np.int32),
+                                 ("sentence", sentence, np.int32)):
+            arr = np.asarray(values, dtype=dt)
+            e.create_dataset(name, data=arr, **_checked(arr))
         e.create_dataset("movie", data=np.array(list(movie), dtype=object), dtype=_STR)
-        e.create_dataset("frame", data=np.asarray(frame, dtype=np.int32))
-        e.create_dataset("sentence", data=np.asarray(sentence, dtype=np.int32))
         targets = np.asarray(targets, dtype=np.float32)
         g.require_group("targets").create_dataset(
-            event_set, data=targets, chunks=(min(len(targets), 64) or 1, *targets.shape[1:]) if targets.size else None)
+            event_set, data=targets, chunks=(min(len(targets), 64) or 1, *targets.shape[1:]) if targets.size else None,
+            **_checked(targets))
 
     def set_annotations(self, kind: str, per_item: Sequence[Any]) -> None:
         data = np.array([json.dumps(x) for x in per_item], dtype=object)
         self._f.require_group("annotations").create_dataset(kind, data=data, dtype=_STR)
 
     def set_extra(self, name: str, data: np.ndarray, **attrs: Any) -> None:
-        ds = self._f.require_group("extras").create_dataset(name, data=data)
+        data = np.asarray(data)
+        ds = self._f.require_group("extras").create_dataset(name, data=data, **(_checked(data) if data.ndim else {}))
         for k, v in attrs.items():
             ds.attrs[k] = v
 
@@ -175,28 +195,34 @@ class EventStore:
         self._h5: h5py.File | None = None
         self._pid: int | None = None
         with open_checked(self.path, "events store") as f:
-            self._validate(f)
-            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
-            self.bin_centers = np.asarray(f["bins"].attrs["centers"], dtype=np.float64)
-            self.bin_window = float(f["bins"].attrs["window"])
-            self.subject_names: list[str] = json.loads(f["subjects"].attrs["names"])
-            self.frame_keys = [_s(x) for x in f["stimuli/frame_keys"][:]]
-            self.sentences = [_s(x) for x in f["stimuli/sentences"][:]]
-            self.frame_shape = tuple(f["stimuli/frames"].shape[1:])
-            self._sites: dict[str, Sites] = {}
-            self._events: dict[tuple[str, str], Events] = {}
-            for name in self.subject_names:
-                s = f["subjects"][name]["sites"]
-                self._sites[name] = Sites(
-                    electrode=[_s(x) for x in s["electrode"][:]], coords=s["coords"][:],
-                    region=[_s(x) for x in s["region"][:]], space=_plain(s["coords"].attrs.get("space", "")))
-                for es in f["subjects"][name].get("events", {}):
-                    e = f["subjects"][name]["events"][es]
-                    self._events[(name, es)] = Events(
-                        time=e["time"][:], trial=e["trial"][:], movie=np.array([_s(x) for x in e["movie"][:]]),
-                        frame=e["frame"][:], sentence=e["sentence"][:])
-            self.annotation_kinds = sorted(f["annotations"].keys()) if "annotations" in f else []
-            self.extras = sorted(f["extras"].keys()) if "extras" in f else []
+            try:
+                self._validate(f)
+                self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+                self.bin_centers = np.asarray(f["bins"].attrs["centers"], dtype=np.float64)
+                self.bin_window = float(f["bins"].attrs["window"])
+                self.subject_names: list[str] = json.loads(f["subjects"].attrs["names"])
+                self.frame_keys = [_s(x) for x in f["stimuli/frame_keys"][:]]
+                self.sentences = [_s(x) for x in f["stimuli/sentences"][:]]
+                self.frame_shape = tuple(f["stimuli/frames"].shape[1:])
+                self._sites: dict[str, Sites] = {}
+                self._events: dict[tuple[str, str], Events] = {}
+                for name in self.subject_names:
+                    s = f["subjects"][name]["sites"]
+                    self._sites[name] = Sites(
+                        electrode=[_s(x) for x in s["electrode"][:]], coords=s["coords"][:],
+                        region=[_s(x) for x in s["region"][:]], space=_plain(s["coords"].attrs.get("space", "")))
+                    for es in f["subjects"][name].get("events", {}):
+                        e = f["subjects"][name]["events"][es]
+                        self._events[(name, es)] = Events(
+                            time=e["time"][:], trial=e["trial"][:], movie=np.array([_s(x) for x in e["movie"][:]]),
+                            frame=e["frame"][:], sentence=e["sentence"][:])
+                self.annotation_kinds = sorted(f["annotations"].keys()) if "annotations" in f else []
+                self.extras = sorted(f["extras"].keys()) if "extras" in f else []
+            except OSError as e:  # a small dataset (events, sites, keys) failing its checksum: name its rows
+                for _name, ds in _small_datasets(f):
+                    verify_rows(ds, self.path, "row", _plain(f.attrs.get("source")))
+                raise StoreError(self.path, "<file>", corrupt_problem("a chunk", _plain(f.attrs.get("source")),
+                                                                      self.path, e)) from None
 
     def _validate(self, f: h5py.File) -> None:
         def need(cond: bool, field: str, problem: str) -> None:
@@ -213,6 +239,8 @@ class EventStore:
         need(frames.dtype == np.uint8 and frames.ndim == 4, "stimuli/frames",
              f"dtype {frames.dtype} shape {frames.shape}, expected uint8 (F, H, W, 3)")
         need(len(f["stimuli/frame_keys"]) == len(frames), "stimuli/frame_keys", "length differs from stimuli/frames")
+        need(frames.size == 0 or bool(frames.fletcher32), "stimuli/frames", "no per-chunk checksum (Fletcher32 "
+             "filter): not written by this version of `neurovision prepare`; rebuild it")
         n_frames, n_sent = len(frames), len(f["stimuli/sentences"])
         n_bins = len(f["bins"].attrs["centers"])
         for name in json.loads(f["subjects"].attrs["names"]):
@@ -241,6 +269,8 @@ class EventStore:
                 need(t in f, t, "missing (events without targets)")
                 need(f[t].shape == (n, n_sites, n_bins), t, f"shape {f[t].shape}, expected ({n}, {n_sites}, {n_bins})")
                 need(f[t].dtype == np.float32, t, f"dtype {f[t].dtype}, expected float32")
+                need(f[t].size == 0 or bool(f[t].fletcher32), t, "no per-chunk checksum (Fletcher32 filter): not "
+                     "written by this version of `neurovision prepare`; rebuild it")
 
     @property
     def h5(self) -> h5py.File:
@@ -278,7 +308,7 @@ class EventStore:
         """(E, N, B) float32 targets; checked for NaN/inf (names the field)."""
         self.events(subject, event_set)
         field = f"subjects/{subject}/targets/{event_set}"
-        y = self.h5[field][:]
+        y = self._read(field, "event", lambda ds: ds[:])
         if not np.isfinite(y).all():
             raise StoreError(self.path, field, f"{int((~np.isfinite(y)).sum())} non-finite values")
         return y
@@ -286,14 +316,25 @@ class EventStore:
     def frames(self, index: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         ds = self.h5["stimuli/frames"]
         if index is None:
-            return ds[:]
+            return self._read("stimuli/frames", "frame", lambda d: d[:])
         index = np.asarray(index)
         order = np.argsort(index)
         out = np.empty((len(index), *ds.shape[1:]), dtype=np.uint8)
         if len(index):
             uniq, inv = np.unique(index[order], return_inverse=True)
-            out[order] = ds[uniq][inv]
+            out[order] = self._read("stimuli/frames", "frame", lambda d: d[uniq])[inv]
         return out
+
+    def _read(self, field: str, unit: str, read: Any) -> np.ndarray:
+        """``read(dataset)``; a chunk failing its checksum is one :class:`StoreError` naming the dataset and the
+        first bad ``unit`` (row) index."""
+        ds = self.h5[field]
+        try:
+            return read(ds)
+        except OSError as e:
+            verify_rows(ds, self.path, unit, self.attrs.get("source"))  # names the first bad rows
+            raise StoreError(self.path, field, corrupt_problem("a chunk", self.attrs.get("source"), self.path, e)
+                             ) from None
 
     def annotations(self, kind: str) -> list[Any]:
         if kind not in self.annotation_kinds:
@@ -310,6 +351,14 @@ class EventStore:
             raise KeyError(f"{self.path}: no subject {subject!r} (has {self.subject_names})")
 
 
+def _small_datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+    """Every dataset but the targets and frames (what opening an events store reads)."""
+    out: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(lambda name, obj: out.append((name, obj)) if isinstance(obj, h5py.Dataset)
+                 and "/targets/" not in f"/{name}" and name != "stimuli/frames" else None)
+    return out
+
+
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -319,3 +368,24 @@ def existing_events_fingerprint(path: str | os.PathLike[str]) -> str | None:
         return EventStore(path).attrs["fingerprint"]
     except (StoreError, FileNotFoundError):
         return None
+
+
+def verify_events(path: str | os.PathLike[str]) -> int:
+    """Read every chunk of an events store through HDF5's checksum filter (``neurovision inspect --verify``): the
+    number of events checked, or a :class:`StoreError` naming the dataset and the first bad event row (frame,
+    row). See :func:`neurovision.store.verify`."""
+    import h5py as _h5py
+
+    store = EventStore(path)  # the cheap checks
+    source = store.attrs.get("source")
+    n_events = 0
+    with open_checked(store.path, "events store") as f:
+        datasets: list[tuple[str, _h5py.Dataset]] = []
+        f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, _h5py.Dataset) else None)
+        for name, ds in sorted(datasets, key=lambda x: ("/targets/" not in x[0], x[0])):  # targets first
+            unit = "event" if "/targets/" in name or "/events/" in name else \
+                "frame" if name == "stimuli/frames" else "row"
+            verify_rows(ds, store.path, unit, source)
+            if "/targets/" in name:
+                n_events += ds.shape[0]
+    return n_events

@@ -28,7 +28,8 @@ separates what the architecture does from what training taught it). This module 
   and :meth:`FeatureTable.event_features` mapping events (frame and sentence index arrays) to their item's
   features.
 
-Cache file layout (``FEATURES_SCHEMA_VERSION`` 1)::
+Cache file layout (``FEATURES_SCHEMA_VERSION`` 2: every array carries HDF5's Fletcher32 checksum per chunk; an
+entry failing it, like a cache of an older version, is stale: a warning naming the layer and rows, then recomputed)::
 
     /                                   attrs: schema="neurovision.features", schema_version
     /entries/<sha256(key)[:32]>         attrs: model_id, modality, layers (JSON), projection (JSON),
@@ -66,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neurovision.atomic import atomic_path
+from neurovision.atomic import atomic_path, remove_stale_partials
 from neurovision.encoding.events import EventStore
 from neurovision.store import _plain
 from neurovision.teachers import (
@@ -86,7 +87,8 @@ Modality = Literal["vision", "language", "multimodal"]
 MODALITIES: tuple[str, ...] = ("vision", "language", "multimodal")
 
 FEATURES_SCHEMA = "neurovision.features"
-FEATURES_SCHEMA_VERSION = 1
+#: 2: arrays checksummed (Fletcher32); version-1 caches are rebuilt
+FEATURES_SCHEMA_VERSION = 2
 
 
 def _yaml_key(cls: str, field: str) -> str:
@@ -916,13 +918,33 @@ class _H5Layers(Mapping):
             if g is None or _plain(g.attrs.get("created")) != self.created:
                 raise RuntimeError(f"{self.path}: the cached features of {self.model_id} were replaced or removed "
                                    "since they were opened; call extract_features again")
-            return g["layers"][layer][()]
+            ds = g["layers"][layer]
+            try:
+                return ds[()]
+            except OSError as e:  # damaged after it was validated: one line, and the next extraction recomputes
+                raise RuntimeError(f"{self.path}: layer {layer!r} of the cached features of {self.model_id}: "
+                                   f"{_bad_rows(ds) or e}; the file is damaged: call extract_features again "
+                                   "(it recomputes the entry)") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+
+def _bad_rows(ds: h5py.Dataset) -> str:
+    """The first chunk of rows of ``ds`` failing its checksum ("rows i..j fail their checksum"), or ""."""
+    if ds.size == 0:
+        return ""
+    step = ds.chunks[0] if ds.chunks else ds.shape[0]
+    for r0 in range(0, ds.shape[0], step):
+        r1 = min(r0 + step, ds.shape[0])
+        try:
+            ds[r0:r1]
+        except OSError:
+            return f"rows {r0}..{r1 - 1} fail their checksum"
+    return ""
 
 
 def _all_finite(ds: h5py.Dataset) -> bool:
@@ -977,7 +999,15 @@ def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, A
                     stale(f"layer {layer!r} missing")
                     return None
                 ds = g[key]
-                if ds.ndim != 2 or ds.shape[0] != len(fi) or not _all_finite(ds):
+                if ds.shape[0] and not ds.fletcher32:
+                    stale(f"layer {layer!r} has no per-chunk checksum")
+                    return None
+                try:
+                    finite = _all_finite(ds)
+                except OSError:
+                    stale(f"layer {layer!r}: {_bad_rows(ds) or 'unreadable'} (the file is damaged)")
+                    return None
+                if ds.ndim != 2 or ds.shape[0] != len(fi) or not finite:
                     stale(f"layer {layer!r} has shape {ds.shape} or non-finite values")
                     return None
                 shapes[layer] = tuple(ds.shape)
@@ -993,13 +1023,15 @@ def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str])
     entries of the old one (all but ``replace``, incomplete ones and those of an earlier version of the same
     store); yields its ``/entries`` group for the block to add entries to."""
     store_path = str(store.path.resolve())
+    remove_stale_partials(path)  # temp files of killed extractions
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
         out.attrs["schema"], out.attrs["schema_version"] = FEATURES_SCHEMA, FEATURES_SCHEMA_VERSION
         entries = out.create_group("entries")
         if path.exists():
             try:
                 with h5py.File(path, "r") as f:
-                    if _plain(f.attrs.get("schema")) == FEATURES_SCHEMA:
+                    if _plain(f.attrs.get("schema")) == FEATURES_SCHEMA and \
+                            _plain(f.attrs.get("schema_version")) == FEATURES_SCHEMA_VERSION:
                         for name, g in f.get("entries", {}).items():
                             a = g.attrs
                             if name in replace or not bool(a.get("complete", False)):
@@ -1008,6 +1040,12 @@ def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str])
                                     _plain(a.get("store_fingerprint")) != fingerprint:
                                 log.info("%s: pruning %s (features of an earlier version of %s)", path,
                                          _plain(a.get("model_id")), store_path)
+                                continue
+                            bad = [f"{k}: {b}" for k, ds in g["layers"].items() if (b := _bad_rows(ds))] \
+                                if "layers" in g else []
+                            if bad:  # a raw copy would carry a damaged chunk over
+                                log.warning("%s: dropping damaged features of %s (%s)", path,
+                                            _plain(a.get("model_id")), "; ".join(bad))
                                 continue
                             f.copy(g, entries, name=name)
             except OSError as e:
@@ -1020,8 +1058,8 @@ def _new_entry(entries: h5py.Group, name: str, *, model_id: str, modality: str, 
     """An empty entry (``complete`` false until :func:`_finish_entry`)."""
     g = entries.create_group(name)
     g.attrs["complete"] = False
-    g.create_dataset("frame_index", data=items[0].astype(np.int64))
-    g.create_dataset("sentence_index", data=items[1].astype(np.int64))
+    for key, values in (("frame_index", items[0]), ("sentence_index", items[1])):
+        g.create_dataset(key, data=values.astype(np.int64), fletcher32=bool(len(values)))
     g.create_group("layers")
     g.attrs["model_id"] = model_id
     g.attrs["modality"] = modality
@@ -1036,7 +1074,8 @@ def _new_layer(g: h5py.Group, layer: str, n: int, d: int, input_dim: int) -> h5p
     if "/" in layer:
         raise ValueError(f"layer name {layer!r} contains '/'")
     rows = int(max(1, min(n, (1 << 20) // max(1, d * 4))))
-    ds = g["layers"].create_dataset(layer, shape=(n, d), dtype=np.float32, chunks=(rows, d) if n else None)
+    ds = g["layers"].create_dataset(layer, shape=(n, d), dtype=np.float32, chunks=(rows, d) if n else None,
+                                    fletcher32=bool(n and d))
     ds.attrs["layer"] = layer
     ds.attrs["input_dim"] = int(input_dim)
     ds.attrs["projected"] = bool(input_dim != d)
