@@ -347,6 +347,21 @@ _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "E
 def _condense_parse_error(message: str, argv: list[str]) -> str:
     """One line of a jsonargparse error: the dotted key (``Parser key`` components, ``init_args`` for a class) and
     the first concrete problem, instead of a usage screen and a nested report ending in ``Given value: ...``."""
+    if message.startswith("Problems parsing config"):  # a YAML syntax error: which -c file (jsonargparse says none)
+        import yaml
+
+        for f in _config_files(argv):
+            try:
+                yaml.safe_load(Path(f).read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                return f"{f}: not valid YAML: {getattr(e, 'problem', None) or e}{at}"
+            except OSError:
+                continue
+    m = re.match(r'Parser key "config": (.*)', message)
+    if m:
+        return f"-c/--config: {m.group(1)}"
     keys: list[str] = []
     for line in message.splitlines():
         t = line.strip().lstrip("- ").strip()

@@ -148,6 +148,14 @@ def test_wrong_type_flag_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFi
     assert_user_error(code, capsys, "data.init_args.batch_size", "abc")
 
 
+def test_config_file_missing_or_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["fit", "-c", str(EXPERIMENTS / "baseline_linear.yaml")]
+    assert_user_error(cli([*base, "-c", str(tmp_path / "nope.yaml"), "--print_config"]), capsys, "nope.yaml", "-c")
+    bad = tmp_path / "syntax.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert_user_error(cli([*base, "-c", str(bad), "--print_config"]), capsys, "syntax.yaml", "not valid YAML", "line 2")
+
+
 def test_corrupt_store_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "text.h5"
     bad.write_text("not an HDF5 file\n")
