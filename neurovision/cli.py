@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import neurovision  # noqa: F401  (torchvision fix first)
 
@@ -146,13 +146,23 @@ def _run_config(ckpt: str) -> str | None:
     return None
 
 
-def localize_main(args: list[str]) -> int:
+def _raising_parser_class() -> type:
     import argparse
-    from pathlib import Path
+
+    class RaisingArgumentParser(argparse.ArgumentParser):
+        """argparse that raises its errors (``main`` prints one line, exit 2) instead of printing the usage screen."""
+
+        def error(self, message: str) -> NoReturn:  # type: ignore[override]
+            raise argparse.ArgumentError(None, message)
+
+    return RaisingArgumentParser
+
+
+def localize_main(args: list[str]) -> int:
 
     import yaml
 
-    parser = argparse.ArgumentParser(
+    parser = _raising_parser_class()(
         prog="neurovision localize", description=TOOL_COMMANDS["localize"],
         epilog="The CLIP teacher is --clip-* when given, else the run's config.yaml (--run-config, or found beside "
                "the first checkpoint: <ckpt>.config.yaml, <log_dir>/config.yaml); --store likewise.")

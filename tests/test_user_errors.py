@@ -156,6 +156,15 @@ def test_config_file_missing_or_not_yaml(tmp_path: Path, capsys: pytest.CaptureF
     assert_user_error(cli([*base, "-c", str(bad), "--print_config"]), capsys, "syntax.yaml", "not valid YAML", "line 2")
 
 
+def test_tool_flag_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """argparse (localize) and jsonargparse (prepare) flag errors: no usage screen."""
+    assert_user_error(cli(["localize", "--out", str(tmp_path)]), capsys, "--ckpt")
+    assert_user_error(cli(["localize", "--ckpt", "a.ckpt", "--out", str(tmp_path), "--split", "bogus"]), capsys,
+                      "--split", "bogus")
+    assert_user_error(cli(["prepare", "nsd", "--root", str(tmp_path), "--out", str(tmp_path / "x.h5"),
+                           "--subjects", "abc"]), capsys, "subjects", "abc")
+
+
 def test_corrupt_store_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "text.h5"
     bad.write_text("not an HDF5 file\n")
