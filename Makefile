@@ -34,22 +34,31 @@ ck = $$(ls -t $(1)/tb/*/checkpoints/last.ckpt | head -1)
 logto = --trainer.default_root_dir=$(1) --trainer.logger.init_args.save_dir=$(1)
 DEMO_S1_EPOCHS ?= 4
 DEMO_S2_BATCHES ?= 50
+# The tiny models' budgets are optimiser steps, their schedules functions of the step, and their thread counts
+# fixed (the count changes CPU convolutions' sums): the same seed gives the same weights on an idle or a loaded
+# machine, so the numbers `make demo` prints are the numbers anyone gets. The step counts are what the former
+# minute budgets (CLIP 3, VAE 3, unCLIP 3.5, LLM 2) gave on an idle 2-core machine: CLIP all 10 epochs (400),
+# VAE 1,783 and unCLIP 274 (README), LLM ~200 (a 15-step rate x 2 min; see the commit message).
+DEMO_CLIP_STEPS ?= 400
+DEMO_VAE_STEPS ?= 1800
+DEMO_UNCLIP_STEPS ?= 275
+DEMO_LLM_STEPS ?= 200
 
 data/phantom_demo.h5: | install
 	$(NV) prepare phantom --preset demo --out $@
 
 teachers/phantom_demo/tiny_clip.pt: | data/phantom_demo.h5
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 10 --clip-max-minutes 3 --vae-epochs 8 --vae-max-minutes 3
+		--clip-steps $(DEMO_CLIP_STEPS) --vae-steps $(DEMO_VAE_STEPS) --threads 2
 
 # the tiny unCLIP and the tiny LLM train side by side, one core each (`make -j2` in the demo recipe)
 teachers/phantom_demo/tiny_unclip/unet/config.json: | teachers/phantom_demo/tiny_clip.pt
 	OMP_NUM_THREADS=1 $(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 \
-		--teachers teachers/phantom_demo --max-minutes 3.5 --eval-items 0
+		--teachers teachers/phantom_demo --steps $(DEMO_UNCLIP_STEPS) --threads 1 --eval-items 0
 
 teachers/phantom_demo/tiny_llm/config.json: | teachers/phantom_demo/tiny_clip.pt
 	OMP_NUM_THREADS=1 $(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 \
-		--out teachers/phantom_demo/tiny_llm --max-minutes 2
+		--out teachers/phantom_demo/tiny_llm --steps $(DEMO_LLM_STEPS) --threads 1
 
 DEMO_CACHE := data/phantom_demo.h5 teachers/phantom_demo/tiny_clip.pt \
 	teachers/phantom_demo/tiny_unclip/unet/config.json teachers/phantom_demo/tiny_llm/config.json
@@ -78,6 +87,7 @@ demo: install ## the whole chain on the demo phantom (quick settings, < 30 min o
 	$(NV) encode $(ENC) --store data/phantom_seeg_tiny.h5 --out $(D)/encoding
 	$(NV) report $(D)
 	@echo "demo done: open $(D)/report.html"
+	@$(BIN)/python benchmarks/demo_headline.py --root $(D) --teachers teachers/phantom_demo
 
 # ------------------------------------------------------------------------------------------ encoding
 # the encoding stage (Subramaniam et al.) on the SEEG phantom; `make demo` runs it on the tiny one (< 1 min)
@@ -95,17 +105,18 @@ STAGE2_DEMO = -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_
 A_CKPT = $$(ls -t runs/stage2_demo_a/tb/*/checkpoints/last.ckpt | head -1)
 B_CKPT = $$(ls -t runs/stage2_demo/tb/*/checkpoints/last.ckpt | head -1)
 
-demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epoch stage 1, 2+2-epoch stage 2, β sweep (~3 h)
+demo-full: install ## the chain behind the README's numbers: 900-step CLIP, 16-epoch stage 1, 2+2-epoch stage 2, β sweep (~3 h)
 	$(NV) prepare phantom --preset demo --out data/phantom_demo.h5
 	$(NV) inspect data/phantom_demo.h5 --plot runs/demo_full/phantom_overview.png
 	$(BIN)/python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo \
-		--clip-epochs 40 --clip-max-minutes 20 --vae-epochs 8 --vae-max-minutes 10 --force
-	$(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo \
-		--max-minutes 25 --force
+		--clip-steps 900 --vae-steps 2700 --threads 2 --force
+	OMP_NUM_THREADS=1 $(BIN)/python -m neurovision.unclip_training --store data/phantom_demo.h5 \
+		--teachers teachers/phantom_demo --steps 1500 --threads 1 --force
 	$(NV) fit $(STAGE1_DEMO)
 	$(NV) test $(STAGE1_DEMO) --ckpt_path=$(LAST_CKPT)
 	$(NV) localize --ckpt $(LAST_CKPT) --out runs/demo_full/concept_maps --method pattern
-	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
+	$(BIN)/python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm \
+		--steps 1500 --threads 2
 	$(NV) fit $(STAGE2_DEMO) -c experiments/presets/stage2_instruct_phase_a.yaml \
 		--trainer.default_root_dir=runs/stage2_demo_a --trainer.logger.init_args.save_dir=runs/stage2_demo_a
 	$(NV) fit $(STAGE2_DEMO) --model.init_args.init_from=$(A_CKPT)
@@ -113,6 +124,8 @@ demo-full: install ## the chain behind the README's numbers: 20-min CLIP, 16-epo
 	rm -rf runs/demo_full/beta_sweep && cp $(LAST_CKPT) runs/demo_full/stage1.ckpt
 	$(NV) sweep experiments/sweeps/beta_full.yaml
 	$(NV) report runs/demo_full/beta_sweep
+	@$(BIN)/python benchmarks/demo_headline.py --root runs/demo_full --teachers teachers/phantom_demo \
+		--stage1 runs/stage1_demo --stage2 runs/stage2_demo --sweep runs/demo_full/beta_sweep
 
 test: install ## the default test suite (< 10 min on 2 cores)
 	$(BIN)/python -m pytest -q

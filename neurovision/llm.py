@@ -120,8 +120,19 @@ def _store_texts(store_path: str | os.PathLike[str], splits: Sequence[str] = ("t
 def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2000, batch_size: int = 32,
              block: int = 128, lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0,
              progress: bool = True) -> dict[str, float]:
-    """Causal-LM pre-training on ``texts`` packed into blocks (AdamW, warm-up + cosine); returns the losses."""
+    """Causal-LM pre-training on ``texts`` packed into blocks (AdamW, warm-up + cosine); returns the losses.
+
+    The budget is ``steps`` and the schedule a function of the step alone, so the same seed gives the same
+    weights on an idle or a loaded machine (a wall-clock budget gave a loaded machine a fraction of the steps
+    and an early decay). ``max_minutes`` is deprecated and ignored (accepted for one release).
+    """
     from tqdm.auto import tqdm
+
+    from neurovision.teacher_training import _deprecated_max_minutes
+
+    _deprecated_max_minutes(max_minutes, "pretrain")
+    if steps < 1:
+        raise ValueError(f"pretrain: steps must be >= 1, got {steps}")
 
     g = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
@@ -141,12 +152,8 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
     bar = tqdm(range(steps), desc="pretrain tiny LLM", disable=not progress)
     for step in bar:
         frac = step / steps
-        if max_minutes is not None:
-            frac = max(frac, (time.monotonic() - t0) / (60 * max_minutes))
-            if frac >= 1:
-                break
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+            group["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * frac))
         x = data[torch.randint(n_blocks, (batch_size,), generator=g)]
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -158,14 +165,22 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
             first = last
         bar.set_postfix(loss=f"{last:.3f}")
     model.eval()
-    return {"first_loss": first, "final_loss": last, "steps": step + 1, "tokens": int(len(ids))}
+    return {"first_loss": first, "final_loss": last, "steps": steps, "tokens": int(len(ids)),
+            "torch_threads": torch.get_num_threads(), "train_wall_s": round(time.monotonic() - t0, 1)}
 
 
 def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *, vocab_size: int = 1024,
                    hidden: int = 192, layers: int = 4, heads: int = 4, steps: int = 1500,
-                   max_minutes: float | None = 5.0, seed: int = 0, progress: bool = True) -> Path:
-    """Train a tokenizer and pre-train a tiny Llama on the store's training-split text; save to ``out``."""
+                   max_minutes: float | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Train a tokenizer and pre-train a tiny Llama on the store's training-split text; save to ``out``.
+
+    ``steps`` is the budget (see :func:`pretrain`); ``max_minutes`` is deprecated and ignored.
+    """
     from transformers import LlamaForCausalLM
+
+    from neurovision.teacher_training import _deprecated_max_minutes
+
+    _deprecated_max_minutes(max_minutes, "build_tiny_llm")
 
     torch.manual_seed(seed)
     texts = _store_texts(store)
@@ -173,7 +188,7 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
     cfg = tiny_llama_config(len(tok), hidden, layers, heads, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
-    stats = pretrain(model, tok, texts, steps=steps, max_minutes=max_minutes, seed=seed, progress=progress)
+    stats = pretrain(model, tok, texts, steps=steps, seed=seed, progress=progress)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:  # written whole, renamed into place
@@ -192,12 +207,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--max-minutes", type=float, default=5.0)
+    ap.add_argument("--steps", type=int, default=1500, help="pre-training budget in optimiser steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice); the count can change the weights")
     a = ap.parse_args(argv)
+    for flag, v in (("--steps", a.steps), ("--threads", a.threads)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} must be >= 1, got {v}")
+    from neurovision.teacher_training import set_threads
+
+    set_threads(a.threads)
     out = build_tiny_llm(a.store, a.out, vocab_size=a.vocab_size, hidden=a.hidden, layers=a.layers,
-                         heads=a.heads, steps=a.steps, max_minutes=a.max_minutes, seed=a.seed)
+                         heads=a.heads, steps=a.steps, seed=a.seed)
     print(f"wrote {out}: {(out / 'pretrain_metrics.json').read_text()}")
 
 

@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -102,52 +103,87 @@ def load_images(store: Store, index: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2).contiguous()
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int, time_progress: float = 0.0) -> float:
-    """Linear warm-up then cosine decay, following steps or, when further along, the time budget."""
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay: a function of the step alone, so the same seed gives the same weights
+    however fast the machine is (a schedule following elapsed time did not: a loaded machine decayed sooner)."""
     if step < warmup:
         return base * (step + 1) / warmup
-    p = max((step - warmup) / max(1, total - warmup), time_progress)
+    p = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def _time_progress(t_start: float, max_minutes: float | None) -> float:
-    return 0.0 if max_minutes is None else (time.time() - t_start) / (60 * max_minutes)
+def _deprecated_max_minutes(max_minutes: float | None, where: str) -> None:
+    """``max_minutes`` (a wall-clock budget) was removed: budgets are steps. Accepted for one release (``None``
+    silently, a number with a warning, then ignored) so that old call sites keep working."""
+    if max_minutes is not None:
+        warnings.warn(f"{where}: max_minutes={max_minutes} is ignored (budgets are in steps now: give steps=N); "
+                      "the argument will be removed in the next release", FutureWarning, stacklevel=3)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (``None``: keep torch's choice) and return the count in use.
+
+    Why: the thread count changes how CPU convolutions split their sums, so it changes the trained weights
+    (measured: after 4 steps a tiny CLIP / VAE differ by up to 1e-4 / 5e-4 between 1 and 2 threads; the tiny
+    Llama's matmuls did not). The machine's load does not. The count is recorded in every metrics file
+    (``torch_threads``); give the same ``--threads`` to get the same weights on machines with different core
+    counts (and the same CPU instruction set: AVX2 and AVX-512 kernels round differently)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def resolve_steps(n: int, batch_size: int, epochs: int | None, steps: int | None, where: str) -> int:
+    """The step budget: ``steps`` when given, else ``epochs`` x (``n // batch_size``) (the last partial batch
+    dropped); one clear error for a non-positive budget, batch size or an empty training set."""
+    if batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size}")
+    if n < 1:
+        raise ValueError(f"{where}: no training items (the store's train+val splits are empty)")
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"{where}: steps must be >= 1, got {steps}")
+        return int(steps)
+    if epochs is None or epochs < 1:
+        raise ValueError(f"{where}: epochs must be >= 1 (or give steps), got {epochs}")
+    return int(epochs) * max(1, n // batch_size)
 
 
 class _StepLoop:
-    """The teachers' training loop: shuffled batches of ``batch_size`` of ``n`` items for ``epochs`` (the last
-    partial batch dropped), each optimiser group's lr set before every step (warm-up over 5 % of the steps,
-    cosine decay, times the group's ``lr_scale``), a tqdm bar, and the time budget ``max_minutes`` counted
-    from ``t_start``. Afterwards ``step`` and ``stopped_early`` say how far it got."""
+    """The teachers' training loop: ``total`` steps of shuffled batches of ``batch_size`` of ``n`` items (a fresh
+    permutation each pass, the last partial batch of a pass dropped), each optimiser group's lr set before every
+    step (warm-up over 5 % of the steps, cosine decay, times the group's ``lr_scale``), and a tqdm bar.
 
-    def __init__(self, n: int, batch_size: int, epochs: int, lr: float, rng: np.random.Generator,
-                 t_start: float, max_minutes: float | None, desc: str, progress: bool) -> None:
+    Everything (order, lr) is a function of the step and the seeded ``rng``, never of the clock: the same seed
+    gives the same weights on an idle or a loaded machine. Afterwards ``step`` says how far it got."""
+
+    def __init__(self, n: int, batch_size: int, total: int, lr: float, rng: np.random.Generator, desc: str,
+                 progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        self.n, self.batch_size, self.epochs, self.lr, self.rng = n, batch_size, epochs, lr, rng
-        self.t_start, self.max_minutes = t_start, max_minutes
+        self.n, self.batch_size, self.total, self.lr, self.rng = n, batch_size, total, lr, rng
         self.steps_per_epoch = max(1, n // batch_size)
-        self.total = epochs * self.steps_per_epoch
+        self.epochs = math.ceil(total / self.steps_per_epoch)
         self.warmup = max(1, self.total // 20)
-        self.step, self.stopped_early = 0, False
+        self.step = 0
         self.bar = tqdm(total=self.total, desc=desc, unit="step", disable=not progress)
 
     def batches(self, opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         """Yield the item indices of each batch; the body of the loop does the step."""
         try:
-            for _epoch in range(self.epochs):
+            while self.step < self.total:
                 order = self.rng.permutation(self.n)
                 for b in range(self.steps_per_epoch):
-                    lr = _lr_at(self.step, self.total, self.lr, self.warmup,
-                                _time_progress(self.t_start, self.max_minutes))
+                    if self.step >= self.total:
+                        return
+                    lr = _lr_at(self.step, self.total, self.lr, self.warmup)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
                     yield torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size])
                     self.step += 1
                     self.bar.update(1)
-                    if _time_progress(self.t_start, self.max_minutes) >= 1.0:
-                        self.stopped_early = True
-                        return
         finally:
             self.bar.close()
 
@@ -177,13 +213,15 @@ def train_tiny_clip(
     max_minutes: float | None = None,
     evaluate: bool = True,
     progress: bool = True,
+    steps: int | None = None,
 ) -> Path:
     """Contrastively train a tiny open_clip CLIP on the store's train+val (image, caption) pairs.
 
     Args:
         store: a phantom (or any captioned) store.
         out_dir: receives ``tiny_clip.json``, ``tiny_clip.pt`` and ``tiny_clip_metrics.json``.
-        epochs: passes over the train+val images (each time with a fresh random caption per image).
+        epochs: passes over the train+val images (each time with a fresh random caption per image); the step
+            budget is ``epochs`` x (images // ``batch_size``) unless ``steps`` is given.
         batch_size: pairs per step (the contrastive negatives).
         lr: peak AdamW learning rate (linear warm-up over 5 % of the steps, cosine decay).
         weight_decay: AdamW weight decay (not on gains, biases, embeddings or the temperature).
@@ -191,10 +229,11 @@ def train_tiny_clip(
             model's rate over ~1e5 steps; in a few hundred it needs a faster one to leave its initial 1/0.07.
         seed: initialisation, order and caption choice.
         config: an open_clip model config; default :func:`tiny_clip_config` at the store's image size.
-        max_minutes: a time budget: the cosine schedule follows elapsed time when that runs ahead of the
-            step count, and training stops when the budget is spent.
+        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`_deprecated_max_minutes`).
         evaluate: score the saved model on the store's test images (written to the metrics file).
         progress: show a tqdm bar.
+        steps: the budget in optimiser steps (overrides ``epochs``; passes continue with fresh permutations).
+            The schedule follows the step, so the same seed gives the same weights on any load.
 
     Returns:
         ``out_dir``.
@@ -203,6 +242,7 @@ def train_tiny_clip(
 
     from neurovision.teachers import OpenCLIPImageTeacher
 
+    _deprecated_max_minutes(max_minutes, "train_tiny_clip")
     t_start = time.time()
     out = Path(out_dir)
     st = Store(store)
@@ -229,8 +269,9 @@ def train_tiny_clip(
     groups.append({"params": temperature, "weight_decay": 0.0, "lr_scale": logit_scale_lr / lr})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(idx)
+    total = resolve_steps(n, batch_size, epochs, steps, "train_tiny_clip")
     losses: list[float] = []
-    loop = _StepLoop(n, batch_size, epochs, lr, rng, t_start, max_minutes, "tiny CLIP", progress)
+    loop = _StepLoop(n, batch_size, total, lr, rng, "tiny CLIP", progress)
     for sel in loop.batches(opt):
         cap = torch.from_numpy(rng.integers(0, n_caps, len(sel)))
         x = teacher.preprocess(images[sel])
@@ -244,7 +285,7 @@ def train_tiny_clip(
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         loop.bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{model.logit_scale.detach().exp().item():.1f}")
-    step, stopped_early, steps_per_epoch = loop.step, loop.stopped_early, loop.steps_per_epoch
+    step, steps_per_epoch = loop.step, loop.steps_per_epoch
     model.eval().requires_grad_(False)
     train_s = time.time() - t_start
     ckpt = out / f"{CLIP_NAME}.pt"
@@ -252,8 +293,9 @@ def train_tiny_clip(
         torch.save(model.state_dict(), t)
 
     metrics: dict[str, Any] = {
-        "store": str(st.path), "n_pairs_images": n, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "seed": seed, "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
+        "store": str(st.path), "n_pairs_images": n, "epochs": loop.epochs, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "steps": step, "planned_steps": total, "torch_threads": torch.get_num_threads(),
+        "train_wall_s": round(train_s, 1),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "loss_first_epoch_mean": float(np.mean(losses[:steps_per_epoch])) if losses else None,
         "loss_last_epoch_mean": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
@@ -339,6 +381,7 @@ def train_tiny_vae(
     max_minutes: float | None = None,
     evaluate: bool = True,
     progress: bool = True,
+    steps: int | None = None,
 ) -> Path:
     """Train a tiny AutoencoderKL on the store's train+val images; save it to ``out_dir/tiny_vae``.
 
@@ -351,7 +394,8 @@ def train_tiny_vae(
     Args:
         store: a store with uint8 stimuli.
         out_dir: receives ``tiny_vae/`` (``save_pretrained``) and ``tiny_vae_metrics.json``.
-        epochs: passes over the train+val images.
+        epochs: passes over the train+val images: the step budget is ``epochs`` x (images // ``batch_size``)
+            unless ``steps`` is given.
         batch_size: images per step (small batches: 600 steps of 4 reached the quality of 500 steps of 8,
             in half the time).
         lr: peak AdamW learning rate (warm-up, cosine decay).
@@ -359,10 +403,10 @@ def train_tiny_vae(
         init_logvar: initial posterior log-variance (bias of the log-variance half of ``quant_conv``).
         seed: initialisation, order and sampling.
         config: the VAE config: ``"tiny"`` (:data:`neurovision.teachers.TINY_VAE_CONFIG`) or a JSON path.
-        max_minutes: a time budget: the cosine schedule follows elapsed time when that runs ahead of the
-            step count, and training stops when the budget is spent.
+        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`_deprecated_max_minutes`).
         evaluate: PSNR of reconstructions of the store's test images (in the metrics file).
         progress: show a tqdm bar.
+        steps: the budget in optimiser steps (overrides ``epochs``); the schedule follows the step.
 
     Returns:
         ``out_dir``.
@@ -370,6 +414,7 @@ def train_tiny_vae(
 
     from neurovision.teachers import VAETeacher
 
+    _deprecated_max_minutes(max_minutes, "train_tiny_vae")
     t_start = time.time()
     out = Path(out_dir)
     st = Store(store)
@@ -388,8 +433,9 @@ def train_tiny_vae(
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    total = resolve_steps(n, batch_size, epochs, steps, "train_tiny_vae")
     losses: list[float] = []
-    loop = _StepLoop(n, batch_size, epochs, lr, rng, t_start, max_minutes, "tiny VAE", progress)
+    loop = _StepLoop(n, batch_size, total, lr, rng, "tiny VAE", progress)
     for sel in loop.batches(opt):
         x = x_all[sel]
         dist = vae.encode(x).latent_dist
@@ -402,7 +448,7 @@ def train_tiny_vae(
         opt.step()
         losses.append(mse.item())
         loop.bar.set_postfix(mse=f"{losses[-1]:.4f}", kl=f"{kl.item():.2f}")
-    step, stopped_early, steps_per_epoch = loop.step, loop.stopped_early, loop.steps_per_epoch
+    step, steps_per_epoch = loop.step, loop.steps_per_epoch
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD's convention: scale latents to unit variance
         zs = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
@@ -430,9 +476,9 @@ def train_tiny_vae(
             shutil.rmtree(tmp, ignore_errors=True)
 
     metrics: dict[str, Any] = {
-        "store": str(st.path), "n_images": n, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "store": str(st.path), "n_images": n, "epochs": loop.epochs, "batch_size": batch_size, "lr": lr,
         "kl_weight": kl_weight, "init_logvar": init_logvar, "seed": seed, "steps": step,
-        "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
+        "planned_steps": total, "torch_threads": torch.get_num_threads(), "train_wall_s": round(train_s, 1),
         "mse_first": losses[0] if losses else None,
         "mse_last_epoch_mean": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
         "scaling_factor": scaling, "losses": losses, "config": dict(vae.config),
@@ -476,15 +522,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even when the outputs exist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-tower", choices=("resnet", "vit"), default="resnet")
-    p.add_argument("--clip-epochs", type=int, default=10)
+    clip_budget = p.add_mutually_exclusive_group()
+    clip_budget.add_argument("--clip-epochs", type=int, default=10,
+                             help="CLIP budget in passes over train+val (default 10)")
+    clip_budget.add_argument("--clip-steps", type=int, default=None,
+                             help="CLIP budget in optimiser steps (instead of --clip-epochs)")
     p.add_argument("--clip-batch-size", type=int, default=64)
-    p.add_argument("--clip-max-minutes", type=float, default=5.0, help="time budget of the CLIP training")
-    p.add_argument("--vae-epochs", type=int, default=1)
+    vae_budget = p.add_mutually_exclusive_group()
+    vae_budget.add_argument("--vae-epochs", type=int, default=1, help="VAE budget in passes (default 1)")
+    vae_budget.add_argument("--vae-steps", type=int, default=None,
+                            help="VAE budget in optimiser steps (instead of --vae-epochs)")
     p.add_argument("--vae-batch-size", type=int, default=4)
-    p.add_argument("--vae-max-minutes", type=float, default=3.0, help="time budget of the VAE training")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); the count changes the weights, see set_threads")
     a = p.parse_args(argv)
+    for flag, v in (("--clip-epochs", a.clip_epochs), ("--clip-steps", a.clip_steps), ("--vae-epochs", a.vae_epochs),
+                    ("--vae-steps", a.vae_steps), ("--clip-batch-size", a.clip_batch_size),
+                    ("--vae-batch-size", a.vae_batch_size), ("--threads", a.threads)):
+        if v is not None and v < 1:
+            p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import neurovision  # noqa: F401  (torchvision fix before open_clip / diffusers import torchvision)
+
+    set_threads(a.threads)
 
     out = Path(a.out)
     if a.only in (None, "clip"):
@@ -494,14 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size = int(Store(a.store).image_shape[0])
             train_tiny_clip(a.store, out, epochs=a.clip_epochs, batch_size=a.clip_batch_size, seed=a.seed,
                             config=tiny_clip_config(image_size=image_size, tower=a.clip_tower),
-                            max_minutes=a.clip_max_minutes)
+                            steps=a.clip_steps)
             _print_metrics(out / f"{CLIP_NAME}_metrics.json")
     if a.only in (None, "vae"):
         if not a.force and (out / VAE_DIR / "config.json").is_file():
             print(f"{out / VAE_DIR} exists; skipping (use --force to retrain)")
         else:
             train_tiny_vae(a.store, out, epochs=a.vae_epochs, batch_size=a.vae_batch_size, seed=a.seed,
-                           max_minutes=a.vae_max_minutes)
+                           steps=a.vae_steps)
             _print_metrics(out / f"{VAE_DIR}_metrics.json")
     return 0
 

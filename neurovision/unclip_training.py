@@ -153,7 +153,7 @@ def train_tiny_unclip(
     epochs: int = 60,
     batch_size: int = 64,
     lr: float = 1e-3,
-    max_minutes: float | None = 8.0,
+    max_minutes: float | None = None,
     seed: int = 0,
     width: int = 64,
     progress: bool = True,
@@ -161,8 +161,13 @@ def train_tiny_unclip(
     prediction_type: str = "epsilon",
     t_power: float = 1.0,
     degrade: float = 0.0,
+    steps: int | None = None,
 ) -> Path:
     """Train the tiny unCLIP model on a store; teachers from ``teachers`` (tiny_clip.*, tiny_vae/).
+
+    The budget is ``steps`` optimiser steps, or ``epochs`` x (images // ``batch_size``) when ``steps`` is None;
+    the learning-rate schedule follows the step, so the same seed gives the same weights on an idle or a loaded
+    machine. ``max_minutes`` (a former wall-clock budget) is deprecated and ignored.
 
     ``prediction_type``: the UNet's target (ε, the clean latent ``sample``, or v); ``t_power``: timestep
     sampling (:func:`sample_timesteps`); ``degrade``: the fraction of items whose noisy input is built from a
@@ -177,8 +182,17 @@ def train_tiny_unclip(
     from diffusers import DDPMScheduler
     from diffusers.models.embeddings import get_timestep_embedding
 
-    from neurovision.teacher_training import CLIP_NAME, VAE_DIR, _StepLoop, stimuli_of
+    from neurovision.teacher_training import (
+        CLIP_NAME,
+        VAE_DIR,
+        _deprecated_max_minutes,
+        _StepLoop,
+        resolve_steps,
+        stimuli_of,
+    )
     from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+
+    _deprecated_max_minutes(max_minutes, "train_tiny_unclip")
 
     t0 = time.time()
     tdir = Path(teachers)
@@ -222,7 +236,8 @@ def train_tiny_unclip(
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     alphas = noise_sched.alphas_cumprod
-    loop = _StepLoop(len(train_idx), batch_size, epochs, lr, rng, t0, max_minutes, "tiny unCLIP", progress)
+    total = resolve_steps(len(train_idx), batch_size, epochs, steps, "train_tiny_unclip")
+    loop = _StepLoop(len(train_idx), batch_size, total, lr, rng, "tiny unCLIP", progress)
     losses: list[float] = []
     for b in loop.batches(opt):
         x0, e, tid = lat[b], emb[b], ids[b].clone()
@@ -260,7 +275,8 @@ def train_tiny_unclip(
     text_encoder.eval().requires_grad_(False)
     rec.meta.update({
         "clip_teacher": clip.id, "vae_teacher": vae_t.id, "store": str(store_path),
-        "n_images": len(train_idx), "steps": loop.step, "stopped_early": loop.stopped_early,
+        "n_images": len(train_idx), "steps": loop.step, "planned_steps": total,
+        "torch_threads": torch.get_num_threads(),
         "loss_first": losses[0] if losses else None, "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
     })
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +287,7 @@ def train_tiny_unclip(
                               prompts_all) if eval_items > 0 else {}
     write_json(out.parent / f"{UNCLIP_DIR}_metrics.json", {
         **{k: v for k, v in rec.meta.items()}, "train_wall_s": round(train_s, 1), "batch_size": batch_size,
-        "lr": lr, "epochs": epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
+        "lr": lr, "epochs": loop.epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
         "losses": losses[::10], "test_true_targets": scores,
         "config": dict(unet.config),
     })
@@ -308,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True, help="the phantom store (.h5)")
     p.add_argument("--teachers", required=True, help="folder with tiny_clip.json/.pt and tiny_vae/")
     p.add_argument("--out", default=None, help=f"output folder (default <teachers>/{UNCLIP_DIR})")
-    p.add_argument("--epochs", type=int, default=60)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=60, help="budget in passes over train+val (default 60)")
+    budget.add_argument("--steps", type=int, default=None, help="budget in optimiser steps (instead of --epochs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-minutes", type=float, default=8.0, help="time budget of the training")
     p.add_argument("--width", type=int, default=64, help="UNet width (channels of the two coarser levels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="sample",
@@ -324,16 +341,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-items", type=int, default=100,
                    help="test images reconstructed from their true latents/embeddings for the metrics file (0: none)")
     p.add_argument("--force", action="store_true", help="retrain even when the output exists")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); the count can change the weights")
     a = p.parse_args(argv)
+    for flag, v in (("--epochs", a.epochs), ("--steps", a.steps), ("--batch-size", a.batch_size),
+                    ("--threads", a.threads)):
+        if v is not None and v < 1:
+            p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import neurovision  # noqa: F401  (torchvision fix)
+    from neurovision.teacher_training import set_threads
+
+    set_threads(a.threads)
 
     out = Path(a.out) if a.out else Path(a.teachers) / UNCLIP_DIR
     if (out / "unet" / "config.json").is_file() and not a.force:
         print(f"{out} exists; skipping (use --force to retrain)")
         return 0
     out = train_tiny_unclip(a.store, a.teachers, out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                            max_minutes=a.max_minutes, seed=a.seed, width=a.width, eval_items=a.eval_items,
+                            steps=a.steps, seed=a.seed, width=a.width, eval_items=a.eval_items,
                             prediction_type=a.prediction_type, t_power=a.t_power,
                             degrade=a.degrade if a.degrade is not None else (0.5 if a.prediction_type == "sample" else 0.0))
     m = json.loads((out.parent / f"{UNCLIP_DIR}_metrics.json").read_text())

@@ -1,0 +1,202 @@
+"""The headline numbers of a `make demo` chain, read from the files its runs wrote (printed at the end of the demo).
+
+    python benchmarks/demo_headline.py [--root runs/demo] [--teachers teachers/phantom_demo]
+
+Every number comes from a file the chain wrote; a number whose file is absent is printed as "not run" (never
+estimated or carried over from an earlier run), and a file that exists but cannot be read is named with the
+reason. Where each number comes from (the Makefile's `demo` recipe):
+
+- teachers: ``<teachers>/tiny_clip_metrics.json`` / ``tiny_vae_metrics.json`` / ``tiny_unclip_metrics.json`` /
+  ``tiny_llm/pretrain_metrics.json`` (steps run, of the planned step budget; test scores where evaluated);
+- stage 1: test rows ``test/<cond>/retrieval_fmri2img`` (and ``retrieval_chance``) of the newest
+  ``metrics_table.csv`` under ``<root>/stage1`` that has them;
+- stage 2: ``test/<cond>/caption/CIDEr`` (the brief-caption task) from ``<root>/stage2``; the shuffled control
+  from a sibling run folder ``<root>/stage2*shuffled*``, "not run" when there is none;
+- stage 3: the best mean CLIP two-way identification (metric ``clip``) of ``<root>/beta_sweep/beta_table.csv``
+  (written by ``neurovision.beta_sweep.figures``), with its β, condition and prompt setting;
+- encoding: precision/recall/F1 of the integration-site calls, ``<root>/encoding/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+NOT_RUN = "not run"
+
+
+class Unreadable(Exception):
+    """A file that exists but does not hold what the chain writes (its message names the file)."""
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"{path}: not a JSON object")
+    return data
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
+    f = _num(v)
+    if f is None:
+        return NOT_RUN
+    return f"{100 * f:.1f} %" if pct else f"{f:.{digits}f}"
+
+
+def test_metrics(run_dir: Path, names: Sequence[str]) -> tuple[dict[str, float], Path | None]:
+    """The last test-stage value of each of ``names`` in the newest ``metrics_table.csv`` under ``run_dir``
+    that has any of them (a `fit` writes one table, the `test` another; the newest test wins)."""
+    if not run_dir.is_dir():
+        return {}, None
+    tables = sorted(run_dir.rglob("metrics_table.csv"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for table in tables:
+        try:
+            with open(table, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            raise Unreadable(f"{table}: {e}") from None
+        if rows and not {"stage", "metric", "value"} <= set(rows[0]):
+            raise Unreadable(f"{table}: needs columns stage, metric, value")
+        found = {r["metric"]: v for r in rows if r["stage"] == "test" and r["metric"] in names
+                 and (v := _num(r["value"])) is not None}
+        if found:
+            return found, table
+    return {}, None
+
+
+def teacher_lines(teachers: Path) -> list[str]:
+    """Steps each tiny model ran (of its budget) and its own test score, from its metrics file."""
+    out = []
+    specs = [("tiny CLIP", teachers / "tiny_clip_metrics.json",
+              lambda m: f"test image->caption top-1 {_fmt((m.get('test') or {}).get('i2t_top1'), pct=True)}"),
+             ("tiny VAE", teachers / "tiny_vae_metrics.json",
+              lambda m: f"test PSNR {_fmt((m.get('test') or {}).get('psnr_mean'), digits=1)} dB"),
+             ("tiny unCLIP", teachers / "tiny_unclip_metrics.json", lambda m: ""),
+             ("tiny LLM", teachers / "tiny_llm" / "pretrain_metrics.json",
+              lambda m: f"final loss {_fmt(m.get('final_loss'))}")]
+    for name, path, score in specs:
+        try:
+            m = _json(path)
+        except Unreadable as e:
+            out.append(f"{name}: unreadable ({e})")
+            continue
+        if m is None:
+            out.append(f"{name}: {NOT_RUN} ({path} absent)")
+            continue
+        planned = m.get("planned_steps")
+        steps = f"{m.get('steps')} steps" + (f" of {planned}" if planned is not None else "")
+        threads = f", {m['torch_threads']} thread(s)" if "torch_threads" in m else ""
+        extra = score(m)
+        out.append(f"{name}: {steps}{threads}" + (f"; {extra}" if extra else ""))
+    return out
+
+
+def stage1_line(run: Path) -> str:
+    names = [f"test/{c}/{k}" for c in ("average", "single") for k in ("retrieval_fmri2img", "retrieval_chance")]
+    try:
+        m, table = test_metrics(run, names)
+    except Unreadable as e:
+        return f"stage 1 test retrieval: unreadable ({e})"
+    if not m:
+        return f"stage 1 test retrieval: {NOT_RUN}"
+    chance = m.get("test/average/retrieval_chance") or m.get("test/single/retrieval_chance")
+    among = f" among {round(1 / chance)}" if chance else ""
+    return (f"stage 1 test retrieval{among}: averaged {_fmt(m.get('test/average/retrieval_fmri2img'), pct=True)}, "
+            f"single {_fmt(m.get('test/single/retrieval_fmri2img'), pct=True)}  [{table}]")
+
+
+def stage2_line(run: Path) -> str:
+    names = [f"test/{c}/caption/CIDEr" for c in ("average", "single")]
+
+    def cider(run: Path) -> str:
+        m, table = test_metrics(run, names)
+        if not m:
+            return NOT_RUN
+        return (f"averaged {_fmt(m.get(names[0]))}, single {_fmt(m.get(names[1]))}  [{table}]")
+
+    try:
+        main = cider(run)
+        parent = run.parent
+        shuffled_runs = sorted(p for p in parent.glob(f"{run.name}*shuffled*") if p.is_dir()) if parent.is_dir() else []
+        shuffled = cider(shuffled_runs[0]) if shuffled_runs else NOT_RUN
+    except Unreadable as e:
+        return f"stage 2 brief-caption CIDEr: unreadable ({e})"
+    return f"stage 2 brief-caption CIDEr: {main}\n    shuffled-fMRI control: {shuffled}"
+
+
+def stage3_line(sweep: Path) -> str:
+    path = sweep / "beta_table.csv"
+    if not path.is_file():
+        return f"stage 3 β sweep, best CLIP two-way identification: {NOT_RUN}"
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("metric") == "clip" and _num(r.get("mean")) is not None]
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        return f"stage 3 β sweep: unreadable ({path}: {e})"
+    if not rows:
+        return f"stage 3 β sweep, best CLIP two-way identification: {NOT_RUN} (no 'clip' rows in {path})"
+    best = max(rows, key=lambda r: float(r["mean"]))
+    return (f"stage 3 β sweep, best CLIP two-way identification: {_fmt(best['mean'])} at β = {best.get('beta')} "
+            f"({best.get('condition')}, {best.get('prompt')}; n = {best.get('n')})  [{path}]")
+
+
+def encoding_line(run: Path) -> str:
+    path = run / "summary.json"
+    try:
+        s = _json(path)
+    except Unreadable as e:
+        return f"encoding: unreadable ({e})"
+    if s is None:
+        return f"encoding integration-site F1: {NOT_RUN}"
+    sets = s.get("event_sets") or {}
+    parts = [f"{name} {_fmt(e.get('f1'), digits=2)}" for name, e in sorted(sets.items()) if isinstance(e, dict)]
+    if isinstance(s.get("all"), dict):
+        parts.append(f"all {_fmt(s['all'].get('f1'), digits=2)}")
+    return f"encoding integration-site F1: {', '.join(parts) if parts else NOT_RUN}  [{path}]"
+
+
+def headline(root: Path, teachers: Path, stage1: Path | None = None, stage2: Path | None = None,
+             sweep: Path | None = None, encoding: Path | None = None) -> str:
+    """The demo's headline block (a string, so tests can check it without capturing stdout). The run folders
+    default to `make demo`'s layout under ``root``."""
+    lines = [f"demo headline numbers ({root}, teachers {teachers}):"]
+    lines += ["  " + t for t in teacher_lines(teachers)]
+    lines += ["  " + stage1_line(stage1 or root / "stage1"), "  " + stage2_line(stage2 or root / "stage2"),
+              "  " + stage3_line(sweep or root / "beta_sweep"), "  " + encoding_line(encoding or root / "encoding")]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/demo_headline.py", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="runs/demo", help="the demo's run folder (the Makefile's D)")
+    p.add_argument("--teachers", default="teachers/phantom_demo", help="the demo's teacher folder")
+    p.add_argument("--stage1", type=Path, default=None, help="stage-1 run folder (default <root>/stage1)")
+    p.add_argument("--stage2", type=Path, default=None,
+                   help="stage-2 run folder (default <root>/stage2; its shuffled control: a sibling <name>*shuffled*)")
+    p.add_argument("--sweep", type=Path, default=None, help="β sweep folder (default <root>/beta_sweep)")
+    p.add_argument("--encoding", type=Path, default=None, help="encoding output folder (default <root>/encoding)")
+    a = p.parse_args(argv)
+    print(headline(Path(a.root), Path(a.teachers), a.stage1, a.stage2, a.sweep, a.encoding))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
