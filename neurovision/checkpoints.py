@@ -110,13 +110,25 @@ def has_latest_checkpoint(callbacks: Iterable[Any]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def is_complete(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a whole ``torch.save`` file: its zip end-of-central-directory record is there (read
-    from the end of the file: a truncated write lacks it)."""
+def _is_zip(path: Path) -> bool:
     try:
-        return zipfile.is_zipfile(path)
+        return path.is_file() and zipfile.is_zipfile(path)
     except OSError:
         return False
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a whole checkpoint: a ``torch.save`` file whose zip end-of-central-directory record is
+    there (read from the end of the file: a truncated write lacks it), or a sharded (FSDP) checkpoint folder with
+    its ``.metadata`` (written last) and a whole ``meta.pt``."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / ".metadata").is_file() and _is_zip(p / "meta.pt")
+    return _is_zip(p)
+
+
+def _mtime(p: Path) -> float:
+    return (p / ".metadata").stat().st_mtime if p.is_dir() else p.stat().st_mtime
 
 
 @dataclass
@@ -137,8 +149,9 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     p = str(path)
     if not is_complete(p):
         raise CheckpointError(p, "<file>", "not a complete checkpoint (truncated write?)")
+    src = Path(p) / "meta.pt" if Path(p).is_dir() else Path(p)  # a sharded checkpoint: its non-tensor part
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001  (any unpickling failure is the same bad input)
         raise CheckpointError(p, "<file>", f"not a readable checkpoint: {e}") from e
     meta = CheckpointMeta(path=p, hparams=dict(ckpt.get("hyper_parameters") or {}),
@@ -151,19 +164,16 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
 
 
 def newest_complete(ckpt_dir: Path) -> Path | None:
-    """``ckpt_dir/latest.ckpt`` when complete, else the newest complete ``*.ckpt`` by modification time (runs
-    from before :class:`LatestCheckpoint`); None when there is none."""
+    """``ckpt_dir/latest.ckpt`` when complete, else the newest complete ``*.ckpt`` (file or sharded folder) by
+    modification time (runs from before :class:`LatestCheckpoint`); None when there is none."""
     latest = ckpt_dir / f"{LATEST}.ckpt"
-    if latest.is_file() and is_complete(latest):
+    if is_complete(latest):
         return latest
     try:
-        files = [p for p in ckpt_dir.glob("*.ckpt") if p.is_file()]
+        done = [p for p in ckpt_dir.glob("*.ckpt") if is_complete(p)]
     except OSError:
         return None
-    for p in sorted(files, key=lambda q: q.stat().st_mtime, reverse=True):
-        if is_complete(p):
-            return p
-    return None
+    return max(done, key=_mtime) if done else None
 
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")

@@ -21,6 +21,7 @@ from neurovision.checkpoints import (
     has_latest_checkpoint,
     init_params,
     install_atomic_io,
+    is_complete,
     plain,
     read_meta,
     run_layout,
@@ -116,7 +117,7 @@ class NeuroVisionCLI(LightningCLI):
         if ckpt == "last":
             ckpt = self._resolve_last(sub, cfg)
             cfg.ckpt_path = ckpt
-        if not ckpt or not Path(ckpt).is_file():  # best/hpc/registry names, a missing file: Lightning decides
+        if not ckpt or not (Path(ckpt).is_file() or is_complete(ckpt)):  # best/hpc/registry, missing: Lightning
             return
         if sub == "fit" and self._resume_version is None:
             try:

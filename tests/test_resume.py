@@ -130,6 +130,13 @@ def test_last_is_the_newest_complete_checkpoint_of_the_newest_run(tmp_path):
     time.sleep(0.01)
     _write(v0 / "epoch=3-step=30.ckpt", 3)
     assert ck.find_last(layout) == (v0 / "epoch=3-step=30.ckpt", 0)
+    # sharded (FSDP) checkpoints are folders: complete once .metadata and meta.pt are there
+    time.sleep(0.01)
+    _write(v0 / "epoch=4-step=40.ckpt" / "meta.pt", 4)
+    assert ck.find_last(layout) == (v0 / "epoch=3-step=30.ckpt", 0)  # no .metadata yet: being written
+    (v0 / "epoch=4-step=40.ckpt" / ".metadata").write_bytes(b"x")
+    assert ck.find_last(layout) == (v0 / "epoch=4-step=40.ckpt", 0)
+    assert ck.read_meta(v0 / "epoch=4-step=40.ckpt").epoch == 4
     # a fixed version and no logger: one folder
     assert ck.run_layout({"class_path": "lightning.pytorch.loggers.CSVLogger",
                           "init_args": {"save_dir": "s", "name": None, "version": "fit"}}, None).fixed == \
