@@ -665,6 +665,22 @@ class Store:
         with self._reading("stimuli/images", f"stimulus {int(stimulus)}"):
             return self.h5["stimuli/images"][int(stimulus)]
 
+    def images(self, index: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        """Several stimuli, uint8 (N, H, W, 3): a slice, or increasing indices (h5py's selection); a chunk failing
+        its checksum is a :class:`StoreError` naming the first bad stimulus (every reader of images in batches
+        should use this rather than ``h5["stimuli/images"]``)."""
+        ds = self.h5["stimuli/images"]
+        try:
+            return ds[index]
+        except OSError as e:
+            rows = range(*index.indices(ds.shape[0])) if isinstance(index, slice) else \
+                [int(j) for j in np.asarray(index).reshape(-1)]
+            for j in rows:
+                with self._reading("stimuli/images", f"stimulus {j}"):
+                    ds[j]
+            raise StoreError(self.path, "stimuli/images", corrupt_problem("a chunk", self._source(), self.path, e)
+                             ) from None
+
     def roi(self, subject: str | int) -> np.ndarray:
         name = self.subject(subject).name
         with self._reading(f"subjects/{name}/roi", f"the ROI of subject {name}"):

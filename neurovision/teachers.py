@@ -848,13 +848,12 @@ class TeacherCache:
         dtype."""
         from tqdm.auto import tqdm
 
-        images = store.h5["stimuli/images"]
         bs = self._batch_size(teacher)
         bar = tqdm(total=hi - lo, desc=f"teacher {teacher.id[:48]}", unit="img", disable=not progress)
         try:
             for i0 in range(lo, hi, bs):
                 i1 = min(i0 + bs, hi)
-                x = torch.from_numpy(images[i0:i1]).permute(0, 3, 1, 2).contiguous()
+                x = torch.from_numpy(store.images(slice(i0, i1))).permute(0, 3, 1, 2).contiguous()
                 y = teacher.encode(x)
                 y = (y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
                 if y.shape[0] != i1 - i0:

@@ -98,6 +98,11 @@ def test_flipped_image_and_index_bytes_are_named(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as e:
         Store(path).image(3)
     assert "stimuli/images" in _one_line(e.value) and "stimulus 3 " in str(e.value)
+    np.testing.assert_array_equal(Store(path).images(slice(0, 3)), Store(path).images([0, 1, 2]))
+    with pytest.raises(StoreError, match="stimulus 3 "):  # batches (the teacher cache fill) name it too
+        Store(path).images(slice(1, 5))
+    with pytest.raises(StoreError, match="stimulus 3 "):
+        TeacherCache(progress=False).get(path, MeanTeacher())
     path2 = _write_store(tmp_path / "t.h5")
     flip_byte(path2, "trials/stimulus", (0,), offset=4)
     with pytest.raises(StoreError) as e:  # the index arrays are read on open: a cheap check catches them
