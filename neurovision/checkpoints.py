@@ -34,7 +34,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from neurovision.atomic import atomic_path
+from neurovision.atomic import atomic_path, remove_stale_partials
 from neurovision.store import StoreError
 
 LATEST = "latest"  # <checkpoint dir>/latest.ckpt
@@ -70,12 +70,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(os.fspath(path)).expanduser()
+        remove_stale_checkpoint_partials(target.parent)
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(target.parent)
+
+
+def remove_stale_checkpoint_partials(folder: Path) -> None:
+    """Remove the temp files of killed checkpoint writes in ``folder`` (``.<name>.ckpt.<host>-<pid>.*.partial``
+    whose process is gone; see :func:`neurovision.atomic.remove_stale_partials`): a checkpoint can be gigabytes,
+    and ``epoch=…`` names are never written twice, so their writer would never clean them."""
+    try:
+        partials = list(folder.glob(".*.ckpt.*.partial"))
+    except OSError:
+        return
+    for name in {p.name[1:p.name.index(".ckpt.") + len(".ckpt")] for p in partials}:
+        remove_stale_partials(folder / name)
 
 
 def install_atomic_io(trainer: Any) -> None:

@@ -69,6 +69,19 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_partial_one(t
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no truncated or temp file
 
 
+def test_a_killed_writers_temp_file_is_removed_by_the_next_save(tmp_path):
+    from neurovision.atomic import _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".epoch=3-step=30.ckpt.{_host()}-{dead.pid}.abc.partial"  # SIGKILLed mid-write
+    live = tmp_path / f".epoch=3-step=30.ckpt.{_host()}-{os.getpid()}.def.partial"  # a writer still running
+    stale.write_bytes(b"PK" * 100)
+    live.write_bytes(b"PK" * 100)
+    ck.AtomicCheckpointIO().save_checkpoint({"epoch": 4}, tmp_path / "epoch=4-step=40.ckpt")
+    assert not stale.exists() and live.exists() and ck.is_complete(tmp_path / "epoch=4-step=40.ckpt")
+
+
 def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     synced: list[int] = []
     real = os.fsync
