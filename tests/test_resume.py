@@ -150,6 +150,9 @@ def test_last_is_the_newest_complete_checkpoint_of_the_newest_run(tmp_path):
     (v0 / "epoch=4-step=40.ckpt" / ".metadata").write_bytes(b"x")
     assert ck.find_last(layout) == (v0 / "epoch=4-step=40.ckpt", 0)
     assert ck.read_meta(v0 / "epoch=4-step=40.ckpt").epoch == 4
+    # an explicit path inside a run's folder resumes that run there too; elsewhere: a new version
+    assert ck.version_of(v0 / "epoch=3-step=30.ckpt", layout) == 0
+    assert ck.version_of(tmp_path / "elsewhere.ckpt", layout) is None
     # a fixed version and no logger: one folder
     assert ck.run_layout({"class_path": "lightning.pytorch.loggers.CSVLogger",
                           "init_args": {"save_dir": "s", "name": None, "version": "fit"}}, None).fixed == \
