@@ -620,7 +620,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
         if isinstance(ck, ModelParts):
             models.append(ck)
             continue
-        parts = load_stage1(ck, map_location=device)
+        parts = load_stage1(ck, map_location=device, key="--ckpt")
         tid = (parts.teacher_ids or {}).get("clip")
         if check_teacher and tid and getattr(clip_teacher, "id", tid) != tid:
             raise ValueError(f"{ck}: its CLIP head was trained towards {tid}, but the given CLIP teacher is "

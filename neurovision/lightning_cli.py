@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ from neurovision.checkpoints import (
     warn_unknown,
 )
 from neurovision.tasks.base import BaseTask
+
+# jsonargparse fills peft.LoraConfig's loftq_config with a default LoftQConfig, which makes peft warn on every
+# stage-2 run that it is ignored (it is: init_lora_weights is not "loftq"); two lines of noise before any error
+warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
 
 
 class NeuroVisionCLI(LightningCLI):

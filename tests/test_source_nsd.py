@@ -298,7 +298,7 @@ def test_stage1_fit_on_the_default_nsd_store_logs_its_checkpoint_monitor(store: 
         f"--model.init_args.clip_teacher.init_args.model_config={root / 'teachers' / 'tiny_clip.json'}",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false"])
-    (ckpt,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    (ckpt,) = [c for c in cli.trainer.callbacks if type(c) is ModelCheckpoint]
     assert ckpt.monitor == "val/average/retrieval_fmri2img"
     assert ckpt.monitor in cli.trainer.callback_metrics
     for name in store.subject_names:
