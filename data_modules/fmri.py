@@ -242,6 +242,8 @@ class FMRIDataModule(StoreDataModule):
         self.save_hyperparameters()
         self.subjects = subjects
         self.eval_subjects = eval_subjects
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.init_args.batch_size: {batch_size!r}: must be an integer >= 1")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.eval_conditions: list[Condition] = list(eval_conditions or ["average", "single"])

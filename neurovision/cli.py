@@ -108,7 +108,19 @@ def inspect_main(args: list[str]) -> int:
     parser.add_argument("--export_instructions", type=str | None, default=None,
                         help="write the store's instruction data (descriptions, QA, dialogues, SD prompts) to this "
                              "JSON file in the LLaVA format `prepare nsd --instructions` imports")
+    parser.add_argument("--verify", type=bool, default=False,
+                        help="read every chunk and check its checksum; exit 1 naming the first bad trial")
     cfg = parser.parse_args(args)
+    if cfg.verify:  # before opening as a Store: events stores verify too
+        from neurovision.store import StoreError, verify
+
+        try:
+            n = verify(cfg.store)
+        except StoreError as e:
+            print(f"neurovision inspect: {e}", file=sys.stderr)
+            return 1
+        print(f"{cfg.store}: {n} trials (events) verified, every chunk intact")
+        return 0
     s = Store(cfg.store)
     if cfg.export_instructions:
         from neurovision.sources.llava import export_instructions

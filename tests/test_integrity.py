@@ -125,6 +125,18 @@ def test_verify_names_the_first_bad_trial(tmp_path: Path) -> None:
     assert e.value.field == "stimuli/images" and "stimulus 2 " in str(e.value)
 
 
+def test_inspect_verify_exits_1_naming_the_first_bad_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.helpers import run_cli
+
+    path = _write_store(tmp_path / "s.h5")
+    assert run_cli(["inspect", str(path), "--verify=true"]) == 0
+    assert "12 trials" in capsys.readouterr().out
+    flip_byte(path, "trials/patches", (5, 0, 0))
+    assert run_cli(["inspect", str(path), "--verify=true"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "trial 5 " in err[0]
+
+
 class _Trials(torch.utils.data.Dataset):
     """What ``FMRITrials`` does per item, without importing Lightning (the test stays fast)."""
 

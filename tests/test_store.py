@@ -176,7 +176,8 @@ def test_patches_are_one_uncompressed_chunk_per_trial(handmade: Path, content: d
         assert ds.dtype == np.float16
         assert ds.chunks == (1, a, P**3)
         assert ds.compression is None
-        assert ds.id.get_storage_size() == ds.shape[0] * a * P**3 * 2  # raw bytes, nothing else
+        assert ds.compression is None and ds.fletcher32
+        assert ds.id.get_storage_size() == ds.shape[0] * (a * P**3 * 2 + 4)  # + each chunk's 4-byte checksum
         assert f["stimuli/images"].chunks == (1, *content["images"].shape[1:])
 
 

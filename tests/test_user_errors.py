@@ -256,3 +256,11 @@ def test_whole_process_stderr(tiny_store: Path, tmp_path: Path) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == USER_ERROR_EXIT, r.stderr[-3000:]
     assert len(lines) <= MAX_ERROR_LINES and "clip.pt" in lines[-1] and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_the_data_module_itself_refuses_a_non_positive_batch_size(tiny_store):
+    from data_modules import FMRIDataModule
+
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=r"data.init_args.batch_size: .*must be an integer >= 1"):
+            FMRIDataModule(tiny_store, batch_size=bad)
