@@ -38,11 +38,11 @@ DEMO_S2_BATCHES ?= 50
 # fixed (the count changes CPU convolutions' sums): the same seed gives the same weights on an idle or a loaded
 # machine, so the numbers `make demo` prints are the numbers anyone gets. The step counts are what the former
 # minute budgets (CLIP 3, VAE 3, unCLIP 3.5, LLM 2) gave on an idle 2-core machine: CLIP all 10 epochs (400),
-# VAE 1,783 and unCLIP 274 (README), LLM ~200 (a 15-step rate x 2 min; see the commit message).
+# VAE 1,783 and unCLIP 274 (README), LLM ~150 (0.78 s/step on one idle core x 2 min; see the commit messages).
 DEMO_CLIP_STEPS ?= 400
 DEMO_VAE_STEPS ?= 1800
 DEMO_UNCLIP_STEPS ?= 275
-DEMO_LLM_STEPS ?= 200
+DEMO_LLM_STEPS ?= 150
 
 data/phantom_demo.h5: | install
 	$(NV) prepare phantom --preset demo --out $@

@@ -90,11 +90,20 @@ def _compare(a: Path, b: Path) -> None:
     _assert_equal_states(a / "tiny_llm" / "model.safetensors", b / "tiny_llm" / "model.safetensors")
 
 
-def test_same_weights_idle_or_loaded(tiny_store: Path, tmp_path: Path) -> None:
-    _train_all(tiny_store, tmp_path / "idle")
+@pytest.fixture(scope="module")
+def reference_run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ordinary run, the reference both comparisons use."""
+    n = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("determinism") / "reference"
+    _train_all(tiny_store, out)
+    torch.set_num_threads(n)
+    return out
+
+
+def test_same_weights_idle_or_loaded(tiny_store: Path, reference_run: Path, tmp_path: Path) -> None:
     with cpu_burners():
         _train_all(tiny_store, tmp_path / "loaded")
-    _compare(tmp_path / "idle", tmp_path / "loaded")
+    _compare(reference_run, tmp_path / "loaded")
     for name in ("tiny_clip_metrics.json", "tiny_vae_metrics.json"):
         m = json.loads((tmp_path / "loaded" / name).read_text())
         assert m["steps"] == m["planned_steps"] == STEPS and m["torch_threads"] == 1
@@ -102,10 +111,10 @@ def test_same_weights_idle_or_loaded(tiny_store: Path, tmp_path: Path) -> None:
     assert m["steps"] == STEPS
 
 
-def test_a_fast_clock_changes_nothing(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fast_clock_changes_nothing(tiny_store: Path, reference_run: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine so slow that every clock reading is ten minutes later: the weights are those of a normal run
     (a time-based schedule would decay at once and a time budget would stop after one step)."""
-    _train_all(tiny_store, tmp_path / "normal")
     t = [time.time()]
 
     def slow_clock() -> float:
@@ -116,7 +125,7 @@ def test_a_fast_clock_changes_nothing(tiny_store: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(time, "monotonic", slow_clock)
     _train_all(tiny_store, tmp_path / "slow")
     monkeypatch.undo()
-    _compare(tmp_path / "normal", tmp_path / "slow")
+    _compare(reference_run, tmp_path / "slow")
 
 
 def test_step_budget_overrides_epochs_and_continues_past_one_pass() -> None:
