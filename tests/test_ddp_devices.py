@@ -308,7 +308,7 @@ def stage2_parts(tiny_store, tmp_path_factory):
     trainer.fit(task, dm)
     trainer.save_checkpoint(root / "s1.ckpt")
     llm = build_tiny_llm(store, root / "tiny_llm", vocab_size=384, hidden=48, layers=2, heads=2, steps=3,
-                         max_minutes=None, progress=False)
+                         progress=False)
     return {"store": store, "s1": root / "s1.ckpt", "llm": llm}
 
 

@@ -33,7 +33,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
                     "--trainer.limit_train_batches=3", "--data.init_args.subjects=null"]) == 0
     ckpt = last_version(s1) / "checkpoints" / "last.ckpt"
     llm = build_tiny_llm(store, root / "tiny_llm", vocab_size=384, hidden=48, layers=2, heads=2, steps=3,
-                         max_minutes=None, progress=False)
+                         progress=False)
     common = [*S2, f"--data.init_args.store={store}", f"--model.init_args.llm={llm}",
               f"--model.init_args.stage1={ckpt}", f"--data.init_args.max_eval_items={ITEMS}",
               "--model.init_args.max_new_tokens=6", "--data.init_args.subjects=null",

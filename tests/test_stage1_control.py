@@ -33,7 +33,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     store = phantom.prepare(tmp / "one.h5", preset="demo", n_subjects=1, n_test=N_TEST)
     # a step budget, not a time budget: the teacher must not depend on the machine's load
     train_tiny_clip(store, tmp / "teachers", epochs=10, progress=False, evaluate=False)
-    train_tiny_vae(store, tmp / "teachers", max_minutes=0.2, progress=False, evaluate=False)
+    train_tiny_vae(store, tmp / "teachers", steps=150, progress=False, evaluate=False)
     return tmp, store, tmp / "teachers"
 
 

@@ -30,7 +30,7 @@ def parts(tiny_store, tmp_path_factory):
     assert run_cli(["fit", *S1, *_root(s1), f"--data.init_args.store={tiny_store}", "--trainer.max_epochs=1",
                     "--trainer.limit_train_batches=4"]) == 0
     llm = build_tiny_llm(tiny_store, root / "tiny_llm", vocab_size=384, hidden=48, layers=2, heads=2, steps=3,
-                         max_minutes=None, progress=False)
+                         progress=False)
     common = [*S2, f"--data.init_args.store={tiny_store}", f"--model.init_args.llm={llm}",
               f"--model.init_args.stage1={_version(s1) / 'checkpoints' / 'last.ckpt'}",
               "--data.init_args.max_eval_items=4", "--model.init_args.max_new_tokens=6"]

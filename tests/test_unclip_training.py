@@ -69,7 +69,7 @@ def test_train_tiny_unclip_writes_a_loadable_reconstructor(teachers: tuple[Path,
     store, tdir = teachers
     kw = {"prediction_type": "sample", "degrade": 0.5, "t_power": 2.0} if kind != "epsilon" else {}
     out = train_tiny_unclip(store, tdir, tmp_path / "u" / "tiny_unclip", epochs=3, batch_size=16, width=16,
-                            max_minutes=None, progress=False, eval_items=4, **kw)
+                            progress=False, eval_items=4, **kw)
     m = json.loads((out.parent / "tiny_unclip_metrics.json").read_text())
     assert m["steps"] == 3 * (112 // 16) and np.isfinite(m["loss_last_100"])
     assert m["prediction_type"] == kw.get("prediction_type", "epsilon") and m["degrade"] == kw.get("degrade", 0.0)
