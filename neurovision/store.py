@@ -829,3 +829,18 @@ def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     out: list[tuple[str, h5py.Dataset]] = []
     f.visititems(lambda name, obj: out.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
     return out
+
+
+def first_bad_rows(ds: h5py.Dataset) -> str:
+    """The first chunk of rows of ``ds`` failing its checksum ("rows i..j fail their checksum"), or "" when every
+    chunk reads back intact (HDF5 raises OSError on a Fletcher32 mismatch)."""
+    if ds.size == 0:
+        return ""
+    step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+    for r0 in range(0, ds.shape[0], step):
+        r1 = min(r0 + step, ds.shape[0])
+        try:
+            ds[r0:r1]
+        except OSError:
+            return f"rows {r0}..{r1 - 1} fail their checksum"
+    return ""

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from neurovision.atomic import atomic_path, remove_stale_partials
-from neurovision.store import Store
+from neurovision.store import Store, first_bad_rows
 
 log = logging.getLogger("neurovision.teachers")
 
@@ -977,17 +977,7 @@ class TeacherCache:
             log.warning("%s: unreadable teacher cache (%s); starting a new one", path, e)
 
 
-def _bad_rows(ds: h5py.Dataset) -> str:
-    """The first chunk of rows of ``ds`` failing its checksum ("rows i..j fail their checksum"), or "" when every
-    chunk reads back intact."""
-    step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
-    for r0 in range(0, ds.shape[0], step):
-        r1 = min(r0 + step, ds.shape[0])
-        try:
-            ds[r0:r1]
-        except OSError:
-            return f"rows {r0}..{r1 - 1} fail their checksum"
-    return ""
+_bad_rows = first_bad_rows
 
 
 def _plain(v: Any) -> Any:

@@ -13,23 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from neurovision import sweep as sw
-
-ROOT = Path(__file__).resolve().parents[1]
-STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
-TINY = ROOT / "experiments" / "presets" / "stage1_vit3d_tiny.yaml"
-TINY_CLIP = ROOT / "experiments" / "teachers" / "tiny_clip.json"
-
-
-def _write(path: Path, doc: dict) -> Path:
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def _cli_args(argv: list[str]) -> dict[str, str]:
-    return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+from tests.test_sweep import ROOT, STAGE1, TINY, TINY_CLIP, _cli_args, _write  # noqa: F401  (shared helpers)
 
 
 def _must_not_launch(*args: Any, **kwargs: Any) -> int:

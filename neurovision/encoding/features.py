@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from neurovision.atomic import atomic_path, remove_stale_partials
 from neurovision.encoding.events import EventStore
-from neurovision.store import _plain
+from neurovision.store import _plain, first_bad_rows
 from neurovision.teachers import (
     _dir_digest,
     _fmt,
@@ -933,18 +933,7 @@ class _H5Layers(Mapping):
         return len(self.shapes)
 
 
-def _bad_rows(ds: h5py.Dataset) -> str:
-    """The first chunk of rows of ``ds`` failing its checksum ("rows i..j fail their checksum"), or ""."""
-    if ds.size == 0:
-        return ""
-    step = ds.chunks[0] if ds.chunks else ds.shape[0]
-    for r0 in range(0, ds.shape[0], step):
-        r1 = min(r0 + step, ds.shape[0])
-        try:
-            ds[r0:r1]
-        except OSError:
-            return f"rows {r0}..{r1 - 1} fail their checksum"
-    return ""
+_bad_rows = first_bad_rows
 
 
 def _all_finite(ds: h5py.Dataset) -> bool:
