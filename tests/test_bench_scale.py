@@ -55,7 +55,7 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     # the true geometry went through prepare nsd
     assert m["grid"] == list(Scale.grid) and m["active_patches"] == Scale.active_patches
     assert m["values_per_trial"] == 78 * 14**3 == Scale.values_per_trial
-    assert m["store_bytes_per_trial"] == pytest.approx(Scale.values_per_trial * 2)  # float16, one chunk a trial
+    assert m["store_bytes_per_trial"] == pytest.approx(Scale.values_per_trial * 2 + 4)  # float16 + fletcher32, a chunk a trial
     assert m["image_bytes"] == 425 * 425 * 3
     assert abs(m["roi_voxels"] - Scale.roi_voxels) < 200
     # projections from those measurements
