@@ -56,7 +56,7 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert m["grid"] == list(Scale.grid) and m["active_patches"] == Scale.active_patches
     assert m["values_per_trial"] == 78 * 14**3 == Scale.values_per_trial
     assert m["store_bytes_per_trial"] == pytest.approx(Scale.values_per_trial * 2 + 4)  # float16 + fletcher32, a chunk a trial
-    assert m["image_bytes"] == 425 * 425 * 3
+    assert m["image_bytes"] == 425 * 425 * 3 + 4  # + its fletcher32 checksum
     assert abs(m["roi_voxels"] - Scale.roi_voxels) < 200
     # projections from those measurements
     assert p["cpu_core_hours"] == pytest.approx(m["cpu_ms_per_trial"] / 1e3 * Scale.trials / 3600)
