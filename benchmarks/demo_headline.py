@@ -67,16 +67,15 @@ def test_metrics(run_dir: Path, names: Sequence[str]) -> tuple[dict[str, float],
     if not run_dir.is_dir():
         return {}, None
     tables = sorted(run_dir.rglob("metrics_table.csv"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    from neurovision.report import ReportError, read_metrics_table
+
     for table in tables:
         try:
-            with open(table, newline="") as f:
-                rows = list(csv.DictReader(f))
-        except (OSError, csv.Error, UnicodeDecodeError) as e:
-            raise Unreadable(f"{table}: {e}") from None
-        if rows and not {"stage", "metric", "value"} <= set(rows[0]):
-            raise Unreadable(f"{table}: needs columns stage, metric, value")
-        found = {r["metric"]: v for r in rows if r["stage"] == "test" and r["metric"] in names
-                 and (v := _num(r["value"])) is not None}
+            df = read_metrics_table(table)  # the report's reader: columns checked, values numeric
+        except (ReportError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise Unreadable(str(e) if isinstance(e, ReportError) else f"{table}: {e}") from None
+        rows = df[(df["stage"] == "test") & df["metric"].isin(list(names))].dropna(subset=["value"])
+        found = {str(m): float(v) for m, v in zip(rows["metric"], rows["value"], strict=True)}  # the last wins
         if found:
             return found, table
     return {}, None

@@ -505,6 +505,7 @@ class Store:
         self._h5: h5py.File | None = None
         self._pid: int | None = None
         self._patches_ds: h5py.Dataset | None = None
+        self._images_ds: h5py.Dataset | None = None
         self._direct = False
         with open_checked(self.path) as f:
             self._validate(f)
@@ -608,6 +609,7 @@ class Store:
             self._pid = os.getpid()
             ds = self._h5["trials/patches"]
             self._patches_ds = ds
+            self._images_ds = self._h5["stimuli/images"]  # kept: a dataset lookup costs ~200 µs per item
             # one uncompressed chunk per trial (as StoreWriter writes it) could be read directly, skipping h5py's
             # selection machinery (about 2x faster per trial), but a direct chunk read bypasses HDF5's checksum
             # check: trials are read through the filter pipeline (a vectorised check of the raw chunk in
@@ -621,12 +623,14 @@ class Store:
             self._h5.close()
         self._h5 = None
         self._patches_ds = None
+        self._images_ds = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_h5"] = None
         state["_pid"] = None
         state["_patches_ds"] = None
+        state["_images_ds"] = None
         return state
 
     # access -------------------------------------------------------------------------------------
@@ -662,14 +666,16 @@ class Store:
             return ds[i]
 
     def image(self, stimulus: int) -> np.ndarray:
+        _ = self.h5
         with self._reading("stimuli/images", f"stimulus {int(stimulus)}"):
-            return self.h5["stimuli/images"][int(stimulus)]
+            return self._images_ds[int(stimulus)]
 
     def images(self, index: slice | np.ndarray | Sequence[int]) -> np.ndarray:
         """Several stimuli, uint8 (N, H, W, 3): a slice, or increasing indices (h5py's selection); a chunk failing
         its checksum is a :class:`StoreError` naming the first bad stimulus (every reader of images in batches
         should use this rather than ``h5["stimuli/images"]``)."""
-        ds = self.h5["stimuli/images"]
+        _ = self.h5
+        ds = self._images_ds
         try:
             return ds[index]
         except OSError as e:

@@ -100,7 +100,7 @@ def stimuli_of(store: Store, splits: Sequence[str]) -> np.ndarray:
 
 def load_images(store: Store, index: np.ndarray) -> torch.Tensor:
     """uint8 (N, 3, H, W) images of the given (sorted) stimulus rows."""
-    return torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(store.images(np.sort(index))).permute(0, 3, 1, 2).contiguous()
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:

@@ -823,7 +823,7 @@ class TeacherCache:
                 except OSError as e:  # a chunk failing its checksum: name the rows, recompute the entry
                     if not quiet:
                         log.warning("%s: entry for %s is damaged (%s: %s); recomputing", path, teacher.id,
-                                    _bad_rows(ds), e)
+                                    first_bad_rows(ds), e)
                     return None
         except OSError as e:
             if not quiet:
@@ -967,7 +967,7 @@ class TeacherCache:
                         log.info("%s: pruning stale entry %s (another store fingerprint)", path,
                                  _plain(ds.attrs.get("teacher_id")))
                         continue
-                    bad = _bad_rows(ds)  # a raw copy would carry a damaged chunk over
+                    bad = first_bad_rows(ds)  # a raw copy would carry a damaged chunk over
                     if bad:
                         log.warning("%s: dropping damaged entry %s (%s)", path, _plain(ds.attrs.get("teacher_id")),
                                     bad)
@@ -975,9 +975,6 @@ class TeacherCache:
                     f.copy(ds, entries, name=name)
         except OSError as e:
             log.warning("%s: unreadable teacher cache (%s); starting a new one", path, e)
-
-
-_bad_rows = first_bad_rows
 
 
 def _plain(v: Any) -> Any:

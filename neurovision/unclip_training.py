@@ -301,7 +301,7 @@ def evaluate_decoder(store: Store, rec: Any, clip: Any, emb_all: torch.Tensor, l
     """Reconstructions from the *true* latents/embeddings of test images: PixCorr, SSIM, CLIP two-way ID."""
     from neurovision.metrics.images import pixcorr, ssim, two_way_identification
 
-    stim = torch.from_numpy(store.h5["stimuli/images"][np.sort(index)]).permute(0, 3, 1, 2)
+    stim = torch.from_numpy(store.images(np.sort(index))).permute(0, 3, 1, 2)
     stim_emb = clip.encode(stim)
     out: dict[str, Any] = {"n_images": len(index), "steps": steps, "guidance_scale": guidance_scale}
     for beta in betas:

@@ -923,7 +923,7 @@ class _H5Layers(Mapping):
                 return ds[()]
             except OSError as e:  # damaged after it was validated: one line, and the next extraction recomputes
                 raise RuntimeError(f"{self.path}: layer {layer!r} of the cached features of {self.model_id}: "
-                                   f"{_bad_rows(ds) or e}; the file is damaged: call extract_features again "
+                                   f"{first_bad_rows(ds) or e}; the file is damaged: call extract_features again "
                                    "(it recomputes the entry)") from None
 
     def __iter__(self) -> Iterator[str]:
@@ -931,9 +931,6 @@ class _H5Layers(Mapping):
 
     def __len__(self) -> int:
         return len(self.shapes)
-
-
-_bad_rows = first_bad_rows
 
 
 def _all_finite(ds: h5py.Dataset) -> bool:
@@ -994,7 +991,7 @@ def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, A
                 try:
                     finite = _all_finite(ds)
                 except OSError:
-                    stale(f"layer {layer!r}: {_bad_rows(ds) or 'unreadable'} (the file is damaged)")
+                    stale(f"layer {layer!r}: {first_bad_rows(ds) or 'unreadable'} (the file is damaged)")
                     return None
                 if ds.ndim != 2 or ds.shape[0] != len(fi) or not finite:
                     stale(f"layer {layer!r} has shape {ds.shape} or non-finite values")
@@ -1030,7 +1027,7 @@ def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str])
                                 log.info("%s: pruning %s (features of an earlier version of %s)", path,
                                          _plain(a.get("model_id")), store_path)
                                 continue
-                            bad = [f"{k}: {b}" for k, ds in g["layers"].items() if (b := _bad_rows(ds))] \
+                            bad = [f"{k}: {b}" for k, ds in g["layers"].items() if (b := first_bad_rows(ds))] \
                                 if "layers" in g else []
                             if bad:  # a raw copy would carry a damaged chunk over
                                 log.warning("%s: dropping damaged features of %s (%s)", path,

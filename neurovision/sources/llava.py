@@ -19,6 +19,7 @@ added to the derived ones.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -75,17 +76,20 @@ def _parse_id(name: str, value: Any) -> int:
     raise ValueError(f"cannot read an image id from {value!r}")
 
 
-def _infer_type(turns: list[dict[str, str]]) -> str:
+@functools.cache
+def _template_questions() -> tuple[frozenset[str], frozenset[str]]:
+    """The normalised detailed-description and SD-prompt template questions (once, not per entry)."""
     from neurovision.instructions import DETAILED_TEMPLATES, SD_PROMPT_TEMPLATES
 
+    return frozenset(map(_norm, DETAILED_TEMPLATES)), frozenset(map(_norm, SD_PROMPT_TEMPLATES))
+
+
+def _infer_type(turns: list[dict[str, str]]) -> str:
     if sum(t["from"] == "human" for t in turns) > 1:
         return "dialogue"
     q = _norm(turns[0]["value"])
-    if q in {_norm(t) for t in DETAILED_TEMPLATES}:
-        return "description"
-    if q in {_norm(t) for t in SD_PROMPT_TEMPLATES}:
-        return "sd_prompt"
-    return "reasoning"
+    detailed, sd = _template_questions()
+    return "description" if q in detailed else "sd_prompt" if q in sd else "reasoning"
 
 
 def _check_turns(conv: Any) -> tuple[str, str] | list[dict[str, str]]:

@@ -187,9 +187,6 @@ def _load_captions(paths: Sequence[Path], coco_ids: Sequence[int]) -> list[list[
     return [by_image.get(int(c), []) for c in coco_ids]
 
 
-_DERIVED_TYPES = ("description", "reasoning", "dialogue", "sd_prompt", "concept")
-
-
 def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, str | None]], stim_ids: np.ndarray,
                  coco_ids: np.ndarray, captions: list[list[str]], seed: int, instructions: str | None,
                  skip_unmatched: bool) -> tuple[dict[str, list[Any]], list[str] | None]:
@@ -202,6 +199,8 @@ def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, st
     vocabulary: list[str] | None = None
     inst_p = [p for p in instances_paths(root) if p.is_file()]
     if inst_p:
+        if next(iter(info.values()))[2] is None:  # before parsing ~450 MB of JSON
+            raise StoreError(info_path, "cropBox", "missing column (needed to map COCO boxes into the stimuli)")
         inst = coco.load_instances(inst_p, coco_ids.tolist())
         vocabulary = inst.categories
         missing = sum(1 for c in coco_ids if int(c) not in inst.images)
@@ -209,12 +208,9 @@ def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, st
             warnings.warn(f"{inst_p[0].parent}: {missing} stimuli are not in the COCO instances files; they get no "
                           "objects", UserWarning, stacklevel=3)
         per = []
-        for nsd_id, c in zip(stim_ids.tolist(), coco_ids.tolist(), strict=True):
-            crop_text = info[int(nsd_id)][2]
-            if crop_text is None:
-                raise StoreError(info_path, "cropBox", "missing column (needed to map COCO boxes into the stimuli)")
-            objs = coco.objects_in_view(inst, int(c), coco.parse_crop_box(crop_text, info_path, int(nsd_id)))
-            per.append(coco.annotate(objs, captions[len(per)], vocabulary,
+        for row, (nsd_id, c) in enumerate(zip(stim_ids.tolist(), coco_ids.tolist(), strict=True)):
+            crop = coco.parse_crop_box(info[int(nsd_id)][2], info_path, int(nsd_id))
+            per.append(coco.annotate(coco.objects_in_view(inst, int(c), crop), captions[row], vocabulary,
                                      np.random.default_rng((int(seed), int(nsd_id)))))
         ann.update({k: [a[k] for a in per] for k in coco.DERIVED_KINDS})
     if instructions is not None:
@@ -234,7 +230,7 @@ def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, st
                  imported.n_entries - imported.n_skipped, instructions, ", ".join(imported.kinds) or "nothing",
                  imported.n_skipped)
         ann = llava.merge(ann, imported, len(stim_ids))
-    unavailable = [t for t in _DERIVED_TYPES if any(k not in ann for k in NEEDS[t])]
+    unavailable = [t for t, kinds in NEEDS.items() if any(k not in ann for k in kinds)]
     if unavailable:
         warnings.warn(f"{instances_paths(root)[0].parent}: COCO instances files (instances_train2017.json, "
                       f"instances_val2017.json) not found: instruction types {unavailable} are unavailable in this "
@@ -375,8 +371,7 @@ def _check_stimuli(path: Path, ids: np.ndarray) -> None:
 def _write_stimuli(writer: StoreWriter, path: Path, ids: np.ndarray, image_size: int | None) -> None:
     """Stream the used images into /stimuli (StoreWriter.set_stimuli needs them all in memory: 73k*0.5 MB)."""
     if np.any(np.diff(ids) <= 0):
-        raise ValueError("stimulus ids must be strictly increasing")
-    _check_stimuli(path, ids)
+        raise ValueError("stimulus ids must be strictly increasing")  # checked by _check_stimuli in prepare
     with h5py.File(path, "r") as f:
         brick = f["imgBrick"]
         hw = brick.shape[1:3] if image_size is None else (image_size, image_size)
@@ -567,12 +562,13 @@ def prepare(
                 for b in range(0, n_per_session, _TRIAL_BATCH):
                     e = min(b + _TRIAL_BATCH, n_per_session)
                     patches = spec.forward(vols[b:e], rois[s][1], grid_aff[s]).numpy()
-                    if not np.isfinite(patches).all():
-                        raise StoreError(p, "betas", f"NaN/inf values in trials {b}..{e - 1} after scaling"
-                                         f"{' and z-scoring' if zscore else ''} and resampling")
                     rows = stim_row[lo + b:lo + e]
-                    w.append_trials(subject=si, stimulus=rows, repeat=repeats[s][lo + b:lo + e],
-                                    session=sess_of[s][lo + b:lo + e], split=stim_split[rows], patches=patches)
+                    try:  # the writer checks the values (finite after the float16 cast); name the file and trials
+                        w.append_trials(subject=si, stimulus=rows, repeat=repeats[s][lo + b:lo + e],
+                                        session=sess_of[s][lo + b:lo + e], split=stim_split[rows], patches=patches)
+                    except ValueError as err:
+                        raise StoreError(p, "betas", f"trials {b}..{e - 1} after scaling"
+                                         f"{' and z-scoring' if zscore else ''} and resampling: {err}") from err
                 del vols
                 bar.update(1)
         bar.close()

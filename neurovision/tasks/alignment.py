@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -133,6 +133,10 @@ class AlignmentTask(BaseTask):
         optimizer: optimiser factory (paper: AdamW, lr 5e-4).
         scheduler: learning-rate scheduler factory.
     """
+
+    # fixed by training (see BaseTask)
+    IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("dim", "depth", "heads", "mlp_ratio", "head_hidden",
+                                                    "subject_embedding", "linear_skip", "linear_skip_rank")
 
     def __init__(
         self,

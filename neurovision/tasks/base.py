@@ -34,19 +34,6 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-# Init args fixed by training, per task class name (defaults for the tasks in neurovision.tasks; a task can instead
-# set ``IMMUTABLE_HPARAMS``). ``validate/test/predict/fit --ckpt_path`` refuses a config that gives one of them
-# another value than the checkpoint was trained with (the weights would not fit, or would mean something else).
-# Paths (``llm``, ``stage1``, ``reconstructor``) are locations, not values: runs may move between machines.
-IMMUTABLE_BY_TASK: dict[str, tuple[str, ...]] = {
-    "AlignmentTask": ("dim", "depth", "heads", "mlp_ratio", "head_hidden", "subject_embedding", "linear_skip",
-                      "linear_skip_rank"),
-    "InstructTask": ("phase", "projector_hidden"),
-    "LinearDecoder": ("thumbnail",),
-    "ReconstructionTask": (),
-}
-
-
 class BaseTask(L.LightningModule):
     """Subclasses fill :meth:`configure_models`, :meth:`configure_losses`, :meth:`configure_metrics`.
 
@@ -55,8 +42,8 @@ class BaseTask(L.LightningModule):
         optimizer: optimiser factory (``class_path`` + ``init_args`` in YAML).
         scheduler: optional learning-rate scheduler factory.
 
-    ``IMMUTABLE_HPARAMS``: init args that cannot change after training (architecture); with ``--ckpt_path`` the
-    CLI refuses a config that gives them other values than the checkpoint's (``data_spec`` always counts).
+    ``IMMUTABLE_HPARAMS``: init args that cannot change after training (architecture; each task sets its own, paths
+    such as ``llm`` or ``stage1`` are locations and may move); with ``--ckpt_path`` the CLI refuses a config that gives them other values than the checkpoint's (``data_spec`` always counts).
     Every other init arg given on the command line or in a ``-c`` file applies to the run; one given nowhere
     takes the checkpoint's value (see :class:`neurovision.lightning_cli.NeuroVisionCLI`).
     """
@@ -85,12 +72,8 @@ class BaseTask(L.LightningModule):
 
     @classmethod
     def immutable_hparams(cls) -> frozenset[str]:
-        """``IMMUTABLE_HPARAMS`` of the class and its bases, plus :data:`IMMUTABLE_BY_TASK` for their names."""
-        keys: set[str] = set()
-        for k in cls.__mro__:
-            keys |= set(vars(k).get("IMMUTABLE_HPARAMS", ()))
-            keys |= set(IMMUTABLE_BY_TASK.get(k.__name__, ()))
-        return frozenset(keys)
+        """``IMMUTABLE_HPARAMS`` of the class and its bases."""
+        return frozenset(k for c in cls.__mro__ for k in vars(c).get("IMMUTABLE_HPARAMS", ()))
 
     def drop_hparams(self, *keys: str) -> None:
         """Remove object-valued init args from the saved hyper-parameters (and from ``hparams_initial``, which

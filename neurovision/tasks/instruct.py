@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -100,6 +100,8 @@ class InstructTask(BaseTask):
         optimizer: optimiser factory (trainable parameters only).
         scheduler: learning-rate scheduler factory.
     """
+
+    IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("phase", "projector_hidden")  # fixed by training (see BaseTask)
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ class LinearDecoder(BaseTask):
         optimizer: optimiser factory; regularise with its (decoupled) weight decay.
         scheduler: optional learning-rate scheduler factory.
     """
+
+    IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("thumbnail",)  # fixed by training (see BaseTask)
 
     def __init__(
         self,
