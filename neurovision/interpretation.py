@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurovision.atomic import atomic_path
+from neurovision.metrics.correlation import pearson_r
 from neurovision.models import with_readout
 from neurovision.preprocessing import GridSpec, patch_grid_shape, to_active_patches
 from neurovision.store import Store
@@ -264,10 +265,7 @@ def pearson(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> flo
     if mask is not None:
         m = np.asarray(mask, bool)
         x, y = x[m], y[m]
-    x = x.ravel() - x.mean()
-    y = y.ravel() - y.mean()
-    d = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum() / d) if d > 0 else float("nan")
+    return float(pearson_r(x.ravel(), y.ravel(), constant="nan"))
 
 
 def score_mask(store: Store, subject: str | int, mask: Mask = "roi") -> np.ndarray:

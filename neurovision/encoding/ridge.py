@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from neurovision.metrics.correlation import pearson_r as _pearson_r
+
 DEFAULT_ALPHAS = np.logspace(-1, 5, 7)
 BACKENDS = ("auto", "numpy", "torch", "torch_cuda")
 _MEMORY_BUDGET = 1 << 30  # bytes: target the solver's largest temporaries at about this size
@@ -165,28 +167,10 @@ def _scale(x: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype: np.dtype) ->
 def pearson_r(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
     """Column-wise Pearson r (float64) of two (n, t) arrays; 0 where either column is constant.
 
-    Computed over column chunks (float64 temporaries of about ``_PEARSON_BUDGET`` bytes), so two float32
-    (events x targets) inputs need no float64 copy of either whole.
+    :func:`neurovision.metrics.correlation.pearson_r` over column chunks (float64 temporaries of about
+    ``_PEARSON_BUDGET`` bytes), so two float32 (events x targets) inputs need no float64 copy of either whole.
     """
-    y = np.asarray(y)
-    p = np.asarray(yhat)
-    if y.shape != p.shape:
-        raise ValueError(f"pearson_r: shapes differ: {y.shape} vs {p.shape}")
-    n = len(y)
-    y2, p2 = y.reshape(n, -1), p.reshape(n, -1)
-    t = y2.shape[1]
-    out = np.empty(t)
-    chunk = int(max(1, min(t, _PEARSON_BUDGET // (8 * 3 * max(n, 1)))))
-    for c0 in range(0, t, chunk):
-        ys = np.array(y2[:, c0:c0 + chunk], dtype=np.float64)
-        ys -= ys.mean(axis=0)
-        ps = np.array(p2[:, c0:c0 + chunk], dtype=np.float64)
-        ps -= ps.mean(axis=0)
-        num = (ys * ps).sum(axis=0)
-        den = np.sqrt((ys * ys).sum(axis=0) * (ps * ps).sum(axis=0))
-        ok = den > 0
-        out[c0:c0 + chunk] = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-    return out.reshape(y.shape[1:])
+    return _pearson_r(np.asarray(y), np.asarray(yhat), budget=_PEARSON_BUDGET)
 
 
 def center_by_fold(a: np.ndarray, folds: Folds, copy: bool = True) -> np.ndarray:

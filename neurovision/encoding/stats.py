@@ -284,21 +284,17 @@ def compare(y: np.ndarray, yhat_a: np.ndarray, yhat_b: np.ndarray, idx: np.ndarr
 def fdr_bh(p: Any, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini–Hochberg over all entries of ``p`` (any shape): (reject, p_adjusted), both shaped like p.
 
-    ``p_adjusted`` equals ``scipy.stats.false_discovery_control(p, method="bh")``; reject = p_adjusted <= q.
+    ``p_adjusted`` is ``scipy.stats.false_discovery_control(p, axis=None, method="bh")`` reshaped like ``p``;
+    reject = p_adjusted <= q. NaN, Inf or values outside [0, 1] are a ``ValueError`` (never silently dropped).
     """
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(p, dtype=np.float64)
     if not 0 < q <= 1:
         raise ValueError(f"q must be in (0, 1], got {q!r}")
     if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
         raise ValueError("p must hold finite values in [0, 1]")
-    flat = p.ravel()
-    m = flat.size
-    order = np.argsort(flat, kind="stable")
-    ranked = flat[order] * m / np.arange(1, m + 1)
-    adj_sorted = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
-    adj = np.empty(m)
-    adj[order] = adj_sorted
-    adj = adj.reshape(p.shape)
+    adj = np.asarray(false_discovery_control(p, axis=None, method="bh"), dtype=np.float64).reshape(p.shape)
     return adj <= q, adj
 
 

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurovision.metrics.correlation import pearson_r
+
 METRIC_NAMES: tuple[str, ...] = (
     "pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav",
 )
@@ -304,18 +306,10 @@ def _feature_pair(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.nda
     return p, t
 
 
-def _standardize(x: torch.Tensor, name: str, offset: int = 0) -> torch.Tensor:
-    x = x.double()
-    x = x - x.mean(1, keepdim=True)
-    norm = x.norm(dim=1, keepdim=True)
-    const = (norm.flatten() == 0).nonzero().flatten()
-    if len(const):
-        raise ValueError(f"{name}: item(s) {(const + offset)[:10].tolist()} are constant, so Pearson r is undefined")
-    return x / norm
-
-
 def _rowwise_pearson(a: torch.Tensor, b: torch.Tensor, name: str, offset: int = 0) -> torch.Tensor:
-    return (_standardize(a, f"{name} (recon)", offset) * _standardize(b, f"{name} (target)", offset)).sum(1)
+    """Per-row Pearson r in float64; a constant row is a ``ValueError`` naming it."""
+    return pearson_r(a.double(), b.double(), dim=1, constant="raise", names=(f"{name} (recon)", f"{name} (target)"),
+                     offset=offset)
 
 
 def two_way_identification(pred_feats: torch.Tensor | np.ndarray, target_feats: torch.Tensor | np.ndarray) -> float:
@@ -325,7 +319,7 @@ def two_way_identification(pred_feats: torch.Tensor | np.ndarray, target_feats: 
     (Pearson r of the flattened features, float64), averaged over ``i``. Needs >= 2 items.
     """
     p, t = _feature_pair(pred_feats, target_feats, min_items=2)
-    r = _standardize(p, "pred_feats") @ _standardize(t, "target_feats").T  # r[i, j] = r(pred_i, target_j)
+    r = pearson_r(p, t, constant="raise", pairwise=True, names=("pred_feats", "target_feats"))  # r[i, j] = r(pred_i, target_j)
     wins = (r.diagonal()[:, None] > r).sum(1).double()  # the diagonal never beats itself
     return (wins / (len(r) - 1)).mean().item()
 

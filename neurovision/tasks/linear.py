@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from neurovision.metrics.correlation import pearson_r
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 
 
@@ -19,10 +20,8 @@ def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pixel_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample Pearson r between flattened prediction and target, (B,)."""
-    p = pred - pred.mean(1, keepdim=True)
-    t = target - target.mean(1, keepdim=True)
-    return (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(1e-8)
+    """Per-sample Pearson r between flattened prediction and target, (B,) (0 for a constant row)."""
+    return pearson_r(pred.flatten(1), target.flatten(1), dim=1)
 
 
 class LinearDecoder(BaseTask):
@@ -74,7 +73,7 @@ class LinearDecoder(BaseTask):
         name = f"{split}/{conds[dataloader_idx]}"
         r = pixel_correlation(pred, target)
         # two-way identification: is corr(pred_i, target_i) > corr(pred_i, target_j), over all j != i
-        c = pixel_correlation(pred.repeat_interleave(len(pred), 0), target.repeat(len(pred), 1)).view(len(pred), -1)
+        c = pearson_r(pred[:, None], target[None], dim=-1)  # c[i, j] = r(pred_i, target_j)
         ident = (c.diag()[:, None] > c).float().sum(1) / max(len(pred) - 1, 1)
         kw = {"batch_size": len(pred), "add_dataloader_idx": False}
         self.log(f"{name}/loss", loss, **kw)
