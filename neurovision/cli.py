@@ -6,7 +6,9 @@
 a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI; ``neurovision sweep
 <sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision encode -c experiments/encoding.yaml``
 fits encoding models and finds integration sites (:mod:`neurovision.encoding.pipeline`); ``neurovision report <dir>``
-writes an HTML dashboard (:mod:`neurovision.report`).
+writes an HTML dashboard (:mod:`neurovision.report`). The tools' flags take argparse habits and jsonargparse values
+alike (``--subjects 1 2`` or ``--subjects [1,2]``, ``--json`` or ``--json true``, ``--no_zscore`` or
+``--zscore=false``): :mod:`neurovision.cli_habits`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import neurovision  # noqa: F401  (torchvision fix first)
 
@@ -64,19 +66,24 @@ def check_out_file(out: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-def prepare_main(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
+def prepare_parser(sources: dict[str, Any]) -> Any:
+    """The parser of ``neurovision prepare``: a subcommand per source, its flags from the source's signature."""
+    from neurovision.cli_habits import json_parser
 
-    from neurovision.sources import registry
-
-    parser = ArgumentParser(prog="neurovision prepare", description=TOOL_COMMANDS["prepare"], exit_on_error=False)
+    parser = json_parser(prog="neurovision prepare", description=TOOL_COMMANDS["prepare"])
     sub = parser.add_subcommands(dest="source")
-    sources = registry()
     for name, fn in sources.items():
-        p = ArgumentParser(description=(fn.__doc__ or "").strip().splitlines()[0])
+        p = json_parser(description=(fn.__doc__ or "").strip().splitlines()[0], exit_on_error=True)
         p.add_function_arguments(fn)
         sub.add_subcommand(name, p, help=(fn.__doc__ or "").strip().splitlines()[0])
-    cfg = parser.parse_args(args)
+    return parser
+
+
+def prepare_main(args: list[str]) -> int:
+    from neurovision.sources import registry
+
+    sources = registry()
+    cfg = prepare_parser(sources).parse_args(args)
     name = cfg.source
     kwargs = dict(cfg[name])
     kwargs.pop("__path__", None)
@@ -93,12 +100,11 @@ def prepare_main(args: list[str]) -> int:
     return 0
 
 
-def inspect_main(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
+def inspect_parser() -> Any:
+    """The parser of ``neurovision inspect``."""
+    from neurovision.cli_habits import json_parser
 
-    from neurovision.store import Store
-
-    parser = ArgumentParser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"], exit_on_error=False)
+    parser = json_parser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"])
     parser.add_argument("store", type=str, help="path of the store file")
     parser.add_argument("--json", type=bool, default=False, help="print JSON instead of a table")
     parser.add_argument("--plot", type=str | None, default=None,
@@ -110,7 +116,13 @@ def inspect_main(args: list[str]) -> int:
                              "JSON file in the LLaVA format `prepare nsd --instructions` imports")
     parser.add_argument("--verify", type=bool, default=False,
                         help="read every chunk and check its checksum; exit 1 naming the first bad trial")
-    cfg = parser.parse_args(args)
+    return parser
+
+
+def inspect_main(args: list[str]) -> int:
+    from neurovision.store import Store
+
+    cfg = inspect_parser().parse_args(args)
     if cfg.verify:  # before opening as a Store: events stores verify too
         from neurovision.store import StoreError, verify
 
@@ -158,23 +170,11 @@ def _run_config(ckpt: str) -> str | None:
     return None
 
 
-def _raising_parser_class() -> type:
-    import argparse
+def localize_parser() -> Any:
+    """The parser of ``neurovision localize``."""
+    from neurovision.cli_habits import argparse_parser
 
-    class RaisingArgumentParser(argparse.ArgumentParser):
-        """argparse that raises its errors (``main`` prints one line, exit 2) instead of printing the usage screen."""
-
-        def error(self, message: str) -> NoReturn:  # type: ignore[override]
-            raise argparse.ArgumentError(None, message)
-
-    return RaisingArgumentParser
-
-
-def localize_main(args: list[str]) -> int:
-
-    import yaml
-
-    parser = _raising_parser_class()(
+    parser = argparse_parser(
         prog="neurovision localize", description=TOOL_COMMANDS["localize"],
         epilog="The CLIP teacher is --clip-* when given, else the run's config.yaml (--run-config, or found beside "
                "the first checkpoint: <ckpt>.config.yaml, <log_dir>/config.yaml); --store likewise.")
@@ -206,7 +206,13 @@ def localize_main(args: list[str]) -> int:
     parser.add_argument("--device", default="auto",
                         help="where the models run (auto: cuda:<LOCAL_RANK> (index 0 when unset) when CUDA is "
                              "available, else cpu)")
-    cfg = parser.parse_args(args)
+    return parser
+
+
+def localize_main(args: list[str]) -> int:
+    import yaml
+
+    cfg = localize_parser().parse_args(args)
 
     for c in cfg.ckpt:  # before loading anything
         if not Path(c).is_file():

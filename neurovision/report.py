@@ -832,9 +832,10 @@ def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     return target
 
 
-def main(args: list[str]) -> int:
-    """``neurovision report <dir> [--out report.html]``; 0 on success, 1 (one error line) on bad input."""
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    from neurovision.cli_habits import argparse_parser
+
+    parser = argparse_parser(
         prog="neurovision report",
         description="a static, self-contained HTML dashboard of a run or sweep directory: final test metrics, "
                     "validation curves, configs, sweep summaries and β curves, reconstruction grids, concept "
@@ -842,7 +843,12 @@ def main(args: list[str]) -> int:
     parser.add_argument("dir", help="run or sweep directory (scanned recursively)")
     parser.add_argument("--out", default=None, help="output HTML file (default: <dir>/report.html)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    cfg = parser.parse_args(args)
+    return parser
+
+
+def main(args: list[str]) -> int:
+    """``neurovision report <dir> [--out report.html]``; 0 on success, 1 (one error line) on bad input."""
+    cfg = _parser().parse_args(args)
     if not cfg.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

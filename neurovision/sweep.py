@@ -1103,10 +1103,12 @@ def format_summary(tables: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------ main
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neurovision sweep", description="reproducible ablation sweeps of "
-                                "LightningCLI runs: grid x runs x seeds, resumable, aggregated to CSV",
-                                epilog="The sweep file format: see `python -c 'import neurovision.sweep as s; "
-                                "help(s)'` or neurovision/sweep.py.")
+    from neurovision.cli_habits import argparse_parser
+
+    p = argparse_parser(prog="neurovision sweep", description="reproducible ablation sweeps of "
+                        "LightningCLI runs: grid x runs x seeds, resumable, aggregated to CSV",
+                        epilog="The sweep file format: see `python -c 'import neurovision.sweep as s; "
+                        "help(s)'` or neurovision/sweep.py.")
     p.add_argument("sweep", help="sweep YAML")
     p.add_argument("--out", default=None, help="output folder (default: the sweep's out, else runs/sweeps/<stem>)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1); with CUDA GPUs each gets its "

@@ -494,10 +494,11 @@ def _safe(s: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _parser() -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    p = ArgumentParser(prog="neurovision encode", description="fit encoding models and find integration sites",
-                       exit_on_error=False)
+    from neurovision.cli_habits import json_parser
+
+    p = json_parser(prog="neurovision encode", description="fit encoding models and find integration sites")
     p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (repeat to combine)")
     p.add_argument("--store", type=Path, required=True, help="the events store")
     p.add_argument("--models", type=dict[str, Any], required=True,
