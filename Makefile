@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-full demo-encoding test test-full bench bench-scale lint clean
+.PHONY: help install demo demo-full demo-encoding test test-full bench bench-scale lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -145,5 +145,10 @@ bench-scale: install ## the scale rehearsal at NSD / Brain Treebank shapes (<= 2
 lint: install ## ruff
 	$(BIN)/ruff check neurovision data_modules callbacks tests benchmarks
 
+docs: install ## build the documentation site into site/ (mkdocs-material; --strict: a dead link fails)
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || \
+		{ set -o pipefail; $(BIN)/python -m pip install $(PIP_FLAGS) -e ".[docs]" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean: ## remove generated data, runs and caches (keeps .venv)
-	rm -rf data runs lightning_logs .bench .pytest_cache .ruff_cache build *.egg-info
+	rm -rf data runs lightning_logs .bench .pytest_cache .ruff_cache build site *.egg-info
