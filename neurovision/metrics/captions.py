@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from neurovision.metrics.items import RowMetric
 
 METRIC_NAMES: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
@@ -374,3 +377,40 @@ def clip_score_from_teacher(
         txt = teacher.encode_text([prefix + c for c in captions[i:i + batch_size]])
         scores.append(clip_score(torch.as_tensor(img), torch.as_tensor(txt), w=w).cpu())
     return float(torch.cat(scores).double().mean())
+
+
+# --------------------------------------------------------------------------------------------- Metric
+def _caption_key(row: dict[str, Any]) -> Hashable:
+    return json.dumps(row["key"], sort_keys=True) if "key" in row else object()  # no key: never de-padded
+
+
+class CaptionScores(RowMetric):
+    """:func:`caption_metrics` as a torchmetrics ``Metric``: ``update(predictions, references, keys)`` with one
+    candidate caption and its list of references per item; ``compute()`` scores every rank's items (gathered
+    as text; de-padded by ``keys`` when gathered from several ranks, so give keys under DDP) in one call
+    (BLEU is corpus level, CIDEr's IDF comes from all references). ``spice``/``meteor``/``tokenizer`` as in
+    :func:`caption_metrics`."""
+
+    def __init__(self, spice: bool | Literal["auto"] = "auto", meteor: bool | Literal["auto"] = "auto",
+                 tokenizer: Literal["ptb", "python"] = "ptb", **kwargs: Any) -> None:
+        super().__init__(key=_caption_key, **kwargs)
+        self.options = {"spice": spice, "meteor": meteor, "tokenizer": tokenizer}
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]],  # type: ignore[override]
+               keys: Sequence[Hashable] | None = None) -> None:
+        if isinstance(predictions, str):
+            raise TypeError("predictions must be a list of strings, not a single string")
+        if len(predictions) != len(references) or (keys is not None and len(keys) != len(predictions)):
+            raise ValueError(f"need as many references{' and keys' if keys is not None else ''} as predictions, got "
+                             f"{len(predictions)} predictions, {len(references)} reference lists"
+                             + (f", {len(keys)} keys" if keys is not None else ""))
+        rows = [{"prediction": p, "references": list(r)} for p, r in zip(predictions, references, strict=True)]
+        if keys is not None:
+            for row, k in zip(rows, keys, strict=True):
+                row["key"] = k
+        super().update(rows)
+
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, float | None]:
+        cands = {i: r["prediction"] for i, r in enumerate(rows)}
+        refs = {i: r["references"] for i, r in enumerate(rows)}
+        return caption_metrics(cands, refs, **self.options)  # type: ignore[arg-type]

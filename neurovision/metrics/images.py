@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurovision.metrics.correlation import pearson_r
+from neurovision.metrics.items import ItemMetric
 
 METRIC_NAMES: tuple[str, ...] = (
     "pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav",
@@ -621,6 +622,27 @@ def evaluate_images(
     return out
 
 
+class ImageMetrics(ItemMetric):
+    """:func:`evaluate_images` as a torchmetrics ``Metric``: ``update(recon, target, subject, stimulus)`` with
+    batches of reconstructions and their stimuli (uint8 or float images, kept as given: pass CPU tensors for
+    large sets, with a gloo ``process_group`` under NCCL); ``compute()`` scores the de-padded items of every
+    rank with ``evaluate_kwargs`` (the keyword arguments of :func:`evaluate_images`). A task that also writes
+    the images calls :meth:`gather` and :meth:`score` (whose keyword arguments override ``evaluate_kwargs``)."""
+
+    fields = ("recon", "target")
+
+    def __init__(self, evaluate_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.evaluate_kwargs = dict(evaluate_kwargs or {})
+
+    def update(self, recon: torch.Tensor, target: torch.Tensor, subject: torch.Tensor | None = None,
+               stimulus: torch.Tensor | None = None, **extra: torch.Tensor) -> None:
+        self._append(subject, stimulus, recon=recon, target=target, **extra)
+
+    def score(self, items: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, Any]:
+        return evaluate_images(items["recon"], items["target"], **{**self.evaluate_kwargs, **kwargs})
+
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -631,6 +653,7 @@ __all__ = [
     "METRIC_DIRECTIONS",
     "METRIC_NAMES",
     "FeatureNet",
+    "ImageMetrics",
     "clip_features",
     "correlation_distance",
     "evaluate_images",

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from neurovision.metrics.items import RowMetric
+
 FREE_TEXT = ("caption", "description", "sd_prompt")
 QUESTIONS = ("reasoning", "concept")
 
@@ -47,4 +49,20 @@ def score_generations(rows: Sequence[dict[str, Any]], clip_teacher: Any = None,
     return out
 
 
-__all__ = ["score_generations"]
+class GenerationScores(RowMetric):
+    """:func:`score_generations` as a torchmetrics ``Metric``: ``update(rows)`` with generation rows (JSON-able
+    dicts, see :func:`score_generations`), gathered from every rank as text and de-padded by (subject, stimulus,
+    type, question); ``compute()`` scores them. A task that also writes the rows calls :meth:`gather` and
+    :meth:`score`."""
+
+    def __init__(self, clip_teacher: Any = None, images: Callable[[int], np.ndarray] | None = None,
+                 clip_prefix: str = "A photo depicts ", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.clip_teacher, self.images, self.clip_prefix = clip_teacher, images, clip_prefix
+
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, float | None]:
+        return score_generations(rows, clip_teacher=self.clip_teacher, images=self.images,
+                                 clip_prefix=self.clip_prefix)
+
+
+__all__ = ["GenerationScores", "score_generations"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from neurovision.metrics.images import two_way_identification  # noqa: F401  (one definition, re-exported)
+from neurovision.metrics.images import two_way_identification  # one definition, re-exported
+from neurovision.metrics.items import ItemMetric
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,3 +44,39 @@ def retrieval_top1(
     return {"fmri2img": f2i / len(sets), "img2fmri": i2f / len(sets), "candidates": float(k)}
 
 
+
+
+class RetrievalTop1(ItemMetric):
+    """:func:`retrieval_top1` as a torchmetrics ``Metric``: ``update(pred, target, subject, stimulus)``,
+    ``compute()`` -> ``{"fmri2img", "img2fmri", "candidates"}`` over the de-padded items of every rank (or
+    ``{subject: ...}`` with ``by_subject``). Items are scored in (subject, stimulus) order when keyed."""
+
+    fields = ("pred", "target")
+
+    def __init__(self, candidates: int = 300, draws: int = 30, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidates, self.draws, self.seed = int(candidates), int(draws), int(seed)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, subject: torch.Tensor | None = None,
+               stimulus: torch.Tensor | None = None) -> None:
+        self._append(subject, stimulus, pred=pred.float(), target=target.float())
+
+    def score(self, items: dict[str, torch.Tensor]) -> dict[str, float]:
+        return retrieval_top1(items["pred"].cpu(), items["target"].cpu(), self.candidates, self.draws, self.seed)
+
+
+class TwoWayIdentification(ItemMetric):
+    """:func:`two_way_identification` as a torchmetrics ``Metric`` (``update(pred, target, subject, stimulus)``;
+    ``compute()`` -> a float, or ``{subject: float}`` with ``by_subject``)."""
+
+    fields = ("pred", "target")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, subject: torch.Tensor | None = None,
+               stimulus: torch.Tensor | None = None) -> None:
+        self._append(subject, stimulus, pred=pred.float(), target=target.float())
+
+    def score(self, items: dict[str, torch.Tensor]) -> float:
+        return two_way_identification(items["pred"].cpu(), items["target"].cpu())
+
+
+__all__ = ["RetrievalTop1", "TwoWayIdentification", "retrieval_top1", "two_way_identification"]

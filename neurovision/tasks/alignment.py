@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -13,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from neurovision.metrics import retrieval_top1, two_way_identification
+from neurovision.metrics import ItemMean, ItemMetric, RetrievalTop1, TwoWayIdentification
 from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.models.readout import principal_subspace
 from neurovision.tasks.base import BaseTask, DataSpec, _adamw
@@ -229,7 +228,19 @@ class AlignmentTask(BaseTask):
         self.contrastive_fn = {"infonce": info_nce, "softclip": soft_clip}.get(self.contrastive)
 
     def configure_metrics(self) -> None:
-        self._eval_outputs: dict[int, dict[str, list[torch.Tensor]]] = {}
+        """Per evaluation condition (built at its first batch by :meth:`_build_metrics`): retrieval, two-way
+        identification, CLIP cosine and VAE MSE per subject, over every rank's items (de-padded)."""
+
+    def _build_metrics(self) -> dict[str, ItemMetric]:
+        kw: dict[str, Any] = {"by_subject": True, "min_items": 2}  # < 2 items: no retrieval / identification
+        metrics: dict[str, ItemMetric] = {
+            "retrieval": RetrievalTop1(self.retrieval_candidates, self.retrieval_draws, **kw),
+            "identification": TwoWayIdentification(**kw),
+            "clip_cosine": ItemMean(**kw),
+        }
+        if self.vae_teacher is not None:
+            metrics["vae_mse"] = ItemMean(**kw)
+        return {k: m.to(self.device) for k, m in metrics.items()}
 
     # targets ----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -367,18 +378,18 @@ class AlignmentTask(BaseTask):
     def _eval_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         pred = self(batch["patches"], batch["subject"])
         losses = self._losses(pred, self._targets(batch["stimulus"]))
-        self.log(f"{split}/{self._condition(dataloader_idx)}/loss", losses["loss"], batch_size=len(pred["clip"]),
+        self.log(f"{split}/{self.condition(dataloader_idx)}/loss", losses["loss"], batch_size=len(pred["clip"]),
                  add_dataloader_idx=False, sync_dist=True)
-        store = self._eval_outputs.setdefault(dataloader_idx, defaultdict(list))
-        store["clip"].append(pred["clip"].detach().float())
-        if "vae" in pred:
-            store["vae"].append(pred["vae"].detach().float())
-        store["stimulus"].append(batch["stimulus"].detach())
-        store["subject"].append(batch["subject"].detach())
-
-    def _condition(self, dataloader_idx: int) -> str:
-        conds = getattr(self.trainer.datamodule, "eval_conditions", None)
-        return conds[dataloader_idx] if conds else str(dataloader_idx)
+        metrics = self.condition_metrics(dataloader_idx, self._build_metrics)
+        keys = {"subject": batch["subject"], "stimulus": batch["stimulus"]}
+        clip, tgt = pred["clip"].detach().float(), self.clip_targets[batch["stimulus"]]
+        metrics["retrieval"].update(clip, tgt, **keys)
+        metrics["identification"].update(clip, tgt, **keys)
+        metrics["clip_cosine"].update(F.cosine_similarity(clip, tgt, dim=1), **keys)
+        if "vae_mse" in metrics:
+            vae = pred["vae"].detach().float()
+            err = F.mse_loss(vae, self.vae_targets[batch["stimulus"]], reduction="none").flatten(1).mean(1)
+            metrics["vae_mse"].update(err, **keys)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -392,55 +403,26 @@ class AlignmentTask(BaseTask):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def _gather(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(xs)
-        if self.trainer.world_size > 1:
-            x = self.all_gather(x).flatten(0, 1)
-        return x
-
     def _eval_epoch_end(self, split: str) -> None:
         names = self.trainer.datamodule.store.subject_names if self.trainer.datamodule else []
-        for idx, out in sorted(self._eval_outputs.items()):
-            cond = self._condition(idx)
-            stim = self._gather(out["stimulus"])
-            subj = self._gather(out["subject"])
-            clip = self._gather(out["clip"])
-            vae = self._gather(out["vae"]) if out.get("vae") else None
-            # distributed samplers pad with repeats: keep one row per (subject, stimulus)
-            key = subj.long() * (int(stim.max()) + 1) + stim.long()
-            _, first = np.unique(key.cpu().numpy(), return_index=True)
-            keep = torch.as_tensor(first, device=clip.device)
-            stim, subj, clip = stim[keep], subj[keep], clip[keep]
-            vae = vae[keep] if vae is not None else None
-            # per subject (each image once per candidate set), then the mean over subjects: pooling subjects
-            # would put the same image (identical targets) several times in one candidate set
+        for _, cond, metrics in self.pop_condition_metrics():
+            # every rank's items (the samplers' padding dropped), per subject (each image once per candidate set),
+            # then the mean over subjects: pooling subjects would put the same image (identical targets) several
+            # times in one candidate set
+            values = {k: m.compute() for k, m in metrics.items()}  # on every rank: a collective under DDP
             per_subject: list[dict[str, float]] = []
-            for s in subj.unique():
-                m = subj == s
-                if int(m.sum()) < 2:
-                    continue
-                metrics = self._metrics(clip[m], stim[m], None if vae is None else vae[m])
-                per_subject.append(metrics)
-                name = names[int(s)] if names else f"s{int(s)}"
-                for k, v in metrics.items():
+            for s, r in values["retrieval"].items():
+                m = {"retrieval_fmri2img": r["fmri2img"], "retrieval_img2fmri": r["img2fmri"],
+                     "retrieval_chance": 1.0 / r["candidates"], "identification": values["identification"][s],
+                     "clip_cosine": values["clip_cosine"][s]}
+                if "vae_mse" in values:
+                    m["vae_mse"] = values["vae_mse"][s]
+                per_subject.append(m)
+                name = names[s] if names else f"s{s}"
+                for k, v in m.items():
                     self.log(f"{split}/{cond}/{name}/{k}", v, sync_dist=False)  # same value on every rank
             for k in per_subject[0] if per_subject else []:
                 self.log(f"{split}/{cond}/{k}", float(np.mean([d[k] for d in per_subject])), sync_dist=False)
-        self._eval_outputs.clear()
-
-    def _metrics(self, clip: torch.Tensor, stim: torch.Tensor, vae: torch.Tensor | None) -> dict[str, float]:
-        tgt = self.clip_targets[stim]
-        r = retrieval_top1(clip.cpu(), tgt.cpu(), self.retrieval_candidates, self.retrieval_draws)
-        m = {
-            "retrieval_fmri2img": r["fmri2img"],
-            "retrieval_img2fmri": r["img2fmri"],
-            "retrieval_chance": 1.0 / r["candidates"],
-            "identification": two_way_identification(clip.cpu(), tgt.cpu()),
-            "clip_cosine": F.cosine_similarity(clip, tgt, dim=1).mean().item(),
-        }
-        if vae is not None:
-            m["vae_mse"] = F.mse_loss(vae, self.vae_targets[stim]).item()
-        return m
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         pred = self(batch["patches"], batch["subject"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -65,6 +66,8 @@ class BaseTask(L.LightningModule):
         self.scheduler_factory = scheduler
         # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "data_spec"])
+        self._condition_metrics: dict[int, dict[str, Any]] = {}  # evaluation metrics per dataloader (a plain dict:
+        # built at the first batch of each condition, never in the state dict)
         self.hparams["data_spec"] = dataclasses.asdict(data_spec)
         self.configure_models()
         self.configure_losses()
@@ -126,6 +129,30 @@ class BaseTask(L.LightningModule):
 
     def on_test_end(self) -> None:
         self.release_teachers()
+
+    # evaluation conditions (one val/test dataloader each) ------------------------------------------------
+    def condition(self, dataloader_idx: int, default: Sequence[str] = ()) -> str:
+        """The name of evaluation dataloader ``dataloader_idx``: the datamodule's ``eval_conditions`` entry (else
+        ``default``'s, else the index)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        conds = list(getattr(dm, "eval_conditions", None) or default)
+        return str(conds[dataloader_idx]) if 0 <= dataloader_idx < len(conds) else str(dataloader_idx)
+
+    def condition_metrics(self, dataloader_idx: int, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The metrics (torchmetrics ``Metric``s) of one evaluation condition: ``build()`` at its first batch,
+        the same objects until :meth:`pop_condition_metrics`."""
+        m = self._condition_metrics.get(dataloader_idx)
+        if m is None:
+            m = self._condition_metrics[dataloader_idx] = build()
+        return m
+
+    def pop_condition_metrics(self, default: Sequence[str] = ()) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """``(dataloader_idx, condition, metrics)`` of every condition seen this epoch, in dataloader order; they
+        are dropped afterwards (the next epoch builds new ones)."""
+        items = sorted(self._condition_metrics.items())
+        self._condition_metrics = {}
+        for idx, metrics in items:
+            yield idx, self.condition(idx, default), metrics
 
     def configure_models(self) -> None:
         """Build the networks."""

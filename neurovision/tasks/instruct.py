@@ -10,7 +10,6 @@ replace the ``<fmri>`` placeholder in the LLM's input embeddings. Two phases as 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -183,7 +182,16 @@ class InstructTask(BaseTask):
             self.load_adapters(self.adapter)
 
     def configure_metrics(self) -> None:
-        self._eval_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        """Per test condition (built at its first batch by :meth:`_build_metrics`): the generation rows and
+        their scores (:class:`~neurovision.metrics.instruct.GenerationScores`, gathered from every rank)."""
+
+    def _build_metrics(self) -> dict[str, Any]:
+        from neurovision.metrics.instruct import GenerationScores
+
+        dm = self.trainer.datamodule
+        images = (lambda s: dm.store.image(s)) if dm is not None else None
+        return {"generations": GenerationScores(clip_teacher=self.clip_teacher, images=images,
+                                                clip_prefix=self.clip_score_prefix).to(self.device)}
 
     def _init_from(self, path: str) -> None:
         p = Path(path)
@@ -306,12 +314,8 @@ class InstructTask(BaseTask):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = self(batch)
-        self.log(f"val/{self._condition(dataloader_idx)}/loss", loss, batch_size=len(batch["patches"]),
+        self.log(f"val/{self.condition(dataloader_idx)}/loss", loss, batch_size=len(batch["patches"]),
                  add_dataloader_idx=False, sync_dist=True)
-
-    def _condition(self, dataloader_idx: int) -> str:
-        conds = getattr(self.trainer.datamodule, "eval_conditions", None)
-        return conds[dataloader_idx] if conds else str(dataloader_idx)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
@@ -332,45 +336,25 @@ class InstructTask(BaseTask):
         return rows
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_rows[dataloader_idx].extend(self._rows(batch))
+        self.condition_metrics(dataloader_idx, self._build_metrics)["generations"].update(self._rows(batch))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         return self._rows(batch)
 
     def on_test_epoch_end(self) -> None:
-        from neurovision.metrics.instruct import score_generations
-
         dm = self.trainer.datamodule
         names = dm.store.subject_names if dm is not None else []
         log_dir = self.trainer.log_dir  # on every rank: a collective (broadcast) under DDP
-        for idx, rows in sorted(self._eval_rows.items()):
-            rows = self._all_rows(rows)
-            cond = self._condition(idx)
+        for _, cond, metrics in self.pop_condition_metrics():
+            gen = metrics["generations"]
+            rows = gen.gather()  # every rank's rows, the samplers' padding dropped (a collective under DDP)
             for r in rows:
                 r["condition"] = cond
                 r["subject_name"] = names[r["subject"]] if names else str(r["subject"])
-            scores = score_generations(rows, clip_teacher=self.clip_teacher, clip_prefix=self.clip_score_prefix,
-                                       images=(lambda s: dm.store.image(s)) if dm is not None else None)
+            scores = gen.score(rows)
             for k, v in scores.items():
                 if v is not None:
                     self.log(f"test/{cond}/{k}", float(v), sync_dist=False)
             if self.trainer.is_global_zero and log_dir:
                 write_jsonl(Path(log_dir) / f"test_generations_{cond}.jsonl", rows)
                 write_json(Path(log_dir) / f"test_scores_{cond}.json", scores)
-        self._eval_rows.clear()
-
-    def _all_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.trainer.world_size <= 1:
-            return rows
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.trainer.world_size
-        dist.all_gather_object(gathered, rows)
-        seen, out = set(), []
-        for part in gathered:
-            for r in part:  # distributed samplers pad with repeats
-                key = (r["subject"], r["stimulus"], r.get("type"), r.get("question"))
-                if key not in seen:
-                    seen.add(key)
-                    out.append(r)
-        return out

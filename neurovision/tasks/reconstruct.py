@@ -193,7 +193,22 @@ class ReconstructionTask(BaseTask):
                              f"{self.num_candidates}) compares images with the predicted embeddings in that space")
 
     def configure_metrics(self) -> None:
-        self._outputs: dict[int, dict[str, list[Any]]] = {}
+        """Per test condition (built at its first batch by :meth:`_build_metrics`): one
+        :class:`~neurovision.metrics.images.ImageMetrics` per β, holding that β's reconstructions, the stimuli
+        (the same CPU tensors for every β), the chosen candidates and the (subject, stimulus) keys."""
+
+    def _build_metrics(self) -> dict[str, Any]:
+        from neurovision.metrics.images import ImageMetrics
+
+        group = self._group() if self.trainer.world_size > 1 else None  # CPU tensors: gathered over gloo
+        kw = {"weights": self.feature_weights, "size": self.metric_size, "batch_size": self.metric_batch_size}
+        return {str(j): ImageMetrics(kw, extra_fields=("candidate",), process_group=group)
+                for j in range(len(self.betas))}
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        if self.trainer.world_size > 1:
+            self._group()  # a collective: every rank creates the gloo group before the first batch
 
     def configure_optimizers(self) -> Any:
         raise ValueError("ReconstructionTask trains nothing: run `neurovision test -c experiments/stage3_reconstruct.yaml`")
@@ -232,20 +247,10 @@ class ReconstructionTask(BaseTask):
             vae, clip, self.betas, prompts=self._prompts(batch["subject"], batch["stimulus"], averaged),
             seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale, noise_level=self.noise_level,
             clip_norm=self.clip_norm, num_candidates=self.num_candidates, selector=selector)
-        o = self._outputs.setdefault(dataloader_idx, {"image": [], "subject": [], "stimulus": [],
-                                                      "recon": [[] for _ in self.betas],
-                                                      "candidate": [[] for _ in self.betas]})
+        metrics = self.condition_metrics(dataloader_idx, self._build_metrics)
+        image, keys = batch["image"].cpu(), {"subject": batch["subject"].cpu(), "stimulus": batch["stimulus"].cpu()}
         for j, (imgs, choice) in enumerate(per_beta):  # uint8 on the CPU: β × items stay small
-            o["recon"][j].append(imgs.cpu())
-            o["candidate"][j].append(choice.cpu())
-        o["image"].append(batch["image"].cpu())
-        o["subject"].append(batch["subject"].cpu())
-        o["stimulus"].append(batch["stimulus"].cpu())
-
-    def _condition(self, idx: int) -> str:
-        dm = self.trainer.datamodule
-        conds = getattr(dm, "eval_conditions", None) or ["average", "single"]
-        return str(conds[idx])
+            metrics[str(j)].update(imgs.cpu(), image, candidate=choice.cpu(), **keys)
 
     def _group(self) -> Any:
         """The process group of the object collectives: gloo (CPU memory), also when the default one is NCCL."""
@@ -254,25 +259,6 @@ class ReconstructionTask(BaseTask):
         if getattr(self, "_cpu_group", None) is None:
             self._cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return self._cpu_group
-
-    def _gathered(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Every rank's items on rank 0 (``None`` on the others), each (subject, stimulus) once, sorted by it.
-
-        DistributedSampler gives rank r the items r, r + W, ... and pads with repeats of the first ones; sorting
-        by (subject, stimulus), the order of the evaluation datasets, makes the result the same for any number
-        of ranks, and keeping the first of equal keys drops the padding. ``local`` must hold ``subject`` and
-        ``stimulus``."""
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            parts: list[Any] | None = [None] * self.trainer.world_size if self.trainer.is_global_zero else None
-            dist.gather_object(local, parts, dst=0, group=self._group())
-            if parts is None:
-                return None
-            local = {k: torch.cat([p[k] for p in parts]) for k in local}
-        key = local["subject"].long().numpy() * (int(local["stimulus"].max()) + 1) + local["stimulus"].long().numpy()
-        _, first = np.unique(key, return_index=True)  # sorted keys, the first occurrence of each
-        return {k: v[torch.from_numpy(first)] for k, v in local.items()}
 
     def _broadcast(self, obj: Any) -> Any:
         if self.trainer.world_size <= 1:
@@ -283,9 +269,7 @@ class ReconstructionTask(BaseTask):
         dist.broadcast_object_list(box, src=0, group=self._group())
         return box[0]
 
-    def _score(self, recon: torch.Tensor, stimuli: torch.Tensor) -> dict[str, Any]:
-        from neurovision.metrics.images import evaluate_images
-
+    def _score(self, metric: Any, items: dict[str, torch.Tensor]) -> dict[str, Any]:
         device = self.trainer.strategy.root_device
         clip_kw: dict[str, Any] = {}
         if self.clip_teacher is not None:
@@ -296,25 +280,28 @@ class ReconstructionTask(BaseTask):
             pp = self.clip_teacher.preprocess_cfg
             clip_kw = {"clip_model": self.clip_teacher.model, "clip_mean": pp["mean"], "clip_std": pp["std"],
                        "clip_size": self.clip_teacher.image_size[0]}
-        return evaluate_images(recon, stimuli, weights=self.feature_weights, size=self.metric_size,
-                               batch_size=self.metric_batch_size, device=device, **clip_kw)
+        return metric.score(items, device=device, **clip_kw)
 
     def on_test_epoch_end(self) -> None:
         from neurovision.atomic import atomic_path, write_json
 
         log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
         zero = self.trainer.is_global_zero
-        for idx, o in sorted(self._outputs.items()):
-            cond = self._condition(idx)
-            keys = {"subject": torch.cat(o["subject"]), "stimulus": torch.cat(o["stimulus"])}
-            stim = self._gathered({**keys, "image": torch.cat(o["image"])})
-            o["image"].clear()
+        for _, cond, metrics in self.pop_condition_metrics(default=("average", "single")):
+            stim: dict[str, torch.Tensor] | None = None
             cols: list[torch.Tensor] = []
             sel = None
-            for j, beta in enumerate(self.betas):  # one β at a time on rank 0: its images, then the next
-                g = self._gathered({**keys, "recon": torch.cat(o["recon"][j]), "candidate": torch.cat(o["candidate"][j])})
-                o["recon"][j], o["candidate"][j] = [], []
-                scores = self._score(g["recon"], stim["image"]) if g is not None and stim is not None else None
+            for j, beta in enumerate(self.betas):  # one β at a time: its images, then the next
+                m = metrics.pop(str(j))
+                # every rank's items, sorted by (subject, stimulus), the samplers' padding dropped (a collective);
+                # scored and written on rank 0
+                items = m.gather()
+                m.reset()
+                g = items if zero else None
+                del items
+                if g is not None and stim is None:
+                    stim = {"image": g["target"], "subject": g["subject"], "stimulus": g["stimulus"]}
+                scores = self._score(m, g) if g is not None else None
                 scores = self._broadcast(scores)
                 unavailable = scores.pop("unavailable", {})
                 tag = f"test/{cond}/beta={beta:g}/" if self.multi_beta else f"test/{cond}/"
@@ -351,7 +338,6 @@ class ReconstructionTask(BaseTask):
             exp = getattr(self.logger, "experiment", None)
             if exp is not None and hasattr(exp, "add_image"):
                 exp.add_image(f"test/{cond}/reconstructions", grid, global_step=self.global_step, dataformats="HWC")
-        self._outputs.clear()
 
 
 __all__ = ["ReconstructionTask", "read_prompts"]
