@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime as _dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -69,7 +67,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurovision.atomic import atomic_path, remove_stale_partials
+from neurovision.data.cache import (
+    EntryCache,
+    dir_digest,
+    dist_context,
+    entry_problem,
+    file_digest,
+    finish_entry,
+    format_floats,
+    json_digest,
+    shard_bounds,
+    start_entry,
+    store_key,
+)
 from neurovision.store import Store, first_bad_rows
 
 log = logging.getLogger("neurovision.teachers")
@@ -112,38 +122,6 @@ class Teacher(Protocol):
     def output_shape(self) -> tuple[int, ...]: ...
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-# --------------------------------------------------------------------------------------------- helpers
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's content (memoised per process by path, size and mtime)."""
-    p = os.path.realpath(path)
-    st = os.stat(p)
-    key = (p, st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
-def _dir_digest(path: Path) -> str:
-    """Digest of a ``from_pretrained`` folder: its config and weight files (names and contents)."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt"}):
-            h.update(f.name.encode())
-            h.update(file_digest(f).encode())
-    return h.hexdigest()
-
-
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -344,7 +322,7 @@ def register_clip_config(model_name: str, cfg: dict[str, Any]) -> str:
     """
     import open_clip
 
-    name = f"{model_name.replace('/', '-')}-{_json_digest(cfg)[:12]}"
+    name = f"{model_name.replace('/', '-')}-{json_digest(cfg)[:12]}"
     if name in open_clip.list_models():
         return name
     global _OC_REGISTRY_DIR
@@ -435,9 +413,9 @@ class OpenCLIPImageTeacher(_Placement):
         pp = self.preprocess_cfg
         size = pp["size"] if isinstance(pp["size"], int) else "x".join(str(s) for s in pp["size"])
         self._id = (
-            f"open_clip:{model_name}|arch={_json_digest(cfg)[:12]}|weights={weights}"
+            f"open_clip:{model_name}|arch={json_digest(cfg)[:12]}|weights={weights}"
             f"|pp={size}px,{pp.get('interpolation')},{pp.get('resize_mode')},"
-            f"mean={_fmt(pp['mean'])},std={_fmt(pp['std'])}|l2norm={int(normalize)}"
+            f"mean={format_floats(pp['mean'])},std={format_floats(pp['std'])}|l2norm={int(normalize)}"
         )
 
     # identity -------------------------------------------------------------------------------------
@@ -497,10 +475,6 @@ class OpenCLIPImageTeacher(_Placement):
         return torch.cat(out) if out else torch.empty(0, self._dim)
 
 
-def _fmt(v: Any) -> str:
-    return "(" + ",".join(f"{float(x):.4g}" for x in v) + ")"
-
-
 # --------------------------------------------------------------------------------------------- diffusers
 class VAETeacher(_Placement):
     """SD-VAE latents of the stimuli from a ``diffusers`` :class:`~diffusers.AutoencoderKL`.
@@ -550,7 +524,7 @@ class VAETeacher(_Placement):
                     f"VAE teacher folder not found (no config.json): {self.path} (set `{VAE_PATH_KEY}` to a "
                     "local AutoencoderKL folder, e.g. stable-diffusion-2-1/vae; nothing is downloaded)")
             vae = AutoencoderKL.from_pretrained(p, local_files_only=True)
-            weights = f"sha256:{_dir_digest(p)[:16]}"
+            weights = f"sha256:{dir_digest(p)[:16]}"
         else:
             if self.config == "tiny":
                 cfg = dict(TINY_VAE_CONFIG)
@@ -575,7 +549,7 @@ class VAETeacher(_Placement):
                              f"factor {self.downsample}")
         arch = {k: v for k, v in dict(c).items() if not k.startswith("_")}
         self._id = (
-            f"diffusers:AutoencoderKL|arch={_json_digest(arch)[:12]}|weights={weights}"
+            f"diffusers:AutoencoderKL|arch={json_digest(arch)[:12]}|weights={weights}"
             f"|pp={self.image_size}px,bicubic,squash,[-1,1]|z={f'sample(seed={seed})' if sample else 'mean'}"
             f"*{self.scaling_factor:.6g}" + (f"-{self.shift_factor:.6g}" if self.shift_factor is not None else "")
         )
@@ -632,53 +606,15 @@ class VAETeacher(_Placement):
 
 
 # --------------------------------------------------------------------------------------------- cache
-def store_key(store: Store) -> str:
-    """What a cache entry must match: the store's fingerprint, else the file's size and mtime."""
-    fp = str(store.attrs.get("fingerprint") or "")
-    if fp:
-        return fp
-    st = store.path.stat()
-    return f"file:{st.st_size}:{st.st_mtime_ns}"
-
-
 def entry_name(teacher_id: str, dtype: str = "float32") -> str:
     """The HDF5 name of the entry for a teacher id stored as ``dtype``."""
     return hashlib.sha256(f"{teacher_id}|{np.dtype(dtype).name}".encode()).hexdigest()[:32]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``<path>.lock`` (the lock file itself is left in place)."""
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def shard_bounds(n: int, world_size: int, rank: int, align: int = 1) -> tuple[int, int]:
-    """Rows ``[i0, i1)`` of ``rank``'s contiguous shard of ``n`` rows over ``world_size`` ranks: the shards
-    cover every row once, in rank order, and the first shards hold one unit more. The unit is ``align`` rows
-    (a shard starts at a multiple of ``align``): with the fill's batch size, every batch holds the same images as
-    in a one-process fill, so the cache does not depend on the number of ranks."""
-    if world_size < 1 or not 0 <= rank < world_size or n < 0 or align < 1:
-        raise ValueError(f"no shard {rank} of {n} rows over {world_size} ranks (align {align})")
-    units = -(-n // align)
-    base, extra = divmod(units, world_size)
-    u0 = rank * base + min(rank, extra)
-    u1 = u0 + base + (1 if rank < extra else 0)
-    return min(n, u0 * align), min(n, u1 * align)
-
-
-def _dist_context() -> tuple[int, int] | None:
-    """``(global rank, world size)`` under a ``torch.distributed`` process group of more than one rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
+def cache_file(path: str | os.PathLike[str]) -> EntryCache:
+    """The teacher cache at ``path`` as an :class:`~neurovision.data.cache.EntryCache` (schema, version, messages)."""
+    return EntryCache(path, CACHE_SCHEMA, CACHE_SCHEMA_VERSION, kind="teacher cache", id_attr="teacher_id",
+                      logger=log)
 
 
 class TeacherCache:
@@ -732,7 +668,7 @@ class TeacherCache:
         """
         store = store if isinstance(store, Store) else Store(store)
         path = self.cache_path(store)
-        ctx = _dist_context() if distributed is None or distributed else None
+        ctx = dist_context() if distributed is None or distributed else None
         if distributed and ctx is None:
             raise RuntimeError("TeacherCache.get(distributed=True) needs an initialised torch.distributed "
                                "process group of more than one rank")
@@ -748,8 +684,7 @@ class TeacherCache:
         else:
             if data is not None:
                 return data
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(path):
+            with cache_file(path).locked():
                 if not force:  # another process may have computed it while we waited for the lock
                     data = self._read(path, store, teacher, quiet=True)
                     if data is not None:
@@ -765,29 +700,17 @@ class TeacherCache:
         """Attributes (``teacher_id``, ``store_fingerprint``, ..., ``shape``, ``dtype``) of every entry in the
         cache of ``store`` (empty when there is no cache)."""
         store = store if isinstance(store, Store) else Store(store)
-        path = self.cache_path(store)
-        out: list[dict[str, Any]] = []
-        if not path.exists():
-            return out
-        with h5py.File(path, "r") as f:
-            for name, ds in f.get("entries", {}).items():
-                a = {k: _plain(v) for k, v in ds.attrs.items()}
-                a.update(shape=tuple(ds.shape), dtype=str(ds.dtype), name=name)
-                out.append(a)
-        return out
+        return cache_file(self.cache_path(store)).entries(
+            lambda ds: {"shape": tuple(ds.shape), "dtype": str(ds.dtype)})
 
     # internals ------------------------------------------------------------------------------------
     def _invalid(self, ds: h5py.Dataset, store: Store, teacher: Teacher) -> str | None:
         """Why an entry cannot be used for (store, teacher), or None when it can."""
-        a = ds.attrs
+        why = entry_problem(ds, id_attr="teacher_id", id_value=teacher.id, fingerprint=store_key(store))
+        if why is not None:
+            return why
         n = len(store.stimulus_ids)
-        if not bool(a.get("complete", False)):
-            return "incomplete"
-        if _plain(a.get("teacher_id")) != teacher.id:
-            return f"teacher id {_plain(a.get('teacher_id'))!r} != {teacher.id!r}"
-        if _plain(a.get("store_fingerprint")) != store_key(store):
-            return "written for another version of the store (fingerprint differs)"
-        if ds.shape[0] != n or int(a.get("n_stimuli", -1)) != n:
+        if ds.shape[0] != n or int(ds.attrs.get("n_stimuli", -1)) != n:
             return f"{ds.shape[0]} rows for {n} stimuli"
         expected = tuple(getattr(teacher, "output_shape", ds.shape[1:]))
         if tuple(ds.shape[1:]) != expected:
@@ -799,40 +722,25 @@ class TeacherCache:
         return None
 
     def _read(self, path: Path, store: Store, teacher: Teacher, quiet: bool = False) -> np.ndarray | None:
-        if not path.exists():
-            return None
-        try:
-            with h5py.File(path, "r") as f:
-                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA or \
-                        int(_plain(f.attrs.get("schema_version", -1))) != CACHE_SCHEMA_VERSION:
-                    if not quiet:
-                        log.warning("%s: not a neurovision teacher cache of schema version %d (an older version "
-                                    "of neurovision wrote it?); it will be rebuilt", path, CACHE_SCHEMA_VERSION)
-                    return None
-                name = entry_name(teacher.id, self.dtype.name)
-                if name not in f.get("entries", {}):
-                    return None
-                ds = f["entries"][name]
-                why = self._invalid(ds, store, teacher)
-                if why is not None:
-                    if not quiet:
-                        log.warning("%s: entry for %s is stale (%s); recomputing", path, teacher.id, why)
-                    return None
-                try:
-                    data = ds[()]
-                except OSError as e:  # a chunk failing its checksum: name the rows, recompute the entry
-                    if not quiet:
-                        log.warning("%s: entry for %s is damaged (%s: %s); recomputing", path, teacher.id,
-                                    first_bad_rows(ds), e)
-                    return None
-        except OSError as e:
-            if not quiet:
-                log.warning("%s: unreadable teacher cache (%s); it will be rebuilt", path, e)
-            return None
-        if not np.isfinite(data).all():
-            log.warning("%s: entry for %s holds NaN/inf; recomputing", path, teacher.id)
-            return None
-        return data
+        def use(ds: Any) -> np.ndarray | None:
+            why = self._invalid(ds, store, teacher)
+            if why is not None:
+                if not quiet:
+                    log.warning("%s: entry for %s is stale (%s); recomputing", path, teacher.id, why)
+                return None
+            try:
+                data = ds[()]
+            except OSError as e:  # a chunk failing its checksum: name the rows, recompute the entry
+                if not quiet:
+                    log.warning("%s: entry for %s is damaged (%s: %s); recomputing", path, teacher.id,
+                                first_bad_rows(ds), e)
+                return None
+            if not np.isfinite(data).all():
+                log.warning("%s: entry for %s holds NaN/inf; recomputing", path, teacher.id)
+                return None
+            return data
+
+        return cache_file(path).read(entry_name(teacher.id, self.dtype.name), use, quiet=quiet)
 
     def _fill_device(self) -> torch.device:
         return self.device if self.device is not None else default_device()
@@ -868,41 +776,34 @@ class TeacherCache:
     def _write_entry(self, path: Path, store: Store, teacher: Teacher,
                      rows: Iterable[tuple[int, int, np.ndarray]]) -> None:
         """Write the entry of ``teacher`` from ``(i0, i1, rows)`` blocks covering every stimulus: a new cache file
-        (the other valid entries copied) replaces the old one atomically. The caller holds the lock."""
+        (the other valid entries of this store copied; those of another store fingerprint pruned) replaces the old
+        one atomically. The caller holds the lock."""
         key = store_key(store)
         name = entry_name(teacher.id, self.dtype.name)
-        remove_stale_partials(path)  # temp files of killed fills
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as out:
-                out.attrs["schema"] = CACHE_SCHEMA
-                out.attrs["schema_version"] = CACHE_SCHEMA_VERSION
-                out.attrs["store"] = str(store.path)
-                entries = out.create_group("entries")
-                self._copy_others(path, entries, skip=name, store_key_=key)
-                images = store.h5["stimuli/images"]
-                n = images.shape[0]
-                ds = None
-                covered = 0
-                for i0, i1, y in rows:
-                    if ds is None:
-                        row = y.shape[1:]
-                        row_bytes = max(1, int(np.prod(row)) * self.dtype.itemsize)
-                        chunk_rows = int(min(n, max(1, (1 << 20) // row_bytes)))
-                        ds = entries.create_dataset(name, shape=(n, *row), dtype=self.dtype,
-                                                    chunks=(chunk_rows, *row), fletcher32=True)
-                        ds.attrs["complete"] = False
-                    ds[i0:i1] = y.astype(self.dtype, copy=False)
-                    covered += i1 - i0
+
+        def prune(a: Any) -> str | None:
+            return None if a.get("store_fingerprint") == key else "another store fingerprint"
+
+        with cache_file(path).rewrite(replace={name}, prune=prune, attrs={"store": str(store.path)}) as entries:
+            images = store.h5["stimuli/images"]
+            n = images.shape[0]
+            ds = None
+            covered = 0
+            for i0, i1, y in rows:
                 if ds is None:
-                    raise ValueError(f"{store.path}: the store has no stimuli")
-                if covered != n:  # pragma: no cover - the shards cover every stimulus once
-                    raise RuntimeError(f"{path}: {covered} rows written for {n} stimuli")
-                ds.attrs["teacher_id"] = teacher.id
-                ds.attrs["store_fingerprint"] = key
-                ds.attrs["n_stimuli"] = n
-                ds.attrs["image_shape"] = np.asarray(images.shape[1:], dtype=np.int64)
-                ds.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-                ds.attrs["complete"] = True
+                    row = y.shape[1:]
+                    row_bytes = max(1, int(np.prod(row)) * self.dtype.itemsize)
+                    chunk_rows = int(min(n, max(1, (1 << 20) // row_bytes)))
+                    ds = start_entry(entries.create_dataset(name, shape=(n, *row), dtype=self.dtype,
+                                                            chunks=(chunk_rows, *row), fletcher32=True))
+                ds[i0:i1] = y.astype(self.dtype, copy=False)
+                covered += i1 - i0
+            if ds is None:
+                raise ValueError(f"{store.path}: the store has no stimuli")
+            if covered != n:  # pragma: no cover - the shards cover every stimulus once
+                raise RuntimeError(f"{path}: {covered} rows written for {n} stimuli")
+            finish_entry(ds, teacher_id=teacher.id, store_fingerprint=key, n_stimuli=n,
+                         image_shape=np.asarray(images.shape[1:], dtype=np.int64))
 
     def _batch_size(self, teacher: Teacher) -> int:
         return int(self.batch_size or getattr(teacher, "batch_size", 64))
@@ -911,7 +812,10 @@ class TeacherCache:
                       force: bool = False) -> None:
         """Every rank encodes its shard on ``device``; global rank 0 gathers the shards (CPU arrays in the cache
         dtype) and writes the entry under the lock; a broadcast of rank 0's outcome ends the fill on every rank.
-        An error on any rank is raised on every rank (its own exception where it happened), never a deadlock."""
+        An error on any rank is raised on every rank (its own exception where it happened), never a deadlock.
+
+        Memory: the gather pickles every shard to rank 0, which holds the whole entry (all S rows) at once before
+        writing it (NSD's VAE latents: ~5.5 GB on rank 0's host) -- see the module docstring."""
         import torch.distributed as dist
 
         n = int(store.h5["stimuli/images"].shape[0])
@@ -935,8 +839,7 @@ class TeacherCache:
                 status = "; ".join(errors)
             else:
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with _locked(path):
+                    with cache_file(path).locked():
                         if force or self._read(path, store, teacher, quiet=True) is None:
                             self._write_entry(path, store, teacher, (b for _, bl in gathered for b in bl))
                 except Exception as e:
@@ -949,37 +852,3 @@ class TeacherCache:
             raise mine
         if box[0] is not None:
             raise RuntimeError(f"{path}: sharded fill of the teacher cache for {teacher.id} failed: {box[0]}")
-
-    @staticmethod
-    def _copy_others(path: Path, entries: h5py.Group, skip: str, store_key_: str) -> None:
-        """Copy every complete entry of the current cache (other than ``skip``) made for this store."""
-        if not path.exists():
-            return
-        try:
-            with h5py.File(path, "r") as f:
-                if _plain(f.attrs.get("schema")) != CACHE_SCHEMA or \
-                        _plain(f.attrs.get("schema_version")) != CACHE_SCHEMA_VERSION:
-                    return
-                for name, ds in f.get("entries", {}).items():
-                    if name == skip or not bool(ds.attrs.get("complete", False)) or not ds.fletcher32:
-                        continue
-                    if _plain(ds.attrs.get("store_fingerprint")) != store_key_:
-                        log.info("%s: pruning stale entry %s (another store fingerprint)", path,
-                                 _plain(ds.attrs.get("teacher_id")))
-                        continue
-                    bad = first_bad_rows(ds)  # a raw copy would carry a damaged chunk over
-                    if bad:
-                        log.warning("%s: dropping damaged entry %s (%s)", path, _plain(ds.attrs.get("teacher_id")),
-                                    bad)
-                        continue
-                    f.copy(ds, entries, name=name)
-        except OSError as e:
-            log.warning("%s: unreadable teacher cache (%s); starting a new one", path, e)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v

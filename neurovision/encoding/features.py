@@ -51,7 +51,6 @@ entry cost a read and a write of the whole cache file on disk.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import inspect
 import json
 import logging
@@ -67,19 +66,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neurovision.atomic import atomic_path, remove_stale_partials
-from neurovision.encoding.events import EventStore
-from neurovision.store import _plain, first_bad_rows
-from neurovision.teachers import (
-    _dir_digest,
-    _fmt,
-    _json_digest,
-    _locked,
+from neurovision.data.cache import (
+    EntryCache,
+    checksum_problem,
+    dir_digest,
+    entry_problem,
     file_digest,
-    resize_images,
-    resolve_clip_arch,
+    finish_entry,
+    format_floats,
+    json_digest,
+    plain,
+    start_entry,
     store_key,
 )
+from neurovision.encoding.events import EventStore
+from neurovision.store import first_bad_rows
+from neurovision.teachers import resize_images, resolve_clip_arch
 
 log = logging.getLogger("neurovision.encoding.features")
 
@@ -240,8 +242,8 @@ class FeatureNetwork(torch.nn.Module):
                      else AutoModel.from_config(config))
         self.model = model.float().eval().requires_grad_(False)
         arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-        weights = f"sha256:{_dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
-        return p, config, f"{cls}:{arch.get('model_type', '?')}|arch={_json_digest(arch)[:12]}|weights={weights}"
+        weights = f"sha256:{dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
+        return p, config, f"{cls}:{arch.get('model_type', '?')}|arch={json_digest(arch)[:12]}|weights={weights}"
 
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -318,10 +320,10 @@ class OpenClipNetwork(FeatureNetwork):
         pp = self.preprocess_cfg
         size = pp["size"] if isinstance(pp["size"], int) else "x".join(str(s) for s in pp["size"])
         fusion_id = f"|fusion={self.fusion}" if self.modality == "multimodal" else ""
-        self._id = (f"OpenClipNetwork:{model_name}|arch={_json_digest(cfg)[:12]}|weights={weights}"
+        self._id = (f"OpenClipNetwork:{model_name}|arch={json_digest(cfg)[:12]}|weights={weights}"
                     f"|modality={self.modality}{fusion_id}|layers={','.join(self.layers)}"
                     f"|pp={size}px,{pp.get('interpolation')},{pp.get('resize_mode')},"
-                    f"mean={_fmt(pp['mean'])},std={_fmt(pp['std'])}")
+                    f"mean={format_floats(pp['mean'])},std={format_floats(pp['std'])}")
 
     @property
     def model_id(self) -> str:
@@ -453,8 +455,8 @@ class TimmVisionNetwork(FeatureNetwork):
         self.interpolation = str(cfg.get("interpolation", "bicubic"))
         weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained else f"random-seed{self.seed}"
         self._id = (f"TimmVisionNetwork:{model_name}|weights={weights}|layers={','.join(self.layers)}"
-                    f"|pp={self.image_size}px,{self.interpolation},shortest,mean={_fmt(self.mean)},"
-                    f"std={_fmt(self.std)}")
+                    f"|pp={self.image_size}px,{self.interpolation},shortest,mean={format_floats(self.mean)},"
+                    f"std={format_floats(self.std)}")
 
     @property
     def model_id(self) -> str:
@@ -520,7 +522,7 @@ class HFTextNetwork(FeatureNetwork):
                 raise ValueError(f"HFTextNetwork({self.path}): layer {name!r} is not 'last' or "
                                  f"'hidden_states.k' with -{n_hidden} <= k < {n_hidden}")
         self._inputs = set(inspect.signature(self.model.forward).parameters)
-        tok = _json_digest({f.name: file_digest(f) for f in sorted(p.iterdir())
+        tok = json_digest({f.name: file_digest(f) for f in sorted(p.iterdir())
                             if f.is_file() and ("tok" in f.name or f.name in ("vocab.txt", "merges.txt", "vocab.json"))})[:12]
         self._id = (f"{head}|tokenizer={tok}|layers={','.join(self.layers)}|pooling={self.pooling}"
                     f"|max_length={self.max_length}")
@@ -893,7 +895,13 @@ class FeatureTable:
 
 # --------------------------------------------------------------------------------------------- cache
 def _entry_name(model_id: str, projection: dict[str, Any], fingerprint: str) -> str:
-    return _json_digest({"model_id": model_id, "projection": projection, "store": fingerprint})[:32]
+    return json_digest({"model_id": model_id, "projection": projection, "store": fingerprint})[:32]
+
+
+def cache_file(path: str | Path) -> EntryCache:
+    """The feature cache at ``path`` as an :class:`~neurovision.data.cache.EntryCache` (schema, version, messages)."""
+    return EntryCache(path, FEATURES_SCHEMA, FEATURES_SCHEMA_VERSION, kind="feature cache", id_attr="model_id",
+                      logger=log)
 
 
 _ROW_BYTES = 16 << 20  # bytes per block of rows when streaming features through the cache
@@ -915,7 +923,7 @@ class _H5Layers(Mapping):
             raise KeyError(layer)
         with h5py.File(self.path, "r") as f:
             g = f.get(f"entries/{self.entry}")
-            if g is None or _plain(g.attrs.get("created")) != self.created:
+            if g is None or plain(g.attrs.get("created")) != self.created:
                 raise RuntimeError(f"{self.path}: the cached features of {self.model_id} were replaced or removed "
                                    "since they were opened; call extract_features again")
             ds = g["layers"][layer]
@@ -945,105 +953,67 @@ def _read_entry(path: Path, name: str, *, model_id: str, projection: dict[str, A
                 ) -> _H5Layers | None:
     """The layers of a valid cache entry (read lazily; validated here block by block, bounded memory), or None
     (with a warning saying why, unless ``quiet``)."""
-    if not path.exists():
-        return None
 
     def stale(why: str) -> None:
         if not quiet:
             log.warning("%s: cached features of %s are unusable (%s); recomputing", path, model_id, why)
 
-    try:
-        with h5py.File(path, "r") as f:
-            if _plain(f.attrs.get("schema")) != FEATURES_SCHEMA or \
-                    int(_plain(f.attrs.get("schema_version", -1))) != FEATURES_SCHEMA_VERSION:
-                stale(f"not a {FEATURES_SCHEMA} file of schema version {FEATURES_SCHEMA_VERSION}")
+    def use(g: Any) -> _H5Layers | None:
+        why = entry_problem(g, id_attr="model_id", id_value=model_id, fingerprint=fingerprint)
+        if why is not None:
+            stale(why)
+            return None
+        a = g.attrs
+        if json.loads(plain(a.get("projection", "{}"))) != projection:
+            stale("another projection")
+            return None
+        fi, si = g["frame_index"][:], g["sentence_index"][:]
+        if not (np.array_equal(fi, items[0]) and np.array_equal(si, items[1])):
+            stale(f"its {len(fi)} items differ from the store's {len(items[0])}")
+            return None
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in layers:
+            key = f"layers/{layer}"
+            if key not in g:
+                stale(f"layer {layer!r} missing")
                 return None
-            if name not in f.get("entries", {}):
+            ds = g[key]
+            if (why := checksum_problem(ds)) is not None:
+                stale(f"layer {layer!r} has {why}")
                 return None
-            g = f["entries"][name]
-            a = g.attrs
-            if not bool(a.get("complete", False)):
-                stale("incomplete entry")
+            try:
+                finite = _all_finite(ds)
+            except OSError:
+                stale(f"layer {layer!r}: {first_bad_rows(ds) or 'unreadable'} (the file is damaged)")
                 return None
-            if _plain(a.get("model_id")) != model_id:
-                stale(f"model id {_plain(a.get('model_id'))!r}")
+            if ds.ndim != 2 or ds.shape[0] != len(fi) or not finite:
+                stale(f"layer {layer!r} has shape {ds.shape} or non-finite values")
                 return None
-            if _plain(a.get("store_fingerprint")) != fingerprint:
-                stale("written for another version of the store")
-                return None
-            if json.loads(_plain(a.get("projection", "{}"))) != projection:
-                stale("another projection")
-                return None
-            fi, si = g["frame_index"][:], g["sentence_index"][:]
-            if not (np.array_equal(fi, items[0]) and np.array_equal(si, items[1])):
-                stale(f"its {len(fi)} items differ from the store's {len(items[0])}")
-                return None
-            shapes: dict[str, tuple[int, ...]] = {}
-            for layer in layers:
-                key = f"layers/{layer}"
-                if key not in g:
-                    stale(f"layer {layer!r} missing")
-                    return None
-                ds = g[key]
-                if ds.shape[0] and not ds.fletcher32:
-                    stale(f"layer {layer!r} has no per-chunk checksum")
-                    return None
-                try:
-                    finite = _all_finite(ds)
-                except OSError:
-                    stale(f"layer {layer!r}: {first_bad_rows(ds) or 'unreadable'} (the file is damaged)")
-                    return None
-                if ds.ndim != 2 or ds.shape[0] != len(fi) or not finite:
-                    stale(f"layer {layer!r} has shape {ds.shape} or non-finite values")
-                    return None
-                shapes[layer] = tuple(ds.shape)
-            return _H5Layers(path, name, shapes, str(_plain(a.get("created"))), model_id)
-    except (OSError, KeyError, ValueError) as e:
-        stale(f"unreadable: {e}")
-        return None
+            shapes[layer] = tuple(ds.shape)
+        return _H5Layers(path, name, shapes, str(plain(a.get("created"))), model_id)
+
+    return cache_file(path).read(name, use, quiet=quiet)
 
 
-@contextlib.contextmanager
-def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str]) -> Iterator[h5py.Group]:
+def _rewrite(path: Path, store: EventStore, fingerprint: str, replace: set[str]
+             ) -> contextlib.AbstractContextManager[h5py.Group]:
     """A new cache file (written atomically over ``path`` when the block succeeds) holding the other valid
     entries of the old one (all but ``replace``, incomplete ones and those of an earlier version of the same
     store); yields its ``/entries`` group for the block to add entries to."""
     store_path = str(store.path.resolve())
-    remove_stale_partials(path)  # temp files of killed extractions
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
-        out.attrs["schema"], out.attrs["schema_version"] = FEATURES_SCHEMA, FEATURES_SCHEMA_VERSION
-        entries = out.create_group("entries")
-        if path.exists():
-            try:
-                with h5py.File(path, "r") as f:
-                    if _plain(f.attrs.get("schema")) == FEATURES_SCHEMA and \
-                            _plain(f.attrs.get("schema_version")) == FEATURES_SCHEMA_VERSION:
-                        for name, g in f.get("entries", {}).items():
-                            a = g.attrs
-                            if name in replace or not bool(a.get("complete", False)):
-                                continue
-                            if _plain(a.get("store")) == store_path and \
-                                    _plain(a.get("store_fingerprint")) != fingerprint:
-                                log.info("%s: pruning %s (features of an earlier version of %s)", path,
-                                         _plain(a.get("model_id")), store_path)
-                                continue
-                            bad = [f"{k}: {b}" for k, ds in g["layers"].items() if (b := first_bad_rows(ds))] \
-                                if "layers" in g else []
-                            if bad:  # a raw copy would carry a damaged chunk over
-                                log.warning("%s: dropping damaged features of %s (%s)", path,
-                                            _plain(a.get("model_id")), "; ".join(bad))
-                                continue
-                            f.copy(g, entries, name=name)
-            except OSError as e:
-                log.warning("%s: unreadable feature cache (%s); starting a new one", path, e)
-        yield entries
+
+    def prune(a: Any) -> str | None:
+        if a.get("store") == store_path and a.get("store_fingerprint") != fingerprint:
+            return f"features of an earlier version of {store_path}"
+        return None
+
+    return cache_file(path).rewrite(replace=replace, prune=prune)
 
 
 def _new_entry(entries: h5py.Group, name: str, *, model_id: str, modality: str, items: tuple[np.ndarray, np.ndarray],
                projection: dict[str, Any], store: EventStore, fingerprint: str) -> h5py.Group:
     """An empty entry (``complete`` false until :func:`_finish_entry`)."""
-    g = entries.create_group(name)
-    g.attrs["complete"] = False
+    g = start_entry(entries.create_group(name))
     for key, values in (("frame_index", items[0]), ("sentence_index", items[1])):
         g.create_dataset(key, data=values.astype(np.int64), fletcher32=bool(len(values)))
     g.create_group("layers")
@@ -1069,9 +1039,7 @@ def _new_layer(g: h5py.Group, layer: str, n: int, d: int, input_dim: int) -> h5p
 
 
 def _finish_entry(g: h5py.Group, layers: Sequence[str]) -> None:
-    g.attrs["layers"] = json.dumps(list(layers))
-    g.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    g.attrs["complete"] = True
+    finish_entry(g, layers=json.dumps(list(layers)))
 
 
 class _EntryWriter(L.Callback):
@@ -1190,8 +1158,7 @@ def extract_features(
     hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
     if hit is not None:
         return table(hit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with cache_file(path).locked():
         hit = _read_entry(path, name, projection=proj_p, quiet=True, **kw)  # type: ignore[arg-type]
         if hit is not None:  # another process wrote it while we waited
             return table(hit)
@@ -1217,15 +1184,8 @@ def extract_features(
 
 def cache_entries(cache: str | Path) -> Iterator[dict[str, Any]]:
     """Attributes of every entry of a feature cache (``model_id``, ``projection``, ``store``, ...)."""
-    path = Path(cache)
-    if not path.exists():
-        return
-    with h5py.File(path, "r") as f:
-        for name, g in f.get("entries", {}).items():
-            a = {k: _plain(v) for k, v in g.attrs.items()}
-            a["name"] = name
-            a["dims"] = {k: tuple(v.shape) for k, v in g["layers"].items()} if "layers" in g else {}
-            yield a
+    yield from cache_file(cache).entries(
+        lambda g: {"dims": {k: tuple(v.shape) for k, v in g["layers"].items()} if "layers" in g else {}})
 
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Data contracts every stage reads."""
