@@ -28,13 +28,13 @@ Cache file layout (``CACHE_SCHEMA_VERSION`` 2: entries carry HDF5's Fletcher32 c
     /entries/<sha256(teacher id|dtype)[:32]>   (S, *output_shape) float16|float32, chunked by rows
                         attrs: teacher_id, store_fingerprint, n_stimuli, image_shape, complete, created
 
-Write protocol (chosen over in-place appends because HDF5 is not crash-safe while a file is open for
-writing): a writer takes an exclusive ``flock`` on ``<cache>.lock``, re-checks the entry (another process
-may have written it meanwhile), then builds a *new* file
-(``.<cache>.*.partial``) holding a copy of every other still-valid entry plus the new one, computed straight
-into it batch by batch, and ``os.replace``-s it over the cache. Readers never lock: they see either the old
+Write protocol: the one of every neurovision entry cache (:class:`neurovision.data.cache.EntryCache`, chosen
+over in-place appends because HDF5 is not crash-safe while a file is open for writing): a writer takes an exclusive
+``flock`` on ``<cache>.lock``, re-checks the entry (another process may have written it meanwhile), then builds a
+*new* file (``.<cache>.*.partial``) holding a copy of every other still-valid entry plus the new one, computed
+straight into it batch by batch, and ``os.replace``-s it over the cache. Readers never lock: they see either the old
 or the new complete file. An exception or a killed process leaves the old cache untouched (and at most a
-``*.partial`` file, removed on exceptions). Adding an entry copies the others (cheap: entries are a few MB
+``*.partial`` file, removed on exceptions). Adding an entry copies the others (one checksummed read of each: a few MB
 for the phantom; ~GB for full NSD VAE latents, and a new teacher is rare). Entries written for another store
 fingerprint (the store was regenerated) are stale: recomputed on request and pruned on the next write.
 
@@ -46,6 +46,8 @@ Under DDP (a ``torch.distributed`` process group of more than one rank, e.g. ``A
 entry is filled by all ranks at once: each encodes its contiguous shard of the stimuli on its own device, global
 rank 0 gathers the shards and writes the entry as above, then every rank reads it (NSD's 37k images through
 CLIP ViT-L/14 + the SD VAE: 1/8 of the time on 8 GPUs instead of one rank computing while 7 wait on the lock).
+The gather is one ``gather_object`` of every shard: rank 0 holds the whole entry in memory (pickled, then as
+arrays) while it writes, ~5.5 GB for NSD's VAE latents in float32.
 """
 
 from __future__ import annotations

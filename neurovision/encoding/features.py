@@ -40,8 +40,9 @@ entry failing it, like a cache of an older version, is stale: a warning naming t
 
 The key is (model id, projection parameters, store fingerprint): a re-prepared store (new fingerprint) or
 another network invalidates an entry. The raw (unprojected) features are always cached too, so a new
-projection of an already extracted network does not run the network again. Writes copy the other still-valid
-entries into a new file (``neurovision.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
+projection of an already extracted network does not run the network again. Writes follow the protocol of every
+neurovision entry cache (:class:`neurovision.data.cache.EntryCache`): they copy the other still-valid entries
+into a new file (``neurovision.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
 entries of an earlier version of the *same* store (same path, other fingerprint) are pruned on write. Memory:
 one batch of features while extracting, blocks of ~16 MB of rows while validating, projecting or copying, and
 one layer (items x D float32, e.g. 30k x 4096 = 0.5 GB) while a caller uses it; the copy makes adding an
