@@ -10,7 +10,6 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-import neurovision  # noqa: F401  (torchvision fix first)
 from data_modules.fmri import StoreDataModule
 from neurovision.checkpoints import (
     CheckpointError,
@@ -55,6 +54,9 @@ class NeuroVisionCLI(LightningCLI):
       the key and both values;
     * a checkpoint trained on a store with another fingerprint: a resumed ``fit`` refuses, naming both stores;
       ``validate/test/predict`` warn once, naming both.
+
+    Run path: a logger whose ``save_dir`` is given nowhere logs under ``trainer.default_root_dir``
+    (:class:`RunPathParser`), so a config states the run's folder once.
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
@@ -72,6 +74,7 @@ class NeuroVisionCLI(LightningCLI):
             args=args,
             run=run,
             auto_configure_optimizers=False,
+            parser_class=RunPathParser,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -218,6 +221,38 @@ class NeuroVisionCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint("predict")
+
+
+class RunPathParser(LightningArgumentParser):
+    """The LightningCLI parser, plus: ``trainer.logger``'s ``save_dir`` (each logger's, for a list), when no config
+    file or argument gives it, is ``trainer.default_root_dir``. Filled before ``--print_config``, the links and
+    the validation, so the printed, checked and saved config shows it, and ``--trainer.default_root_dir=X``
+    moves the logs too; an explicit ``save_dir`` (``--trainer.logger.init_args.save_dir=Y``) wins."""
+
+    def _parse_common(self, cfg: Namespace, env: bool | None, defaults: bool, skip_validation: bool,
+                      *args: Any, **kwargs: Any) -> Namespace:
+        if not skip_validation:  # the whole command line (a -c file alone is parsed without validation)
+            sub = cfg.get("subcommand")
+            fill_logger_save_dir(cfg.get(sub) if isinstance(sub, str) else cfg)
+        return super()._parse_common(cfg, env, defaults, skip_validation, *args, **kwargs)
+
+
+def fill_logger_save_dir(cfg: Any) -> None:
+    """In a subcommand's config: every ``class_path``/``init_args`` logger without a ``save_dir`` (absent or
+    null) gets ``trainer.default_root_dir`` (nothing when that is unset too)."""
+    if not isinstance(cfg, Namespace) or not isinstance(cfg.get("trainer"), Namespace):
+        return
+    root = cfg.trainer.get("default_root_dir")
+    logger = cfg.trainer.get("logger")
+    if root is None or logger is None:
+        return
+    for lg in logger if isinstance(logger, list) else [logger]:
+        if isinstance(lg, Namespace) and "class_path" in lg:
+            init = lg.get("init_args")
+            if init is None:
+                lg.init_args = init = Namespace()
+            if isinstance(init, Namespace) and init.get("save_dir") is None:
+                init.save_dir = root
 
 
 def _import(class_path: str) -> Any:

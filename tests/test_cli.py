@@ -17,13 +17,14 @@ ENCODING = sorted([*EXPERIMENTS.glob("encoding*.yaml"), *EXPERIMENTS.glob("prese
 STAGES = sorted(p for p in EXPERIMENTS.glob("*.yaml") if p not in ENCODING)
 DATA = sorted((EXPERIMENTS / "data").glob("*.yaml"))
 PRESETS = sorted(p for p in (EXPERIMENTS / "presets").glob("*.yaml") if p not in ENCODING)
+TEACHERS = sorted((EXPERIMENTS / "teachers").glob("*.yaml"))  # referenced by path (tests/test_config_layout.py)
 ALL_YAML = sorted(EXPERIMENTS.rglob("*.yaml"))
 
 
 
 def test_every_yaml_is_tested():
     assert ALL_YAML, "no YAML under experiments/"
-    assert set(ALL_YAML) == (set(STAGES) | set(DATA) | set(PRESETS) | set(ENCODING)
+    assert set(ALL_YAML) == (set(STAGES) | set(DATA) | set(PRESETS) | set(ENCODING) | set(TEACHERS)
                              | set(EXPERIMENTS.glob("sweeps/*.yaml")))
 
 
@@ -62,9 +63,11 @@ def test_stage_print_config(stage, capsys):
 
 
 def _base_for(group: Path) -> Path:
-    """A stage-specific preset (``presets/<stage>_*.yaml``) composes with its stage; others with the baseline."""
+    """A stage-specific preset (``presets/<stage>_*.yaml``) composes with its stage, a data group with the stage
+    whose ``data`` it is; others with the baseline."""
     for stage in STAGES:
-        if group.stem.startswith(stage.stem + "_"):
+        if group.stem.startswith(stage.stem + "_") or (stage.parent / str(yaml.safe_load(stage.read_text())
+                                                                          .get("data"))).resolve() == group:
             return stage
     return EXPERIMENTS / "baseline_linear.yaml"
 
