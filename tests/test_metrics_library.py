@@ -384,7 +384,7 @@ def test_alignment_task_logs_the_values_of_the_former_evaluation(tiny_store, tmp
                          head_hidden=32, retrieval_candidates=3, retrieval_draws=4)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    (logged, *_) = trainer.validate(task, dm)
+    trainer.validate(task, dm)
     names = dm.store.subject_names
     task.eval()
     for idx, cond in enumerate(dm.eval_conditions):
@@ -394,3 +394,38 @@ def test_alignment_task_logs_the_values_of_the_former_evaluation(tiny_store, tmp
         assert sorted(got) == sorted(want)
         for k, v in want.items():
             assert float(got[k]) == pytest.approx(v, rel=1e-6, abs=1e-7), k
+
+
+@pytest.mark.slow
+def test_alignment_task_on_two_ddp_ranks_logs_the_values_of_one_process(tiny_store, tmp_path) -> None:
+    """2 CPU processes (gloo), 7 evaluation items per condition: DistributedSampler pads with a repeat, which the
+    Metrics' gathering and de-padding must drop to give one process's values."""
+    import shutil
+    from pathlib import Path
+
+    import lightning as L
+
+    import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
+    from data_modules import FMRIDataModule
+    from neurovision.tasks import AlignmentTask
+    from neurovision.teachers import OpenCLIPImageTeacher, VAETeacher
+
+    root = Path(__file__).resolve().parents[1]
+    store = tmp_path / "tiny.h5"
+    shutil.copy(tiny_store, store)
+    dm = FMRIDataModule(store=str(store), batch_size=2, num_workers=0, pin_memory=False, max_eval_items=7)
+    clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(root / "experiments/teachers/tiny_clip.json"),
+                                device="cpu")
+    torch.manual_seed(0)
+    task = AlignmentTask(data_spec=dm.spec, clip_teacher=clip, vae_teacher=VAETeacher(config="tiny", image_size=64,
+                         device="cpu"), dim=32, depth=1, heads=2, head_hidden=32, retrieval_candidates=3,
+                         retrieval_draws=4)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+             "enable_model_summary": False, "default_root_dir": tmp_path}
+    one = {k: v for d in L.Trainer(accelerator="cpu", devices=1, **quiet).validate(task, dm) for k, v in d.items()}
+    two = {k: v for d in L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", **quiet).validate(task, dm)
+           for k, v in d.items()}
+    keys = [k for k in one if not k.endswith("/loss")]
+    assert any("/sub-" in k for k in keys) and "val/single/retrieval_fmri2img" in keys
+    for k in keys:
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k

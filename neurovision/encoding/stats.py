@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from neurovision.atomic import atomic_path
+from neurovision.encoding.ridge import pearson_r
 
 _H5_DATASET = "indices"
 _TARGET_BUDGET = 256 << 20  # bytes of float64 moments held per target chunk in bootstrap_r
@@ -235,12 +236,6 @@ def bootstrap_r(y: np.ndarray, yhat: np.ndarray, idx: np.ndarray, batch: int = 1
     return _boot_r_many(y, [yhat], idx, batch, device)[0]
 
 
-def _pearson(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    from neurovision.encoding.ridge import pearson_r
-
-    return pearson_r(y, p)
-
-
 P_VALUES = ("empirical", "normal")
 
 
@@ -277,7 +272,7 @@ def compare(y: np.ndarray, yhat_a: np.ndarray, yhat_b: np.ndarray, idx: np.ndarr
     idx = _check_idx(idx, len(y))
     batch = _check_int(batch, "batch", 1)
     boot_a, boot_b = _boot_r_many(y, [yhat_a, yhat_b], idx, batch, device)
-    return _one_sided(_pearson(y, yhat_a), _pearson(y, yhat_b), boot_a, boot_b, p_value)
+    return _one_sided(pearson_r(y, yhat_a), pearson_r(y, yhat_b), boot_a, boot_b, p_value)
 
 
 # ------------------------------------------------------------------------------------------------ FDR, sites
@@ -378,7 +373,7 @@ def pairwise(name_a: str, name_b: str, y: Any, predictions: Mapping[str, Any], i
     idx = _check_idx(idx, len(y2))
     batch = _check_int(batch, "batch", 1)
     ba, bb = _boot_r_many(y2, [pa, pb], idx, batch, device)
-    r = {name_a: _pearson(y2, pa), name_b: _pearson(y2, pb)}
+    r = {name_a: pearson_r(y2, pa), name_b: pearson_r(y2, pb)}
     test = _one_sided(r[name_a], r[name_b], ba, bb, p_value)
     return _site_table({f"{name_a}>{name_b}": test}, r, n_sites, n_bins, q, min_bins, contiguous, site_names,
                        prefix=False)
@@ -404,7 +399,7 @@ def integration_sites(y: Any, predictions: Mapping[str, Any], idx: np.ndarray, *
     idx = _check_idx(idx, len(y2))
     batch = _check_int(batch, "batch", 1)
     boots = _boot_r_many(y2, preds, idx, batch, device)
-    r = {name: _pearson(y2, p) for name, p in zip(names, preds, strict=True)}
+    r = {name: pearson_r(y2, p) for name, p in zip(names, preds, strict=True)}
     tests = {f"{multimodal}>{b}": _one_sided(r[multimodal], r[b], boots[0], boots[k], p_value)
              for k, b in enumerate(baselines, 1)}
     df = _site_table(tests, r, n_sites, n_bins, q, min_bins, contiguous, site_names, prefix=True)

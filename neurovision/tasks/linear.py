@@ -69,8 +69,7 @@ class LinearDecoder(BaseTask):
 
     def _eval(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         loss, pred, target = self._step(batch)
-        conds = getattr(self.trainer.datamodule, "eval_conditions", None) or [str(dataloader_idx)]
-        name = f"{split}/{conds[dataloader_idx]}"
+        name = f"{split}/{self.condition(dataloader_idx)}"
         r = pixel_correlation(pred, target)
         # two-way identification: is corr(pred_i, target_i) > corr(pred_i, target_j), over all j != i
         c = pearson_r(pred[:, None], target[None], dim=-1)  # c[i, j] = r(pred_i, target_j)
