@@ -1,7 +1,23 @@
-"""neurovision: a PyTorch Lightning framework for brain decoding and encoding experiments."""
+"""neurovision: a PyTorch Lightning framework for brain decoding and encoding experiments.
 
-from neurovision._compat import patch_torchvision as _patch_torchvision
+Importing the package has no side effect. Entry points (the ``neurovision`` command, ``python -m
+neurovision.<tool>``, ``tests/conftest.py``) call :func:`setup_environment` once, first; a notebook or script that
+imports lightning, torchmetrics, open_clip or torchvision does the same::
 
-_patch_torchvision()  # must run before anything imports torchvision (lightning, torchmetrics, peft, ...)
+    import neurovision
+    neurovision.setup_environment()
+"""
 
 __version__ = "0.1.0"
+
+
+def setup_environment() -> bool:
+    """Prepare this process for neurovision; call it before anything imports torchvision.
+
+    Today that is one thing: where the installed torchvision's compiled ops cannot load against this torch (a
+    CUDA torchvision on a CPU torch), define the op schemas its import needs (:mod:`neurovision._compat`). Where
+    torchvision loads normally it changes nothing. Idempotent; returns True when this call applied the fix.
+    """
+    from neurovision._compat import patch_torchvision
+
+    return patch_torchvision()

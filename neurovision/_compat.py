@@ -6,16 +6,22 @@ cannot load against CPU torch, and ``import torchvision`` then dies in ``_meta_r
 open_clip, which all import torchvision. When (and only when) the compiled ops do not load, we define the
 two op schemas that the meta registrations need (``nms``, ``qnms``) and give ``nms`` a plain-torch CPU kernel,
 before torchvision is first imported. On a machine where torchvision's ops load, nothing is changed.
+
+Nothing here runs at import: :func:`neurovision.setup_environment` (called by the entry points) applies it, and
+:mod:`neurovision_boot` applies it in processes started by ``spawn`` where it is needed.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib.machinery
+import logging
 import os
 import sys
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _LIB: torch.library.Library | None = None  # keep the fragment alive for the life of the process
 _SCHEMAS = {
@@ -88,4 +94,5 @@ def patch_torchvision() -> bool:
             lib.impl("nms", _nms_cpu, "CPU")
         except RuntimeError:  # a kernel is already registered
             pass
+    log.debug("torchvision's compiled ops do not load against this torch: defined %s", ", ".join(_SCHEMAS))
     return True

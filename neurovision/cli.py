@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import neurovision  # noqa: F401  (torchvision fix first)
+import neurovision
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
@@ -42,6 +43,36 @@ def _usage() -> str:
     lines += ["", "A bad input (file, YAML key, flag) is one error line naming it, exit code 2; NEUROVISION_DEBUG=1 "
               "shows the traceback."]
     return "\n".join(lines)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Messages as they are: INFO and below on stdout, warnings and errors on stderr. The stream is looked up
+    at each record (as :data:`logging.lastResort` does), so a redirected or captured ``sys.stdout`` receives it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show neurovision's log messages on the console (once per process; the entry points call it)."""
+    for name in ("neurovision", "data_modules", "callbacks"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+            handler = _ConsoleHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+
+
+def setup_process() -> None:
+    """What every entry point calls first: :func:`neurovision.setup_environment` and :func:`configure_logging`."""
+    neurovision.setup_environment()
+    configure_logging()
 
 
 def check_out_file(out: str | os.PathLike[str], flag: str) -> Path:
@@ -456,6 +487,7 @@ def main(args: list[str] | None = None) -> int:
     """Run one ``neurovision`` command; a user error (see :func:`user_error`) ends it with exit code 2 and at most
     3 lines on stderr naming the file and the YAML key or flag, ``NEUROVISION_DEBUG=1`` (or the older
     ``NEUROVISION_TRACEBACK=1``) re-raises it with its traceback. Other failures keep Python's traceback, exit 1."""
+    setup_process()
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

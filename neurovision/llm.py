@@ -224,4 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from neurovision.cli import setup_process
+
+    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
     main()

@@ -849,16 +849,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(args: list[str]) -> int:
     """``neurovision report <dir> [--out report.html]``; 0 on success, 1 (one error line) on bad input."""
     cfg = _parser().parse_args(args)
-    if not cfg.quiet and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    package = logging.getLogger("neurovision")
+    level = package.level
+    if cfg.quiet:  # warnings still show
+        package.setLevel(max(level, logging.WARNING))
     try:
         out = write_report(cfg.dir, cfg.out, progress=False if cfg.quiet else None)
     except (FileNotFoundError, ReportError) as e:
         print(f"neurovision report: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        package.setLevel(level)
     print(f"report: {out}")
     return 0
 
 
 if __name__ == "__main__":
+    from neurovision.cli import setup_process
+
+    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
     sys.exit(main(sys.argv[1:]))

@@ -103,6 +103,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -120,6 +121,8 @@ from pathlib import Path
 from typing import Any
 
 from neurovision.atomic import atomic_path, write_json
+
+log = logging.getLogger(__name__)
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 SWEEP_KEYS = ("configs", "commands", "args", "grid", "runs", "seeds", "out", "metrics", "aggregate_only", "after",
@@ -1082,7 +1085,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], fields: list[str]) ->
         with atomic_path(path) as tmp:
             pq.write_table(pa.table(columns), tmp)
     except Exception as e:  # noqa: BLE001  (the CSVs are the contract; Parquet is a convenience)
-        print(f"neurovision sweep: results.parquet not written: {e}", file=sys.stderr)
+        log.warning("neurovision sweep: results.parquet not written: %s", e)
 
 
 def _fmt(x: float) -> str:
@@ -1258,7 +1261,7 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
             p.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        print("neurovision sweep: interrupted; run it again to resume", file=sys.stderr)
+        log.error("neurovision sweep: interrupted; run it again to resume")
         return 130
     finally:
         if previous is not None:
@@ -1270,7 +1273,7 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
     print(format_summary(tables))
     print(f"tables: {out / 'results.csv'}, {out / 'summary.csv'}")
     for name in tables["no_metrics"]:
-        print(f"warning: run {name} logged no metric matching {sweep.metrics}", file=sys.stderr)
+        log.warning("warning: run %s logged no metric matching %s", name, sweep.metrics)
     after_ok = run_after(sweep, out)
     failed = [r for r in runs if (finals.get(r.name) or {}).get("state") == "failed"]
     ndone = sum(run_done(sweep, read_status(r.dir)) for r in runs)
@@ -1278,11 +1281,11 @@ def _run_all(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, Pl
     for r in failed:
         st = finals[r.name]
         cmd = st.get("failed_command", "")
-        log = r.dir / f"{cmd}.log" if cmd else r.dir
-        print(f"FAILED {r.name}: {cmd} (exit {((st.get('commands') or {}).get(cmd) or {}).get('returncode')}); "
-              f"log: {log}", file=sys.stderr)
+        log_file = r.dir / f"{cmd}.log" if cmd else r.dir
+        log.error("FAILED %s: %s (exit %s); log: %s", r.name, cmd,
+                  ((st.get("commands") or {}).get(cmd) or {}).get("returncode"), log_file)
         if st.get("error"):
-            print("  " + str(st["error"]).replace("\n", "\n  "), file=sys.stderr)
+            log.error("  %s", str(st["error"]).replace("\n", "\n  "))
     return 1 if failed or not after_ok else 0
 
 
@@ -1298,12 +1301,15 @@ def run_after(sweep: Sweep, out: Path) -> bool:
                 raise SweepError(f"{sweep.path}: after: {name!r} is not an allowed after function")
             result = _after_function(name)(out)
         except Exception:  # noqa: BLE001  (the tables are written; report the hook's error and go on)
-            print(f"neurovision sweep: after: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            log.error("neurovision sweep: after: %s failed:\n%s", name, traceback.format_exc())
             ok = False
             continue
-        print(f"after: {name}" + (f" -> {len(result)} files" if isinstance(result, (list, tuple)) else ""))
+        log.info("after: %s%s", name, f" -> {len(result)} files" if isinstance(result, (list, tuple)) else "")
     return ok
 
 
 if __name__ == "__main__":
+    from neurovision.cli import setup_process
+
+    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
     sys.exit(main(sys.argv[1:]))

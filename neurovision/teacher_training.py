@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,6 +47,8 @@ import torch
 
 from neurovision.atomic import atomic_path, shared_mode, write_json
 from neurovision.store import SPLITS, Store
+
+log = logging.getLogger(__name__)
 
 CLIP_NAME = "tiny_clip"
 VAE_DIR = "tiny_vae"
@@ -542,14 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import neurovision  # noqa: F401  (torchvision fix before open_clip / diffusers import torchvision)
 
     set_threads(a.threads)
 
     out = Path(a.out)
     if a.only in (None, "clip"):
         if not a.force and (out / f"{CLIP_NAME}.pt").is_file() and (out / f"{CLIP_NAME}.json").is_file():
-            print(f"{out / CLIP_NAME}.pt exists; skipping (use --force to retrain)")
+            log.info("%s.pt exists; skipping (use --force to retrain)", out / CLIP_NAME)
         else:
             image_size = int(Store(a.store).image_shape[0])
             train_tiny_clip(a.store, out, epochs=a.clip_epochs, batch_size=a.clip_batch_size, seed=a.seed,
@@ -558,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_metrics(out / f"{CLIP_NAME}_metrics.json")
     if a.only in (None, "vae"):
         if not a.force and (out / VAE_DIR / "config.json").is_file():
-            print(f"{out / VAE_DIR} exists; skipping (use --force to retrain)")
+            log.info("%s exists; skipping (use --force to retrain)", out / VAE_DIR)
         else:
             train_tiny_vae(a.store, out, epochs=a.vae_epochs, batch_size=a.vae_batch_size, seed=a.seed,
                            steps=a.vae_steps)
@@ -573,4 +575,7 @@ def _print_metrics(path: Path) -> None:
 
 
 if __name__ == "__main__":
+    from neurovision.cli import setup_process
+
+    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
     raise SystemExit(main())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 from neurovision.atomic import atomic_dir, write_json
 from neurovision.store import Store
+
+log = logging.getLogger(__name__)
 
 UNCLIP_DIR = "tiny_unclip"
 
@@ -349,14 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import neurovision  # noqa: F401  (torchvision fix)
     from neurovision.teacher_training import set_threads
 
     set_threads(a.threads)
 
     out = Path(a.out) if a.out else Path(a.teachers) / UNCLIP_DIR
     if (out / "unet" / "config.json").is_file() and not a.force:
-        print(f"{out} exists; skipping (use --force to retrain)")
+        log.info("%s exists; skipping (use --force to retrain)", out)
         return 0
     out = train_tiny_unclip(a.store, a.teachers, out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                             steps=a.steps, seed=a.seed, width=a.width, eval_items=a.eval_items,
@@ -368,4 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from neurovision.cli import setup_process
+
+    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
     raise SystemExit(main())

@@ -13,7 +13,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import neurovision  # noqa: E402,F401  (installs the torchvision fix before anything imports torchvision)
+import neurovision  # noqa: E402
+from neurovision.cli import configure_logging  # noqa: E402
+
+# the tests' entry point: the torchvision fix (where the installed torchvision needs it) before any test module
+# imports lightning / torchvision, and the CLI's console logging, so library messages reach capsys as they reach
+# a user's console
+neurovision.setup_environment()
+configure_logging()
 
 
 @pytest.fixture

@@ -1,7 +1,11 @@
-"""The torchvision fix: the stack imports after ``import neurovision``; our CPU nms kernel is a correct NMS.
+"""The torchvision fix: ``import neurovision`` changes nothing; the one explicit call makes the stack import where
+torchvision's compiled ops do not load and is a no-op where they do; the spawn hook and ``install_pth`` act only
+where needed; our CPU nms kernel is a correct NMS.
 
-The import checks need fresh interpreters (the test process has imported neurovision already). The three
-subprocesses run concurrently from one module fixture, to keep the wall time near that of the slowest.
+The import checks need fresh interpreters (this test process has made the call in conftest). They run
+concurrently from one module fixture, to keep the wall time near that of the slowest. Each takes the
+``neurovision_boot`` finder (installed by the venv's ``.pth`` where needed) off ``sys.meta_path`` first, so
+that it tests the code path it names and nothing else.
 """
 
 from __future__ import annotations
@@ -14,39 +18,51 @@ import numpy as np
 import pytest
 import torch
 
+import neurovision_boot
 from neurovision import _compat
 
 COMPAT_FILE = Path(_compat.__file__)
-
-# load _compat.py by path: importing it as neurovision._compat would run neurovision/__init__ (the patch)
-_LOADABLE = f"""
-import importlib.util
-spec = importlib.util.spec_from_file_location("nv_compat_probe", {str(COMPAT_FILE)!r})
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-print("LOADABLE", mod.torchvision_ops_loadable())
+_NO_HOOK = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "neurovision_boot"]
 """
-_WITH_FIX = """
-import neurovision
-import torchvision, lightning, torchmetrics, open_clip, peft
+_LOADABLE = _NO_HOOK + """
+from neurovision._compat import torchvision_ops_loadable
+print("LOADABLE", torchvision_ops_loadable())
+"""
+_NMS = """
 import torch
 print("NMS", torch.ops.torchvision.nms(torch.tensor([[0., 0, 1, 1], [0, 0, 1, 1]]), torch.tensor([1., .5]), .5).tolist())
 """
-# the neurovision_boot .pth hook (when installed) would apply the fix on `import torchvision`: take it out
-_WITHOUT_FIX = """
-import sys
-sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "neurovision_boot"]
+# the explicit call alone
+_WITH_FIX = _NO_HOOK + """
+import neurovision
+print("APPLIED", neurovision.setup_environment())
+import torchvision, lightning, torchmetrics, open_clip, peft
+""" + _NMS
+# `import neurovision` (and its data_modules / callbacks packages' __init__) has no side effect: torchvision
+# fails exactly as without neurovision where its ops do not load
+_WITHOUT_FIX = _NO_HOOK + """
+import neurovision, neurovision.cli
+assert "neurovision._compat" not in sys.modules and "torch" not in sys.modules, sorted(sys.modules)
 import torchvision
-assert "neurovision" not in sys.modules and "neurovision._compat" not in sys.modules
 """
+# what neurovision_boot.pth does in a spawned process: the finder applies the fix on the first torchvision import
+_HOOK = _NO_HOOK + """
+import neurovision_boot
+neurovision_boot.install_hook()
+import lightning
+assert not any(type(f).__module__ == "neurovision_boot" for f in sys.meta_path)  # it removed itself
+""" + _NMS
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    scripts = (("loadable", _LOADABLE), ("with_fix", _WITH_FIX), ("without_fix", _WITHOUT_FIX), ("hook", _HOOK))
     procs = {
         name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=COMPAT_FILE.parents[1])
-        for name, code in (("loadable", _LOADABLE), ("with_fix", _WITH_FIX), ("without_fix", _WITHOUT_FIX))
+        for name, code in scripts
     }
     out = {}
     for name, p in procs.items():
@@ -55,25 +71,59 @@ def runs() -> dict[str, subprocess.CompletedProcess[str]]:
     return out
 
 
-def test_stack_imports_after_neurovision(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    r = runs["with_fix"]
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "NMS [0]" in r.stdout  # the op runs: the second (identical, lower-scored) box is suppressed
-
-
-def test_torchvision_fails_without_the_fix_when_ops_do_not_load(
-    runs: dict[str, subprocess.CompletedProcess[str]],
-) -> None:
+def _loadable(runs: dict[str, subprocess.CompletedProcess[str]]) -> bool:
     probe = runs["loadable"]
     assert probe.returncode == 0, probe.stderr[-3000:]
     loadable = probe.stdout.split("LOADABLE")[-1].strip()
     assert loadable in ("True", "False"), probe.stdout
+    return loadable == "True"
+
+
+def test_stack_imports_after_the_explicit_call(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    r = runs["with_fix"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NMS [0]" in r.stdout  # the op runs: the second (identical, lower-scored) box is suppressed
+    # the call applies the fix exactly where the ops do not load, and is a no-op where they do
+    assert f"APPLIED {not _loadable(runs)}" in r.stdout, r.stdout
+
+
+def test_spawn_hook_applies_the_fix_on_first_torchvision_import(
+    runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    r = runs["hook"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NMS [0]" in r.stdout
+
+
+def test_import_has_no_side_effect_and_torchvision_fails_without_the_fix_when_ops_do_not_load(
+    runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
     r = runs["without_fix"]
-    if loadable == "True":
+    if _loadable(runs):
         assert r.returncode == 0, r.stderr[-3000:]  # nothing to fix: plain torchvision must import
         pytest.skip("torchvision's compiled ops load against this torch (matching build): nothing to fix")
+    assert "AssertionError" not in r.stderr, r.stderr[-3000:]  # importing neurovision did not import torch
     assert r.returncode != 0, "torchvision imported without the fix although its compiled ops do not load"
     assert "torchvision::nms" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loadable", [True, False])
+def test_install_pth_writes_the_hook_only_where_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       loadable: bool) -> None:
+    stale = tmp_path / neurovision_boot.PTH_NAME
+    stale.write_text("import neurovision_boot; neurovision_boot.install_hook()\n")  # from an earlier install
+    monkeypatch.setattr(_compat, "torchvision_ops_loadable", lambda: loadable)
+    written = neurovision_boot.install_pth(str(tmp_path))
+    if loadable:
+        assert written is None and not stale.exists()
+    else:
+        assert written == stale and stale.read_text().startswith("import neurovision_boot;")
+
+
+def test_patch_is_a_no_op_where_the_ops_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_compat, "_LIB", None)
+    monkeypatch.setattr(_compat, "torchvision_ops_loadable", lambda: True)
+    assert _compat.patch_torchvision() is False and _compat._LIB is None
 
 
 def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
@@ -117,4 +167,6 @@ def test_nms_empty() -> None:
 
 
 def test_patch_is_idempotent() -> None:
-    assert _compat.patch_torchvision() is False  # already applied (or not needed) at `import neurovision`
+    import neurovision
+
+    assert neurovision.setup_environment() is False  # already applied (or not needed) by conftest

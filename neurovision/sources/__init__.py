@@ -54,16 +54,15 @@ def up_to_date(out: str | Path, fp: str, force: bool) -> bool:
     options. Temp files of killed runs writing ``out`` are removed first; a file at ``out`` that fails its checks
     (truncated, foreign, unfinished, written by an older version) is stale: this says so and returns False."""
     for p in remove_stale_partials(out):
-        print(f"{out}: removed {p.name} (left by a killed run)")
+        log.info("%s: removed %s (left by a killed run)", out, p.name)
     if force:
         return False
     found, why = existing_store(out)
     if found is not None and found == fp:
-        log.info("%s is up to date (same inputs and options); nothing to do", out)
-        print(f"{out}: up to date (same inputs and options), nothing to do")
+        log.info("%s: up to date (same inputs and options), nothing to do", out)
         return True
     if why is not None:
-        print(f"{out}: stale, rebuilding ({why})")
+        log.info("%s: stale, rebuilding (%s)", out, why)
     return False
 
 
