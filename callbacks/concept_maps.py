@@ -82,7 +82,7 @@ class ConceptMaps(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (self.runs and not self.every_test):
             return
-        store = getattr(trainer.datamodule, "store", None)
+        store = getattr(trainer.datamodule, "store", None)  # type: ignore[attr-defined]  # set by fit/test
         if store is None:
             raise ValueError("callbacks.ConceptMaps needs a datamodule with a neurovision store")
         root = trainer.log_dir or trainer.default_root_dir  # on every rank: a collective under DDP

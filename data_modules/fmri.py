@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
@@ -136,7 +136,7 @@ class EpochSampler(DistributedSampler):
         world, _ = self._world()
         return -(-self.n // world)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -181,7 +181,7 @@ class StoreDataModule(L.LightningDataModule):
         return DataSpec(
             num_active_patches=g.n_active, patch_size=g.patch_size, grid_shape=g.shape,
             patch_coords=tuple(tuple(int(v) for v in c) for c in g.active_coords),  # type: ignore[misc]
-            num_subjects=len(self.store.subjects), image_shape=self.store.image_shape,  # type: ignore[arg-type]
+            num_subjects=len(self.store.subjects), image_shape=self.store.image_shape,
         )
 
     def _subject_indices(self, names: list[str] | None, key: str) -> list[int]:
@@ -279,7 +279,7 @@ class FMRIDataModule(StoreDataModule):
                                     for c in self.eval_conditions]
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        sampler = EpochSampler(len(ds), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
+        sampler = EpochSampler(len(cast(Sized, ds)), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,

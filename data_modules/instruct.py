@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class InstructionDataModule(FMRIDataModule):
                 for d in self.datasets[split]]
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        sampler = EpochSampler(len(ds), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
+        sampler = EpochSampler(len(cast(Sized, ds)), shuffle=shuffle and self.shuffle, seed=self.seed) if shuffle else None
         pad = self.tokenizer.pad_token_id
         return DataLoader(ds, batch_size=self.batch_size if shuffle else self.eval_batch_size, sampler=sampler,
                           num_workers=self.num_workers,

@@ -292,7 +292,7 @@ def _short(x: Any, n: int = 120) -> str:
 
 def init_params(cls: type) -> set[str] | None:
     """The keyword names ``cls.__init__`` takes (None: it takes ``**kwargs``)."""
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]  # a class, not an instance
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params if p.name != "self"}

@@ -205,7 +205,7 @@ def normalise(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]
             elif isinstance(action.nargs, int):
                 n = min(action.nargs, len(following))
             else:
-                n = {None: 1, "?": 1}.get(action.nargs, len(following))  # type: ignore[arg-type]
+                n = {None: 1, "?": 1}.get(action.nargs, len(following))
                 n = min(n, len(following))
             out += argv[i:i + n]
             i += n
@@ -248,7 +248,7 @@ class _Habits:
         return super().format_help(*args, **kwargs)  # type: ignore[misc]
 
 
-class ArgparseParser(_Habits, argparse.ArgumentParser):
+class ArgparseParser(_Habits, argparse.ArgumentParser):  # type: ignore[misc]  # parse_args: a wider signature
     """argparse with the habits; an error is one line, ``<prog>: error: <message>``, exit 2 (no usage screen), the
     same line ``neurovision.cli`` prints for its other user errors, also under ``python -m`` or a direct ``main``."""
 
@@ -261,7 +261,7 @@ def argparse_parser(**kwargs: Any) -> ArgparseParser:
     return ArgparseParser(**kwargs)
 
 
-class JsonParser(_Habits, jsonargparse.ArgumentParser):
+class JsonParser(_Habits, jsonargparse.ArgumentParser):  # type: ignore[misc]  # parse_args: a wider signature
     """jsonargparse with the habits."""
 
 

@@ -191,8 +191,9 @@ class NeuroVisionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_io(trainer)
         # every subcommand (it saves only while fitting): a checkpoint's callback states then match the trainer's
-        if trainer.checkpoint_callback is not None and not has_latest_checkpoint(trainer.callbacks):
-            trainer.callbacks.append(LatestCheckpoint())  # checkpoint callbacks go last (Lightning's order)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        if trainer.checkpoint_callback is not None and not has_latest_checkpoint(callbacks):
+            callbacks.append(LatestCheckpoint())  # checkpoint callbacks go last (Lightning's order)
         return trainer
 
     def _check_checkpoint(self, sub: str) -> None:
@@ -200,7 +201,7 @@ class NeuroVisionCLI(LightningCLI):
         if self._resume_version is not None and sub == "fit":
             logger = self.trainer.logger
             if logger is not None and getattr(logger, "_version", 0) is None:  # the default logger (logger: true)
-                logger._version = self._resume_version
+                logger._version = self._resume_version  # type: ignore[attr-defined]  # TensorBoard/CSV loggers
         meta = self._ckpt_meta
         if meta is None:
             return

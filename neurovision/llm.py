@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -97,7 +97,7 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype or torch.float32)
-    if len(tok) > model.get_input_embeddings().num_embeddings:
+    if len(tok) > cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]:
         model.resize_token_embeddings(len(tok))
     return model, tok
 

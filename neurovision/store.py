@@ -648,11 +648,17 @@ class Store:
         raise KeyError(f"{self.path}: field 'subjects': no subject {name_or_index!r}; "
                        f"available: {self.subject_names}")
 
+    def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """The open (patches, images) datasets; opening the file (:attr:`h5`) sets them."""
+        _ = self.h5
+        if self._patches_ds is None or self._images_ds is None:
+            raise RuntimeError(f"{self.path}: the store's datasets are not open")
+        return self._patches_ds, self._images_ds
+
     def patches(self, index: int) -> np.ndarray:
         """Active patches of one trial, float16 (A, P**3); a chunk failing its checksum is a :class:`StoreError`
         naming the trial."""
-        _ = self.h5
-        ds = self._patches_ds
+        ds, _images = self._datasets()
         n = ds.shape[0]
         i = int(index)
         if not -n <= i < n:
@@ -666,16 +672,15 @@ class Store:
             return ds[i]
 
     def image(self, stimulus: int) -> np.ndarray:
-        _ = self.h5
+        _patches, ds = self._datasets()
         with self._reading("stimuli/images", f"stimulus {int(stimulus)}"):
-            return self._images_ds[int(stimulus)]
+            return ds[int(stimulus)]
 
     def images(self, index: slice | np.ndarray | Sequence[int]) -> np.ndarray:
         """Several stimuli, uint8 (N, H, W, 3): a slice, or increasing indices (h5py's selection); a chunk failing
         its checksum is a :class:`StoreError` naming the first bad stimulus (every reader of images in batches
         should use this rather than ``h5["stimuli/images"]``)."""
-        _ = self.h5
-        ds = self._images_ds
+        _patches, ds = self._datasets()
         try:
             return ds[index]
         except OSError as e:

@@ -475,7 +475,7 @@ def logger_args(logger: Any, run_dir: Path, cmd: str) -> list[str]:
         return []
     if logger is None or logger is True:
         try:
-            from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+            from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
 
             tb = bool(_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE)
         except ImportError:
@@ -785,7 +785,7 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 
 def cmd_done(status: dict[str, Any] | None, cmd: str) -> bool:
-    return bool(status) and (status.get("commands") or {}).get(cmd, {}).get("state") == "done"
+    return status is not None and (status.get("commands") or {}).get(cmd, {}).get("state") == "done"
 
 
 def run_done(sweep: Sweep, status: dict[str, Any] | None) -> bool:
@@ -1143,7 +1143,7 @@ def _main(ns: argparse.Namespace) -> int:
         print(f"tables: {out / 'results.csv'}, {out / 'summary.csv'}")
         return 0 if run_after(sweep, out) else 1
     statuses = {r.name: read_status(r.dir) for r in runs}
-    changed = [r.name for r in runs if statuses[r.name] and statuses[r.name].get("spec") not in (None, spec_of(sweep, r))]
+    changed = [r.name for r in runs if (st := statuses[r.name]) and st.get("spec") not in (None, spec_of(sweep, r))]
     if changed:
         raise SweepError(f"{out}: run(s) {', '.join(changed)} were made with other settings (configs, args, "
                          "overrides or seed); remove their directories or use another --out")

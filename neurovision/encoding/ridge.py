@@ -26,7 +26,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def _check_folds(folds: int | Folds, n_events: int, groups: Any = None) -> Folds
     if isinstance(folds, (int, np.integer)) and not isinstance(folds, bool):
         return blocked_folds(n_events, int(folds), groups)
     try:
-        out = [(np.asarray(tr), np.asarray(te)) for tr, te in folds]
+        out = [(np.asarray(tr), np.asarray(te)) for tr, te in cast(Folds, folds)]
     except (TypeError, ValueError) as e:
         raise ValueError("folds must be an int or a list of (train, test) index arrays") from e
     if len(out) < 2:
@@ -355,6 +355,7 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
                                                             n_targets_batch=tb, n_alphas_batch=ab,
                                                             progress_bar=False))
                     model.fit(xs_tr, y_tr)
+                    assert deltas is not None  # allocated when banded
                     deltas[k] = bk.to_numpy(model.deltas_)
                     alphas_[k] = _snap(bk.to_numpy(model.best_alphas_), alphas)
                 elif len(alphas) == 1:  # fixed α: no inner CV (data already centred)
@@ -368,7 +369,7 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
                     model.fit(xs_tr[0], y_tr)
                     alphas_[k] = _snap(bk.to_numpy(model.best_alphas_), alphas)
             coef = np.asarray(bk.to_numpy(model.coef_), dtype=dtype)
-            intercept = 0.0
+            intercept: float | np.ndarray = 0.0
             if getattr(model, "fit_intercept", False):  # ~0: X and Y are already centred on the training fold
                 intercept = np.asarray(bk.to_numpy(model.intercept_), dtype=dtype)
             x_te = xs_te[0] if len(xs_te) == 1 else np.concatenate(xs_te, axis=1)
@@ -380,7 +381,7 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
             if return_coefs:
                 coefs.append(coef)
             del model, xs_tr, xs_te, y_tr
-    r = pearson_r(Y, predictions) if predictions is not None else _r_from_sums(*sums[:5], n_events)
+    r = pearson_r(Y, predictions) if predictions is not None else _r_from_sums(sums[0], sums[1], sums[2], sums[3], sums[4], n_events)
     return EncodingResult(predictions=predictions, r=r, r_folds=r_folds, alphas_=alphas_, folds=folds,
                           coefs=coefs if return_coefs else None, deltas_=deltas,
                           r_pooled=_r_from_sums(0.0, sums[5], 0.0, sums[6], sums[7], n_events))

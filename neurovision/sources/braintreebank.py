@@ -226,12 +226,12 @@ def load_frame(path: Path, size: int) -> np.ndarray:
     """A frame as uint8 (size, size, 3): centre-cropped to a square, resized (bicubic)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
         w, h = im.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)
 
 
@@ -239,7 +239,7 @@ def _thumbnail(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("L").resize((_CUT_THUMB, _CUT_THUMB), Image.BILINEAR), dtype=np.float32) / 255
+        return np.asarray(im.convert("L").resize((_CUT_THUMB, _CUT_THUMB), Image.Resampling.BILINEAR), dtype=np.float32) / 255
 
 
 def detect_scene_cuts(frames: Frames, threshold: float, min_gap: float) -> np.ndarray:
@@ -414,7 +414,7 @@ def _plan_trial(subject: int, trial: int, movie: str, h5: Path, n_samples: int, 
         lt, ls = tr.word_time, tr.word_sentence
     else:
         lt, ls = tr.onset_time, tr.onset_sentence
-    common = dict(frames=frames, timing=timing, n_samples=n_samples, lo=lo, n_win=n_win, start=start, stop=stop,
+    common: dict[str, Any] = dict(frames=frames, timing=timing, n_samples=n_samples, lo=lo, n_win=n_win, start=start, stop=stop,
                   window=window, dropped=dropped)
     lang = _select(movie, "language", lt, following_frame(frames.time, lt), ls, **common)
     prev = preceding_onset(tr.onset_time, cuts)
@@ -618,8 +618,8 @@ def prepare(
     for ps in plans.values():
         for p in ps:
             for ev in p.events.values():
-                for x in ev.sentence:
-                    sentence_row.setdefault(x, len(sentence_row))
+                for sentence in ev.sentence:
+                    sentence_row.setdefault(sentence, len(sentence_row))
 
     n_bins_ = len(centers)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ def parse_crop_box(text: Any, path: Path, nsd_id: int) -> tuple[float, float, fl
     if len(vals) != 4 or not all(0 <= v < 1 for v in vals) or vals[0] + vals[1] >= 1 or vals[2] + vals[3] >= 1:
         raise StoreError(path, "cropBox", f"nsdId {nsd_id}: expected '(top, bottom, left, right)' fractions "
                          f"in [0, 1) leaving a non-empty image, got {text!r}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def crop_object(bbox: Sequence[float], width: float, height: float, crop: Sequence[float]

@@ -122,8 +122,8 @@ def read_instructions(path: str | Path, resolve: Callable[[str, int], int | None
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: field 'instructions': file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InstructionFileError(f"{path}: field '<file>': not a readable JSON file: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InstructionFileError(f"{path}: field '<file>': not a readable JSON file: {err}") from err
     if not isinstance(doc, list):
         raise InstructionFileError(f"{path}: field '<file>': expected a JSON list of entries, got {type(doc).__name__}")
     out = Imported(n_entries=len(doc))

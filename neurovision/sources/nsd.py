@@ -247,6 +247,8 @@ def _load_nifti(path: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
     _need_file(path, field, "NIfTI volume")
     try:
         img = nib.load(str(path))
+        if not isinstance(img, nib.spatialimages.SpatialImage):
+            raise TypeError(f"a {type(img).__name__}, not a volume")
         data = np.asarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:  # nibabel, gzip and zlib raise several types for a foreign or truncated file
@@ -342,7 +344,7 @@ def _image_batches(brick: h5py.Dataset, ids: np.ndarray, image_size: int | None)
     for b in range(0, len(ids), _STIM_BATCH):
         imgs = brick[ids[b:b + _STIM_BATCH]]  # h5py fancy indexing: increasing ids
         if image_size is not None:
-            imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
+            imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BICUBIC))
                              for im in imgs])
         yield imgs
 

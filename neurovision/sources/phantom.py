@@ -25,7 +25,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -238,7 +238,8 @@ def prepare(
     cfg = PRESETS[preset]
     overrides = {"n_subjects": n_subjects, "n_train": n_train, "n_test": n_test, "snr": snr,
                  "patch_size": patch_size}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **given)
     if cfg.n_subjects < 1 or cfg.n_test < 1 or cfg.n_train < 1 or cfg.snr <= 0:
         raise ValueError(f"phantom: n_subjects, n_train, n_test and snr must be positive, got {cfg}")
     options = {"preset": preset, "seed": seed, **dataclasses.asdict(cfg)}
@@ -262,7 +263,7 @@ def prepare(
 
     with StoreWriter(out, source="phantom", converter_version=CONVERTER_VERSION, options=options,
                      fingerprint=fp) as w:
-        w.set_grid(cfg.grid, cfg.patch_size, spec.active_index, union)  # type: ignore[arg-type]
+        w.set_grid(cfg.grid, cfg.patch_size, spec.active_index, union)
         w.set_stimuli(images)
         w.set_annotations("scenes", [sc.to_json() for sc in scene_list])
         w.set_annotations("captions", [scenes.captions(sc) for sc in scene_list])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -165,7 +165,10 @@ def prepare(
     names = list(movies)
 
     # stimuli: one frame per shot, one row per unique sentence
-    frame_keys, frame_scenes, sent_index, sentences = [], [], {}, []
+    frame_keys: list[str] = []
+    frame_scenes: list[Any] = []
+    sent_index: dict[str, int] = {}
+    sentences: list[str] = []
     shot_frame: dict[str, np.ndarray] = {}
     for mv, (shots, sents) in movies.items():
         rows = []
@@ -203,7 +206,7 @@ def prepare(
             weights = rng.standard_normal((n_el, len(scenes.CONCEPTS))).astype(np.float32)
             latency = rng.uniform(0.1, 0.6, n_el)
             bump = np.exp(-0.5 * ((bins[None, :] - latency[:, None]) / bump_width) ** 2)  # (N, B)
-            events = {}
+            events: dict[str, list[tuple[Any, ...]]] = {}
             for trial, mv in enumerate(watched):
                 shots, sents = movies[mv]
                 starts = np.array([t for t, _ in shots])
@@ -213,11 +216,11 @@ def prepare(
                     events.setdefault("language", []).append(
                         (t, trial, mv, shot_frame[mv][np.searchsorted(starts, t, side="right") - 1], sent_index[text]))
                 # vision: each scene cut with the closest preceding sentence
-                for k, t in enumerate(starts[1:], start=1):
+                for shot, t in enumerate(starts[1:], start=1):
                     j = int(np.searchsorted(onsets, t, side="right")) - 1
                     if j >= 0:
                         events.setdefault("vision", []).append(
-                            (float(t), trial, mv, shot_frame[mv][k], sent_index[sents[j][1]]))
+                            (float(t), trial, mv, shot_frame[mv][shot], sent_index[sents[j][1]]))
             # amplitudes from the subject's events (both sets), standardised over them
             both = [e for es in ("language", "vision") for e in events.get(es, [])]
             fr = np.array([e[3] for e in both])
@@ -232,8 +235,8 @@ def prepare(
                     amp[:, sel] = (a - a.mean(0)) / (a.std(0) + 1e-8)
             offset = 0
             for es in ("language", "vision"):
-                rows = events.get(es, [])
-                n = len(rows)
+                event_rows = events.get(es, [])
+                n = len(event_rows)
                 signal = amp[offset:offset + n, :, None] * bump[None]
                 offset += n
                 noise = rng.standard_normal((n, n_el, n_bins + box - 1)).astype(np.float32)
@@ -241,9 +244,10 @@ def prepare(
                 noise = (c[:, :, box:] - c[:, :, :-box]) / box  # each bin averages `window` s of white noise
                 noise /= noise.std() + 1e-8
                 targets = signal + noise / np.sqrt(snr)
-                w.add_events(subject, es, time=np.array([r[0] for r in rows]), trial=np.array([r[1] for r in rows]),
-                             movie=[r[2] for r in rows], frame=np.array([r[3] for r in rows]),
-                             sentence=np.array([r[4] for r in rows]), targets=targets)
+                w.add_events(subject, es, time=np.array([r[0] for r in event_rows]),
+                             trial=np.array([r[1] for r in event_rows]), movie=[r[2] for r in event_rows],
+                             frame=np.array([r[3] for r in event_rows]),
+                             sentence=np.array([r[4] for r in event_rows]), targets=targets)
             w.set_extra(f"site_kind_{subject}", kinds, names=list(SITE_KINDS))
             w.set_extra(f"site_latency_{subject}", latency.astype(np.float32))
     return Path(out)
