@@ -429,3 +429,29 @@ def test_alignment_task_on_two_ddp_ranks_logs_the_values_of_one_process(tiny_sto
     assert any("/sub-" in k for k in keys) and "val/single/retrieval_fmri2img" in keys
     for k in keys:
         assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
+
+
+def _gather_to_zero_rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from neurovision.metrics.items import gather_to_zero
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        n = 3 if rank == 0 else 2  # uneven shards
+        local = torch.full((n, 3, 4 + rank, 2), rank + 1, dtype=torch.uint8)
+        got = gather_to_zero(local)
+        torch.save([g.clone() for g in got], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_to_zero_gives_rank_zero_every_rank_and_the_others_their_own(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_to_zero_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert [tuple(t.shape) for t in zero] == [(3, 3, 4, 2), (2, 3, 5, 2)]
+    assert [t.unique().tolist() for t in zero] == [[1], [2]] and zero[0].dtype == torch.uint8
+    assert len(one) == 1 and one[0].shape == (2, 3, 5, 2) and one[0].unique().tolist() == [2]

@@ -30,6 +30,34 @@ def first_occurrences(keys: Sequence[Hashable], sort: bool = True) -> list[int]:
     return [first[k] for k in sorted(first)] if sort else list(first.values())
 
 
+def gather_to_zero(result: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """A torchmetrics ``dist_sync_fn`` that gathers every rank's tensor on global rank 0 only (uneven sizes
+    padded and trimmed, as torchmetrics' ``gather_all_tensors``); the other ranks get their own tensor back.
+
+    For large states that only rank 0 uses (stage 3's images: rank 0 scores and writes them): no rank but 0
+    ever holds every rank's items. ``group`` must contain global rank 0 (e.g. a gloo group of all ranks for CPU
+    tensors under NCCL)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    group = dist.group.WORLD if group is None else group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    result = result.contiguous()
+    shape = torch.tensor(result.shape, dtype=torch.long, device=result.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    most = torch.stack(shapes).amax(0).tolist()
+    pad: list[int] = []
+    for d in reversed(range(result.ndim)):  # F.pad lists the last dimension first
+        pad += [0, int(most[d]) - result.shape[d]]
+    padded = F.pad(result, pad) if any(pad) else result
+    bufs = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, bufs, dst=0, group=group)
+    if bufs is None:
+        return [result]
+    return [b[tuple(slice(0, int(n)) for n in s.tolist())] for b, s in zip(bufs, shapes, strict=True)]
+
+
 def _cat(state: Any) -> torch.Tensor | None:
     """A list state (local) or tensor state (after a sync) as one tensor; None when it holds nothing."""
     if isinstance(state, list) and not state:
@@ -191,4 +219,4 @@ class RowMetric(Metric):
         return self.score(self.items())
 
 
-__all__ = ["ItemMean", "ItemMetric", "RowMetric", "first_occurrences"]
+__all__ = ["ItemMean", "ItemMetric", "RowMetric", "first_occurrences", "gather_to_zero"]

@@ -20,7 +20,8 @@ own: metrics ``test/<cond>/beta=<b>/<metric>``, files ``beta=<b>/test_scores_<co
 Sharded over GPUs: ``neurovision test -c experiments/stage3_reconstruct.yaml --trainer.devices=8
 --trainer.strategy=ddp`` gives each rank a slice of the items (Lightning's DistributedSampler); an item's noise
 depends only on (seed, subject, stimulus), the best-of-N selector CLIP runs on the rank's own device (placed at
-test start), and rank 0 gathers the images (sorted by (subject, stimulus), DistributedSampler's padding
+test start), and rank 0 gathers the images (:class:`~neurovision.metrics.images.ImageMetrics` with
+:func:`~neurovision.metrics.items.gather_to_zero`; sorted by (subject, stimulus), DistributedSampler's padding
 dropped), scores and writes them: the same files and numbers for any number of ranks, up to float rounding:
 sharding changes an item's batch-mates, and batched kernels (and CPU thread counts) may round differently (at
 most a grey level in an image; tests/test_stage3_ddp.py shows exact equality at batch size 1, one thread).
@@ -199,10 +200,12 @@ class ReconstructionTask(BaseTask):
 
     def _build_metrics(self) -> dict[str, Any]:
         from neurovision.metrics.images import ImageMetrics
+        from neurovision.metrics.items import gather_to_zero
 
         group = self._group() if self.trainer.world_size > 1 else None  # CPU tensors: gathered over gloo
         kw = {"weights": self.feature_weights, "size": self.metric_size, "batch_size": self.metric_batch_size}
-        return {str(j): ImageMetrics(kw, extra_fields=("candidate",), process_group=group)
+        # gathered on rank 0 only (it alone scores and writes them): no other rank holds every rank's images
+        return {str(j): ImageMetrics(kw, extra_fields=("candidate",), process_group=group, dist_sync_fn=gather_to_zero)
                 for j in range(len(self.betas))}
 
     def on_test_start(self) -> None:
@@ -293,8 +296,8 @@ class ReconstructionTask(BaseTask):
             sel = None
             for j, beta in enumerate(self.betas):  # one β at a time: its images, then the next
                 m = metrics.pop(str(j))
-                # every rank's items, sorted by (subject, stimulus), the samplers' padding dropped (a collective);
-                # scored and written on rank 0
+                # every rank's items on rank 0, sorted by (subject, stimulus), the samplers' padding dropped (a
+                # collective; the other ranks get their own items back and drop them); scored and written on rank 0
                 items = m.gather()
                 m.reset()
                 g = items if zero else None
