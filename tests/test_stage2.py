@@ -206,3 +206,46 @@ def test_an_llm_without_chat_template_needs_one_from_yaml(parts, tmp_path):
     assert tok.chat_template == CHAT_TEMPLATE
     with pytest.raises(FileNotFoundError, match="chat template file does not exist"):
         load_llm(bare, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_clip_token_appends_the_stage1_clip_prediction_with_its_readout(parts, tmp_path):
+    """`clip_token`: one more fMRI token, the projected stage-1 CLIP prediction (head + read-out); it is saved
+    with the adapters, and an adapter folder without it is refused."""
+    from neurovision.tasks.instruct import InstructTask
+
+    plain, task = _task(parts).eval(), _task(parts, clip_token=True).eval()
+    task.projector.load_state_dict(plain.projector.state_dict())  # two builds draw two random projectors
+    assert task.hparams["clip_token"] is True and "clip_token" in InstructTask.IMMUTABLE_HPARAMS
+    batch = _prompt_batch(task, parts)
+    with torch.no_grad():
+        base = plain.fmri_tokens(batch["patches"])
+        tok = task.fmri_tokens(batch["patches"])
+    assert tok.shape == (base.shape[0], base.shape[1] + 1, base.shape[2])
+    torch.testing.assert_close(tok[:, :-1], base, rtol=0, atol=0)  # the ViT3D tokens are unchanged
+    with torch.no_grad():
+        cls = task.encoder(batch["patches"]).cls
+        want = task.clip_projector(torch.nn.functional.normalize(task.clip_head(cls), dim=-1))
+    torch.testing.assert_close(tok[:, -1], want)
+
+    class Shift(torch.nn.Module):  # a read-out that moves every prediction: the token must follow it
+        def forward(self, patches):
+            d = task.clip_head[-1].out_features
+            return torch.full((patches.shape[0], d), 5.0) * torch.arange(d).float()
+
+    task.skip = Shift()
+    with torch.no_grad():
+        moved = task.fmri_tokens(batch["patches"])
+    assert not torch.allclose(moved[:, -1], tok[:, -1])
+    torch.testing.assert_close(moved[:, :-1], tok[:, :-1], rtol=0, atol=0)
+    task.skip = None
+
+    with torch.no_grad():
+        for p in task.clip_projector.parameters():
+            p.add_(0.1)
+    saved = task.save_adapters(tmp_path / "with_clip")
+    fresh = _task(parts, clip_token=True, adapter=str(saved)).eval()
+    for a, b in zip(task.clip_projector.parameters(), fresh.clip_projector.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    without = plain.save_adapters(tmp_path / "without_clip")
+    with pytest.raises(ValueError, match="clip_projector"):
+        _task(parts, clip_token=True, adapter=str(without))

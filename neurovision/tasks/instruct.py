@@ -2,7 +2,8 @@
 reason, converse and write reconstruction prompts (LLaVA style).
 
 The penultimate-layer token states of the ViT3D (CLS + active patches) go through a 2-layer MLP projector and
-replace the ``<fmri>`` placeholder in the LLM's input embeddings. Two phases as in the paper:
+replace the ``<fmri>`` placeholder in the LLM's input embeddings; with ``clip_token`` the stage-1 CLIP prediction
+(CLIP head plus voxel read-out, what stage 3 reconstructs from) follows them as one more token. Two phases as in the paper:
 ``phase="projector"`` (A: projector only, LLM frozen) and ``phase="lora"`` (B: projector + peft LoRA adapters;
 ``phase="full"`` tunes the whole LLM instead). The ViT3D is frozen unless ``tune_encoder``.
 """
@@ -21,6 +22,7 @@ from torch import nn
 from neurovision.atomic import atomic_dir, write_json, write_jsonl
 from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.llm import load_llm
+from neurovision.models import with_readout
 from neurovision.tasks.alignment import check_stage1_spec, load_stage1
 from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher
@@ -89,6 +91,10 @@ class InstructTask(BaseTask):
         init_from: a stage-2 checkpoint (e.g. phase A's) whose projector (and encoder) weights start this run.
         adapter: a directory written by :meth:`save_adapters` to load (projector + LoRA adapter), e.g. for predict.
         tune_encoder: also train the ViT3D (off: frozen, as the paper's stage 2).
+        clip_token: append one more fMRI token: the stage-1 CLIP prediction (the CLIP head on the CLS output
+            plus the run's voxel read-out, ``Stage1Parts.predict_clip``), L2-normalised, through its own
+            projector. It carries what stage 1 learned end to end, the read-out included, which the ViT3D's
+            token states alone do not (measured on the demo phantom: docs/stage2.md).
         projector_hidden: hidden width of the projector (default: the LLM width).
         llm_dtype: dtype of the LLM weights (``bfloat16`` on GPUs).
         max_new_tokens: generation length limit.
@@ -100,7 +106,7 @@ class InstructTask(BaseTask):
         scheduler: learning-rate scheduler factory.
     """
 
-    IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("phase", "projector_hidden")  # fixed by training (see BaseTask)
+    IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("phase", "projector_hidden", "clip_token")  # fixed by training (see BaseTask)
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class InstructTask(BaseTask):
         init_from: str | None = None,
         adapter: str | None = None,
         tune_encoder: bool = False,
+        clip_token: bool = False,
         projector_hidden: int | None = None,
         llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         max_new_tokens: int = 64,
@@ -142,6 +149,7 @@ class InstructTask(BaseTask):
         self.chat_template = chat_template
         self.init_from, self.adapter = init_from, adapter
         self.tune_encoder, self.projector_hidden = tune_encoder, projector_hidden
+        self.clip_token = clip_token
         self.llm_dtype = TORCH_DTYPES[llm_dtype]
         self.max_new_tokens = max_new_tokens
         self.clip_teacher = clip_teacher
@@ -158,10 +166,14 @@ class InstructTask(BaseTask):
         check_stage1_spec(parts.spec, self.spec, self.stage1_path)
         self.encoder = parts.encoder
         self.clip_head = parts.clip_head  # kept for concept localisation (GradCAM against CLIP text)
+        self.skip = parts.skip  # the voxel read-out of the CLIP prediction (None without one)
         self.llm, self.tokenizer = load_llm(self.llm_path, dtype=self.llm_dtype, chat_template=self.chat_template)
         self.fmri_token_id = int(self.tokenizer.convert_tokens_to_ids(FMRI_TOKEN))
         width = int(self.llm.get_input_embeddings().embedding_dim)
         self.projector = Projector(self.encoder.dim, self.projector_hidden or width, width)
+        clip_dim = int(self.clip_head[-1].out_features)
+        self.clip_projector = (Projector(clip_dim, self.projector_hidden or width, width) if self.clip_token
+                               else None)
         for p in self.llm.parameters():
             p.requires_grad_(self.phase == "full")
         if self.phase == "lora":
@@ -172,8 +184,8 @@ class InstructTask(BaseTask):
             self.llm.gradient_checkpointing_enable()
             if self.phase != "full":
                 self.llm.enable_input_require_grads()
-        for m in (self.encoder, self.clip_head):
-            for p in m.parameters():
+        for m in (self.encoder, self.clip_head, self.skip):
+            for p in (m.parameters() if m is not None else ()):
                 p.requires_grad_(self.tune_encoder)
         self.encoder.gradient_checkpointing = self.gradient_checkpointing and self.tune_encoder
         if self.init_from:
@@ -201,7 +213,7 @@ class InstructTask(BaseTask):
         self._load_fmri_parts(sd, f"{p}: field 'state_dict/projector.*': missing (YAML key model.init_args.init_from)")
 
     def _load_fmri_parts(self, tensors: dict[str, torch.Tensor], missing: str) -> None:
-        """The projector (required; ``missing`` is the error) and, when present, the ViT3D from prefixed tensors."""
+        """The projectors (required; ``missing`` is the error) and, when present, the ViT3D from prefixed tensors."""
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -209,6 +221,12 @@ class InstructTask(BaseTask):
         if not proj:
             raise ValueError(missing)
         self.projector.load_state_dict(proj)
+        if self.clip_projector is not None:
+            clip = part("clip_projector.")
+            if not clip:
+                raise ValueError(missing.replace("projector.*", "clip_projector.*") + " (model.init_args.clip_token "
+                                 "is true: was it trained with clip_token: false?)")
+            self.clip_projector.load_state_dict(clip)
         enc = part("encoder.")
         if enc:
             self.encoder.load_state_dict(enc)
@@ -222,6 +240,9 @@ class InstructTask(BaseTask):
         out = Path(directory)
         with atomic_dir(out) as tmp:
             tensors = {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
+            if self.clip_projector is not None:
+                tensors.update({f"clip_projector.{k}": v.detach().contiguous()
+                                for k, v in self.clip_projector.state_dict().items()})
             if self.tune_encoder:
                 tensors.update({f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()})
             save_file(tensors, str(tmp / "fmri_projector.safetensors"))
@@ -264,6 +285,8 @@ class InstructTask(BaseTask):
         if not self.tune_encoder:
             self.encoder.eval()
             self.clip_head.eval()
+            if self.skip is not None:
+                self.skip.eval()
         if self.phase == "projector":
             self.llm.eval()
         return self
@@ -287,11 +310,18 @@ class InstructTask(BaseTask):
 
     # forward ----------------------------------------------------------------------------------------
     def fmri_tokens(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1 + A, H): projected penultimate ViT3D token states."""
+        """(B, 1 + A, H): projected penultimate ViT3D token states; (B, 2 + A, H) with ``clip_token``, the
+        projected stage-1 CLIP prediction last."""
         use_subject = subject if self.encoder.num_subjects > 0 else None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tune_encoder):
             out = self.encoder(patches, use_subject)
-        return self.projector(out.penultimate)
+            clip = (with_readout(self.clip_head(out.cls), self.skip, patches) if self.clip_projector is not None
+                    else None)
+        tokens = self.projector(out.penultimate)
+        if clip is None or self.clip_projector is None:
+            return tokens
+        clip = torch.nn.functional.normalize(clip.float(), dim=-1).to(tokens.dtype)
+        return torch.cat([tokens, self.clip_projector(clip)[:, None]], dim=1)
 
     def _inputs(self, batch: dict[str, Any], ids: str = "input_ids", mask: str = "attention_mask",
                 labels: str | None = "labels") -> dict[str, torch.Tensor]:
