@@ -154,6 +154,12 @@ class BaseTask(L.LightningModule):
         for idx, metrics in items:
             yield idx, self.condition(idx, default), metrics
 
+    def on_validation_epoch_start(self) -> None:
+        self._condition_metrics = {}  # nothing left over from an interrupted evaluation
+
+    def on_test_epoch_start(self) -> None:
+        self._condition_metrics = {}
+
     def configure_models(self) -> None:
         """Build the networks."""
 
