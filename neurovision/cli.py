@@ -6,7 +6,8 @@
 a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI; ``neurovision sweep
 <sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision encode -c experiments/encoding.yaml``
 fits encoding models and finds integration sites (:mod:`neurovision.encoding.pipeline`); ``neurovision report <dir>``
-writes an HTML dashboard (:mod:`neurovision.report`). The tools' flags take argparse habits and jsonargparse values
+writes an HTML dashboard (:mod:`neurovision.report`); ``neurovision tiny teachers|unclip|llm`` trains the demo's
+stand-ins for pretrained networks. The tools' flags take argparse habits and jsonargparse values
 alike (``--subjects 1 2`` or ``--subjects [1,2]``, ``--json`` or ``--json true``, ``--no_zscore`` or
 ``--zscore=false``): :mod:`neurovision.cli_habits`.
 """
@@ -32,6 +33,13 @@ TOOL_COMMANDS = {
     "sweep": "run a sweep YAML (base config + grid of overrides + seeds), resumable; tables of mean ± sd",
     "encode": "encoding models (ridge from network features to SEEG sites) and vision-language integration sites",
     "report": "a static HTML page (metric tables, curves, β sweeps, reconstructions, concept maps) of a run or sweep",
+    "tiny": "train the demo's stand-ins for pretrained networks on a phantom store: teachers | unclip | llm",
+}
+# `neurovision tiny <model>`: the demo stand-ins (not the product: the real runs load pretrained networks)
+TINY_COMMANDS = {
+    "teachers": ("neurovision.teacher_training", "the tiny CLIP (open_clip) and VAE (diffusers) teachers"),
+    "unclip": ("neurovision.unclip_training", "the tiny unCLIP img2img pipeline of stage 3"),
+    "llm": ("neurovision.llm", "the tiny Llama and its tokenizer of stage 2"),
 }
 
 
@@ -483,6 +491,24 @@ def user_error(e: BaseException, argv: list[str]) -> str | None:
     return None
 
 
+def tiny_main(argv: list[str]) -> int:
+    """``neurovision tiny teachers|unclip|llm [options]``: the demo stand-ins' trainers (``--help`` on each)."""
+    if argv and argv[0] not in TINY_COMMANDS and argv[0] not in ("-h", "--help"):
+        print(f"neurovision tiny: error: unknown model {argv[0]!r} (choose from {', '.join(TINY_COMMANDS)})",
+              file=sys.stderr)
+        return USER_ERROR_EXIT
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = ["usage: neurovision tiny {" + ",".join(TINY_COMMANDS) + "} [options]", "",
+                 "demo stand-ins for pretrained networks, trained on a phantom store (budgets in steps):"]
+        lines += [f"  {c:<10} {h}" for c, (_, h) in TINY_COMMANDS.items()]
+        print("\n".join(lines))
+        return 0 if argv else 2
+    import importlib
+
+    module = importlib.import_module(TINY_COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
 def main(args: list[str] | None = None) -> int:
     """Run one ``neurovision`` command; a user error (see :func:`user_error`) ends it with exit code 2 and at most
     3 lines on stderr naming the file and the YAML key or flag, ``NEUROVISION_DEBUG=1`` (or the older
@@ -493,7 +519,7 @@ def main(args: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     cmd = argv[0]
-    tools = {"prepare": prepare_main, "inspect": inspect_main, "localize": localize_main}
+    tools = {"prepare": prepare_main, "inspect": inspect_main, "localize": localize_main, "tiny": tiny_main}
     try:
         if cmd in tools:
             return tools[cmd](argv[1:])

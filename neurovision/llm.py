@@ -200,7 +200,7 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m neurovision.llm", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="neurovision tiny llm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True, help="store whose training-split text the tiny LLM learns")
     ap.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
     ap.add_argument("--vocab-size", type=int, default=1024)

@@ -519,7 +519,7 @@ def evaluate_vae(store: Store, teacher: Any, split: str = "test") -> dict[str, A
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m neurovision.teacher_training --store S --out DIR``: train the tiny CLIP and VAE."""
-    p = argparse.ArgumentParser(prog="python -m neurovision.teacher_training", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="neurovision tiny teachers", description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="the phantom store (.h5)")
     p.add_argument("--out", required=True, help="output folder (tiny_clip.json/.pt, tiny_vae/)")
     p.add_argument("--only", choices=("clip", "vae"), default=None, help="train only one teacher")

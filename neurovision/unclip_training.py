@@ -323,7 +323,7 @@ def evaluate_decoder(store: Store, rec: Any, clip: Any, emb_all: torch.Tensor, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m neurovision.unclip_training", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="neurovision tiny unclip", description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="the phantom store (.h5)")
     p.add_argument("--teachers", required=True, help="folder with tiny_clip.json/.pt and tiny_vae/")
     p.add_argument("--out", default=None, help=f"output folder (default <teachers>/{UNCLIP_DIR})")

@@ -118,6 +118,20 @@ def test_prepare_help_lists_sources(capsys):
     assert "--root" in capsys.readouterr().out
 
 
+def test_tiny_group_reaches_the_demo_trainers(capsys):
+    """`neurovision tiny teachers|unclip|llm`: one command group for the demo stand-ins' trainers."""
+    assert run_cli(["tiny", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("teachers", "unclip", "llm"))
+    for model, flag in (("teachers", "--clip-steps"), ("unclip", "--steps"), ("llm", "--steps")):
+        assert run_cli(["tiny", model, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert f"neurovision tiny {model}" in out and flag in out
+    assert run_cli(["tiny", "clipp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'clipp'" in err[0]
+
+
 def test_inspect_foreign_file_one_line_error(tmp_path, capsys):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
