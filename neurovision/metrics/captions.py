@@ -404,7 +404,8 @@ class CaptionScores(RowMetric):
             raise ValueError(f"need as many references{' and keys' if keys is not None else ''} as predictions, got "
                              f"{len(predictions)} predictions, {len(references)} reference lists"
                              + (f", {len(keys)} keys" if keys is not None else ""))
-        rows = [{"prediction": p, "references": list(r)} for p, r in zip(predictions, references, strict=True)]
+        rows: list[dict[str, Any]] = [{"prediction": p, "references": list(r)}
+                                      for p, r in zip(predictions, references, strict=True)]
         if keys is not None:
             for row, k in zip(rows, keys, strict=True):
                 row["key"] = k

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torchmetrics import Metric
@@ -27,7 +27,7 @@ def first_occurrences(keys: Sequence[Hashable], sort: bool = True) -> list[int]:
     first: dict[Hashable, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
-    return [first[k] for k in sorted(first)] if sort else list(first.values())
+    return [first[k] for k in sorted(first)] if sort else list(first.values())  # type: ignore[type-var]
 
 
 def gather_to_zero(result: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
@@ -80,8 +80,8 @@ class ItemMetric(Metric):
     (a collective under DDP).
     """
 
-    full_state_update: ClassVar[bool] = False
-    is_differentiable: ClassVar[bool] = False
+    full_state_update = False
+    is_differentiable = False
     fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, by_subject: bool = False, min_items: int = 1, extra_fields: Sequence[str] = (),
@@ -175,8 +175,8 @@ class RowMetric(Metric):
     turns the rows into scores; ``compute()`` is ``score(rows)``.
     """
 
-    full_state_update: ClassVar[bool] = False
-    is_differentiable: ClassVar[bool] = False
+    full_state_update = False
+    is_differentiable = False
 
     def __init__(self, key: Callable[[dict[str, Any]], Hashable] = _row_key, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -188,8 +188,9 @@ class RowMetric(Metric):
         if not rows:
             return
         data = [json.dumps(r).encode() for r in rows]
-        self.text.append(torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8).to(self.device))
-        self.length.append(torch.tensor([len(b) for b in data], dtype=torch.long, device=self.device))
+        text, length = cast(list[torch.Tensor], self.text), cast(list[torch.Tensor], self.length)  # list states
+        text.append(torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8).to(self.device))
+        length.append(torch.tensor([len(b) for b in data], dtype=torch.long, device=self.device))
 
     def items(self) -> list[dict[str, Any]]:
         """The rows of the current states (de-padded when they were gathered from several ranks)."""

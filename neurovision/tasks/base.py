@@ -134,7 +134,7 @@ class BaseTask(L.LightningModule):
     def condition(self, dataloader_idx: int, default: Sequence[str] = ()) -> str:
         """The name of evaluation dataloader ``dataloader_idx``: the datamodule's ``eval_conditions`` entry (else
         ``default``'s, else the index)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)
         conds = list(getattr(dm, "eval_conditions", None) or default)
         return str(conds[dataloader_idx]) if 0 <= dataloader_idx < len(conds) else str(dataloader_idx)
 
