@@ -128,8 +128,8 @@ def _cams(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text: Tenso
                 cams.append(F.relu(cam) if relu else cam)
             cam = torch.stack(cams).detach()
     finally:
-        for m, w in zip(modules, was_training, strict=True):
-            m.train(w)
+        for m, training in zip(modules, was_training, strict=True):
+            m.train(training)
     if normalize:
         cam = cam / cam.abs().amax(-1, keepdim=True).clamp_min(1e-12)
     return cam
@@ -179,7 +179,7 @@ def _grid_spec(store: Store, patch_size: int | None = None, patch_coords: Any = 
     if patch_size is None or patch_coords is None:
         return store.grid_spec()
     coords = np.asarray(patch_coords, np.int64).reshape(-1, 3)
-    idx = np.ravel_multi_index(tuple(coords.T), patch_grid_shape(store.grid.shape, int(patch_size)))
+    idx = np.asarray(np.ravel_multi_index(tuple(coords.T), patch_grid_shape(store.grid.shape, int(patch_size))), np.int64)
     return GridSpec(store.grid.shape, int(patch_size), idx)
 
 
@@ -223,7 +223,7 @@ def to_subject_volume(store: Store, patches: np.ndarray, subject: str | int, spe
     Uses :meth:`Store.to_subject_nifti` for the store's own patches; a ``spec`` with another patch size (a
     checkpoint trained on the same grid cut differently) goes through the same inverse map.
     """
-    if spec is None or (spec.patch_size == store.grid.patch_size
+    if spec is None or (spec.patch_size == store.grid.patch_size and spec.active_index is not None
                         and np.array_equal(spec.active_index, store.grid.active_index)):
         return np.asarray(store.to_subject_nifti(patches, subject).dataobj, np.float32)
     s = store.subject(subject)
@@ -423,7 +423,7 @@ def model_maps(parts: ModelParts, store: Store, text_embs: Tensor, concepts: Seq
         raise ValueError(f"method must be 'gradcam' or 'pattern', got {method!r}")
     spec = _grid_spec(store, parts.patch_size, parts.patch_coords)
     store_spec = store.grid_spec()
-    repatch = not (spec.patch_size == store.grid.patch_size
+    repatch = not (spec.patch_size == store.grid.patch_size and spec.active_index is not None
                    and np.array_equal(spec.active_index, store.grid.active_index))
     subj_idx = [store.subject(s).index for s in (subjects or store.subject_names)]
     ds = _items(store, split, condition, subj_idx)
@@ -644,7 +644,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
                                     aggregate_mode=aggregate_mode, upsample=upsample, relu=relu,
                                     layer=layer, batch_size=batch_size, device=device, subjects=subjects, progress=progress))
     maps = per_model[0] if len(per_model) == 1 else ensemble(per_model)
-    scored = {m: score(maps, st, m) for m in ("roi", "active")}  # type: ignore[arg-type]
+    scored = {m: score(maps, st, m) for m in ("roi", "active")}
     rows, r_mean = scored[mask]
     rows_by_mask = {m: rs for m, (rs, _) in scored.items()}
     per_concept = {c: float(np.nanmean([r["r"] for r in rows if r["concept"] == c]))

@@ -60,7 +60,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -235,22 +235,35 @@ def placed(teacher: Any, device: str | torch.device) -> Iterator[Any]:
     if teacher is None:
         yield teacher
         return
-    before_device = getattr(teacher, "device", None)
-    before_weights = getattr(teacher, "weights_device", before_device)
+    restore = _restorer(teacher)
     place(teacher, device)
     try:
         yield teacher
     finally:
-        if isinstance(teacher, _Placement):
+        restore()
+
+
+def _restorer(teacher: Any) -> Callable[[], None]:
+    """What puts ``teacher`` back where it is now (for :func:`placed`)."""
+    if isinstance(teacher, _Placement):
+        before_device, before_weights = teacher.device, teacher.weights_device
+
+        def restore_placement() -> None:
             if teacher.weights_device != before_weights:
                 if before_weights == CPU:
                     teacher.offload()
                 else:
                     teacher.to(before_weights)
             teacher.device = before_device
-        elif before_device is not None and callable(getattr(teacher, "to", None)) \
-                and not getattr(teacher, "pinned", False):
-            teacher.to(before_device)
+
+        return restore_placement
+    before = getattr(teacher, "device", None)
+
+    def restore_other() -> None:
+        if before is not None and callable(getattr(teacher, "to", None)) and not getattr(teacher, "pinned", False):
+            teacher.to(before)
+
+    return restore_other
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -680,8 +693,8 @@ class TeacherCache:
 
             have = [False] * ctx[1]
             dist.all_gather_object(have, data is not None)  # one decision for all ranks (no rank fills alone)
-            if all(have):
-                return data  # type: ignore[return-value]
+            if all(have) and data is not None:  # every rank read it, this one too
+                return data
             self._fill_sharded(path, store, teacher, *ctx, force=force)
         else:
             if data is not None:
@@ -764,8 +777,8 @@ class TeacherCache:
             for i0 in range(lo, hi, bs):
                 i1 = min(i0 + bs, hi)
                 x = torch.from_numpy(store.images(slice(i0, i1))).permute(0, 3, 1, 2).contiguous()
-                y = teacher.encode(x)
-                y = (y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+                out = teacher.encode(x)
+                y = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
                 if y.shape[0] != i1 - i0:
                     raise ValueError(f"teacher {teacher.id} returned {y.shape[0]} rows for {i1 - i0} images")
                 if not np.isfinite(y).all():
@@ -808,7 +821,9 @@ class TeacherCache:
                          image_shape=np.asarray(images.shape[1:], dtype=np.int64))
 
     def _batch_size(self, teacher: Teacher) -> int:
-        return int(self.batch_size or getattr(teacher, "batch_size", 64))
+        if self.batch_size:
+            return int(self.batch_size)
+        return int(getattr(teacher, "batch_size", 64))
 
     def _fill_sharded(self, path: Path, store: Store, teacher: Teacher, rank: int, world: int,
                       force: bool = False) -> None:

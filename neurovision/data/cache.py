@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import h5py
 import numpy as np
@@ -44,7 +44,8 @@ from neurovision.atomic import atomic_path, remove_stale_partials
 log = logging.getLogger("neurovision.data.cache")
 
 T = TypeVar("T")
-Node = h5py.Group | h5py.Dataset
+#: an entry: an HDF5 group (of datasets) or a dataset
+Node: TypeAlias = "h5py.Group | h5py.Dataset"
 
 #: bytes per block of rows when an entry is copied into a new cache file
 COPY_BYTES = 16 << 20

@@ -59,7 +59,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import h5py
 import lightning as L
@@ -98,9 +98,9 @@ def _yaml_key(cls: str, field: str) -> str:
     return f"init_args.{field} of the {cls} network"
 
 
-def _check_checkpoint(cls: str, model_name: str, checkpoint: str | None, what: str) -> None:
+def _check_checkpoint(cls: str, model_name: str, checkpoint: str | None, what: str) -> str:
     """A trained network needs an existing local ``checkpoint`` (errors name the YAML key; nothing is
-    downloaded; ``trained: false`` is the randomly initialised control and needs none)."""
+    downloaded; ``trained: false`` is the randomly initialised control and needs none); returns it."""
     if checkpoint is None:
         raise ValueError(f"{cls}({model_name}): trained=True needs a local {what} (set "
                          f"`{_yaml_key(cls, 'checkpoint')}`), or set trained: false for the randomly initialised "
@@ -108,15 +108,16 @@ def _check_checkpoint(cls: str, model_name: str, checkpoint: str | None, what: s
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{what} not found: {checkpoint} (set `{_yaml_key(cls, 'checkpoint')}` to a local "
                                 "file; nothing is downloaded)")
+    return checkpoint
 
 
-def _check_modality(modality: str) -> str:
+def _check_modality(modality: str) -> Modality:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    return modality
+    return cast(Modality, modality)  # one of MODALITIES, checked
 
 
-def _pool(t: torch.Tensor, batch: int, mask: torch.Tensor | None = None, channels_last: bool = False
+def _pool(t: Any, batch: int, mask: torch.Tensor | None = None, channels_last: bool = False
           ) -> torch.Tensor:
     """A hooked activation -> (B, D): mean over spatial dims (NCHW, or NHWC when ``channels_last``) or over
     tokens (NLD; only where ``mask`` is true when given); (B, D) passes through."""
@@ -292,19 +293,19 @@ class OpenClipNetwork(FeatureNetwork):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.model_config = None if model_config is None else str(model_config)
         self.trained = bool(trained)
-        self.modality = _check_modality(modality)  # type: ignore[assignment]
+        self.modality = _check_modality(modality)
         if fusion not in ("concat", "product", "concat_product"):
             raise ValueError(f"fusion must be concat, product or concat_product, got {fusion!r}")
         self.fusion = fusion
         self.layers = list(layers) if layers else ["embedding"]
         self.seed = int(seed)
-        if self.trained:
-            _check_checkpoint("OpenClipNetwork", model_name, self.checkpoint, "open_clip checkpoint")
+        ckpt = _check_checkpoint("OpenClipNetwork", model_name, self.checkpoint, "open_clip checkpoint") \
+            if self.trained else None
         arch, cfg, pp_override = resolve_clip_arch(model_name, self.model_config,
                                                    _yaml_key("OpenClipNetwork", "model_config"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = open_clip.create_model(arch, pretrained=self.checkpoint if self.trained else None,
+            model = open_clip.create_model(arch, pretrained=ckpt,
                                            force_preprocess_cfg=pp_override or None, device="cpu")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -317,7 +318,7 @@ class OpenClipNetwork(FeatureNetwork):
             if self.modality != "multimodal" and tower != self.modality:
                 raise ValueError(f"OpenClipNetwork: layer {n!r} is in the {tower} tower, which modality "
                                  f"{self.modality!r} does not run")
-        weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained else f"random-seed{self.seed}"
+        weights = f"sha256:{file_digest(ckpt)[:16]}" if ckpt is not None else f"random-seed{self.seed}"
         pp = self.preprocess_cfg
         size = pp["size"] if isinstance(pp["size"], int) else "x".join(str(s) for s in pp["size"])
         fusion_id = f"|fusion={self.fusion}" if self.modality == "multimodal" else ""
@@ -369,7 +370,10 @@ class OpenClipNetwork(FeatureNetwork):
         out: dict[str, torch.Tensor] = {}
         for name in self.layers:
             if name == "embedding":
-                out[name] = img if txt is None else txt if img is None else self.fuse(img, txt)  # type: ignore
+                emb = img if txt is None else txt if img is None else self.fuse(img, txt)
+                if emb is None:  # pragma: no cover - every modality runs a tower
+                    raise RuntimeError(f"OpenClipNetwork: modality {self.modality!r} ran no tower")
+                out[name] = emb
                 continue
             if name not in hooks.out:
                 raise RuntimeError(f"OpenClipNetwork: layer {name!r} was not run by encode_image/encode_text")
@@ -429,13 +433,13 @@ class TimmVisionNetwork(FeatureNetwork):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.modality = "vision"
-        if self.trained:
-            _check_checkpoint("TimmVisionNetwork", model_name, self.checkpoint, "timm state-dict file")
+        ckpt = _check_checkpoint("TimmVisionNetwork", model_name, self.checkpoint, "timm state-dict file") \
+            if self.trained else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = timm.create_model(model_name, pretrained=False, num_classes=0)
-        if self.trained:
-            sd = _load_state_dict(self.checkpoint)  # type: ignore[arg-type]
+        if ckpt is not None:  # trained
+            sd = _load_state_dict(ckpt)
             own = model.state_dict()
             missing = [k for k in own if k not in sd]
             if missing:
@@ -454,7 +458,7 @@ class TimmVisionNetwork(FeatureNetwork):
         self.mean = tuple(float(v) for v in cfg["mean"])
         self.std = tuple(float(v) for v in cfg["std"])
         self.interpolation = str(cfg.get("interpolation", "bicubic"))
-        weights = f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained else f"random-seed{self.seed}"
+        weights = f"sha256:{file_digest(ckpt)[:16]}" if ckpt is not None else f"random-seed{self.seed}"
         self._id = (f"TimmVisionNetwork:{model_name}|weights={weights}|layers={','.join(self.layers)}"
                     f"|pp={self.image_size}px,{self.interpolation},shortest,mean={format_floats(self.mean)},"
                     f"std={format_floats(self.std)}")
@@ -643,7 +647,7 @@ class PhantomOracle(FeatureNetwork):
 
     def __init__(self, modality: Literal["vision", "language", "multimodal"]) -> None:
         super().__init__()
-        self.modality = _check_modality(modality)  # type: ignore[assignment]
+        self.modality = _check_modality(modality)
         self.layers = ["concepts"]
         self._frame: torch.Tensor | None = None
         self._sentence: torch.Tensor | None = None
@@ -779,7 +783,7 @@ class FeatureExtractor(L.LightningModule):
     "features": {layer: float32 (B, D) on the CPU}}``. The network gets ``setup_store`` with the datamodule's
     store (when it has one) at setup."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    def __init__(self, network: FeatureNetwork) -> None:
         super().__init__()
         self.network = network
 
@@ -1075,7 +1079,7 @@ class _EntryWriter(L.Callback):
         outputs["features"].clear()  # written: nothing keeps the batch's features
 
 
-def _run_network(dm: StimulusDataModule, network: torch.nn.Module, group: h5py.Group, accelerator: str,
+def _run_network(dm: StimulusDataModule, network: FeatureNetwork, group: h5py.Group, accelerator: str,
                  devices: Any, progress: bool) -> None:
     """Run ``network`` over the datamodule's items, streaming each batch's layers into the entry ``group``."""
     owner = str(getattr(network, "model_id", network))
@@ -1141,6 +1145,7 @@ def extract_features(
     layers = list(getattr(network, "layers", []) or [])
     if not isinstance(model_id, str) or modality not in MODALITIES or not layers:
         raise TypeError(f"{type(network).__name__} is not a feature network (needs model_id, modality, layers)")
+    net = cast(FeatureNetwork, network)  # a FeatureNetwork or a module with its attributes (checked above)
     dm = StimulusDataModule(store, modality, batch_size=batch_size, num_workers=num_workers)
     es = dm.store
     fingerprint = store_key(es)  # the store's fingerprint, else the file's size and mtime
@@ -1151,33 +1156,38 @@ def extract_features(
                                                                  "seed": int(seed)}
     raw_name = _entry_name(model_id, raw_p, fingerprint)
     name = _entry_name(model_id, proj_p, fingerprint)
-    kw = dict(model_id=model_id, fingerprint=fingerprint, items=items, layers=layers)
+
+    def read(entry: str, proj: dict[str, Any], quiet: bool = False) -> _H5Layers | None:
+        return _read_entry(path, entry, projection=proj, model_id=model_id, fingerprint=fingerprint, items=items,
+                           layers=layers, quiet=quiet)
+
+    def new_entry(entries: h5py.Group, entry: str, proj: dict[str, Any]) -> h5py.Group:
+        return _new_entry(entries, entry, projection=proj, model_id=model_id, modality=modality, items=items,
+                          store=es, fingerprint=fingerprint)
 
     def table(feats: _H5Layers) -> FeatureTable:
         return FeatureTable(model_id, modality, items[0], items[1], feats, proj_p)
 
-    hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
+    hit = read(name, proj_p)
     if hit is not None:
         return table(hit)
     with cache_file(path).locked():
-        hit = _read_entry(path, name, projection=proj_p, quiet=True, **kw)  # type: ignore[arg-type]
+        hit = read(name, proj_p, quiet=True)
         if hit is not None:  # another process wrote it while we waited
             return table(hit)
-        raw = _read_entry(path, raw_name, projection=raw_p, quiet=True, **kw)  # type: ignore[arg-type]
+        raw = read(raw_name, raw_p, quiet=True)
         if len(items[0]) == 0:
             raise ValueError(f"{dm.store_path}: no {modality} items to extract (no events?)")
-        base = {"model_id": model_id, "modality": modality, "items": items, "store": es,
-                "fingerprint": fingerprint}
         with _rewrite(path, es, fingerprint, replace={name} | ({raw_name} if raw is None else set())) as entries:
             if raw is None:
-                g = _new_entry(entries, raw_name, projection=raw_p, **base)  # type: ignore[arg-type]
-                _run_network(dm, network, g, accelerator, devices, progress)
+                g = new_entry(entries, raw_name, raw_p)
+                _run_network(dm, net, g, accelerator, devices, progress)
                 _finish_entry(g, layers)
             if projection == "sparse_jl":
-                g = _new_entry(entries, name, projection=proj_p, **base)  # type: ignore[arg-type]
+                g = new_entry(entries, name, proj_p)
                 _project_entry(entries[raw_name], g, len(items[0]), jl_eps, seed)
                 _finish_entry(g, layers)
-    hit = _read_entry(path, name, projection=proj_p, **kw)  # type: ignore[arg-type]
+    hit = read(name, proj_p)
     if hit is None:
         raise RuntimeError(f"{path}: the features of {model_id} just written are unreadable")
     return table(hit)

@@ -54,11 +54,11 @@ def _reiterable(chunks: Chunks, where: str) -> Callable[[], Iterator[Tensor]]:
     if isinstance(chunks, Tensor):  # one tensor: a single chunk
         return lambda: iter((chunks,))
     if callable(chunks):
-        return lambda: iter(chunks())  # type: ignore[operator]
+        return lambda: iter(chunks())
     if iter(chunks) is chunks:  # a generator or iterator: gone after one pass
         raise TypeError(f"{where}: chunks must be re-iterable (a list, or a function returning a fresh iterable "
                         "of chunks); a generator is used up by the first of several passes")
-    return lambda: iter(chunks)  # type: ignore[arg-type]
+    return lambda: iter(chunks)
 
 
 @torch.no_grad()
@@ -152,7 +152,7 @@ def principal_subspace(
             x = None
             m = sum(len(b) for b in buf)
             _check_n(m, n, rank, dim, where)
-            if buf and min(m, dim) <= EXACT_MAX_SIDE:  # type: ignore[type-var]
+            if buf and dim is not None and min(m, dim) <= EXACT_MAX_SIDE:  # rows() set dim with the first chunk
                 mean, v, evals, total = _exact(buf, rank, where)
                 return _finish(mean, v, evals, total, m, exact=True)
             first = iter(())  # all of it is in buf: the randomised path re-reads it from there
@@ -231,25 +231,31 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
                 where: str) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Randomised subspace iteration over the stream (see :func:`principal_subspace`)."""
     gen = torch.Generator().manual_seed(seed)
-    q = mean = delta = total = None
+    q: Tensor | None = None
+    mean: Tensor | None = None
+    total: Tensor | None = None
+    t: Tensor | None = None
     m = 0
     for it in range(passes):
         chunks = first if it == 0 else again()
-        z = t = shift = None
+        z: Tensor | None = None
+        shift: Tensor | None = None
+        sum_x: Tensor | None = None
+        sumsq: Tensor | None = None
+        t = None
         count = 0
-        sum_x = sumsq = None
         for x in chunks:
             if q is None:  # the random test matrix, once the width and device are known
-                l_ = min(rank + p, dim)  # type: ignore[type-var]
+                l_ = min(rank + p, x.shape[1])
                 q, _ = torch.linalg.qr(torch.randn(x.shape[1], l_, generator=gen).to(x.device))
-            if z is None:
+            if z is None or t is None or shift is None or sum_x is None or sumsq is None:  # the pass's first chunk
                 z = torch.zeros_like(q)
                 t = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=x.device)
                 # pass 1 centres by its first chunk's mean (corrected at its end), later passes by the mean
                 shift = x.mean(0) if mean is None else mean.float()
-                if it == 0:
-                    sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-                    sumsq = torch.zeros((), dtype=torch.float64, device=x.device)
+                # the column sums and the sum of squares (read in pass 1 only)
+                sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+                sumsq = torch.zeros((), dtype=torch.float64, device=x.device)
             y = x - shift
             del x
             pq = y @ q  # (m × l)
@@ -266,12 +272,15 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
         if it == 0:
             m = count
             _check_n(m, n, rank, dim, where)
+        elif count != m:
+            raise ValueError(f"{where}: pass {it + 1} over the chunks gave {count} patterns, the first gave {m}")
+        if q is None or z is None or t is None or shift is None or sum_x is None or sumsq is None:
+            raise ValueError(f"{where}: pass {it + 1} over the chunks gave no patterns")  # refused just above
+        if mean is None:  # pass 1
             delta = sum_x / m  # mean - shift
             mean = shift.double() + delta
             total = sumsq - m * delta.dot(delta)
         else:
-            if count != m:
-                raise ValueError(f"{where}: pass {it + 1} over the chunks gave {count} patterns, the first gave {m}")
             delta = mean - shift.double()
         # Σ (x - c)ᵀ(x - c) = C + m δ δᵀ with δ = mean - c: remove the shift's term
         qd = q.T.double() @ delta
@@ -281,6 +290,8 @@ def _randomised(first: Iterator[Tensor], again: Callable[[], Iterator[Tensor]], 
             q = None  # the old basis is not needed during the QR
             q, _ = torch.linalg.qr(z)
         del z
+    if q is None or t is None or mean is None or total is None:
+        raise ValueError(f"{where}: no pass over the chunks (power_iters must be >= 0, got {passes - 1})")
     t = (t + t.T) / 2
     evals, w = torch.linalg.eigh(t)
     evals, w = evals.flip(0)[:rank].clamp_min(1e-12), w.flip(1)[:, :rank]
@@ -306,6 +317,11 @@ class VoxelReadout(nn.Module):
         rank: number of principal components read (None = every voxel, full rank).
         dropout: dropout on the read-out's input (the voxels, or the components with ``rank``).
     """
+
+    # buffers of a read-out with a rank (register_buffer), typed here for the checker
+    mean: Tensor
+    basis: Tensor
+    fitted: Tensor
 
     def __init__(self, in_dim: int, out_dim: int, rank: int | None = None, dropout: float = 0.5) -> None:
         super().__init__()
@@ -343,10 +359,9 @@ class VoxelReadout(nn.Module):
     def fit_stream(self, chunks: Chunks, *, n: int | None = None, seed: int = 0, **kw) -> Tensor:
         """Fit the principal subspace to patterns read as chunks (see :func:`principal_subspace` for
         ``chunks`` and the keyword arguments); returns the explained-variance ratio of the k components."""
-        self._check_rank("fit")
+        rank = self._check_rank("fit")
         kw.setdefault("device", self.mean.device)
-        sub = principal_subspace(chunks, self.rank, n=n, dim=self.in_dim, seed=seed,  # type: ignore[arg-type]
-                                 where="VoxelReadout.fit", **kw)
+        sub = principal_subspace(chunks, rank, n=n, dim=self.in_dim, seed=seed, where="VoxelReadout.fit", **kw)
         self.set_subspace(sub.mean, sub.basis)
         return sub.ratio
 
@@ -361,9 +376,11 @@ class VoxelReadout(nn.Module):
         self.basis.copy_(basis)
         self.fitted.fill_(True)
 
-    def _check_rank(self, what: str) -> None:
+    def _check_rank(self, what: str) -> int:
+        """The rank; a full-rank read-out (rank None) is an error naming ``what``."""
         if self.rank is None:
             raise ValueError(f"VoxelReadout.{what}: a full-rank read-out has nothing to fit (rank is None)")
+        return self.rank
 
     def forward(self, patches: Tensor) -> Tensor:
         x = patches.flatten(1)

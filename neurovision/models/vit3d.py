@@ -124,6 +124,8 @@ class ViT3D(nn.Module):
         gradient_checkpointing: recompute each block in the backward pass while training (saves memory).
     """
 
+    patch_coords: Tensor  # a buffer (register_buffer): typed here for the checker
+
     def __init__(
         self,
         patch_dim: int,
