@@ -53,11 +53,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-import neurovision  # noqa: F401  (torchvision compatibility fix; must precede lightning, i.e. data_modules)
-from data_modules.fmri import FMRIDataModule, FMRITrials
-from neurovision.atomic import atomic_path
-from neurovision.sources import phantom
-from neurovision.store import Store
+import neurovision
+
+neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) imports torchvision
+
+from data_modules.fmri import FMRIDataModule, FMRITrials  # noqa: E402
+from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.sources import phantom  # noqa: E402
+from neurovision.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "datamodule.json"

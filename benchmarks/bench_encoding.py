@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
-import neurovision  # noqa: F401  (torchvision compatibility fix)
-from neurovision.atomic import write_json
-from neurovision.encoding.ridge import (
+import neurovision
+
+neurovision.setup_environment()  # the torchvision fix, before the ridge code's torchmetrics imports torchvision
+
+from neurovision.atomic import write_json  # noqa: E402
+from neurovision.encoding.ridge import (  # noqa: E402
     DEFAULT_ALPHAS,
     blocked_folds,
     cross_validated_ridge,

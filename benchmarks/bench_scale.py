@@ -36,7 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import neurovision  # noqa: E402,F401  (torchvision compatibility fix first)
+import neurovision  # noqa: E402
+
+neurovision.setup_environment()  # the torchvision fix, before any row imports lightning or torchvision
+
 from benchmarks.scale.common import NODE, Row, fits, fmt_hours, misfits  # noqa: E402
 from neurovision.atomic import write_json  # noqa: E402
 

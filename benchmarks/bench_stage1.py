@@ -37,15 +37,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import neurovision  # noqa: F401  (torchvision compatibility fix; must precede lightning, i.e. data_modules)
-from data_modules.fmri import FMRIDataModule
-from neurovision.atomic import atomic_path
-from neurovision.models import ViT3D
-from neurovision.preprocessing import patch_grid_shape
-from neurovision.sources import phantom
-from neurovision.tasks import AlignmentTask
-from neurovision.tasks.alignment import MLPHead
-from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+import neurovision
+
+neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) imports torchvision
+
+from data_modules.fmri import FMRIDataModule  # noqa: E402
+from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.models import ViT3D  # noqa: E402
+from neurovision.preprocessing import patch_grid_shape  # noqa: E402
+from neurovision.sources import phantom  # noqa: E402
+from neurovision.tasks import AlignmentTask  # noqa: E402
+from neurovision.tasks.alignment import MLPHead  # noqa: E402
+from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "stage1.json"

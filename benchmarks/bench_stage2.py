@@ -32,10 +32,13 @@ from typing import Any
 
 import torch
 
-import neurovision  # noqa: F401  (torchvision compatibility fix)
-from neurovision.atomic import atomic_path
-from neurovision.models import ViT3D
-from neurovision.tasks.instruct import Projector, splice_fmri
+import neurovision
+
+neurovision.setup_environment()  # the torchvision fix, before lightning (the tasks) imports torchvision
+
+from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.models import ViT3D  # noqa: E402
+from neurovision.tasks.instruct import Projector, splice_fmri  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -59,6 +59,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=LinAlgWarning)  # the smallest penalties on the planted features
     from sklearn.preprocessing import StandardScaler
 
+    import neurovision
+
+    neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) and open_clip load it
     from data_modules.fmri import FMRITrials
     from neurovision.sources import scenes
     from neurovision.sources.phantom import _contrast

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import neurovision  # noqa: F401  (torchvision compatibility fix first)
 from benchmarks.scale import common, rows_data
 from benchmarks.scale.common import PROJECTED_KEYS, Row, Scale
 

@@ -7,8 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import neurovision  # noqa: F401  (torchvision compatibility fix first)
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_datamodule.py"
 
 

@@ -9,7 +9,6 @@ import lightning as L
 import pytest
 import torch
 
-import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
 from data_modules import FMRIDataModule
 from neurovision.store import Store
 

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 
-import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher, place, placed, release
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ import torch
 from scipy.spatial.distance import correlation as scipy_correlation
 from torch import nn
 
-import neurovision  # noqa: F401  (torchvision fix first)
 from neurovision.metrics import images as M
 from tests.helpers import np_two_way
 

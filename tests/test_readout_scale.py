@@ -14,8 +14,6 @@ import lightning as L
 import pytest
 import torch
 
-import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------- peak memory

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import neurovision  # noqa: F401  (torchvision fix first)
 from neurovision.report import ReportError, main, write_report
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # headless browser for the render test

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
 from tests.test_stage3 import _metrics, recon, run  # noqa: F401  (the tiny stage-3 chain: stage 1 + unCLIP)
 
 BETAS = ["0", "0.6", "1"]

@@ -20,7 +20,6 @@ import pytest
 import torch
 from test_ddp_devices import TINY_CLIP, RecordingCLIP, RecordingVAE, _alignment, _ddp, _jsonl, _quiet
 
-import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
 from neurovision.data.cache import shard_bounds
 from neurovision.teachers import TeacherCache
 

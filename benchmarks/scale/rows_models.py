@@ -469,11 +469,13 @@ def stage2_child(layers: int, batches: Sequence[int], new_tokens: int, seed: int
     """Spawned: count FLOPs on ``meta`` (YAML batch, real sequence, 1/2/32 layers) and run the real CPU path on
     a ``layers``-layer Llama-3-8B-shaped model: training steps at ``batches`` (``train``) or greedy generation of
     ``new_tokens`` tokens at ``batches``."""
+    import neurovision
+
+    neurovision.setup_environment()  # a spawned process: the torchvision fix before peft/transformers import it
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import neurovision  # noqa: F401  (torchvision compatibility fix)
     from neurovision.tasks.instruct import splice_fmri
 
     torch.manual_seed(seed)
@@ -634,13 +636,14 @@ def stage3_child(latent: int, batches: Sequence[int], seed: int, vae_latent: int
     decode (``items_batch`` images) at 768 px in ``dtype_name`` with ``MemTracker`` under ``FakeTensorMode`` (no
     real memory); then real CPU forwards of the unCLIP UNet at ``latent`` (batch ``batches``) and of the VAE
     decoder at ``vae_latent``."""
+    import neurovision
+
+    neurovision.setup_environment()  # a spawned process: the torchvision fix before open_clip/torchvision load
     import open_clip
     import torch
     import torchvision
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    import neurovision  # noqa: F401
 
     torch.manual_seed(seed)
     ucfg, vcfg = model_config("sd21_unclip_small_unet"), model_config("sd21_vae")
