@@ -168,8 +168,14 @@ def principal_subspace(
                 yield buf.pop(0)
             yield from first
 
-        again: Callable[[], Iterator[Tensor]] = (lambda: stream(source())) if size > exact_max \
-            else (lambda kept=list(buf): iter(kept))  # type: ignore[misc]
+        if size > exact_max:
+            def again() -> Iterator[Tensor]:  # later passes read the stream again
+                return stream(source())
+        else:
+            kept = list(buf)  # all of it is buffered: later passes read these chunks again
+
+            def again() -> Iterator[Tensor]:
+                return iter(kept)
         mean, v, evals, total, m = _randomised(pass_one(), again, rank, p, passes, seed, dim, device, n, where)
         return _finish(mean, v, evals, total, m, exact=False)
     finally:

@@ -159,7 +159,8 @@ class ViT3D(nn.Module):
         self.check_inputs = True  # NaN/inf check: one host sync per forward; switch off when profiling
         # data-decided, rebuilt from the constructor arguments: not part of the state dict
         self.register_buffer("patch_coords", coords, persistent=False)
-        self.pos_sizes: tuple[int, int, int] = tuple(int(m) + 1 for m in coords.max(0).values)  # type: ignore[assignment]
+        sx, sy, sz = (int(m) + 1 for m in coords.max(0).values)  # (A, 3): checked by _as_coords
+        self.pos_sizes: tuple[int, int, int] = (sx, sy, sz)
 
         self.patch_embed = nn.Linear(patch_dim, dim)
         self.pos_x = nn.Parameter(torch.empty(self.pos_sizes[0], dim))
