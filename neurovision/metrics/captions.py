@@ -25,12 +25,14 @@ import subprocess
 import unicodedata
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from neurovision.metrics.items import RowMetric
+
+_K = TypeVar("_K", bound=Hashable)  # the caller's caption keys (e.g. (subject, stimulus) tuples)
 
 METRIC_NAMES: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
@@ -167,8 +169,8 @@ def _clean(caption: str) -> str:
 
 
 def tokenize_captions(
-    captions: Mapping[Hashable, Sequence[str]], tokenizer: Literal["ptb", "python"] = "ptb",
-) -> dict[Hashable, list[str]]:
+    captions: Mapping[_K, Sequence[str]], tokenizer: Literal["ptb", "python"] = "ptb",
+) -> dict[_K, list[str]]:
     """Tokenise ``{key: [caption, ...]}`` as COCOEvalCap does (one Java call for all captions)."""
     if tokenizer == "python":
         return {k: [python_ptb_tokenize(c) for c in v] for k, v in captions.items()}
@@ -187,7 +189,7 @@ def tokenize_captions(
 
 
 # --------------------------------------------------------------------------------------------- COCO metrics
-def _validate(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
+def _validate(candidates: Mapping[_K, str], references: Mapping[_K, Sequence[str]]) -> None:
     if not candidates:
         raise ValueError("no candidates")
     missing = [k for k in candidates if k not in references]
@@ -234,8 +236,8 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
 
 
 def caption_metrics(
-    candidates: Mapping[Hashable, str],
-    references: Mapping[Hashable, Sequence[str]],
+    candidates: Mapping[_K, str],
+    references: Mapping[_K, Sequence[str]],
     *,
     spice: bool | Literal["auto"] = "auto",
     meteor: bool | Literal["auto"] = "auto",

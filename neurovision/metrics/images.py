@@ -528,8 +528,8 @@ def clip_features(clip_model: Any, images: ImagesLike, mean: Sequence[float] | N
     mean = tuple(mean if mean is not None else cfg.get("mean", CLIP_MEAN))
     std = tuple(std if std is not None else cfg.get("std", CLIP_STD))
     if size is None:
-        size = cfg.get("size", 224)
-        size = int(size[0] if isinstance(size, Sequence) else size)  # type: ignore[index]
+        cfg_size = cfg.get("size", 224)
+        size = int(cfg_size[0] if isinstance(cfg_size, Sequence) else cfg_size)
     imgs = _as_nchw(images, "images")
     _check_values(imgs, "images")
     dev, dtype = _model_device(clip_model, device)
@@ -589,6 +589,7 @@ def evaluate_images(
             for metric in spec.layers:
                 unavailable[metric] = f"no local weights for {name} (weights[{name!r}] is unset)"
             continue
+        reason: str | None
         try:
             model = load_feature_net(name, path)
         except FileNotFoundError as e:

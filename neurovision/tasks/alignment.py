@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar, Literal
 
@@ -15,8 +16,10 @@ from torch import nn
 from neurovision.metrics import ItemMean, ItemMetric, RetrievalTop1, TwoWayIdentification
 from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.models.readout import principal_subspace
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw, datamodule_of
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+
+log = logging.getLogger(__name__)
 
 
 class MLPHead(nn.Sequential):
@@ -24,6 +27,13 @@ class MLPHead(nn.Sequential):
 
     def __init__(self, dim: int, hidden: int, out: int) -> None:
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    @property
+    def out_features(self) -> int:
+        """The output size (the last ``Linear``'s)."""
+        last = self[-1]
+        assert isinstance(last, nn.Linear)
+        return last.out_features
 
 
 def _in_batch(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +146,12 @@ class AlignmentTask(BaseTask):
     # fixed by training (see BaseTask)
     IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ("dim", "depth", "heads", "mlp_ratio", "head_hidden",
                                                     "subject_embedding", "linear_skip", "linear_skip_rank")
+    # buffers (register_buffer in configure_models), typed here for the checker
+    clip_targets: torch.Tensor
+    vae_targets: torch.Tensor
+    train_target_index: torch.Tensor
+    bank_row: torch.Tensor
+    bank: torch.Tensor
 
     def __init__(
         self,
@@ -246,7 +262,7 @@ class AlignmentTask(BaseTask):
     def setup(self, stage: str) -> None:
         if self.clip_targets.numel():
             return
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = datamodule_of(self._trainer)
         store = getattr(dm, "store", None)
         if store is None:
             raise ValueError("AlignmentTask needs a datamodule with a neurovision store (data.init_args.store)")
@@ -264,8 +280,8 @@ class AlignmentTask(BaseTask):
         self.train_target_index = index
         if self.negatives == "train":
             # the bank: every training image of the trained subjects (the datamodule's training trials)
-            train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-            trials = train.items if train is not None else np.flatnonzero(store.split_mask("train"))
+            train_set = dm.datasets.get("train") if hasattr(dm, "datasets") else None
+            trials = train_set.items if train_set is not None else np.flatnonzero(store.split_mask("train"))
             stimuli = torch.from_numpy(np.unique(store.trials["stimulus"][np.asarray(trials)])).long()
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
             self.bank_row[stimuli] = torch.arange(len(stimuli))
@@ -292,7 +308,7 @@ class AlignmentTask(BaseTask):
         restore, so a resumed fit never refits; ``validate/test/predict`` never fit (their checkpoint has it)."""
         if self.skip is None or not self.skip.needs_fit or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        dm = self.trainer.datamodule
+        dm = datamodule_of(self.trainer)
         train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
         if train is None:
             raise ValueError("AlignmentTask: model.init_args.linear_skip_rank needs the datamodule's training set "
@@ -307,31 +323,35 @@ class AlignmentTask(BaseTask):
         Only global rank 0 reads the patterns and fits, on its device; the other ranks receive the mean and
         basis by ``trainer.strategy.broadcast`` (an error on rank 0 is broadcast too, so no rank waits for ever).
         """
+        skip = self.skip
+        if skip is None or skip.rank is None:
+            raise ValueError("AlignmentTask: no read-out subspace to fit (model.init_args.linear_skip_rank is unset)")
         trainer = self._trainer
         rank0 = trainer is None or trainer.global_rank == 0
         distributed = trainer is not None and trainer.world_size > 1
         result: Any = None
         if rank0:
             try:
-                workers = int(getattr(self.trainer.datamodule, "num_workers", 0) or 0) if trainer else 0
+                workers = int(getattr(datamodule_of(trainer), "num_workers", 0) or 0)
                 sub = principal_subspace(
-                    _group_mean_chunks(train, self.skip.in_dim, workers), self.skip.rank, n=len(train.groups),
-                    dim=self.skip.in_dim, seed=int(getattr(train, "seed", 0)), device=self.device, progress=True,
+                    _group_mean_chunks(train, skip.in_dim, workers), skip.rank, n=len(train.groups),
+                    dim=skip.in_dim, seed=int(getattr(train, "seed", 0)), device=self.device, progress=True,
                     desc="read-out subspace", where="AlignmentTask read-out fit (model.init_args.linear_skip_rank)")
                 result = (sub.mean.cpu(), sub.basis.cpu(), sub.ratio.cpu(), sub.n, sub.exact)
             except Exception as e:
                 if not distributed:
                     raise
                 result = e
-        if distributed:
+        if distributed and trainer is not None:
             result = trainer.strategy.broadcast(result, src=0)
         if isinstance(result, BaseException):
             raise result
         mean, basis, ratio, n, exact = result
-        self.skip.set_subspace(mean, basis)
+        skip.set_subspace(mean, basis)
         if rank0:
-            print(f"read-out: {self.skip.rank} principal components of {n} repeat-averaged training patterns "
-                  f"explain {ratio.sum().item():.1%} of their variance ({'exact' if exact else 'randomised'} fit)")
+            log.info("read-out: %s principal components of %s repeat-averaged training patterns explain %.1f%% of "
+                     "their variance (%s fit)", skip.rank, n, 100 * ratio.sum().item(),
+                     "exact" if exact else "randomised")
 
     # forward ----------------------------------------------------------------------------------------
     def forward(self, patches: torch.Tensor, subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -404,7 +424,8 @@ class AlignmentTask(BaseTask):
         self._eval_epoch_end("test")
 
     def _eval_epoch_end(self, split: str) -> None:
-        names = self.trainer.datamodule.store.subject_names if self.trainer.datamodule else []
+        dm = datamodule_of(self.trainer)
+        names = dm.store.subject_names if dm else []
         for _, cond, metrics in self.pop_condition_metrics():
             # every rank's items (the samplers' padding dropped), per subject (each image once per candidate set),
             # then the mean over subjects: pooling subjects would put the same image (identical targets) several

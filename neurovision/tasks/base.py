@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import AttributeDict
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
+def datamodule_of(trainer: L.Trainer | None) -> Any:
+    """``trainer.datamodule``: the datamodule given to ``fit``/``validate``/``test``/``predict`` (None without a
+    trainer or when it was given dataloaders). Lightning sets the attribute but this version's ``Trainer`` does not
+    declare it, so tasks read it through here (one typed place instead of an ignore at each use)."""
+    return getattr(trainer, "datamodule", None)
+
+
 class BaseTask(L.LightningModule):
     """Subclasses fill :meth:`configure_models`, :meth:`configure_losses`, :meth:`configure_metrics`.
 
@@ -50,6 +58,8 @@ class BaseTask(L.LightningModule):
     """
 
     IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ()
+    # set by Lightning's save_hyperparameters (the copy loggers write out), not declared by its mixin: typed here
+    _hparams_initial: AttributeDict
 
     def __init__(
         self,
@@ -134,7 +144,7 @@ class BaseTask(L.LightningModule):
     def condition(self, dataloader_idx: int, default: Sequence[str] = ()) -> str:
         """The name of evaluation dataloader ``dataloader_idx``: the datamodule's ``eval_conditions`` entry (else
         ``default``'s, else the index)."""
-        dm = getattr(self._trainer, "datamodule", None)
+        dm = datamodule_of(self._trainer)
         conds = list(getattr(dm, "eval_conditions", None) or default)
         return str(conds[dataloader_idx]) if 0 <= dataloader_idx < len(conds) else str(dataloader_idx)
 

@@ -24,7 +24,7 @@ from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.llm import load_llm
 from neurovision.models import with_readout
 from neurovision.tasks.alignment import check_stage1_spec, load_stage1
-from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw, datamodule_of
 from neurovision.teachers import OpenCLIPImageTeacher
 
 Phase = Literal["projector", "lora", "full"]
@@ -171,7 +171,7 @@ class InstructTask(BaseTask):
         self.fmri_token_id = int(self.tokenizer.convert_tokens_to_ids(FMRI_TOKEN))
         width = int(self.llm.get_input_embeddings().embedding_dim)
         self.projector = Projector(self.encoder.dim, self.projector_hidden or width, width)
-        clip_dim = int(self.clip_head[-1].out_features)
+        clip_dim = self.clip_head.out_features
         self.clip_projector = (Projector(clip_dim, self.projector_hidden or width, width) if self.clip_token
                                else None)
         for p in self.llm.parameters():
@@ -179,6 +179,7 @@ class InstructTask(BaseTask):
         if self.phase == "lora":
             from peft import get_peft_model
 
+            assert self.lora_config is not None  # __init__ refuses phase="lora" without one
             self.llm = get_peft_model(self.llm, self.lora_config)
         if self.gradient_checkpointing:
             self.llm.gradient_checkpointing_enable()
@@ -200,7 +201,7 @@ class InstructTask(BaseTask):
     def _build_metrics(self) -> dict[str, Any]:
         from neurovision.metrics.instruct import GenerationScores
 
-        dm = self.trainer.datamodule
+        dm = datamodule_of(self.trainer)
         images = (lambda s: dm.store.image(s)) if dm is not None else None
         return {"generations": GenerationScores(clip_teacher=self.clip_teacher, images=images,
                                                 clip_prefix=self.clip_score_prefix).to(self.device)}
@@ -372,7 +373,7 @@ class InstructTask(BaseTask):
         return self._rows(batch)
 
     def on_test_epoch_end(self) -> None:
-        dm = self.trainer.datamodule
+        dm = datamodule_of(self.trainer)
         names = dm.store.subject_names if dm is not None else []
         log_dir = self.trainer.log_dir  # on every rank: a collective (broadcast) under DDP
         for _, cond, metrics in self.pop_condition_metrics():

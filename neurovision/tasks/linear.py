@@ -74,10 +74,10 @@ class LinearDecoder(BaseTask):
         # two-way identification: is corr(pred_i, target_i) > corr(pred_i, target_j), over all j != i
         c = pearson_r(pred[:, None], target[None], dim=-1)  # c[i, j] = r(pred_i, target_j)
         ident = (c.diag()[:, None] > c).float().sum(1) / max(len(pred) - 1, 1)
-        kw = {"batch_size": len(pred), "add_dataloader_idx": False}
-        self.log(f"{name}/loss", loss, **kw)
-        self.log(f"{name}/pixcorr", r.mean(), prog_bar=True, **kw)
-        self.log(f"{name}/identification", ident.mean(), **kw)
+        n = len(pred)
+        self.log(f"{name}/loss", loss, batch_size=n, add_dataloader_idx=False)
+        self.log(f"{name}/pixcorr", r.mean(), prog_bar=True, batch_size=n, add_dataloader_idx=False)
+        self.log(f"{name}/identification", ident.mean(), batch_size=n, add_dataloader_idx=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval("val", batch, dataloader_idx)

@@ -173,16 +173,16 @@ class ReconstructionTask(BaseTask):
         self.stage1 = parts.requires_grad_(False)
         self.subject_embedding = bool(parts.hparams.get("subject_embedding"))
         self.recon = UnCLIPReconstructor.from_pretrained(self.reconstructor_path, torch_dtype=self.torch_dtype)
-        out_dim = int(parts.clip_head[-1].out_features)
+        out_dim = parts.clip_head.out_features
         if out_dim != self.recon.clip_dim:
             raise ValueError(f"{self.reconstructor_path}: unet.projection_class_embeddings_input_dim / 2 = "
                              f"{self.recon.clip_dim}, but the stage-1 CLIP head predicts {out_dim}-d embeddings "
                              "(model.init_args.stage1 and model.init_args.reconstructor must share one CLIP space)")
         if parts.vae_head is not None:
             n = int(np.prod(self.recon.latent_shape))
-            if int(parts.vae_head[-1].out_features) != n:
+            if parts.vae_head.out_features != n:
                 raise ValueError(f"{self.reconstructor_path}: latents {self.recon.latent_shape} ({n} values) differ "
-                                 f"from the stage-1 VAE head's {parts.vae_head[-1].out_features} outputs")
+                                 f"from the stage-1 VAE head's {parts.vae_head.out_features} outputs")
         want = self.recon.meta.get("clip_teacher")
         have = (parts.teacher_ids or {}).get("clip")
         if want and have and want != have:
