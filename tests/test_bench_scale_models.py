@@ -153,7 +153,9 @@ def test_decode_is_bandwidth_bound_at_the_yaml_batch():
 def test_stage2_settings_follow_the_yaml(tmp_path):
     st = rm.stage2_settings()
     raw = yaml.safe_load(rm.STAGE2_YAML.read_text())
-    assert st["batch_size"] == raw["data"]["init_args"]["batch_size"]
+    if isinstance(raw["data"], str):  # the stage's data group file, relative to the stage YAML
+        raw["data"] = yaml.safe_load((rm.STAGE2_YAML.parent / raw["data"]).read_text())
+    assert st["batch_size"] == raw["data"]["init_args"]["batch_size"] > 0
     assert st["epochs_b"] == raw["trainer"]["max_epochs"]
     assert st["phase_a"] == "projector" and st["lora"]["r"] == raw["model"]["init_args"]["lora"]["init_args"]["r"]
     changed = tmp_path / "s2.yaml"

@@ -98,7 +98,19 @@ def _yaml(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: YAML the scale rehearsal projects from is missing")
-    return yaml.safe_load(path.read_text()) or {}
+    return _inline_refs(yaml.safe_load(path.read_text()) or {}, path.parent)
+
+
+def _inline_refs(cfg: Any, base: Path) -> Any:
+    """Values that name another YAML file (``data: data/nsd_instruct.yaml``, a teacher block), read in place
+    relative to the referencing file, as jsonargparse resolves them."""
+    if isinstance(cfg, Mapping):
+        return {k: _inline_refs(v, base) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [_inline_refs(v, base) for v in cfg]
+    if isinstance(cfg, str) and cfg.endswith((".yaml", ".yml")) and (base / cfg).is_file():
+        return _yaml(base / cfg)
+    return cfg
 
 
 def _merge(a: Any, b: Any) -> Any:
