@@ -4,10 +4,11 @@ Llama (byte-level BPE tokenizer + small ``LlamaConfig``) built and pre-trained o
 The tiny model stands in for Llama-3-8B on a laptop: the same classes (``LlamaForCausalLM``,
 ``PreTrainedTokenizerFast`` with a Llama-3-style chat template), saved with ``save_pretrained`` and loaded with
 ``from_pretrained`` exactly like a real checkpoint. Pre-training it for a few minutes on the phantom's captions,
-descriptions and QA (training split only) gives it the language a real LLM brings; stage 2 then only has to
-teach it to read fMRI tokens.
+descriptions and QA (training split only) gives it the language a real LLM brings, and on the same instructions
+rendered with its chat template (without fMRI) the instruction following of the instruction-tuned LLMs the paper
+uses (Llama-3-8B-Instruct, Vicuna); stage 2 then only has to teach it to read fMRI tokens.
 
-    python -m neurovision.llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
+    neurovision tiny llm --store data/phantom_demo.h5 --out teachers/phantom_demo/tiny_llm
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p}: no causal LM checkpoint (config.json) here (YAML key {key}); build a tiny "
-                                f"one with `python -m neurovision.llm --store <store> --out {p}`")
+                                f"one with `neurovision tiny llm --store <store> --out {p}`")
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     if chat_template is not None:
         t = Path(chat_template)
@@ -103,18 +104,43 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
 
 
 def _store_texts(store_path: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
+    return _store_corpus(store_path, splits)[0]
+
+
+def _store_corpus(store_path: str | os.PathLike[str], splits: Sequence[str] = ("train",), per_type: int = 2,
+                  seed: int = 0) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """The answer texts of the training images, and ``per_type`` instruction conversations per image and
+    instruction type (the stage-2 generators, seeded), without the fMRI placeholder."""
+    import numpy as np
+
+    from neurovision.instructions import GENERATORS, NEEDS, concept_vocabulary
     from neurovision.store import Store
     from neurovision.teacher_training import stimuli_of
 
     store = Store(store_path)
     try:
         stim = stimuli_of(store, splits)
-        kinds = [k for k in ("captions", "descriptions", "qa", "dialogues", "sd_prompts")
+        kinds = [k for k in ("captions", "descriptions", "qa", "dialogues", "sd_prompts", "concepts", "boxes")
                  if k in store.annotation_kinds]
         ann = {k: [store.annotations(k, int(i)) for i in stim] for k in kinds}
+        vocabulary = concept_vocabulary(store)
     finally:
         store.close()
-    return corpus(ann)
+    texts = corpus({k: v for k, v in ann.items() if k not in ("concepts", "boxes")})
+    rng = np.random.default_rng(seed)
+    chats: list[list[dict[str, str]]] = []
+    types = [t for t, needs in NEEDS.items() if all(k in ann for k in needs)]
+    for i in range(len(stim)):
+        one = {k: v[i] for k, v in ann.items()}
+        for t in types:
+            if t in ("reasoning", "description", "sd_prompt", "dialogue") and not one.get(NEEDS[t][0]):
+                continue
+            for _ in range(per_type):
+                kw = {"vocabulary": vocabulary} if t == "concept" else {}
+                sample = GENERATORS[t](one, rng, **kw)
+                chats.append([{"role": m["role"], "content": m["content"].replace(f"{FMRI_TOKEN}\n", "", 1)}
+                              for m in sample.messages])
+    return texts, chats
 
 
 def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2000, batch_size: int = 32,
@@ -171,10 +197,14 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
 
 def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *, vocab_size: int = 1024,
                    hidden: int = 192, layers: int = 4, heads: int = 4, steps: int = 1500,
-                   max_minutes: float | None = None, seed: int = 0, progress: bool = True) -> Path:
+                   max_minutes: float | None = None, seed: int = 0, progress: bool = True,
+                   chat: bool = True) -> Path:
     """Train a tokenizer and pre-train a tiny Llama on the store's training-split text; save to ``out``.
 
-    ``steps`` is the budget (see :func:`pretrain`); ``max_minutes`` is deprecated and ignored.
+    ``steps`` is the budget (see :func:`pretrain`); ``max_minutes`` is deprecated and ignored. ``chat``: also
+    pre-train on the stage-2 instructions of the training images rendered with the chat template, without fMRI
+    (two per image and type), as the instruction-tuned LLMs of the paper are; the model then answers each
+    instruction type in its form before stage 2, which only has to teach it what the fMRI says.
     """
     from transformers import LlamaForCausalLM
 
@@ -183,8 +213,10 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
     _deprecated_max_minutes(max_minutes, "build_tiny_llm")
 
     torch.manual_seed(seed)
-    texts = _store_texts(store)
-    tok = train_tokenizer(texts, vocab_size)
+    texts, chats = _store_corpus(store, seed=seed) if chat else (_store_texts(store), [])
+    tok = train_tokenizer(texts + [m["content"] for c in chats for m in c], vocab_size)
+    if chats:  # instruction tuning: the chat-rendered conversations beside the plain texts
+        texts = texts + [tok.apply_chat_template(c, tokenize=False) for c in chats]
     cfg = tiny_llama_config(len(tok), hidden, layers, heads, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
@@ -194,7 +226,7 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
     with atomic_dir(out) as tmp:  # written whole, renamed into place
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "pretrain_metrics.json").write_text(json.dumps({**stats, "store": str(store), "texts": len(texts)},
+        (tmp / "pretrain_metrics.json").write_text(json.dumps({**stats, "store": str(store), "texts": len(texts), "chats": len(chats)},
                                                               indent=1))
     return out
 
@@ -209,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1500, help="pre-training budget in optimiser steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-chat", action="store_true",
+                    help="pre-train on the plain texts only (no chat-rendered instructions: not instruction-tuned)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice); the count can change the weights")
     a = ap.parse_args(argv)
@@ -219,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     set_threads(a.threads)
     out = build_tiny_llm(a.store, a.out, vocab_size=a.vocab_size, hidden=a.hidden, layers=a.layers,
-                         heads=a.heads, steps=a.steps, seed=a.seed)
+                         heads=a.heads, steps=a.steps, seed=a.seed, chat=not a.no_chat)
     print(f"wrote {out}: {(out / 'pretrain_metrics.json').read_text()}")
 
 

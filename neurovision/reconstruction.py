@@ -101,7 +101,7 @@ class UnCLIPReconstructor(torch.nn.Module):
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"{key}: reconstructor folder not found: {root} (a local Stable unCLIP "
-                                    "folder, or `python -m neurovision.unclip_training` for the tiny one)")
+                                    "folder, or `neurovision tiny unclip` for the tiny one)")
         for c in ("vae", "unet", "scheduler", "text_encoder", "tokenizer"):
             if not (root / c).is_dir():
                 raise FileNotFoundError(f"{key}: {root} has no '{c}' component folder (expected the Stable "

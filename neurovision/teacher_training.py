@@ -23,7 +23,7 @@ minutes) on the demo store, a ViT tower (width 128, 4 layers, patch 8) reached 2
 among the 300 test images, its errors mostly object positions and shapes; the ResNet tower reached 84 %.
 Both are open_clip's own classes, chosen by the config JSON (``tiny_clip_config(tower=...)``).
 
-``python -m neurovision.teacher_training --store data/phantom_demo.h5 --out teachers/phantom_demo`` trains
+``neurovision tiny teachers --store data/phantom_demo.h5 --out teachers/phantom_demo`` trains
 both, skipping what already exists (``--force`` retrains).
 """
 
@@ -518,7 +518,7 @@ def evaluate_vae(store: Store, teacher: Any, split: str = "test") -> dict[str, A
 
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m neurovision.teacher_training --store S --out DIR``: train the tiny CLIP and VAE."""
+    """``neurovision tiny teachers --store S --out DIR``: train the tiny CLIP and VAE."""
     p = argparse.ArgumentParser(prog="neurovision tiny teachers", description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="the phantom store (.h5)")
     p.add_argument("--out", required=True, help="output folder (tiny_clip.json/.pt, tiny_vae/)")

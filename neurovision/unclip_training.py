@@ -23,7 +23,7 @@ Real runs load Stable unCLIP 2.1 from a local folder. For the demo chain we writ
 beside the folder holds test-set scores of reconstructions from the *true* latents and embeddings (an upper
 bound for stage 3: what the decoder can do when stage 1 is perfect).
 
-``python -m neurovision.unclip_training --store data/phantom_demo.h5 --teachers teachers/phantom_demo``
+``neurovision tiny unclip --store data/phantom_demo.h5 --teachers teachers/phantom_demo``
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def train_tiny_unclip(
     for f in (tdir / f"{CLIP_NAME}.json", tdir / f"{CLIP_NAME}.pt", tdir / VAE_DIR / "config.json"):
         if not f.is_file():
             raise FileNotFoundError(f"--teachers: {f} is missing (train the tiny CLIP and VAE first: "
-                                    "python -m neurovision.teacher_training)")
+                                    "neurovision tiny teachers)")
     store = Store(store_path)
     image_size = int(store.image_shape[0])
     clip = OpenCLIPImageTeacher(model_name=CLIP_NAME, model_config=str(tdir / f"{CLIP_NAME}.json"),

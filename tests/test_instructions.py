@@ -186,3 +186,32 @@ def test_shuffled_fmri_control_pairs_every_prompt_with_another_images_fmri(tiny_
     assert sorted(shuf.source.values()) == list(range(len(trials)))  # a permutation
     few = EvalInstructions(trials, tokenizer, ["caption"], 160, max_items=3)
     assert sorted({few[i]["subject"] for i in range(len(few))}) == [0, 1]  # spread over the subjects
+
+
+def test_tiny_llm_is_instruction_tuned_on_the_training_images_chats_without_fmri(tiny_store, tmp_path):
+    """The tiny LLM's corpus: the plain answer texts plus, per training image and instruction type, two
+    conversations from the stage-2 generators with the fMRI placeholder removed (an instruction-tuned stand-in)."""
+    import json
+
+    from neurovision.llm import _store_corpus, build_tiny_llm
+    from neurovision.store import Store
+    from neurovision.teacher_training import stimuli_of
+
+    texts, chats = _store_corpus(tiny_store)
+    store = Store(tiny_store)
+    n_train = len(stimuli_of(store, ("train",)))
+    store.close()
+    first_questions = [c[0]["content"] for c in chats]
+    assert not any(ins.FMRI_TOKEN in m["content"] for c in chats for m in c)
+    assert any(q in ins.BRIEF_TEMPLATES for q in first_questions)
+    assert any(q in ins.DETAILED_TEMPLATES for q in first_questions)
+    assert all(c[0]["role"] == "user" and c[-1]["role"] == "assistant" for c in chats)
+    assert len(chats) == 2 * len(ins.INSTRUCTION_TYPES) * n_train  # the tiny phantom has every type
+    assert _store_corpus(tiny_store)[1] == chats  # seeded
+    out = build_tiny_llm(tiny_store, tmp_path / "llm", vocab_size=384, hidden=48, layers=2, heads=2, steps=2,
+                         progress=False)
+    meta = json.loads((out / "pretrain_metrics.json").read_text())
+    assert meta["chats"] == len(chats) and meta["texts"] == len(texts) + len(chats)
+    plain = build_tiny_llm(tiny_store, tmp_path / "plain", vocab_size=384, hidden=48, layers=2, heads=2, steps=2,
+                           progress=False, chat=False)
+    assert json.loads((plain / "pretrain_metrics.json").read_text())["chats"] == 0

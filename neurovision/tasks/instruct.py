@@ -83,7 +83,7 @@ class InstructTask(BaseTask):
     Args:
         data_spec: sizes the data decides (linked by the CLI; must match the stage-1 run's).
         llm: local directory of a Hugging Face causal LM + tokenizer with a chat template
-            (Llama-3-8B-Instruct, Vicuna-13B, or a tiny one from ``python -m neurovision.llm``).
+            (Llama-3-8B-Instruct, Vicuna-13B, or a tiny one from ``neurovision tiny llm``).
         stage1: the stage-1 :class:`~neurovision.tasks.AlignmentTask` checkpoint (ViT3D + CLIP head).
         chat_template: Jinja chat template (string or ``.jinja`` path) for LLMs whose tokenizer has none.
         phase: ``projector`` (A), ``lora`` (B) or ``full`` (B with full fine-tuning).

@@ -80,7 +80,7 @@ class ReconstructionTask(BaseTask):
     Args:
         data_spec: linked by the CLI (must match the stage-1 run's grid and patches).
         stage1: the stage-1 checkpoint (``AlignmentTask``; loaded with ``weights_only=True``).
-        reconstructor: a local Stable unCLIP folder (or the tiny one of ``python -m neurovision.unclip_training``).
+        reconstructor: a local Stable unCLIP folder (or the tiny one of ``neurovision tiny unclip``).
         beta: noise strength β in [0, 1] (paper 0.93; 0 decodes the predicted latent, 1 ignores it), or a list of
             them: one pass per item for every β (see the module docstring; distinct values).
         steps: denoising steps of the full schedule (β runs ``int(steps·β)`` of them).
