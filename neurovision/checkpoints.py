@@ -19,9 +19,11 @@ Atomic files
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
+import shutil
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -73,10 +75,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         remove_stale_checkpoint_partials(target.parent)
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+                try:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except (RuntimeError, OSError) as e:
+                    if disk_full(e, tmp.parent):
+                        raise OSError(errno.ENOSPC, f"{target}: No space left on device (disk full) while writing "
+                                      "this checkpoint; nothing was replaced (trainer.default_root_dir)") from e
+                    raise
         _fsync_dir(target.parent)
+
+
+#: free bytes below which a failed write is taken for a full disk (torch.save reports one as a RuntimeError,
+#: "PytorchStreamWriter failed writing file ...", without an errno)
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder`` (its partial file still there), is a full disk."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def remove_stale_checkpoint_partials(folder: Path) -> None:

@@ -69,6 +69,31 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_partial_one(t
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no truncated or temp file
 
 
+def test_a_full_disk_in_torch_save_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError without an errno: with the disk (nearly) full it becomes
+    the one-line disk-full error the CLI prints; other RuntimeErrors pass unchanged."""
+    from neurovision.cli import user_error
+
+    target = tmp_path / "ckpts" / "last.ckpt"
+
+    def stream_writer_failed(obj, f, *a, **k):
+        f.write(b"PK\x03\x04" + b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", stream_writer_failed)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
+    with pytest.raises(OSError) as e:
+        ck.AtomicCheckpointIO().save_checkpoint({"epoch": 1}, target)
+    assert e.value.errno == errno.ENOSPC and str(target) in str(e.value)
+    message = user_error(e.value, ["fit"])
+    assert message is not None and "\n" not in message and str(target) in message and "disk full" in message
+    assert not any(target.parent.iterdir())  # no partial file left
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 1 << 30, 1 << 30))
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):  # space left: not a full disk
+        ck.AtomicCheckpointIO().save_checkpoint({"epoch": 1}, target)
+
+
 def test_a_killed_writers_temp_file_is_removed_by_the_next_save(tmp_path):
     from neurovision.atomic import _host
 
