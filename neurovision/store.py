@@ -447,15 +447,15 @@ def check_header(f: h5py.File, path: Path, schema: str, version: int, what: str)
 
     A file of an older schema version names the command that rebuilds it (``prepare`` treats it as stale, so no
     ``--force`` is needed); a newer one asks for a newer neurovision."""
-    found = _plain(f.attrs.get("schema"))
+    found = plain(f.attrs.get("schema"))
     if found != schema:
         raise StoreError(path, "/.schema", f"expected {schema!r}, found {found!r} (not {what})")
-    v = _plain(f.attrs.get("schema_version"))
+    v = plain(f.attrs.get("schema_version"))
     if v != version:
         if isinstance(v, int) and v > version:
             raise StoreError(path, "/.schema_version", f"written by a newer version of neurovision (schema "
                              f"version {v}; this version reads {version}): update neurovision to read it")
-        source = _plain(f.attrs.get("source")) or "<source>"
+        source = plain(f.attrs.get("source")) or "<source>"
         raise StoreError(path, "/.schema_version",
                          f"written by an older version of neurovision (schema version {v}; this version reads "
                          f"{version}, with per-chunk checksums): rebuild it with `neurovision prepare {source} "
@@ -509,7 +509,7 @@ class Store:
         self._direct = False
         with open_checked(self.path) as f:
             self._validate(f)
-            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+            self.attrs: dict[str, Any] = {k: plain(v) for k, v in f.attrs.items()}
             g = f["grid"]
             self.grid = Grid(
                 shape=tuple(int(x) for x in g.attrs["shape"]),  # type: ignore[arg-type]
@@ -545,14 +545,14 @@ class Store:
         attrs = getattr(self, "attrs", None)
         if attrs is None and self._h5 is None:
             return None
-        return (attrs or {k: _plain(v) for k, v in self.h5.attrs.items()}).get("source")
+        return (attrs or {k: plain(v) for k, v in self.h5.attrs.items()}).get("source")
 
     def _array(self, f: h5py.File, name: str) -> np.ndarray:
         """A whole (small) dataset; a damaged chunk is a :class:`StoreError` naming its rows."""
         try:
             return f[name][()]
         except OSError:
-            verify_rows(f[name], self.path, "row", _plain(f.attrs.get("source")))
+            verify_rows(f[name], self.path, "row", plain(f.attrs.get("source")))
             raise
 
     # opening ------------------------------------------------------------------------------------
@@ -776,7 +776,8 @@ class Store:
         }
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
+    """An HDF5 attribute value as plain Python (bytes -> str, numpy scalar -> Python scalar, array -> list)."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
@@ -797,7 +798,7 @@ def verify(path: str | os.PathLike[str]) -> int:
     """
     path = Path(path)
     with open_checked(path) as f:
-        schema = _plain(f.attrs.get("schema"))
+        schema = plain(f.attrs.get("schema"))
     if schema != SCHEMA:
         from neurovision.encoding.events import EVENTS_SCHEMA, verify_events
 

@@ -235,21 +235,11 @@ def test_a_teacher_cache_of_the_documented_layout_is_read_as_is(tmp_path: Path) 
 
 
 def test_a_feature_cache_of_an_older_version_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from test_integrity import _write_events
+    from test_integrity import counted_feature_cache
 
-    from neurovision.encoding.features import FEATURES_SCHEMA_VERSION, PhantomOracle, extract_features
+    from neurovision.encoding.features import FEATURES_SCHEMA_VERSION, extract_features
 
-    class Counting(PhantomOracle):
-        calls = 0
-
-        def extract(self, batch: dict) -> dict:
-            Counting.calls += 1
-            return super().extract(batch)
-
-    store = _write_events(tmp_path / "e.h5")
-    cache = tmp_path / "features.h5"
-    kw: dict = dict(batch_size=8, accelerator="cpu", progress=False)
-    good = extract_features(store, Counting("language"), cache, **kw)["concepts"]
+    Counting, store, cache, kw, good = counted_feature_cache(tmp_path, batch_size=8)
     with h5py.File(cache, "r+") as f:
         f.attrs["schema_version"] = 1
     calls = Counting.calls

@@ -374,9 +374,10 @@ def test_store_error_survives_a_worker_traceback() -> None:
     assert json.dumps(str(e)).count("\\n") == 0
 
 
-def test_flipped_feature_cache_byte_is_detected_and_recomputed(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                                               ) -> None:
-    from neurovision.encoding.features import PhantomOracle, cache_entries, extract_features
+def counted_feature_cache(tmp_path: Path, batch_size: int) -> tuple[type, Path, Path, dict, np.ndarray]:
+    """An events store and a feature cache filled once by the phantom's language oracle, whose class counts its
+    ``extract`` calls: (oracle class, store, cache, ``extract_features`` keywords, the cached features)."""
+    from neurovision.encoding.features import PhantomOracle, extract_features
 
     class Counting(PhantomOracle):
         calls = 0
@@ -387,8 +388,16 @@ def test_flipped_feature_cache_byte_is_detected_and_recomputed(tmp_path: Path, c
 
     store = _write_events(tmp_path / "e.h5")
     cache = tmp_path / "features.h5"
-    kw: dict = dict(batch_size=1, accelerator="cpu", progress=False)
+    kw: dict = dict(batch_size=batch_size, accelerator="cpu", progress=False)
     good = extract_features(store, Counting("language"), cache, **kw)["concepts"]
+    return Counting, store, cache, kw, good
+
+
+def test_flipped_feature_cache_byte_is_detected_and_recomputed(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    from neurovision.encoding.features import cache_entries, extract_features
+
+    Counting, store, cache, kw, good = counted_feature_cache(tmp_path, batch_size=1)
     (entry,) = [e["name"] for e in cache_entries(cache)]
     flip_byte(cache, f"entries/{entry}/layers/concepts", (0, 0), offset=5)
     calls = Counting.calls

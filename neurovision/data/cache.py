@@ -40,6 +40,7 @@ import h5py
 import numpy as np
 
 from neurovision.atomic import atomic_path, remove_stale_partials
+from neurovision.store import plain
 
 log = logging.getLogger("neurovision.data.cache")
 
@@ -97,17 +98,6 @@ def store_key(store: Any) -> str:
         return fp
     st = store.path.stat()
     return f"file:{st.st_size}:{st.st_mtime_ns}"
-
-
-def plain(v: Any) -> Any:
-    """An HDF5 attribute value as plain Python (bytes -> str, numpy scalar -> Python scalar, array -> list)."""
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 # --------------------------------------------------------------------------------------------- entries

@@ -45,10 +45,10 @@ from neurovision.store import (
     CHECKSUM,
     AtomicH5Writer,
     StoreError,
-    _plain,
     check_header,
     corrupt_problem,
     open_checked,
+    plain,
     verify_rows,
 )
 
@@ -197,7 +197,7 @@ class EventStore:
         with open_checked(self.path, "events store") as f:
             try:
                 self._validate(f)
-                self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+                self.attrs: dict[str, Any] = {k: plain(v) for k, v in f.attrs.items()}
                 self.bin_centers = np.asarray(f["bins"].attrs["centers"], dtype=np.float64)
                 self.bin_window = float(f["bins"].attrs["window"])
                 self.subject_names: list[str] = json.loads(f["subjects"].attrs["names"])
@@ -210,7 +210,7 @@ class EventStore:
                     s = f["subjects"][name]["sites"]
                     self._sites[name] = Sites(
                         electrode=[_s(x) for x in s["electrode"][:]], coords=s["coords"][:],
-                        region=[_s(x) for x in s["region"][:]], space=_plain(s["coords"].attrs.get("space", "")))
+                        region=[_s(x) for x in s["region"][:]], space=plain(s["coords"].attrs.get("space", "")))
                     for es in f["subjects"][name].get("events", {}):
                         e = f["subjects"][name]["events"][es]
                         self._events[(name, es)] = Events(
@@ -220,8 +220,8 @@ class EventStore:
                 self.extras = sorted(f["extras"].keys()) if "extras" in f else []
             except OSError as e:  # a small dataset (events, sites, keys) failing its checksum: name its rows
                 for _name, ds in _small_datasets(f):
-                    verify_rows(ds, self.path, "row", _plain(f.attrs.get("source")))
-                raise StoreError(self.path, "<file>", corrupt_problem("a chunk", _plain(f.attrs.get("source")),
+                    verify_rows(ds, self.path, "row", plain(f.attrs.get("source")))
+                raise StoreError(self.path, "<file>", corrupt_problem("a chunk", plain(f.attrs.get("source")),
                                                                       self.path, e)) from None
 
     def _validate(self, f: h5py.File) -> None:

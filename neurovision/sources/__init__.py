@@ -32,14 +32,14 @@ def existing_store(out: str | Path) -> tuple[str | None, str | None]:
     import h5py
 
     from neurovision.encoding.events import EVENTS_SCHEMA, EventStore
-    from neurovision.store import Store, _plain
+    from neurovision.store import Store, plain
 
     out = Path(out)
     if not out.exists():
         return None, None
     try:
         with h5py.File(out, "r") as f:
-            schema = _plain(f.attrs.get("schema"))
+            schema = plain(f.attrs.get("schema"))
     except OSError:
         schema = None  # the reader below says why
     try:
