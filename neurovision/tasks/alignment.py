@@ -262,10 +262,7 @@ class AlignmentTask(BaseTask):
     def setup(self, stage: str) -> None:
         if self.clip_targets.numel():
             return
-        dm = datamodule_of(self._trainer)
-        store = getattr(dm, "store", None)
-        if store is None:
-            raise ValueError("AlignmentTask needs a datamodule with a neurovision store (data.init_args.store)")
+        store = self.data_store  # the spec's store path (data.init_args.store)
         # on the rank's own device (back to the CPU after); under DDP every rank calls get() and encodes its
         # shard of a missing entry (TeacherCache.get: rank 0 gathers and writes, all ranks then read it)
         cache = TeacherCache(dtype=self.cache_dtype, device=self.teacher_device)
@@ -279,9 +276,12 @@ class AlignmentTask(BaseTask):
             index[order] = torch.from_numpy(np.roll(order, 1)).long()  # a derangement: no image keeps its own target
         self.train_target_index = index
         if self.negatives == "train":
-            # the bank: every training image of the trained subjects (the datamodule's training trials)
-            train_set = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-            trials = train_set.items if train_set is not None else np.flatnonzero(store.split_mask("train"))
+            # the bank: every training image of the trained subjects (the datamodule's training trials: the
+            # train split of the spec's training subjects; every subject when the spec names none)
+            keep = store.split_mask("train")
+            if self.spec.train_subjects:
+                keep = keep & np.isin(store.trials["subject"], list(self.spec.train_subjects))
+            trials = np.flatnonzero(keep)
             stimuli = torch.from_numpy(np.unique(store.trials["stimulus"][np.asarray(trials)])).long()
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
             self.bank_row[stimuli] = torch.arange(len(stimuli))
@@ -424,8 +424,7 @@ class AlignmentTask(BaseTask):
         self._eval_epoch_end("test")
 
     def _eval_epoch_end(self, split: str) -> None:
-        dm = datamodule_of(self.trainer)
-        names = dm.store.subject_names if dm else []
+        names = self.spec.subject_names
         for _, cond, metrics in self.pop_condition_metrics():
             # every rank's items (the samplers' padding dropped), per subject (each image once per candidate set),
             # then the mean over subjects: pooling subjects would put the same image (identical targets) several
