@@ -177,8 +177,8 @@ class StoreDataModule(L.LightningDataModule):
     @property
     def spec(self) -> DataSpec:
         """Everything a task reads from the data (linked to ``model.init_args.data_spec``): the sizes, the
-        subject names, the evaluation conditions (one val/test dataloader each), the store's path and the
-        training subjects."""
+        subject names, the evaluation conditions (one val/test dataloader each), the store's path, the training
+        subjects, the data seed and the worker count."""
         g = self.store.grid
         return DataSpec(
             num_active_patches=g.n_active, patch_size=g.patch_size, grid_shape=g.shape,
@@ -188,6 +188,7 @@ class StoreDataModule(L.LightningDataModule):
             eval_conditions=tuple(str(c) for c in getattr(self, "eval_conditions", ())),
             store=str(self.store_path),
             train_subjects=tuple(self._subject_indices(getattr(self, "subjects", None), "data.init_args.subjects")),
+            seed=int(getattr(self, "seed", 0)), num_workers=int(getattr(self, "num_workers", 0) or 0),
         )
 
     def _subject_indices(self, names: list[str] | None, key: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Data flows one way: store -> datamodule -> DataSpec -> task; the stage-2 tokenizer is linked by the CLI.
 
-* no task under ``neurovision/tasks/`` reads ``trainer.datamodule`` (source check, one listed exception);
+* no task under ``neurovision/tasks/`` reads ``trainer.datamodule`` (source check);
 * a task validates and tests from dataloaders alone (no datamodule), with the same metrics as with one;
 * ``DataSpec`` lives in ``neurovision.data.spec``; old imports and old pickles still load; checkpoints keep the
   sizes only;
@@ -19,9 +19,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "neurovision" / "tasks"
-# the reads of the datamodule left in tasks: stage 1's read-out fit needs the training *dataset* (repeat-averaged
-# patterns, read in chunks with the datamodule's workers), not plain data (see neurovision.tasks.base.datamodule_of)
-ALLOWED = {("alignment.py", "_ensure_readout"), ("alignment.py", "_fit_readout"), ("base.py", "datamodule_of")}
 
 
 def _datamodule_reads(path: Path) -> set[tuple[str, str]]:
@@ -49,8 +46,8 @@ def test_no_task_reads_the_datamodule():
     reads: set[tuple[str, str]] = set()
     for p in sorted(TASKS.glob("*.py")):
         reads |= _datamodule_reads(p)
-    assert reads - ALLOWED == set(), "tasks read the data through their DataSpec, not trainer.datamodule"
-    assert ("alignment.py", "_ensure_readout") in reads  # the check sees a real read (it can fail)
+    assert len(list(TASKS.glob("*.py"))) >= 5  # the tasks are where the check looks
+    assert reads == set(), "tasks read the data through their DataSpec, not trainer.datamodule"
 
 
 def test_the_source_check_finds_a_read(tmp_path):

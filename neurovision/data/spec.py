@@ -20,7 +20,9 @@ class DataSpec:
     * ``eval_conditions``: the name of each validation/test dataloader, in dataloader order;
     * ``store``: the store file's path (a task that needs the store's images or teacher targets opens it);
     * ``train_subjects``: the subject indices trained on (the training trials are the store's ``train`` split
-      of these subjects; empty: every subject).
+      of these subjects; empty: every subject);
+    * ``seed``: the data seed (training order, MixUp; the randomised read-out fit of stage 1);
+    * ``num_workers``: DataLoader worker processes for the reads a task makes itself (stage 1's read-out fit).
     """
 
     num_active_patches: int
@@ -33,6 +35,8 @@ class DataSpec:
     eval_conditions: tuple[str, ...] = field(default=(), compare=False)
     store: str = field(default="", compare=False)
     train_subjects: tuple[int, ...] = field(default=(), compare=False)
+    seed: int = field(default=0, compare=False)
+    num_workers: int = field(default=0, compare=False)
 
     @property
     def patch_dim(self) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from neurovision.metrics import ItemMean, ItemMetric, RetrievalTop1, TwoWayIdentification
 from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.models.readout import principal_subspace
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw, datamodule_of
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
 log = logging.getLogger(__name__)
@@ -308,17 +308,17 @@ class AlignmentTask(BaseTask):
         restore, so a resumed fit never refits; ``validate/test/predict`` never fit (their checkpoint has it)."""
         if self.skip is None or not self.skip.needs_fit or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        dm = datamodule_of(self.trainer)
-        train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-        if train is None:
-            raise ValueError("AlignmentTask: model.init_args.linear_skip_rank needs the datamodule's training set "
-                             "(datamodule.datasets['train']) to fit the read-out's principal subspace")
-        self._fit_readout(train)
+        from data_modules.fmri import FMRITrials
 
-    def _fit_readout(self, train: Any) -> None:
+        # the datamodule's training trials, from the spec: the store's train split of the training subjects
+        store = self.data_store
+        subjects = list(self.spec.train_subjects) or [int(s.index) for s in store.subjects]
+        self._fit_readout(FMRITrials(store, "train", subjects, "trials", seed=self.spec.seed), self.spec.num_workers)
+
+    def _fit_readout(self, train: Any, workers: int = 0) -> None:
         """Fit the read-out's principal subspace to the repeat-averaged pattern of every training (subject,
-        stimulus), read in chunks through ``train.group_mean`` (:func:`principal_subspace`: bounded memory,
-        exact for small inputs, randomised for large ones).
+        stimulus), read in chunks through ``train.group_mean`` by ``workers`` DataLoader processes
+        (:func:`principal_subspace`: bounded memory, exact for small inputs, randomised for large ones).
 
         Only global rank 0 reads the patterns and fits, on its device; the other ranks receive the mean and
         basis by ``trainer.strategy.broadcast`` (an error on rank 0 is broadcast too, so no rank waits for ever).
@@ -332,7 +332,6 @@ class AlignmentTask(BaseTask):
         result: Any = None
         if rank0:
             try:
-                workers = int(getattr(datamodule_of(trainer), "num_workers", 0) or 0)
                 sub = principal_subspace(
                     _group_mean_chunks(train, skip.in_dim, workers), skip.rank, n=len(train.groups),
                     dim=skip.in_dim, seed=int(getattr(train, "seed", 0)), device=self.device, progress=True,

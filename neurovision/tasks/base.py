@@ -19,14 +19,6 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def datamodule_of(trainer: L.Trainer | None) -> Any:
-    """``trainer.datamodule`` (None without a trainer or when it was given dataloaders). Tasks read the data through
-    their :class:`DataSpec`; the one read left is stage 1's read-out fit, which needs the training *dataset*
-    (``AlignmentTask._ensure_readout``; tests/test_dataflow.py lists it). Lightning sets the attribute but this
-    version's ``Trainer`` does not declare it: one typed place instead of an ignore at each use."""
-    return getattr(trainer, "datamodule", None)
-
-
 class BaseTask(L.LightningModule):
     """Subclasses fill :meth:`configure_models`, :meth:`configure_losses`, :meth:`configure_metrics`.
 
