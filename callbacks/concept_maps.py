@@ -16,7 +16,7 @@ _NEEDS = ("encoder", "clip_head", "clip_teacher")
 
 class ConceptMaps(L.Callback):
     """At the end of each test run, localise concepts with the module's ``encoder``, ``clip_head`` and
-    ``clip_teacher`` on the datamodule's store (:func:`neurovision.interpretation.localize`).
+    ``clip_teacher`` on the run's store (the task's data spec) (:func:`neurovision.interpretation.localize`).
 
     Writes ``<out_dir>/<subject>/<concept>.nii.gz`` (+ ``.png``) and ``concept_r.csv``, and logs
     ``test/concepts/r_mean`` and ``test/concepts/<concept>/r`` (the mean over subjects of the Pearson r with
@@ -82,9 +82,15 @@ class ConceptMaps(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (self.runs and not self.every_test):
             return
-        store = getattr(trainer.datamodule, "store", None)  # type: ignore[attr-defined]  # set by fit/test
+        # the store named by the task's data spec (the datamodule's, linked by the CLI); a module without one: the
+        # datamodule's own
+        store: Any
+        if getattr(getattr(pl_module, "spec", None), "store", ""):
+            store = getattr(pl_module, "data_store")  # noqa: B009  # BaseTask's (LightningModule does not declare it)
+        else:
+            store = getattr(getattr(trainer, "datamodule", None), "store", None)
         if store is None:
-            raise ValueError("callbacks.ConceptMaps needs a datamodule with a neurovision store")
+            raise ValueError("callbacks.ConceptMaps needs a neurovision store (the task's data spec or the datamodule)")
         root = trainer.log_dir or trainer.default_root_dir  # on every rank: a collective under DDP
         out = Path(self.out_dir) if self.out_dir else Path(root) / "concept_maps"
         spec = getattr(pl_module, "spec", None)

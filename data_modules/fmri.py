@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from neurovision.data.spec import DataSpec
 from neurovision.store import SPLITS, Store
-from neurovision.tasks.base import DataSpec
 
 Condition = Literal["average", "single"]
 
@@ -176,12 +176,19 @@ class StoreDataModule(L.LightningDataModule):
     # values the data decides (for LightningCLI.link_arguments, apply_on="instantiate") ----------------
     @property
     def spec(self) -> DataSpec:
-        """Everything a task needs to size itself (linked to ``model.init_args.data_spec``)."""
+        """Everything a task reads from the data (linked to ``model.init_args.data_spec``): the sizes, the
+        subject names, the evaluation conditions (one val/test dataloader each), the store's path, the training
+        subjects, the data seed and the worker count."""
         g = self.store.grid
         return DataSpec(
             num_active_patches=g.n_active, patch_size=g.patch_size, grid_shape=g.shape,
             patch_coords=tuple(tuple(int(v) for v in c) for c in g.active_coords),  # type: ignore[misc]
             num_subjects=len(self.store.subjects), image_shape=self.store.image_shape,
+            subject_names=tuple(str(n) for n in self.store.subject_names),
+            eval_conditions=tuple(str(c) for c in getattr(self, "eval_conditions", ())),
+            store=str(self.store_path),
+            train_subjects=tuple(self._subject_indices(getattr(self, "subjects", None), "data.init_args.subjects")),
+            seed=int(getattr(self, "seed", 0)), num_workers=int(getattr(self, "num_workers", 0) or 0),
         )
 
     def _subject_indices(self, names: list[str] | None, key: str) -> list[int]:

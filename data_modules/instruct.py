@@ -157,8 +157,10 @@ class InstructionDataModule(FMRIDataModule):
 
     Training draws one instruction per trial from ``tasks`` (weights ``task_weights``); validation computes the
     teacher-forced loss and test/predict generate, both on the deterministic prompts of ``eval_tasks`` per
-    (subject, image) item and condition. The tokenizer is the model's (``LightningModule.tokenizer``) unless
-    ``tokenizer`` names a local directory.
+    (subject, image) item and condition. The tokenizer is loaded from ``tokenizer``, the LLM's local directory,
+    as the model loads it (:func:`neurovision.llm.load_tokenizer`, with the same ``chat_template``): ``neurovision``
+    links both from ``model.init_args.llm`` and ``model.init_args.chat_template``, so the datamodule takes nothing
+    from the model and both tokenise identically.
 
     Args (beyond :class:`~data_modules.FMRIDataModule`'s):
         tasks: instruction types for training.
@@ -167,7 +169,8 @@ class InstructionDataModule(FMRIDataModule):
         max_length: token limit of one sample (before the fMRI tokens are spliced in).
         max_eval_items: evaluate N evenly spaced (subject, image) items per condition (None: all).
         shuffle_fmri: control: evaluation prompts get another image's fMRI.
-        tokenizer: local tokenizer directory (default: the model's tokenizer).
+        tokenizer: the LLM's local directory (linked from ``model.init_args.llm``; leave unset in YAML).
+        chat_template: Jinja chat template or ``.jinja`` path (linked from ``model.init_args.chat_template``).
         eval_batch_size: batch size of validation/test/predict (generation); ``batch_size`` when omitted.
     """
 
@@ -192,6 +195,7 @@ class InstructionDataModule(FMRIDataModule):
         shuffle_fmri: bool = False,
         tokenizer: str | None = None,
         eval_batch_size: int | None = None,
+        chat_template: str | None = None,
     ) -> None:
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("max_length", max_length, 1), ("max_eval_items", max_eval_items, 1)):
@@ -211,27 +215,20 @@ class InstructionDataModule(FMRIDataModule):
         self.max_eval_items = max_eval_items
         self.shuffle_fmri = shuffle_fmri
         self.tokenizer_path = tokenizer
+        self.chat_template = chat_template
         self.eval_batch_size = eval_batch_size or batch_size
         self._tokenizer: Any = None
 
     @property
     def tokenizer(self) -> Any:
+        """The LLM's tokenizer, loaded at first use from ``tokenizer`` (see the class docstring)."""
         if self._tokenizer is None:
-            if self.tokenizer_path is not None:
-                from transformers import AutoTokenizer
+            if self.tokenizer_path is None:
+                raise ValueError("data.init_args.tokenizer is unset: run through `neurovision` (it links "
+                                 "model.init_args.llm) or pass the LLM's directory")
+            from neurovision.llm import load_tokenizer
 
-                p = Path(self.tokenizer_path)
-                if not p.is_dir():
-                    raise FileNotFoundError(f"{p}: tokenizer directory does not exist (YAML key "
-                                            "data.init_args.tokenizer)")
-                self._tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-            else:
-                model = self.trainer.lightning_module if self.trainer is not None else None
-                tok = getattr(model, "tokenizer", None)
-                if tok is None:
-                    raise ValueError("InstructionDataModule needs a tokenizer: the model has none; set "
-                                     "data.init_args.tokenizer")
-                self._tokenizer = tok
+            self._tokenizer = load_tokenizer(self.tokenizer_path, "data.init_args.tokenizer", self.chat_template)
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:

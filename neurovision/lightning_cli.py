@@ -37,7 +37,9 @@ warnings.filterwarnings("ignore", message="`loftq_config` specified but will be 
 
 class NeuroVisionCLI(LightningCLI):
     """LightningCLI with neurovision's base task and datamodule (subclass mode), seed 0 by default, the run's
-    config saved with overwrite; links what the data decides (``data.spec`` -> ``model.init_args.data_spec``).
+    config saved with overwrite; links what the data decides (``data.spec`` -> ``model.init_args.data_spec``) and, for
+    stage 2, the LLM's path and chat template to the datamodule's tokenizer (``model.init_args.llm`` ->
+    ``data.init_args.tokenizer``, ``model.init_args.chat_template`` -> ``data.init_args.chat_template``).
 
     Checkpoints (see :mod:`neurovision.checkpoints`):
 
@@ -79,6 +81,10 @@ class NeuroVisionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+        # stage 2: the datamodule loads the LLM's tokenizer from the model's path, with the model's chat template
+        # (the data takes nothing from the model; both tokenise identically)
+        parser.link_arguments("model.init_args.llm", "data.init_args.tokenizer", apply_on="parse")
+        parser.link_arguments("model.init_args.chat_template", "data.init_args.chat_template", apply_on="parse")
 
     # --------------------------------------------------------------------------------- checkpoint config
     def _explicit_model(self, sub: str) -> dict[str, Any]:

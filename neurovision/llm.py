@@ -67,15 +67,16 @@ def tiny_llama_config(vocab_size: int, hidden: int = 192, layers: int = 4, heads
     )
 
 
-def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None,
-             chat_template: str | None = None) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) from a local directory, ready for fMRI tokens.
+def load_tokenizer(path: str | os.PathLike[str], key: str = "model.init_args.llm",
+                   chat_template: str | None = None) -> Any:
+    """The tokenizer of the causal LM in a local directory, ready for fMRI tokens: what :func:`load_llm` returns
+    with the model (the stage-2 datamodule loads it from the same path, so both tokenise identically).
 
-    The tokenizer gets the ``<fmri>`` placeholder token (and a pad token) if it lacks them, and the model's
-    embeddings grow to match. ``chat_template`` (a Jinja string, or the path of a ``.jinja`` file) replaces the
-    tokenizer's own, for models that ship none (e.g. Vicuna). A missing directory is one error naming ``key``.
+    The tokenizer gets the ``<fmri>`` placeholder token (and a pad token) if it lacks them. ``chat_template`` (a
+    Jinja string, or the path of a ``.jinja`` file) replaces the tokenizer's own, for models that ship none (e.g.
+    Vicuna). A missing directory is one error naming ``key``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -97,7 +98,21 @@ def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dty
         tok.add_special_tokens({"additional_special_tokens": added})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype or torch.float32)
+    return tok
+
+
+def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None,
+             chat_template: str | None = None) -> tuple[Any, Any]:
+    """(causal LM, tokenizer) from a local directory, ready for fMRI tokens.
+
+    The tokenizer is :func:`load_tokenizer`'s (the ``<fmri>`` placeholder and a pad token added if it lacks them,
+    ``chat_template`` replacing its own), and the model's embeddings grow to match. A missing directory is one
+    error naming ``key``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path, key, chat_template)
+    model = AutoModelForCausalLM.from_pretrained(Path(path), local_files_only=True, dtype=dtype or torch.float32)
     if len(tok) > cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]:
         model.resize_token_embeddings(len(tok))
     return model, tok

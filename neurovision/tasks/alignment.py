@@ -16,7 +16,7 @@ from torch import nn
 from neurovision.metrics import ItemMean, ItemMetric, RetrievalTop1, TwoWayIdentification
 from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.models.readout import principal_subspace
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw, datamodule_of
+from neurovision.tasks.base import BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
 log = logging.getLogger(__name__)
@@ -262,10 +262,7 @@ class AlignmentTask(BaseTask):
     def setup(self, stage: str) -> None:
         if self.clip_targets.numel():
             return
-        dm = datamodule_of(self._trainer)
-        store = getattr(dm, "store", None)
-        if store is None:
-            raise ValueError("AlignmentTask needs a datamodule with a neurovision store (data.init_args.store)")
+        store = self.data_store  # the spec's store path (data.init_args.store)
         # on the rank's own device (back to the CPU after); under DDP every rank calls get() and encodes its
         # shard of a missing entry (TeacherCache.get: rank 0 gathers and writes, all ranks then read it)
         cache = TeacherCache(dtype=self.cache_dtype, device=self.teacher_device)
@@ -279,9 +276,12 @@ class AlignmentTask(BaseTask):
             index[order] = torch.from_numpy(np.roll(order, 1)).long()  # a derangement: no image keeps its own target
         self.train_target_index = index
         if self.negatives == "train":
-            # the bank: every training image of the trained subjects (the datamodule's training trials)
-            train_set = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-            trials = train_set.items if train_set is not None else np.flatnonzero(store.split_mask("train"))
+            # the bank: every training image of the trained subjects (the datamodule's training trials: the
+            # train split of the spec's training subjects; every subject when the spec names none)
+            keep = store.split_mask("train")
+            if self.spec.train_subjects:
+                keep = keep & np.isin(store.trials["subject"], list(self.spec.train_subjects))
+            trials = np.flatnonzero(keep)
             stimuli = torch.from_numpy(np.unique(store.trials["stimulus"][np.asarray(trials)])).long()
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
             self.bank_row[stimuli] = torch.arange(len(stimuli))
@@ -308,17 +308,17 @@ class AlignmentTask(BaseTask):
         restore, so a resumed fit never refits; ``validate/test/predict`` never fit (their checkpoint has it)."""
         if self.skip is None or not self.skip.needs_fit or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        dm = datamodule_of(self.trainer)
-        train = dm.datasets.get("train") if hasattr(dm, "datasets") else None
-        if train is None:
-            raise ValueError("AlignmentTask: model.init_args.linear_skip_rank needs the datamodule's training set "
-                             "(datamodule.datasets['train']) to fit the read-out's principal subspace")
-        self._fit_readout(train)
+        from data_modules.fmri import FMRITrials
 
-    def _fit_readout(self, train: Any) -> None:
+        # the datamodule's training trials, from the spec: the store's train split of the training subjects
+        store = self.data_store
+        subjects = list(self.spec.train_subjects) or [int(s.index) for s in store.subjects]
+        self._fit_readout(FMRITrials(store, "train", subjects, "trials", seed=self.spec.seed), self.spec.num_workers)
+
+    def _fit_readout(self, train: Any, workers: int = 0) -> None:
         """Fit the read-out's principal subspace to the repeat-averaged pattern of every training (subject,
-        stimulus), read in chunks through ``train.group_mean`` (:func:`principal_subspace`: bounded memory,
-        exact for small inputs, randomised for large ones).
+        stimulus), read in chunks through ``train.group_mean`` by ``workers`` DataLoader processes
+        (:func:`principal_subspace`: bounded memory, exact for small inputs, randomised for large ones).
 
         Only global rank 0 reads the patterns and fits, on its device; the other ranks receive the mean and
         basis by ``trainer.strategy.broadcast`` (an error on rank 0 is broadcast too, so no rank waits for ever).
@@ -332,7 +332,6 @@ class AlignmentTask(BaseTask):
         result: Any = None
         if rank0:
             try:
-                workers = int(getattr(datamodule_of(trainer), "num_workers", 0) or 0)
                 sub = principal_subspace(
                     _group_mean_chunks(train, skip.in_dim, workers), skip.rank, n=len(train.groups),
                     dim=skip.in_dim, seed=int(getattr(train, "seed", 0)), device=self.device, progress=True,
@@ -424,8 +423,7 @@ class AlignmentTask(BaseTask):
         self._eval_epoch_end("test")
 
     def _eval_epoch_end(self, split: str) -> None:
-        dm = datamodule_of(self.trainer)
-        names = dm.store.subject_names if dm else []
+        names = self.spec.subject_names
         for _, cond, metrics in self.pop_condition_metrics():
             # every rank's items (the samplers' padding dropped), per subject (each image once per candidate set),
             # then the mean over subjects: pooling subjects would put the same image (identical targets) several

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
@@ -12,35 +10,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import AttributeDict
 
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the data decides, passed from the datamodule to the task by ``link_arguments``."""
-
-    num_active_patches: int
-    patch_size: int
-    grid_shape: tuple[int, int, int]
-    patch_coords: tuple[tuple[int, int, int], ...]
-    num_subjects: int
-    image_shape: tuple[int, int, int]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**3
-
+from neurovision.data.spec import DataSpec  # re-exported: old imports keep working
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # YAML names
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
-
-
-def datamodule_of(trainer: L.Trainer | None) -> Any:
-    """``trainer.datamodule``: the datamodule given to ``fit``/``validate``/``test``/``predict`` (None without a
-    trainer or when it was given dataloaders). Lightning sets the attribute but this version's ``Trainer`` does not
-    declare it, so tasks read it through here (one typed place instead of an ignore at each use)."""
-    return getattr(trainer, "datamodule", None)
 
 
 class BaseTask(L.LightningModule):
@@ -78,7 +54,7 @@ class BaseTask(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "data_spec"])
         self._condition_metrics: dict[int, dict[str, Any]] = {}  # evaluation metrics per dataloader (a plain dict:
         # built at the first batch of each condition, never in the state dict)
-        self.hparams["data_spec"] = dataclasses.asdict(data_spec)
+        self.hparams["data_spec"] = data_spec.sizes()  # the run fields (names, conditions) stay out
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -94,6 +70,20 @@ class BaseTask(L.LightningModule):
         for k in keys:
             self.hparams.pop(k, None)
             self._hparams_initial.pop(k, None)
+
+    @property
+    def data_store(self) -> Any:
+        """The run's store (:class:`neurovision.store.Store`), opened from the data spec's ``store`` path at first
+        use (the task reads the data through its spec, never through ``trainer.datamodule``)."""
+        store = self.__dict__.get("_data_store")
+        if store is None:
+            if not self.spec.store:
+                raise ValueError(f"{type(self).__name__} needs a neurovision store: the data spec has none (run "
+                                 "through `neurovision`, which links data.spec, or give DataSpec(store=...))")
+            from neurovision.store import Store
+
+            store = self.__dict__["_data_store"] = Store(self.spec.store)
+        return store
 
     # teachers (frozen plain-object models: CLIP, VAE) on the rank's own device ------------------------
     @property
@@ -142,11 +132,9 @@ class BaseTask(L.LightningModule):
 
     # evaluation conditions (one val/test dataloader each) ------------------------------------------------
     def condition(self, dataloader_idx: int, default: Sequence[str] = ()) -> str:
-        """The name of evaluation dataloader ``dataloader_idx``: the datamodule's ``eval_conditions`` entry (else
+        """The name of evaluation dataloader ``dataloader_idx``: the data spec's ``eval_conditions`` entry (else
         ``default``'s, else the index)."""
-        dm = datamodule_of(self._trainer)
-        conds = list(getattr(dm, "eval_conditions", None) or default)
-        return str(conds[dataloader_idx]) if 0 <= dataloader_idx < len(conds) else str(dataloader_idx)
+        return self.spec.condition(dataloader_idx, tuple(default))
 
     def condition_metrics(self, dataloader_idx: int, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The metrics (torchmetrics ``Metric``s) of one evaluation condition: ``build()`` at its first batch,
@@ -187,3 +175,6 @@ class BaseTask(L.LightningModule):
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+
+__all__ = ["TORCH_DTYPES", "BaseTask", "DataSpec"]

@@ -24,7 +24,7 @@ from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.llm import load_llm
 from neurovision.models import with_readout
 from neurovision.tasks.alignment import check_stage1_spec, load_stage1
-from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw, datamodule_of
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
 from neurovision.teachers import OpenCLIPImageTeacher
 
 Phase = Literal["projector", "lora", "full"]
@@ -201,8 +201,7 @@ class InstructTask(BaseTask):
     def _build_metrics(self) -> dict[str, Any]:
         from neurovision.metrics.instruct import GenerationScores
 
-        dm = datamodule_of(self.trainer)
-        images = (lambda s: dm.store.image(s)) if dm is not None else None
+        images = (lambda s: self.data_store.image(s)) if self.spec.store else None
         return {"generations": GenerationScores(clip_teacher=self.clip_teacher, images=images,
                                                 clip_prefix=self.clip_score_prefix).to(self.device)}
 
@@ -373,15 +372,13 @@ class InstructTask(BaseTask):
         return self._rows(batch)
 
     def on_test_epoch_end(self) -> None:
-        dm = datamodule_of(self.trainer)
-        names = dm.store.subject_names if dm is not None else []
         log_dir = self.trainer.log_dir  # on every rank: a collective (broadcast) under DDP
         for _, cond, metrics in self.pop_condition_metrics():
             gen = metrics["generations"]
             rows = gen.gather()  # every rank's rows, the samplers' padding dropped (a collective under DDP)
             for r in rows:
                 r["condition"] = cond
-                r["subject_name"] = names[r["subject"]] if names else str(r["subject"])
+                r["subject_name"] = self.spec.subject_name(int(r["subject"]))
             scores = gen.score(rows)
             for k, v in scores.items():
                 if v is not None:
