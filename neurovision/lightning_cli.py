@@ -35,6 +35,36 @@ from neurovision.tasks.base import BaseTask
 warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
 
 
+#: keys the CLI fills from others (``link_arguments``): jsonargparse would overwrite a value given for them silently
+LINKED_KEYS = {"data.init_args.tokenizer": "model.init_args.llm",
+               "data.init_args.chat_template": "model.init_args.chat_template"}
+
+
+def refuse_linked_keys(argv: list[str]) -> None:
+    """A linked key set on the command line or in a ``-c`` YAML is an error naming where and what to set instead
+    (jsonargparse's link would replace the value without a word)."""
+    import yaml
+
+    for key, source in LINKED_KEYS.items():
+        flags = {f"--{key}", f"--{key.replace('init_args.', '')}"}
+        where = next((f"flag {a.split('=', 1)[0]}" for a in argv if a.split("=", 1)[0] in flags), None)
+        for i, a in enumerate(argv):
+            path = argv[i + 1] if a in ("-c", "--config") and i + 1 < len(argv) else \
+                a.split("=", 1)[1] if a.startswith("--config=") else None
+            if where is None and path and Path(path).is_file():
+                try:
+                    node: Any = yaml.safe_load(Path(path).read_text())
+                except yaml.YAMLError:
+                    continue  # the parser names a broken file itself
+                for part in key.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None:
+                    where = f"{path}: {key}"
+        if where is not None:
+            raise ValueError(f"{where}: {key} is set from {source} by the CLI (the model and the datamodule "
+                             f"tokenise alike); set {source} instead")
+
+
 class NeuroVisionCLI(LightningCLI):
     """LightningCLI with neurovision's base task and datamodule (subclass mode), seed 0 by default, the run's
     config saved with overwrite; links what the data decides (``data.spec`` -> ``model.init_args.data_spec``) and, for
@@ -78,6 +108,11 @@ class NeuroVisionCLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_class=RunPathParser,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, list | tuple):
+            refuse_linked_keys(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")

@@ -163,3 +163,20 @@ def test_the_cli_links_the_llm_path_and_chat_template_to_the_datamodule():
     assert cli.config.data.init_args.chat_template == "/x/t.jinja"
     s1 = Parsed(args=["-c", "experiments/stage1_vit3d.yaml"], run=False)  # no LLM: the links do nothing
     assert "tokenizer" not in s1.config.data.init_args
+
+
+def test_a_linked_key_given_by_the_user_is_an_error_not_silently_replaced(tmp_path, capsys):
+    """`data.init_args.tokenizer` / `chat_template` are filled from the model's keys by the CLI; jsonargparse would
+    overwrite a user's value silently, so giving one (flag or -c YAML) is one error naming what to set instead."""
+    from tests.helpers import run_cli
+
+    s2 = ["-c", "experiments/stage2_instruct.yaml", "-c", "experiments/presets/stage2_instruct_tiny.yaml"]
+    assert run_cli(["fit", *s2, "--data.init_args.tokenizer=/elsewhere", "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data.init_args.tokenizer" in err[0] and "model.init_args.llm" in err[0]
+    extra = tmp_path / "tok.yaml"
+    extra.write_text("data:\n  init_args:\n    chat_template: '{{ messages }}'\n")
+    assert run_cli(["fit", *s2, "-c", str(extra), "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(extra) in err[0] and "model.init_args.chat_template" in err[0]
+    assert run_cli(["fit", *s2, "--print_config"]) == 0  # the links alone are fine
