@@ -56,7 +56,7 @@ class CheckedCLI(NeuroVisionCLI):
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
-        from neurovision.cli import _where
+        from neurovision.cli import where_given
 
         cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         for key, (kind, what) in INPUT_PATHS.items():
@@ -65,14 +65,14 @@ class CheckedCLI(NeuroVisionCLI):
             except (KeyError, AttributeError, TypeError):  # another class's config: no such key
                 continue
             if isinstance(value, (str, Path)) and str(value) and _missing(kind, str(value)):
-                where = _where(key, self._argv)
+                where = where_given(key, self._argv)
                 raise FileNotFoundError(f"{value}: {what} (YAML key {key}" + (f", {where})" if where else ")"))
         init = (cfg.get("data") or {}).get("init_args") if hasattr(cfg, "get") else None
         self._check_stage1_grid(cfg)
         for key in POSITIVE_DATA_KEYS:
             value = init.get(key) if init is not None and hasattr(init, "get") else None
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                where = _where(f"data.init_args.{key}", self._argv)
+                where = where_given(f"data.init_args.{key}", self._argv)
                 raise ValueError(f"data.init_args.{key}: {value!r}: must be an integer >= 1"
                                  + (f" ({where})" if where else ""))
 

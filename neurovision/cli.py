@@ -388,7 +388,7 @@ def _config_files(argv: list[str]) -> list[str]:
     return out
 
 
-def _where(key: str, argv: list[str]) -> str:
+def where_given(key: str, argv: list[str]) -> str:
     """Where the user set ``key`` (dotted): the flag when one sets it, else the last ``-c`` YAML file holding it."""
     if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
         return f"flag --{key}"
@@ -446,7 +446,7 @@ def _condense_parse_error(message: str, argv: list[str]) -> str:
         if m:
             keys.append(m.group(1))
         key = ".".join(keys).removesuffix(".init_args")
-        where = _where(key, argv) if key else ""
+        where = where_given(key, argv) if key else ""
         return f"{key}: {t}" + (f" ({where})" if where else "") if key else t
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
 

@@ -43,24 +43,11 @@ LINKED_KEYS = {"data.init_args.tokenizer": "model.init_args.llm",
 def refuse_linked_keys(argv: list[str]) -> None:
     """A linked key set on the command line or in a ``-c`` YAML is an error naming where and what to set instead
     (jsonargparse's link would replace the value without a word)."""
-    import yaml
+    from neurovision.cli import where_given
 
     for key, source in LINKED_KEYS.items():
-        flags = {f"--{key}", f"--{key.replace('init_args.', '')}"}
-        where = next((f"flag {a.split('=', 1)[0]}" for a in argv if a.split("=", 1)[0] in flags), None)
-        for i, a in enumerate(argv):
-            path = argv[i + 1] if a in ("-c", "--config") and i + 1 < len(argv) else \
-                a.split("=", 1)[1] if a.startswith("--config=") else None
-            if where is None and path and Path(path).is_file():
-                try:
-                    node: Any = yaml.safe_load(Path(path).read_text())
-                except yaml.YAMLError:
-                    continue  # the parser names a broken file itself
-                for part in key.split("."):
-                    node = node.get(part) if isinstance(node, dict) else None
-                if node is not None:
-                    where = f"{path}: {key}"
-        if where is not None:
+        where = where_given(key, argv) or where_given(key.replace("init_args.", ""), argv)
+        if where:
             raise ValueError(f"{where}: {key} is set from {source} by the CLI (the model and the datamodule "
                              f"tokenise alike); set {source} instead")
 

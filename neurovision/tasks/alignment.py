@@ -278,9 +278,7 @@ class AlignmentTask(BaseTask):
         if self.negatives == "train":
             # the bank: every training image of the trained subjects (the datamodule's training trials: the
             # train split of the spec's training subjects; every subject when the spec names none)
-            keep = store.split_mask("train")
-            if self.spec.train_subjects:
-                keep = keep & np.isin(store.trials["subject"], list(self.spec.train_subjects))
+            keep = store.split_mask("train") & np.isin(store.trials["subject"], self._train_subjects(store))
             trials = np.flatnonzero(keep)
             stimuli = torch.from_numpy(np.unique(store.trials["stimulus"][np.asarray(trials)])).long()
             self.bank_row = torch.full((len(self.clip_targets),), -1, dtype=torch.long)
@@ -312,8 +310,12 @@ class AlignmentTask(BaseTask):
 
         # the datamodule's training trials, from the spec: the store's train split of the training subjects
         store = self.data_store
-        subjects = list(self.spec.train_subjects) or [int(s.index) for s in store.subjects]
-        self._fit_readout(FMRITrials(store, "train", subjects, "trials", seed=self.spec.seed), self.spec.num_workers)
+        self._fit_readout(FMRITrials(store, "train", self._train_subjects(store), "trials", seed=self.spec.seed),
+                          self.spec.num_workers)
+
+    def _train_subjects(self, store: Any) -> list[int]:
+        """The datamodule's training subjects (indices), from the spec: every subject when it names none."""
+        return list(self.spec.train_subjects) or [int(s.index) for s in store.subjects]
 
     def _fit_readout(self, train: Any, workers: int = 0) -> None:
         """Fit the read-out's principal subspace to the repeat-averaged pattern of every training (subject,
