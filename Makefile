@@ -36,7 +36,7 @@ S1 := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.
 S2 := -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml \
 	--model.init_args.clip_token=true
 ck = $$(ls -t $(1)/tb/*/checkpoints/last.ckpt | head -1)
-logto = --trainer.default_root_dir=$(1)  # the logger's save_dir follows it (neurovision.lightning_cli)
+logto = --trainer.default_root_dir=$(1)  # the logger's save_dir follows it (neurovision.cli.lightning)
 DEMO_S1_EPOCHS ?= 4
 DEMO_S2_A_BATCHES ?= 300
 DEMO_S2_BATCHES ?= 400

@@ -28,7 +28,7 @@ class _TorchvisionFirstImport(importlib.abc.MetaPathFinder):
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname == "torchvision":
             sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TorchvisionFirstImport)]
-            from neurovision._compat import patch_torchvision
+            from neurovision.cli.environment import patch_torchvision
 
             patch_torchvision()
         return None  # let the normal finders locate torchvision
@@ -44,7 +44,7 @@ def install_hook() -> None:
 def install_pth(site_packages: str | None = None) -> Path | None:
     """Write the ``.pth`` that installs the hook at interpreter start where torchvision's ops do not load;
     elsewhere remove a stale one. Returns the path written, or None."""
-    from neurovision._compat import torchvision_ops_loadable
+    from neurovision.cli.environment import torchvision_ops_loadable
 
     target = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
     if torchvision_ops_loadable():

@@ -58,9 +58,9 @@ import neurovision
 neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) imports torchvision
 
 from data_modules.fmri import FMRIDataModule, FMRITrials  # noqa: E402
-from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.data.atomic import atomic_path  # noqa: E402
+from neurovision.data.store import Store  # noqa: E402
 from neurovision.sources import phantom  # noqa: E402
-from neurovision.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "datamodule.json"

@@ -38,7 +38,7 @@ import neurovision
 
 neurovision.setup_environment()  # the torchvision fix, before the ridge code's torchmetrics imports torchvision
 
-from neurovision.atomic import write_json  # noqa: E402
+from neurovision.data.atomic import write_json  # noqa: E402
 from neurovision.encoding.ridge import (  # noqa: E402
     DEFAULT_ALPHAS,
     blocked_folds,

@@ -41,7 +41,7 @@ import neurovision  # noqa: E402
 neurovision.setup_environment()  # the torchvision fix, before any row imports lightning or torchvision
 
 from benchmarks.scale.common import NODE, Row, fits, fmt_hours, misfits  # noqa: E402
-from neurovision.atomic import write_json  # noqa: E402
+from neurovision.data.atomic import write_json  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "scale.json"
 DECODING = ("prepare", "teacher_cache", "stage1_train", "stage1_readout", "stage2_train", "stage2_test",

@@ -42,13 +42,13 @@ import neurovision
 neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) imports torchvision
 
 from data_modules.fmri import FMRIDataModule  # noqa: E402
-from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.data.atomic import atomic_path  # noqa: E402
+from neurovision.data.preprocessing import patch_grid_shape  # noqa: E402
 from neurovision.models import ViT3D  # noqa: E402
-from neurovision.preprocessing import patch_grid_shape  # noqa: E402
+from neurovision.models.stage1 import MLPHead  # noqa: E402
+from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher  # noqa: E402
 from neurovision.sources import phantom  # noqa: E402
 from neurovision.tasks import AlignmentTask  # noqa: E402
-from neurovision.tasks.alignment import MLPHead  # noqa: E402
-from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "stage1.json"

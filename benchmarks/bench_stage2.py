@@ -36,7 +36,7 @@ import neurovision
 
 neurovision.setup_environment()  # the torchvision fix, before lightning (the tasks) imports torchvision
 
-from neurovision.atomic import atomic_path  # noqa: E402
+from neurovision.data.atomic import atomic_path  # noqa: E402
 from neurovision.models import ViT3D  # noqa: E402
 from neurovision.tasks.instruct import Projector, splice_fmri  # noqa: E402
 

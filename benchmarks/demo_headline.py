@@ -13,7 +13,7 @@ reason. Where each number comes from (the Makefile's `demo` recipe):
 - stage 2: ``test/<cond>/caption/CIDEr`` (the brief-caption task) from ``<root>/stage2``; the shuffled control
   from a sibling run folder ``<root>/stage2*shuffled*``, "not run" when there is none;
 - stage 3: the best mean CLIP two-way identification (metric ``clip``) of ``<root>/beta_sweep/beta_table.csv``
-  (written by ``neurovision.beta_sweep.figures``), with its β, condition and prompt setting;
+  (written by ``neurovision.runs.beta_figures.figures``), with its β, condition and prompt setting;
 - encoding: precision/recall/F1 of the integration-site calls, ``<root>/encoding/summary.json``.
 """
 
@@ -67,7 +67,7 @@ def test_metrics(run_dir: Path, names: Sequence[str]) -> tuple[dict[str, float],
     if not run_dir.is_dir():
         return {}, None
     tables = sorted(run_dir.rglob("metrics_table.csv"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    from neurovision.report import ReportError, read_metrics_table
+    from neurovision.runs.report import ReportError, read_metrics_table
 
     for table in tables:
         try:

@@ -63,10 +63,10 @@ def main() -> None:
 
     neurovision.setup_environment()  # the torchvision fix, before lightning (data_modules) and open_clip load it
     from data_modules.fmri import FMRITrials
+    from neurovision.data.store import Store
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache
     from neurovision.sources import scenes
     from neurovision.sources.phantom import _contrast
-    from neurovision.store import Store
-    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
 
     st = Store(args.store)
     teacher = OpenCLIPImageTeacher(model_name=args.clip_model_name, model_config=args.clip_model_config,

@@ -8,15 +8,15 @@ from typing import Any, Literal
 
 import lightning as L
 
-from neurovision.interpretation import ModelParts, localize
-from neurovision.teachers import placed
+from neurovision.localization.maps import ModelParts, localize
+from neurovision.pretrained.teachers import placed
 
 _NEEDS = ("encoder", "clip_head", "clip_teacher")
 
 
 class ConceptMaps(L.Callback):
     """At the end of each test run, localise concepts with the module's ``encoder``, ``clip_head`` and
-    ``clip_teacher`` on the run's store (the task's data spec) (:func:`neurovision.interpretation.localize`).
+    ``clip_teacher`` on the run's store (the task's data spec) (:func:`neurovision.localization.maps.localize`).
 
     Writes ``<out_dir>/<subject>/<concept>.nii.gz`` (+ ``.png``) and ``concept_r.csv``, and logs
     ``test/concepts/r_mean`` and ``test/concepts/<concept>/r`` (the mean over subjects of the Pearson r with
@@ -27,15 +27,15 @@ class ConceptMaps(L.Callback):
         concepts: concept words (default: the store's).
         every_test: localise on every ``trainer.test``; False: only on the first.
         split: the store split whose items are explained.
-        method: ``gradcam`` or ``pattern`` (see :func:`neurovision.interpretation.model_maps`).
-        aggregate: ``present`` or ``contrast`` (see :func:`neurovision.interpretation.aggregate`).
+        method: ``gradcam`` or ``pattern`` (see :func:`neurovision.localization.maps.model_maps`).
+        aggregate: ``present`` or ``contrast`` (see :func:`neurovision.localization.maps.aggregate`).
         upsample: ``trilinear`` or ``nearest`` patch -> voxel spreading.
         layer: GradCAM at the hidden states entering this encoder block (-1: the last block, the paper's
-            penultimate layer; 0: the token embeddings), see :func:`neurovision.interpretation.gradcam`.
+            penultimate layer; 0: the token embeddings), see :func:`neurovision.localization.maps.gradcam`.
         mask: where r is computed: ``roi`` or ``active``.
         target: the explained score: ``relative`` (the concept's CLIP similarity minus the mean similarity to
             the store's concepts) or ``similarity`` (the plain cosine), see
-            :func:`neurovision.interpretation.concept_directions`.
+            :func:`neurovision.localization.maps.concept_directions`.
         prompt: text template of a concept.
         png: also write a glass-brain PNG per map.
         batch_size: items per GradCAM batch.

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
 
 
 class MetricsTable(L.Callback):

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from neurovision.atomic import write_jsonl
+from neurovision.data.atomic import write_jsonl
 
 
 class JSONLPredictionWriter(BasePredictionWriter):

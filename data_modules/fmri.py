@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from neurovision.data.spec import DataSpec
-from neurovision.store import SPLITS, Store
+from neurovision.data.store import SPLITS, Store
 
 Condition = Literal["average", "single"]
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.fmri import Condition, EpochSampler, FMRIDataModule, FMRITrials, evenly_spaced
-from neurovision.instructions import (
+from neurovision.data.instructions import (
     GENERATORS,
     InstructionType,
     Sample,
@@ -158,7 +158,7 @@ class InstructionDataModule(FMRIDataModule):
     Training draws one instruction per trial from ``tasks`` (weights ``task_weights``); validation computes the
     teacher-forced loss and test/predict generate, both on the deterministic prompts of ``eval_tasks`` per
     (subject, image) item and condition. The tokenizer is loaded from ``tokenizer``, the LLM's local directory,
-    as the model loads it (:func:`neurovision.llm.load_tokenizer`, with the same ``chat_template``): ``neurovision``
+    as the model loads it (:func:`neurovision.pretrained.llm.load_tokenizer`, with the same ``chat_template``): ``neurovision``
     links both from ``model.init_args.llm`` and ``model.init_args.chat_template``, so the datamodule takes nothing
     from the model and both tokenise identically.
 
@@ -226,7 +226,7 @@ class InstructionDataModule(FMRIDataModule):
             if self.tokenizer_path is None:
                 raise ValueError("data.init_args.tokenizer is unset: run through `neurovision` (it links "
                                  "model.init_args.llm) or pass the LLM's directory")
-            from neurovision.llm import load_tokenizer
+            from neurovision.pretrained.llm import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_path, "data.init_args.tokenizer", self.chat_template)
         return self._tokenizer

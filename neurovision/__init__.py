@@ -15,9 +15,9 @@ def setup_environment() -> bool:
     """Prepare this process for neurovision; call it before anything imports torchvision.
 
     Today that is one thing: where the installed torchvision's compiled ops cannot load against this torch (a
-    CUDA torchvision on a CPU torch), define the op schemas its import needs (:mod:`neurovision._compat`). Where
+    CUDA torchvision on a CPU torch), define the op schemas its import needs (:mod:`neurovision.cli.environment`). Where
     torchvision loads normally it changes nothing. Idempotent; returns True when this call applied the fix.
     """
-    from neurovision._compat import patch_torchvision
+    from neurovision.cli.environment import patch_torchvision
 
     return patch_torchvision()

@@ -29,7 +29,7 @@ def _arm(**kw):
 def test_unet_steps_match_the_reconstructor_timesteps(steps):
     from diffusers import DDIMScheduler
 
-    from neurovision.reconstruction import UnCLIPReconstructor, denoising_steps
+    from neurovision.pretrained.unclip import UnCLIPReconstructor, denoising_steps
 
     duck = SimpleNamespace(scheduler=DDIMScheduler(), device="cpu")
     for beta in (*BETAS, 0.1, 0.55, 0.99):

@@ -34,7 +34,7 @@ def _fake_sweep(root: Path, betas=(0.0, 0.5, 1.0), seeds=(0, 1)) -> pd.DataFrame
 
 
 def test_curves_table_means_over_seeds(tmp_path):
-    from neurovision.beta_sweep import curves_table
+    from neurovision.runs.beta_figures import curves_table
 
     df = _fake_sweep(tmp_path)
     t = curves_table(pd.read_csv(tmp_path / "results.csv"))
@@ -51,7 +51,7 @@ def test_curves_table_means_over_seeds(tmp_path):
 def test_figures_write_curves_grids_and_tensorboard(tmp_path):
     from PIL import Image
 
-    from neurovision.beta_sweep import figures
+    from neurovision.runs.beta_figures import figures
 
     _fake_sweep(tmp_path)
     written = figures(tmp_path)
@@ -64,7 +64,7 @@ def test_figures_write_curves_grids_and_tensorboard(tmp_path):
 
 def test_grid_matches_items_across_runs(tmp_path):
     """Rows pair each stimulus with its own reconstruction in every β column, whatever the npz order."""
-    from neurovision.beta_sweep import grids
+    from neurovision.runs.beta_figures import grids
 
     df = _fake_sweep(tmp_path, betas=(0.0, 1.0), seeds=(0,))
     run = df[(df["beta"] == 1.0) & df["prompts"].isna()]["run"].iloc[0]
@@ -75,7 +75,7 @@ def test_grid_matches_items_across_runs(tmp_path):
     z = {k: (v[order] if k != "images" else v) for k, v in z.items()}
     np.savez(p, **z)
     captured = {}
-    import neurovision.reconstruction as rec
+    import neurovision.pretrained.unclip as rec
 
     real = rec.image_grid
 
@@ -96,7 +96,7 @@ def test_grid_matches_items_across_runs(tmp_path):
 
 
 def test_not_a_beta_sweep(tmp_path):
-    from neurovision.beta_sweep import figures
+    from neurovision.runs.beta_figures import figures
 
     pd.DataFrame([{"run": "a", "seed": 0, "dim": 32, "metric": "test/average/pixcorr", "value": 0.1}]).to_csv(
         tmp_path / "results.csv", index=False)
@@ -110,7 +110,7 @@ def test_best_of_n_is_its_own_curve_and_grid(tmp_path):
     """A sweep that varies num_candidates keeps one series per N (not a mean over them)."""
     import shutil
 
-    from neurovision.beta_sweep import curves_table, figures
+    from neurovision.runs.beta_figures import curves_table, figures
 
     df = _fake_sweep(tmp_path, seeds=(0,))
     df = df[df["prompts"].isna()]
@@ -139,12 +139,12 @@ def _multi_beta_sweep(root: Path, betas=(0.0, 0.5, 1.0)) -> Path:
 
     import yaml
 
-    from neurovision import sweep as sw
+    from neurovision.runs import sweep as sw
 
     beta_list = [float(b) for b in betas]
     spec = {"commands": ["test"], "args": [f"--model.init_args.beta={beta_list}"],
             "runs": [{"model.init_args.prompts": None}, {"model.init_args.prompts": "runs/x/predictions.jsonl"}],
-            "seeds": [0], "out": str(root / "out"), "after": ["neurovision.beta_sweep.figures"]}
+            "seeds": [0], "out": str(root / "out"), "after": ["neurovision.runs.beta_figures.figures"]}
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     sweep = sw.load_sweep(path)
@@ -177,12 +177,12 @@ def _multi_beta_sweep(root: Path, betas=(0.0, 0.5, 1.0)) -> Path:
 def test_multi_beta_runs_give_the_beta_column_curves_and_grids(tmp_path):
     """One run per prompt setting doing every β: the sweep's tables get one row per β (from the metric names),
     and the figures draw a point per β and a grid column per β with each stimulus beside its own images."""
-    from neurovision import sweep as sw
-    from neurovision.beta_sweep import curves_table
+    from neurovision.runs import sweep as sw
+    from neurovision.runs.beta_figures import curves_table
 
     path = _multi_beta_sweep(tmp_path)
     captured = {}
-    import neurovision.reconstruction as rec
+    import neurovision.pretrained.unclip as rec
 
     real = rec.image_grid
 

@@ -24,8 +24,8 @@ from neurovision.data.cache import (
     start_entry,
     store_key,
 )
-from neurovision.store import Store
-from neurovision.teachers import CACHE_SCHEMA, CACHE_SCHEMA_VERSION, TeacherCache
+from neurovision.data.store import Store
+from neurovision.pretrained.teachers import CACHE_SCHEMA, CACHE_SCHEMA_VERSION, TeacherCache
 
 LOG = logging.getLogger("tests.cache")
 
@@ -220,7 +220,7 @@ def test_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- on-disk formats
 def test_a_teacher_cache_of_the_documented_layout_is_read_as_is(tmp_path: Path) -> None:
     """The teacher cache layout did not change with the shared implementation: a file written by hand after the
-    layout in neurovision/teachers.py is read without encoding anything."""
+    layout in neurovision/pretrained/teachers.py is read without encoding anything."""
     path = _write_store(tmp_path / "s.h5")
     t = MeanTeacher()
     want = np.arange(5 * 24, dtype=np.float32).reshape(5, 24)

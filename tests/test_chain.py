@@ -42,7 +42,7 @@ def model_config(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, Any]:
     """The parsed shipped stage YAMLs (the subcommand's namespace of each)."""
-    from neurovision.sweep import parse
+    from neurovision.runs.sweep import parse
 
     return {k: parse([cmd, "-c", str(path)]) for k, (cmd, path) in STAGES.items()}
 
@@ -50,7 +50,7 @@ def shipped() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- shapes
 def clip_dim(teacher: Any) -> int:
     """Embedding dimension of an ``OpenCLIPImageTeacher`` block, from open_clip's config (no model built)."""
-    from neurovision.teachers import resolve_clip_arch
+    from neurovision.pretrained.teachers import resolve_clip_arch
 
     a = teacher.init_args
     return int(resolve_clip_arch(a.model_name, a.model_config, "model.init_args.clip_teacher")[1]["embed_dim"])
@@ -174,7 +174,7 @@ def test_the_chain_check_catches_a_broken_chain(shipped, change, problem):
 def test_vae_teacher_computes_the_same_latent(shipped):
     """The project's VAETeacher, built from the real SD-2.1 VAE config (random weights) at the stage-1 YAML's
     image size, predicts the latent Stable unCLIP takes."""
-    from neurovision.teachers import VAETeacher
+    from neurovision.pretrained.teachers import VAETeacher
 
     size = shipped["stage1"].model.init_args.vae_teacher.init_args.image_size
     teacher = VAETeacher(config=str(MODELS / "sd21_vae.json"), image_size=size, device="cpu")
@@ -209,7 +209,7 @@ def _meta_reconstructor() -> Any:
     """Stable unCLIP 2.1 small's VAE and UNet from their real configs, on the meta device (no memory, no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(model_config("sd21_unclip_small_unet.json"))
@@ -221,7 +221,7 @@ def _meta_reconstructor() -> Any:
 def test_reconstruction_task_accepts_the_shipped_stage1(shipped, tmp_path, monkeypatch, image_size):
     """``ReconstructionTask.configure_models`` (stage 3's own comparison) on a stage-1 checkpoint of the shipped
     YAML and the real unCLIP config: accepted; with the old 512-px VAE teacher: refused."""
-    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
     from neurovision.tasks import ReconstructionTask
     from neurovision.tasks.base import DataSpec
 

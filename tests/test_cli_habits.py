@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from neurovision.cli import USER_ERROR_EXIT, inspect_parser, localize_parser, prepare_parser
-from neurovision.cli_habits import normalise
+from neurovision.cli.habits import normalise
 from tests.helpers import run_cli
 
 
@@ -104,7 +104,7 @@ def test_localize() -> None:
 
 
 def test_sweep() -> None:
-    from neurovision.sweep import _parser
+    from neurovision.runs.sweep import _parser
 
     p = _parser()
     v = same(p, ["s.yaml", "--dry_run", "--aggregate_only"], ["s.yaml", "--dry_run", "true", "--aggregate_only=true"],
@@ -133,7 +133,7 @@ def test_encode() -> None:
 
 
 def test_report() -> None:
-    from neurovision.report import _parser
+    from neurovision.runs.report import _parser
 
     p = _parser()
     v = same(p, ["runs/x", "--quiet"], ["runs/x", "--quiet", "true"], ["runs/x", "--quiet=yes"],

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import neurovision_boot
-from neurovision import _compat
+from neurovision.cli import environment as _compat
 
 COMPAT_FILE = Path(_compat.__file__)
 _NO_HOOK = """
@@ -27,7 +27,7 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "neurovision_boot"]
 """
 _LOADABLE = _NO_HOOK + """
-from neurovision._compat import torchvision_ops_loadable
+from neurovision.cli.environment import torchvision_ops_loadable
 print("LOADABLE", torchvision_ops_loadable())
 """
 _NMS = """
@@ -44,7 +44,7 @@ import torchvision, lightning, torchmetrics, open_clip, peft
 # fails exactly as without neurovision where its ops do not load
 _WITHOUT_FIX = _NO_HOOK + """
 import neurovision, neurovision.cli
-assert "neurovision._compat" not in sys.modules and "torch" not in sys.modules, sorted(sys.modules)
+assert "neurovision.cli.environment" not in sys.modules and "torch" not in sys.modules, sorted(sys.modules)
 import torchvision
 """
 # what neurovision_boot.pth does in a spawned process: the finder applies the fix on the first torchvision import

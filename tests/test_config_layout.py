@@ -42,7 +42,7 @@ def teacher_values(node: Any, where: str = "") -> list[tuple[str, Any]]:
 
 
 def parse(argv: list[str]) -> Any:
-    from neurovision.sweep import parse as sweep_parse
+    from neurovision.runs.sweep import parse as sweep_parse
 
     return sweep_parse(argv)
 
@@ -132,7 +132,7 @@ def test_a_preset_root_moves_the_stage_logger(capsys):
 
 def test_logs_land_under_the_default_root_dir(tiny_store, tmp_path):
     """Instantiated (no subcommand): the TensorBoard folder is under the one path given."""
-    from neurovision.lightning_cli import NeuroVisionCLI
+    from neurovision.cli.lightning import NeuroVisionCLI
 
     store = tmp_path / "tiny.h5"
     shutil.copy(tiny_store, store)

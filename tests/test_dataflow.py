@@ -61,7 +61,7 @@ def test_the_source_check_finds_a_read(tmp_path):
 def test_dataspec_lives_in_the_data_layer_and_old_imports_and_pickles_load(tiny_store):
     from data_modules import FMRIDataModule
     from neurovision.data.spec import DataSpec
-    from neurovision.store import Store
+    from neurovision.data.store import Store
     from neurovision.tasks import DataSpec as TasksSpec
     from neurovision.tasks.base import DataSpec as OldSpec
 
@@ -91,8 +91,8 @@ def test_a_task_validates_and_tests_from_dataloaders_alone_with_the_same_metrics
     import lightning as L
 
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher
 
     dm = FMRIDataModule(store=str(tiny_store), batch_size=8, eval_conditions=["single", "average"],
                         max_eval_items=6)
@@ -123,7 +123,7 @@ def test_a_task_validates_and_tests_from_dataloaders_alone_with_the_same_metrics
 # ---------------------------------------------------------------------------------- stage-2 tokenizer
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_store, tmp_path_factory):
-    from neurovision.llm import build_tiny_llm
+    from neurovision.tiny.llm import build_tiny_llm
 
     return build_tiny_llm(tiny_store, tmp_path_factory.mktemp("dataflow") / "tiny_llm", vocab_size=384, hidden=48,
                           layers=2, heads=2, steps=1, progress=False)
@@ -131,8 +131,8 @@ def tiny_llm(tiny_store, tmp_path_factory):
 
 def test_the_stage2_datamodule_tokenises_as_the_model(tiny_store, tiny_llm, tmp_path):
     from data_modules import InstructionDataModule
-    from neurovision.instructions import FMRI_TOKEN, encode_chat
-    from neurovision.llm import CHAT_TEMPLATE, load_llm
+    from neurovision.data.instructions import FMRI_TOKEN, encode_chat
+    from neurovision.pretrained.llm import CHAT_TEMPLATE, load_llm
 
     chat = [{"role": "user", "content": f"{FMRI_TOKEN}\nDescribe the image."},
             {"role": "assistant", "content": "A dog runs on the grass."}]
@@ -151,7 +151,7 @@ def test_the_stage2_datamodule_tokenises_as_the_model(tiny_store, tiny_llm, tmp_
 
 
 def test_the_cli_links_the_llm_path_and_chat_template_to_the_datamodule():
-    from neurovision.lightning_cli import NeuroVisionCLI
+    from neurovision.cli.lightning import NeuroVisionCLI
 
     class Parsed(NeuroVisionCLI):
         def instantiate_classes(self) -> None:  # the parsed config only

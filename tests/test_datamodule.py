@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_modules import FMRIDataModule
-from neurovision.store import SPLITS, Store
+from neurovision.data.store import SPLITS, Store
 
 
 @pytest.fixture()
@@ -133,7 +133,7 @@ def test_patches_back_to_subject_nifti(tiny_store):
     that subject's own ROI (the inverse chain lands where the forward chain came from)."""
     import torch
 
-    from neurovision.preprocessing import to_active_patches
+    from neurovision.data.preprocessing import to_active_patches
 
     s = Store(tiny_store)
     subj = s.subject("sub-02")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_modules import FMRIDataModule
-from neurovision.store import Store
+from neurovision.data.store import Store
 
 
 class _Recorder(L.LightningModule):

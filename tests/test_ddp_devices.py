@@ -22,7 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher, place, placed, release
+from neurovision.pretrained.teachers import (
+    OpenCLIPImageTeacher,
+    TeacherCache,
+    VAETeacher,
+    place,
+    placed,
+    release,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = str(ROOT / "experiments" / "teachers" / "tiny_clip.json")
@@ -169,7 +176,7 @@ def test_teacher_cache_fills_on_its_device_and_releases(tiny_store, tmp_path):
 
 
 def test_default_device_is_the_local_rank_gpu(monkeypatch):
-    from neurovision.teachers import default_device
+    from neurovision.pretrained.teachers import default_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
@@ -297,7 +304,7 @@ def test_ddp_cache_fill_runs_on_each_rank_device(tiny_store, tmp_path):
 @pytest.fixture(scope="module")
 def stage2_parts(tiny_store, tmp_path_factory):
     """A tiny stage-1 checkpoint (one step) and a tiny Llama."""
-    from neurovision.llm import build_tiny_llm
+    from neurovision.tiny.llm import build_tiny_llm
 
     root = tmp_path_factory.mktemp("ddp_stage2")
     store = root / "tiny.h5"

@@ -69,8 +69,8 @@ VAE_CONFIG = {  # smaller than the built-in "tiny" preset: the test needs the ar
 def _train_all(store: Path, out: Path) -> None:
     """A few steps of the tiny CLIP, VAE and LLM at test sizes, one torch thread (the count changes CPU
     convolutions' sums, see ``set_threads``; the test is about the load and the clock)."""
-    from neurovision.llm import build_tiny_llm
-    from neurovision.teacher_training import set_threads, tiny_clip_config, train_tiny_clip, train_tiny_vae
+    from neurovision.tiny.llm import build_tiny_llm
+    from neurovision.tiny.teachers import set_threads, tiny_clip_config, train_tiny_clip, train_tiny_vae
 
     assert set_threads(1) == 1
     out.mkdir(parents=True)
@@ -133,7 +133,7 @@ def test_step_budget_overrides_epochs_and_continues_past_one_pass() -> None:
     function of the step: warm-up, peak, cosine down to ~0 at the last step."""
     import numpy as np
 
-    from neurovision.teacher_training import _StepLoop, resolve_steps
+    from neurovision.tiny.teachers import _StepLoop, resolve_steps
 
     assert resolve_steps(10, 4, epochs=3, steps=None, where="t") == 6
     assert resolve_steps(10, 4, epochs=3, steps=7, where="t") == 7
@@ -155,7 +155,7 @@ def test_step_budget_overrides_epochs_and_continues_past_one_pass() -> None:
 def test_clis_take_step_budgets_and_threads(tiny_store: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """``--clip-steps``/``--vae-steps``/``--steps`` reach the training functions; ``--max-minutes`` is gone."""
-    from neurovision import llm, teacher_training, unclip_training
+    from neurovision.pretrained import llm, teacher_training, unclip_training
 
     seen: dict[str, dict] = {}
 
@@ -194,7 +194,7 @@ def test_clis_take_step_budgets_and_threads(tiny_store: Path, tmp_path: Path,
 def test_max_minutes_is_ignored_with_a_warning(tiny_store: Path, tmp_path: Path) -> None:
     """Old call sites keep working for one release: ``max_minutes`` warns and changes nothing (a budget of a
     nanosecond used to stop after the first step)."""
-    from neurovision.llm import build_tiny_llm
+    from neurovision.tiny.llm import build_tiny_llm
 
     with pytest.warns(FutureWarning, match="max_minutes=1e-09 is ignored"):
         out = build_tiny_llm(tiny_store, tmp_path / "b", vocab_size=384, hidden=48, layers=2, heads=2, steps=3,

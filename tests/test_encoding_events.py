@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from neurovision.cli import main as cli_main
-from neurovision.encoding.events import EventStore, EventStoreWriter, default_bins
+from neurovision.data.events import EventStore, EventStoreWriter, default_bins
+from neurovision.data.store import StoreError
 from neurovision.sources import phantom_seeg
-from neurovision.store import StoreError
 
 
 def _write(path: Path, targets: np.ndarray | None = None, frame: np.ndarray | None = None) -> Path:

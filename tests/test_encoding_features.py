@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurovision.encoding.events import EventStore, EventStoreWriter, default_bins
+from neurovision.data.events import EventStore, EventStoreWriter, default_bins
 from neurovision.encoding.features import (
     FeatureNetwork,
     FeatureTable,
@@ -74,7 +74,7 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """A tiny BERT with a trained byte-level BPE tokenizer, saved to a folder; returns (folder, model)."""
     from transformers import BertConfig, BertModel
 
-    from neurovision.llm import train_tokenizer
+    from neurovision.tiny.llm import train_tokenizer
 
     tok = train_tokenizer(SENTENCES * 4, vocab_size=300)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

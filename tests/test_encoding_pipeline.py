@@ -14,7 +14,7 @@ import pytest
 
 from neurovision.encoding.features import PhantomOracle
 from neurovision.encoding.pipeline import call_scores
-from neurovision.report import build_report
+from neurovision.runs.report import build_report
 from neurovision.sources import phantom_seeg
 from tests.helpers import run_cli
 
@@ -103,7 +103,7 @@ def test_real_networks_and_pairs(tmp_path: Path) -> None:
     import open_clip
     import torch
 
-    from neurovision.teachers import register_clip_config
+    from neurovision.pretrained.teachers import register_clip_config
 
     cfg = {"embed_dim": 16,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
@@ -238,7 +238,7 @@ def test_layer_sweep_stores_predictions_of_the_compared_layer_only(sweep: tuple[
     assert s1["all"]["n_integration"] > 0  # the calls compared are not trivially empty
     layers = pd.read_csv(three / "layers.csv")
     assert len(layers) == 3 * 3 * 2 and set(layers["layer"]) == {"concepts", "reversed", "sine"}
-    from neurovision.encoding.events import EventStore
+    from neurovision.data.events import EventStore
 
     es = EventStore(store)
     for d in ("vision__concepts", "language__concepts", "multimodal__concepts", "linear"):

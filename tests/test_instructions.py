@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from neurovision import instructions as ins
+from neurovision.data import instructions as ins
 from neurovision.sources import scenes
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from neurovision.llm import train_tokenizer
+    from neurovision.tiny.llm import train_tokenizer
 
     sc = [scenes.sample_scene(np.random.default_rng(i)) for i in range(40)]
     texts = [c for s in sc for c in scenes.captions(s)] + [scenes.description(s) for s in sc]
@@ -154,7 +154,7 @@ def test_collate_pads_answers_right_and_prompts_left():
 
 
 def test_eval_samples_are_deterministic_and_cover_every_question():
-    from neurovision.instructions import eval_samples
+    from neurovision.data.instructions import eval_samples
 
     ann = _ann(9)
     a = eval_samples(ann, ["caption", "reasoning", "concept"], scenes.CONCEPTS)
@@ -169,7 +169,7 @@ def test_eval_samples_are_deterministic_and_cover_every_question():
 def test_shuffled_fmri_control_pairs_every_prompt_with_another_images_fmri(tiny_store, tokenizer):
     from data_modules.fmri import FMRITrials
     from data_modules.instruct import EvalInstructions
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     store = Store(tiny_store)
     trials = FMRITrials(store, "test", [0, 1], "average")
@@ -193,9 +193,9 @@ def test_tiny_llm_is_instruction_tuned_on_the_training_images_chats_without_fmri
     conversations from the stage-2 generators with the fMRI placeholder removed (an instruction-tuned stand-in)."""
     import json
 
-    from neurovision.llm import _store_corpus, build_tiny_llm
-    from neurovision.store import Store
-    from neurovision.teacher_training import stimuli_of
+    from neurovision.data.store import Store
+    from neurovision.tiny.llm import _store_corpus, build_tiny_llm
+    from neurovision.tiny.teachers import stimuli_of
 
     texts, chats = _store_corpus(tiny_store)
     store = Store(tiny_store)

@@ -23,18 +23,18 @@ import numpy as np
 import pytest
 import torch
 
-from neurovision.atomic import remove_stale_partials
-from neurovision.encoding.events import EventStore, EventStoreWriter, default_bins
-from neurovision.preprocessing import active_patch_index
-from neurovision.sources import phantom, up_to_date
-from neurovision.store import (
+from neurovision.data.atomic import remove_stale_partials
+from neurovision.data.events import EventStore, EventStoreWriter, default_bins
+from neurovision.data.preprocessing import active_patch_index
+from neurovision.data.store import (
     DiskFullError,
     Store,
     StoreError,
     StoreWriter,
     verify,
 )
-from neurovision.teachers import CACHE_SCHEMA_VERSION, TeacherCache, VAETeacher
+from neurovision.pretrained.teachers import CACHE_SCHEMA_VERSION, TeacherCache, VAETeacher
+from neurovision.sources import phantom, up_to_date
 
 GRID, P = (10, 12, 9), 4
 
@@ -368,7 +368,7 @@ def test_prepare_treats_an_older_events_store_as_stale(tmp_path: Path) -> None:
 def test_store_error_survives_a_worker_traceback() -> None:
     text = ("Caught StoreError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
             '  File "x.py", line 1, in f\n    raise StoreError(...)\n'
-            "neurovision.store.StoreError: /d/s.h5: field 'trials/patches': trial 7 fails its checksum: x\n")
+            "neurovision.data.store.StoreError: /d/s.h5: field 'trials/patches': trial 7 fails its checksum: x\n")
     e = StoreError(text)
     assert (e.path, e.field, e.problem) == ("/d/s.h5", "trials/patches", "trial 7 fails its checksum: x")
     assert json.dumps(str(e)).count("\\n") == 0

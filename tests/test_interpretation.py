@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurovision.interpretation import (
+from neurovision.data.store import Store
+from neurovision.localization.maps import (
     ModelParts,
     aggregate,
     concept_cams,
@@ -29,8 +30,7 @@ from neurovision.interpretation import (
     to_subject_volume,
 )
 from neurovision.models import ViT3D, ViT3DOutput
-from neurovision.store import Store
-from neurovision.tasks.alignment import MLPHead
+from neurovision.models.stage1 import MLPHead
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def clip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip(clip_config: Path):
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     return OpenCLIPImageTeacher("tiny", model_config=str(clip_config), device="cpu")
 
@@ -218,7 +218,7 @@ def test_localize_maps_the_one_patch_to_its_voxels_in_subject_space(store: Store
 def test_a_model_with_another_patch_size_gets_recut_volumes_and_maps_back(store: Store, clip) -> None:
     """Ensemble members may use another patch size on the same grid: the store's volumes are re-cut for them
     and their maps go back through their own geometry (here: patch 5 on the tiny store's patch-4 grid)."""
-    from neurovision.preprocessing import GridSpec, active_patch_index
+    from neurovision.data.preprocessing import GridSpec, active_patch_index
 
     p = 5
     idx = active_patch_index(store.union_mask(), p)
@@ -549,7 +549,7 @@ def test_cli_reads_teacher_and_store_from_the_run_config(tested, store: Store, c
     ckpt = tmp_path / "run.ckpt"
     shutil.copy(tested[2], ckpt)
     cfg = {"model": {"init_args": {"clip_teacher": {
-        "class_path": "neurovision.teachers.OpenCLIPImageTeacher",
+        "class_path": "neurovision.pretrained.teachers.OpenCLIPImageTeacher",
         "init_args": {"model_name": "tiny", "model_config": clip.model_config, "checkpoint": None, "seed": 0}}}},
         "data": {"init_args": {"store": str(store.path)}}}
     (tmp_path / "run.config.yaml").write_text(yaml.safe_dump(cfg))
@@ -559,7 +559,7 @@ def test_cli_reads_teacher_and_store_from_the_run_config(tested, store: Store, c
 
 
 def test_localize_refuses_another_clip_teacher(tested, store: Store, clip_config: Path, tmp_path: Path) -> None:
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     other = OpenCLIPImageTeacher("tiny", model_config=str(clip_config), seed=1, device="cpu")
     with pytest.raises(ValueError, match="trained towards"):

@@ -254,7 +254,7 @@ def test_clip_score_against_numpy(rng: np.random.Generator) -> None:
 
 
 def test_clip_score_from_tiny_teacher(tmp_path: Path) -> None:
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     cfg = tmp_path / "tiny_clip.json"
     cfg.write_text(json.dumps(TINY_CLIP))

@@ -150,7 +150,7 @@ def test_linear_baseline_scores_equal_the_former_formula(rng) -> None:
 
 
 def test_interpretation_and_image_pearsons_call_the_one(rng) -> None:
-    from neurovision.interpretation import pearson
+    from neurovision.localization.maps import pearson
     from neurovision.metrics.images import correlation_distance
 
     a, b = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
@@ -369,8 +369,8 @@ def test_alignment_task_logs_the_values_of_the_former_evaluation(tiny_store, tmp
     import lightning as L
 
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, VAETeacher
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher, VAETeacher
 
     root = Path(__file__).resolve().parents[1]
     store = tmp_path / "tiny.h5"
@@ -407,8 +407,8 @@ def test_alignment_task_on_two_ddp_ranks_logs_the_values_of_one_process(tiny_sto
 
     import neurovision  # noqa: F401  (torchvision fix; spawned ranks rely on neurovision_boot.pth)
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, VAETeacher
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher, VAETeacher
 
     root = Path(__file__).resolve().parents[1]
     store = tmp_path / "tiny.h5"

@@ -22,8 +22,8 @@ EVAL = "[caption, description, reasoning, sd_prompt, concept]"
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from neurovision.llm import build_tiny_llm
     from neurovision.sources import nsd
+    from neurovision.tiny.llm import build_tiny_llm
 
     root = tmp_path_factory.mktemp("nsd_chain")
     fake = make_fake_nsd(root / "nsd", subjects=(1, 2), n_sessions=2, trials_per_session=30)
@@ -75,9 +75,9 @@ def test_stage2_test_scores_every_type_with_coco_words(chain) -> None:
 def test_stage3_takes_the_llms_prompts_and_localize_takes_coco_words(chain, tmp_path, monkeypatch) -> None:
     import torch
 
+    from neurovision.pretrained.teachers import VAETeacher
     from neurovision.tasks.reconstruct import ReconstructionTask
-    from neurovision.teachers import VAETeacher
-    from neurovision.unclip_training import build_tiny_unclip
+    from neurovision.tiny.unclip import build_tiny_unclip
 
     p = chain["root"] / "p"
     assert run_cli(["predict", *chain["common"], *run_dirs(p), f"--model.init_args.adapter={chain['b'] / 'adapters'}",
@@ -111,7 +111,7 @@ def test_stage3_takes_the_llms_prompts_and_localize_takes_coco_words(chain, tmp_
     assert run_cli(["localize", "--ckpt", str(chain["ckpt"]), "--out", str(out), "--png", "none",
                     "--device", "cpu"]) == 0
     words = {x.name.removesuffix(".nii.gz").replace("_", " ") for x in (out / "subj01").glob("*.nii.gz")}
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     present = {w for ws in Store(chain["store"]).annotations("concepts") for w in ws}
     assert len(words) >= 3 and words <= present <= set(CATEGORIES.values())  # COCO words of the test images

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.io import loadmat
 
-from neurovision.instructions import INSTRUCTION_TYPES, NEEDS, check_types, concept_vocabulary
+from neurovision.data.instructions import INSTRUCTION_TYPES, NEEDS, check_types, concept_vocabulary
+from neurovision.data.store import Store, StoreError
 from neurovision.sources import coco, llava, nsd
-from neurovision.store import Store, StoreError
 from tests.fakes.nsd import CATEGORIES, make_fake_nsd
 from tests.helpers import run_cli
 
@@ -199,7 +199,7 @@ def _entry(ident: dict, *turns: tuple[str, str], **kw) -> dict:
 
 
 def test_llava_ids_resolve_and_types_are_inferred(store: Store, fake: Path, tmp_path: Path) -> None:
-    from neurovision.instructions import DETAILED_TEMPLATES
+    from neurovision.data.instructions import DETAILED_TEMPLATES
 
     row = 1
     nsd_id = int(store.stimulus_ids[row])

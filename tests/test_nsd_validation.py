@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from neurovision.data.store import Store, StoreError
 from neurovision.sources import nsd
-from neurovision.store import Store, StoreError
 from tests.fakes.nsd import make_fake_nsd
 from tests.helpers import run_cli
 

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from neurovision.data.store import SPLITS, Store
 from neurovision.sources import phantom, scenes
-from neurovision.store import SPLITS, Store
 
 
 @pytest.fixture(scope="module")

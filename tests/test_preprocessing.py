@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import affine_transform
 
-from neurovision.preprocessing import (
+from neurovision.data.preprocessing import (
     GridSpec,
     active_patch_index,
     pad_to_multiple,

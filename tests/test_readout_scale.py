@@ -82,7 +82,7 @@ def test_streamed_fit_peak_memory_is_a_small_multiple_of_the_basis(n):
 
 # --------------------------------------------------------------------------------------------- the task
 def _clip():
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     return OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
                                 device="cpu")

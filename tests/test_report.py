@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurovision.report import ReportError, main, write_report
+from neurovision.runs.report import ReportError, main, write_report
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # headless browser for the render test
 BETAS = [0.0, 0.25, 0.5, 0.75, 1.0]

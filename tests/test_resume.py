@@ -18,8 +18,9 @@ import lightning as L
 import pytest
 import torch
 
-from neurovision import checkpoints as ck
-from neurovision.lightning_cli import NeuroVisionCLI
+from callbacks.latest_checkpoint import LatestCheckpoint
+from neurovision.cli.lightning import NeuroVisionCLI
+from neurovision.runs import checkpoints as ck
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_a_full_disk_in_torch_save_is_one_line_naming_the_checkpoint(tmp_path, m
 
 
 def test_a_killed_writers_temp_file_is_removed_by_the_next_save(tmp_path):
-    from neurovision.atomic import _host
+    from neurovision.data.atomic import _host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -130,10 +131,10 @@ def test_every_trainer_writes_atomically_and_fit_keeps_latest(tiny_store, tmp_pa
     common = _common(tiny_store, tmp_path)
     cli = NeuroVisionCLI(args=common, run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, ck.AtomicCheckpointIO)
-    latest = [cb for cb in cli.trainer.callbacks if isinstance(cb, ck.LatestCheckpoint)]
+    latest = [cb for cb in cli.trainer.callbacks if isinstance(cb, LatestCheckpoint)]
     assert len(latest) == 1 and cli.trainer.callbacks[-1] is latest[0]
     # the sweep's own LatestCheckpoint is not doubled; no checkpointing: none added (Lightning would refuse one)
-    sweep_cb = json.dumps({"class_path": "neurovision.sweep.LatestCheckpoint", "init_args": {"dirpath": str(tmp_path)}})
+    sweep_cb = json.dumps({"class_path": "callbacks.LatestCheckpoint", "init_args": {"dirpath": str(tmp_path)}})
     cli = NeuroVisionCLI(args=[*common, f"--trainer.callbacks+={sweep_cb}"], run=False)
     assert sum(type(cb).__name__ == "LatestCheckpoint" for cb in cli.trainer.callbacks) == 1
     cli = NeuroVisionCLI(args=[*common, "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"], run=False)

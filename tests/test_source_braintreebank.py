@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from neurovision.encoding.events import EventStore
+from neurovision.data.events import EventStore
 from neurovision.sources import braintreebank as btb
 from tests.fakes.braintreebank import FPS, make_fake_braintreebank
 from tests.helpers import run_cli

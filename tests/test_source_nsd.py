@@ -13,8 +13,8 @@ import pytest
 from scipy.io import loadmat
 from scipy.ndimage import zoom
 
+from neurovision.data.store import Store
 from neurovision.sources import nsd
-from neurovision.store import Store
 from tests.fakes.nsd import make_fake_nsd
 
 TPS = 30  # trials per session in the fake
@@ -287,7 +287,7 @@ def test_stage1_fit_on_the_default_nsd_store_logs_its_checkpoint_monitor(store: 
     so the ModelCheckpoint's monitor is logged and it keeps a best checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from neurovision.lightning_cli import NeuroVisionCLI
+    from neurovision.cli.lightning import NeuroVisionCLI
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     local = tmp_path / "nsd.h5"

@@ -68,8 +68,8 @@ def test_shuffle_targets_trains_on_a_derangement_of_the_training_images(tiny_sto
     import lightning as L
 
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
 
     store = tmp_path / "tiny.h5"
     shutil.copy(tiny_store, store)
@@ -118,8 +118,8 @@ def test_train_negatives_bank_holds_the_trained_subjects_training_images(tiny_st
     import lightning as L
 
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache
 
     store = tmp_path / "tiny.h5"
     shutil.copy(tiny_store, store)
@@ -155,8 +155,8 @@ def test_linear_skip_starts_at_zero_and_learns(tiny_store):
     """The linear path beside the ViT3D is zero at initialisation (same predictions as without it), reads every
     active voxel, and gets gradients."""
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
     from neurovision.tasks import AlignmentTask
-    from neurovision.teachers import OpenCLIPImageTeacher
 
     dm = FMRIDataModule(store=str(tiny_store), batch_size=4)
     clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
@@ -180,10 +180,10 @@ def test_rank_read_out_is_fitted_on_repeat_averaged_training_patterns_and_travel
     """With ``linear_skip_rank`` the fit fits the principal subspace of the training (subject, stimulus)
     patterns averaged over repeats (recomputed here straight from the store), saves it in the checkpoint,
     ``neurovision test`` restores it, and ``load_stage1`` makes the same CLIP predictions as the task."""
+    from neurovision.data.store import Store
     from neurovision.models import VoxelReadout
-    from neurovision.store import Store
+    from neurovision.models.stage1 import load_stage1
     from neurovision.tasks import AlignmentTask
-    from neurovision.tasks.alignment import load_stage1
 
     store = tmp_path / "tiny.h5"
     shutil.copy(tiny_store, store)
@@ -212,7 +212,7 @@ def test_rank_read_out_is_fitted_on_repeat_averaged_training_patterns_and_travel
     assert run_cli(["test", *args, f"--ckpt_path={ckpt}"]) == 0
     assert "test/average/retrieval_fmri2img" in _metrics(tmp_path)
 
-    from neurovision.teachers import OpenCLIPImageTeacher, VAETeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, VAETeacher
 
     clip = OpenCLIPImageTeacher(model_name="tiny_clip", model_config=str(ROOT / "experiments/teachers/tiny_clip.json"),
                                 device="cpu")

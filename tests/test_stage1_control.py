@@ -27,7 +27,7 @@ N_TEST = 300
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     from neurovision.sources import phantom
-    from neurovision.teacher_training import train_tiny_clip, train_tiny_vae
+    from neurovision.tiny.teachers import train_tiny_clip, train_tiny_vae
 
     tmp = tmp_path_factory.mktemp("control")
     store = phantom.prepare(tmp / "one.h5", preset="demo", n_subjects=1, n_test=N_TEST)

@@ -23,7 +23,7 @@ _version = last_version
 @pytest.fixture(scope="module")
 def parts(tiny_store, tmp_path_factory):
     """A 1-epoch tiny stage-1 checkpoint and a tiny Llama built from the tiny store's text."""
-    from neurovision.llm import build_tiny_llm
+    from neurovision.tiny.llm import build_tiny_llm
 
     root = tmp_path_factory.mktemp("stage2")
     s1 = root / "s1"
@@ -76,7 +76,7 @@ def _task(parts, phase="lora", **kw):
     from peft import LoraConfig
 
     from data_modules import InstructionDataModule
-    from neurovision.store import Store
+    from neurovision.data.store import Store
     from neurovision.tasks.instruct import InstructTask
 
     dm = InstructionDataModule(parts["store"])
@@ -90,7 +90,7 @@ def _task(parts, phase="lora", **kw):
 def _prompt_batch(task, parts):
     from data_modules.fmri import FMRITrials
     from data_modules.instruct import Collate, EvalInstructions
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     store = Store(parts["store"])
     ds = EvalInstructions(FMRITrials(store, "test", [0, 1], "average"), task.tokenizer, ["caption"], 160, 3)
@@ -191,7 +191,7 @@ def test_an_llm_without_chat_template_needs_one_from_yaml(parts, tmp_path):
     import json as _json
     import shutil
 
-    from neurovision.llm import CHAT_TEMPLATE, load_llm
+    from neurovision.pretrained.llm import CHAT_TEMPLATE, load_llm
 
     bare = tmp_path / "bare_llm"
     shutil.copytree(parts["llm"], bare)

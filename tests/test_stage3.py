@@ -23,14 +23,14 @@ _version = last_version
 
 
 def _tiny_vae():
-    from neurovision.teachers import VAETeacher
+    from neurovision.pretrained.teachers import VAETeacher
 
     return VAETeacher(config="tiny", image_size=64, device="cpu")  # the tiny stage-1 preset's VAE (seed 0)
 
 
 @pytest.fixture(scope="module")
 def recon():
-    from neurovision.unclip_training import build_tiny_unclip
+    from neurovision.tiny.unclip import build_tiny_unclip
 
     torch.manual_seed(0)
     embeds = torch.nn.functional.normalize(torch.randn(20, CLIP_DIM), dim=-1)
@@ -96,7 +96,7 @@ def _pixel_selector(imgs: torch.Tensor) -> torch.Tensor:
 
 
 def test_best_of_n_keeps_the_candidate_closest_to_the_predicted_embedding(recon):
-    from neurovision.reconstruction import item_seed
+    from neurovision.pretrained.unclip import item_seed
 
     z, _ = _inputs(4)
     seeds = [21, 22, 23, 24]
@@ -135,7 +135,7 @@ class _Count:
 
 
 def test_multi_beta_pass_equals_single_beta_runs_and_shares_the_per_item_work(recon, monkeypatch):
-    import neurovision.reconstruction as rmod
+    import neurovision.pretrained.unclip as rmod
 
     z, _ = _inputs(3)
     e = _pixel_selector(recon.reconstruct(z, torch.randn(3, CLIP_DIM), beta=0.8, steps=4, seeds=[1, 2, 3]))
@@ -162,7 +162,7 @@ def test_multi_beta_pass_equals_single_beta_runs_and_shares_the_per_item_work(re
 @pytest.mark.parametrize("betas, steps, n, gs", [([0.0, 0.3, 0.5, 1.0], 10, 1, 1.0), ([0.5, 0.93], 10, 3, 2.0),
                                                  ([0.0], 4, 2, 7.5)])
 def test_unet_evaluations_and_vae_decodes_match_the_denoising_loop(recon, monkeypatch, betas, steps, n, gs):
-    from neurovision.reconstruction import unet_evaluations, vae_decodes
+    from neurovision.pretrained.unclip import unet_evaluations, vae_decodes
 
     z, _ = _inputs(2)
     e = torch.randn(2, CLIP_DIM)
@@ -180,7 +180,7 @@ def test_unet_evaluations_and_vae_decodes_match_the_denoising_loop(recon, monkey
 
 
 def test_unet_evaluations_of_the_nsd_sweep():
-    from neurovision.reconstruction import denoising_steps, unet_evaluations, vae_decodes
+    from neurovision.pretrained.unclip import denoising_steps, unet_evaluations, vae_decodes
 
     betas = [0.0, 0.3, 0.5, 0.7, 0.85, 0.93, 1.0]
     assert [denoising_steps(b, 25) for b in betas] == [0, 7, 12, 17, 21, 23, 25]
@@ -190,7 +190,7 @@ def test_unet_evaluations_of_the_nsd_sweep():
 
 
 def test_save_and_load_round_trip(recon, tmp_path):
-    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
 
     recon.save_pretrained(tmp_path / "r")
     loaded = UnCLIPReconstructor.from_pretrained(tmp_path / "r")
@@ -202,7 +202,7 @@ def test_save_and_load_round_trip(recon, tmp_path):
 
 
 def test_bad_input_is_one_clear_error(recon, tmp_path):
-    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
 
     z, e = _inputs(2)
     with pytest.raises(ValueError, match=r"β must be in \[0, 1\]"):
@@ -225,7 +225,7 @@ def test_bad_input_is_one_clear_error(recon, tmp_path):
 def test_image_grid(tmp_path):
     from PIL import Image
 
-    from neurovision.reconstruction import image_grid
+    from neurovision.pretrained.unclip import image_grid
 
     a = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
     b = torch.full((3, 3, 8, 8), 200, dtype=torch.uint8)
@@ -279,9 +279,9 @@ def test_cli_test_writes_scores_grids_and_reconstructions(run):
 def test_cli_beta_zero_is_the_decoded_stage1_latent(run):
     """β = 0 end to end: every reconstruction equals the VAE decoding of the stage-1 predicted latent."""
     from data_modules.fmri import FMRITrials
-    from neurovision.reconstruction import UnCLIPReconstructor
-    from neurovision.store import Store
-    from neurovision.tasks.alignment import load_stage1
+    from neurovision.data.store import Store
+    from neurovision.models.stage1 import load_stage1
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
 
     out = run["root"] / "b0"
     assert run_cli(["test", *run["common"], *_root(out), "--model.init_args.beta=0",
@@ -303,7 +303,7 @@ def test_cli_beta_zero_is_the_decoded_stage1_latent(run):
 def test_cli_prompts_from_stage2_predictions(run, tmp_path, capsys):
     rows = []
     from data_modules.fmri import FMRITrials
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     store = Store(run["store"])
     ds = FMRITrials(store, "test", list(range(len(store.subject_names))), "average", max_items=8)
@@ -325,7 +325,7 @@ def test_cli_prompts_from_stage2_predictions(run, tmp_path, capsys):
 
 
 def test_cli_refuses_a_reconstructor_of_another_clip_space(run, tmp_path, capsys):
-    from neurovision.unclip_training import build_tiny_unclip
+    from neurovision.tiny.unclip import build_tiny_unclip
 
     build_tiny_unclip(_tiny_vae().vae, 64, ["x"], width=32).save_pretrained(tmp_path / "r64")
     assert run_cli(["test", *run["common"], *_root(tmp_path / "o"), f"--model.init_args.reconstructor={tmp_path / 'r64'}"]) == 2

@@ -38,8 +38,8 @@ def _test(run: dict[str, Any], out: Path, devices: int) -> tuple[Path, list[dict
 
     from callbacks import MetricsTable
     from data_modules import FMRIDataModule
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
     from neurovision.tasks.reconstruct import ReconstructionTask
-    from neurovision.teachers import OpenCLIPImageTeacher
 
     rec = out / "rec"
     rec.mkdir(parents=True)

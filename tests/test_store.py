@@ -17,10 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
-from neurovision import store as store_mod
-from neurovision.preprocessing import active_patch_index, patch_grid_shape
-from neurovision.sources import phantom
-from neurovision.store import (
+from neurovision.data import store as store_mod
+from neurovision.data.preprocessing import active_patch_index, patch_grid_shape
+from neurovision.data.store import (
     SCHEMA_VERSION,
     Store,
     StoreError,
@@ -28,6 +27,7 @@ from neurovision.store import (
     existing_fingerprint,
     fingerprint,
 )
+from neurovision.sources import phantom
 
 GRID = (10, 12, 9)
 P = 4
@@ -116,7 +116,7 @@ def _raises_field(path: Path, field: str) -> StoreError:
 def test_round_trip_every_field(handmade: Path, content: dict[str, Any]) -> None:
     c = content
     s = Store(handmade)
-    assert s.attrs["schema"] == "neurovision.store" and s.attrs["schema_version"] == SCHEMA_VERSION
+    assert s.attrs["schema"] == "neurovision.data.store" and s.attrs["schema_version"] == SCHEMA_VERSION
     assert s.attrs["source"] == "handmade" and s.attrs["converter_version"] == "t-1"
     assert json.loads(s.attrs["options"]) == c["options"] and s.attrs["fingerprint"] == "fp-123"
     assert s.attrs["complete"] is True

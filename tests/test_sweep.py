@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from neurovision import sweep as sw
+from neurovision.runs import sweep as sw
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "experiments" / "stage1_vit3d.yaml"
@@ -135,7 +135,7 @@ def _fake_value(metric: str, seed: int, dim: int) -> float:
 
 
 class FakeLauncher:
-    """Stands in for ``neurovision.sweep._launch``: writes what LightningCLI + MetricsTable + the sweep's
+    """Stands in for ``neurovision.runs.sweep._launch``: writes what LightningCLI + MetricsTable + the sweep's
     LatestCheckpoint would (config.yaml, metrics_table.csv, checkpoints/latest.ckpt) under the command's
     default_root_dir."""
 
@@ -177,7 +177,7 @@ class FakeLauncher:
                  "value": _fake_value("val/loss", seed, dim) + 1 - e} for e in range(2)]
         if cmd == "fit":
             (latest,) = [json.loads(x.split("=", 1)[1]) for x in argv if x.startswith("--trainer.callbacks+=")]
-            assert latest == {"class_path": "neurovision.sweep.LatestCheckpoint",
+            assert latest == {"class_path": "callbacks.LatestCheckpoint",
                               "init_args": {"dirpath": str(root / "checkpoints")}}
             (root / "checkpoints").mkdir(exist_ok=True)
             torch.save({"epoch": 1}, root / "checkpoints" / "latest.ckpt")  # readable: the sweep checks it
@@ -434,7 +434,7 @@ def test_a_killed_sweep_resumes_to_the_results_of_an_uninterrupted_one(fit_test_
     path, reference = fit_test_sweep
     out = tmp_path / "killed"
     run0 = out / "dim=32__seed=0"
-    proc = subprocess.Popen([sys.executable, "-m", "neurovision.sweep", str(path), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "neurovision.runs.sweep", str(path), "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from neurovision import sweep as sw
+from callbacks.latest_checkpoint import LatestCheckpoint
+from neurovision.runs import sweep as sw
 from tests.test_sweep import ROOT, STAGE1, TINY, TINY_CLIP, _cli_args, _write  # noqa: F401  (shared helpers)
 
 
@@ -32,7 +33,7 @@ def test_after_os_system_with_a_crafted_out_is_refused_before_anything_runs(tmp_
         assert sw.main([str(path), *extra]) == 2
         err = capsys.readouterr().err
         assert f"{path}: after: 'os.system' is not an allowed after function" in err
-        assert "neurovision.beta_sweep.figures" in err and "Traceback" not in err
+        assert "neurovision.runs.beta_figures.figures" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
     assert not pwned.exists()
     assert not (tmp_path / "o; touch").exists() and list(tmp_path.iterdir()) == [path]  # nothing was written
@@ -71,12 +72,12 @@ def test_registered_after_hooks_run_and_the_shipped_sweeps_use_only_registered_o
     assert sw.AFTER_HOOKS[f"{__name__}.{hook.__qualname__}"] is hook
     for p in sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")):
         assert all(a in sw.AFTER_HOOKS for a in sw.load_sweep(p).after), p
-    assert "neurovision.beta_sweep.figures" in sw.AFTER_HOOKS
+    assert "neurovision.runs.beta_figures.figures" in sw.AFTER_HOOKS
 
 
 def test_loading_a_sweep_imports_no_after_module():
-    code = ("import sys, neurovision.sweep as s; sw = s.load_sweep('experiments/sweeps/beta.yaml'); "
-            "assert sw.after == ['neurovision.beta_sweep.figures']; print('neurovision.beta_sweep' in sys.modules); "
+    code = ("import sys, neurovision.runs.sweep as s; sw = s.load_sweep('experiments/sweeps/beta.yaml'); "
+            "assert sw.after == ['neurovision.runs.beta_figures.figures']; print('neurovision.runs.beta_figures' in sys.modules); "
             "print(s._after_function(sw.after[0]).__qualname__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "figures"]
@@ -90,7 +91,7 @@ def real_ckpt(tmp_path_factory) -> Path:
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     d = tmp_path_factory.mktemp("real_ckpt")
-    latest = sw.LatestCheckpoint(dirpath=str(d / "checkpoints"))
+    latest = LatestCheckpoint(dirpath=str(d / "checkpoints"))
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False, callbacks=[latest],
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(d),
                          accelerator="cpu", devices=1)
@@ -146,7 +147,7 @@ def test_latest_checkpoint_is_replaced_atomically(real_ckpt, tmp_path):
     latest = folder / "latest.ckpt"
     shutil.copy(real_ckpt, latest)
     before = latest.read_bytes()
-    cb = sw.LatestCheckpoint(dirpath=str(folder))
+    cb = LatestCheckpoint(dirpath=str(folder))
     with pytest.raises(KeyboardInterrupt):
         cb._save_checkpoint(_DyingTrainer(), str(latest))
     assert latest.read_bytes() == before and sw.checkpoint_problem(latest) is None  # the previous epoch's file
@@ -154,7 +155,7 @@ def test_latest_checkpoint_is_replaced_atomically(real_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------- set aside, restart (fake)
 class Launcher:
-    """Stands in for ``neurovision.sweep._launch`` like Lightning would behave: a fit given an unreadable
+    """Stands in for ``neurovision.runs.sweep._launch`` like Lightning would behave: a fit given an unreadable
     ``--ckpt_path`` fails (every time); otherwise it writes a real torch checkpoint and a metrics table."""
 
     def __init__(self) -> None:

@@ -21,7 +21,7 @@ import torch
 from test_ddp_devices import TINY_CLIP, RecordingCLIP, RecordingVAE, _alignment, _ddp, _jsonl, _quiet
 
 from neurovision.data.cache import shard_bounds
-from neurovision.teachers import TeacherCache
+from neurovision.pretrained.teachers import TeacherCache
 
 
 def _rank() -> int:

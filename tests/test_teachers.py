@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from neurovision.store import Store
-from neurovision.teachers import (
+from neurovision.data.store import Store
+from neurovision.pretrained.teachers import (
     CLIP_CHECKPOINT_KEY,
     VAE_PATH_KEY,
     OpenCLIPImageTeacher,
@@ -174,7 +174,7 @@ def test_cache_is_reused_by_another_process(store_copy: Path) -> None:
     a = TeacherCache(progress=False).get(store_copy, CountingTeacher())
     script = (
         "import sys, numpy as np\n"
-        "from neurovision.teachers import TeacherCache\n"
+        "from neurovision.pretrained.teachers import TeacherCache\n"
         "class T:\n"
         "    id, output_shape, batch_size = 'counting:count:1.0', (3,), 16\n"
         "    def encode(self, images):\n"
@@ -238,7 +238,7 @@ def test_cache_with_a_real_teacher(clip: OpenCLIPImageTeacher, store_copy: Path)
 
 # --------------------------------------------------------------------------------------------- training
 def test_train_tiny_clip_lowers_loss_and_loads(tiny_store: Path, tmp_path: Path) -> None:
-    from neurovision.teacher_training import tiny_clip_config, train_tiny_clip
+    from neurovision.tiny.teachers import tiny_clip_config, train_tiny_clip
 
     cfg = tiny_clip_config(image_size=32, tower="resnet", embed_dim=32, width=16, text_width=32, text_layers=1)
     out = train_tiny_clip(tiny_store, tmp_path / "t", epochs=4, batch_size=16, lr=3e-3, config=cfg,
@@ -253,7 +253,7 @@ def test_train_tiny_clip_lowers_loss_and_loads(tiny_store: Path, tmp_path: Path)
 
 
 def test_train_tiny_vae_saves_a_loadable_vae(tiny_store: Path, vae_config: Path, tmp_path: Path) -> None:
-    from neurovision.teacher_training import train_tiny_vae
+    from neurovision.tiny.teachers import train_tiny_vae
 
     out = train_tiny_vae(tiny_store, tmp_path / "t", epochs=1, batch_size=16, config=str(vae_config),
                          progress=False)
@@ -265,7 +265,7 @@ def test_train_tiny_vae_saves_a_loadable_vae(tiny_store: Path, vae_config: Path,
 
 
 def test_main_skips_existing_outputs(tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from neurovision.teacher_training import main
+    from neurovision.tiny.teachers import main
 
     for f in ("tiny_clip.json", "tiny_clip.pt", "tiny_vae/config.json"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from tests.test_teachers import TINY_VAE
 
 
 def test_sample_timesteps_uniform_and_high_noise() -> None:
-    from neurovision.unclip_training import sample_timesteps
+    from neurovision.tiny.unclip import sample_timesteps
 
     rng = np.random.default_rng(0)
     u = sample_timesteps(20000, 1000, 1.0, rng).numpy()
@@ -27,7 +27,7 @@ def test_sample_timesteps_uniform_and_high_noise() -> None:
 
 
 def test_degrade_latents_shrinks_blurs_and_adds_noise() -> None:
-    from neurovision.unclip_training import degrade_latents
+    from neurovision.tiny.unclip import degrade_latents
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, 4, 16, 16, generator=g)
@@ -48,7 +48,7 @@ def test_degrade_latents_shrinks_blurs_and_adds_noise() -> None:
 def teachers(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     import shutil
 
-    from neurovision.teacher_training import tiny_clip_config, train_tiny_clip, train_tiny_vae
+    from neurovision.tiny.teachers import tiny_clip_config, train_tiny_clip, train_tiny_vae
 
     tmp = tmp_path_factory.mktemp("unclip")
     store = Path(shutil.copy(tiny_store, tmp / "tiny.h5"))  # the teacher cache is written beside the store
@@ -63,8 +63,8 @@ def teachers(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 @pytest.mark.parametrize("kind", ["epsilon", "sample+degrade"])
 def test_train_tiny_unclip_writes_a_loadable_reconstructor(teachers: tuple[Path, Path], tmp_path: Path,
                                                            kind: str) -> None:
-    from neurovision.reconstruction import UnCLIPReconstructor
-    from neurovision.unclip_training import train_tiny_unclip
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
+    from neurovision.tiny.unclip import train_tiny_unclip
 
     store, tdir = teachers
     kw = {"prediction_type": "sample", "degrade": 0.5, "t_power": 2.0} if kind != "epsilon" else {}
@@ -82,7 +82,7 @@ def test_train_tiny_unclip_writes_a_loadable_reconstructor(teachers: tuple[Path,
 
 
 def test_degrade_needs_the_sample_target(teachers: tuple[Path, Path], tmp_path: Path) -> None:
-    from neurovision.unclip_training import train_tiny_unclip
+    from neurovision.tiny.unclip import train_tiny_unclip
 
     store, tdir = teachers
     with pytest.raises(ValueError, match="prediction_type='sample'"):

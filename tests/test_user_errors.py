@@ -108,7 +108,7 @@ def test_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 # --------------------------------------------------------------------------------------------- wrong inputs
 def test_stage1_checkpoint_of_another_grid(tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     grid = Store(tiny_store).grid
     other = tuple(int(v) + 4 for v in grid.shape)

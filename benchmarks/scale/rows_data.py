@@ -218,13 +218,13 @@ def _make_small_store(root: Path, out: Path, trials: int, seed: int) -> None:
 
 
 def _clip_teacher(device: str = "cpu") -> Any:
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     return OpenCLIPImageTeacher(model_name=Scale.clip_model, checkpoint=None, device=device)  # random weights
 
 
 def _vae_teacher(image_size: int, device: str = "cpu") -> Any:
-    from neurovision.teachers import VAETeacher
+    from neurovision.pretrained.teachers import VAETeacher
 
     return VAETeacher(config=str(MODELS / "sd21_vae.json"), image_size=image_size, device=device)
 
@@ -259,7 +259,7 @@ def _teacher_fill(store: Path, which: str, image_size: int, batch: int, progress
     """Child: fill the teacher cache of ``store`` with one teacher (TeacherCache.get, float16 entries)."""
     import torch
 
-    from neurovision.teachers import TeacherCache
+    from neurovision.pretrained.teachers import TeacherCache
 
     torch.manual_seed(0)
     teacher = _clip_teacher() if which == "clip" else _vae_teacher(image_size)
@@ -366,7 +366,7 @@ def _stage1_model(device: str = "cpu") -> Any:
     import torch
 
     from neurovision.models import ViT3D
-    from neurovision.tasks.alignment import MLPHead
+    from neurovision.models.stage1 import MLPHead
 
     with torch.device(device):
         model = torch.nn.ModuleDict({

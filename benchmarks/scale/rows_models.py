@@ -15,7 +15,7 @@ NSD β sweep ``experiments/sweeps/beta_nsd.yaml``), so they follow what the ship
   decode steps projected as max(FLOPs, weight bytes over HBM bandwidth) per step.
 * ``stage3_sweep``: the Stable unCLIP-small UNet (``UNet2DConditionModel.from_config``) and the SD-2.1 VAE decoder
   at 768 px counted on ``meta``, one real UNet forward on the CPU, and the β sweep's UNet calls counted exactly as
-  :meth:`neurovision.reconstruction.UnCLIPReconstructor.timesteps` runs them.
+  :meth:`neurovision.pretrained.unclip.UnCLIPReconstructor.timesteps` runs them.
 """
 
 from __future__ import annotations
@@ -164,10 +164,10 @@ def stage2_settings(main: Path = STAGE2_YAML, phase_a: Path = PHASE_A_YAML) -> d
 
 
 def eval_prompts_per_item(tasks: Sequence[str]) -> int:
-    """Evaluation prompts per (subject, image) item, as :func:`neurovision.instructions.eval_samples` makes them:
+    """Evaluation prompts per (subject, image) item, as :func:`neurovision.data.instructions.eval_samples` makes them:
     one per caption/description/sd_prompt, every QA pair for reasoning (:data:`QA_PER_IMAGE`, assumed), every
-    concept word evaluated per image for concept (:data:`~neurovision.instructions.MAX_EVAL_CONCEPTS` of COCO's 80)."""
-    from neurovision.instructions import MAX_EVAL_CONCEPTS
+    concept word evaluated per image for concept (:data:`~neurovision.data.instructions.MAX_EVAL_CONCEPTS` of COCO's 80)."""
+    from neurovision.data.instructions import MAX_EVAL_CONCEPTS
 
     per = {"caption": 1, "description": 1, "sd_prompt": 1, "reasoning": QA_PER_IMAGE, "concept": MAX_EVAL_CONCEPTS}
     unknown = [t for t in tasks if t not in per]
@@ -252,7 +252,7 @@ def decode_step_seconds(batch: int, context: int, cfg: Mapping[str, Any], weight
 def unet_steps(beta: float, steps: int) -> int:
     """UNet denoising steps img2img runs at strength β: ``min(int(round(steps·β, 6)), steps)`` (0 for β = 0: the
     predicted latent is only decoded), as :meth:`UnCLIPReconstructor.timesteps` does with a first-order
-    scheduler (DDIM). The fallback of :func:`neurovision.reconstruction.denoising_steps`."""
+    scheduler (DDIM). The fallback of :func:`neurovision.pretrained.unclip.denoising_steps`."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"β must be in [0, 1], got {beta}")
     return min(int(round(steps * beta, 6)), int(steps)) if beta > 0 else 0
@@ -278,13 +278,13 @@ def item_calls(arm: Arm) -> dict[str, int]:
     """Network evaluations per item of one arm: UNet rows (steps x candidates per β > 0, x 2 with classifier-free
     guidance), VAE decodes (one per candidate of each β > 0, one for β = 0), selector CLIP images (best-of-N:
     every candidate), text-encoder sequences (once per item, x 2 with guidance) and metric evaluations (one
-    reconstruction per β). Uses ``neurovision.reconstruction.unet_evaluations`` / ``vae_decodes`` (the stage-3
+    reconstruction per β). Uses ``neurovision.pretrained.unclip.unet_evaluations`` / ``vae_decodes`` (the stage-3
     cost model) when they exist, else the same count here."""
     n = max(1, int(arm.num_candidates))
     cfg = 2 if arm.guidance_scale > 1.0 else 1
     diffused = [b for b in arm.betas if b > 0]
     try:
-        from neurovision.reconstruction import unet_evaluations, vae_decodes
+        from neurovision.pretrained.unclip import unet_evaluations, vae_decodes
 
         unet = int(unet_evaluations(list(arm.betas), arm.steps, n, arm.guidance_scale))
         vae = int(vae_decodes(list(arm.betas), n))
@@ -350,7 +350,7 @@ def sweep_arms(path: Path = SWEEP_YAML) -> tuple[list[Arm], str]:
     as ``neurovision sweep`` expands them). Falls back to :func:`default_arms` when the file does not exist."""
     if not Path(path).is_file():
         return default_arms(), f"{Path(path).name} absent: the brief's sweep (DEFAULT_SWEEP)"
-    from neurovision.sweep import expand, load_sweep
+    from neurovision.runs.sweep import expand, load_sweep
 
     sweep = load_sweep(path)
     base: dict[str, Any] = {}
@@ -997,7 +997,7 @@ def stage3_sweep(args: argparse.Namespace) -> Row:
         f"({pr['unet'] / 1e6:.0f} M params); VAE decode 768 px = {fl['vae_decode']:.3e}; selector CLIP ViT-L/14 "
         f"{fl['clip']:.3e}/image; text encoder {fl['text']:.3e}/prompt; metric networks (CLIP, AlexNet, "
         f"Inception, EfficientNet, SwAV on recon + stimulus) {fl['metrics']:.3e}/item/β",
-        "UNet rows per item = Σ_β int(steps·β) x candidates x 2 (CFG) (neurovision.reconstruction."
+        "UNet rows per item = Σ_β int(steps·β) x candidates x 2 (CFG) (neurovision.pretrained.unclip."
         "unet_evaluations); VAE decodes = candidates per β > 0 + 1 for β = 0 (vae_decodes)",
     ]
     for a in arms:

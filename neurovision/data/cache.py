@@ -1,6 +1,6 @@
 """One HDF5 entry cache: named entries computed once, checksummed, replaced atomically, shared by processes.
 
-The teacher targets of stage 1 (:class:`neurovision.teachers.TeacherCache`) and the network features of the
+The teacher targets of stage 1 (:class:`neurovision.pretrained.teachers.TeacherCache`) and the network features of the
 encoding stage (:func:`neurovision.encoding.features.extract_features`) are both :class:`EntryCache` files; each
 user keeps its own key scheme (the entry name), its entry layout and its own validation of an entry's contents.
 What they share lives here:
@@ -15,7 +15,7 @@ What they share lives here:
   carries HDF5's Fletcher32 checksum per chunk (:func:`entry_problem`, :func:`checksum_problem`).
 - *Write protocol* (:meth:`EntryCache.rewrite`): a writer holds an exclusive ``flock`` on ``<cache>.lock``
   (:meth:`EntryCache.locked`), re-checks its entry (another process may have written it), then builds a *new*
-  file (``neurovision.atomic.atomic_path``) holding a copy of every other still-valid entry plus its own, and
+  file (``neurovision.data.atomic.atomic_path``) holding a copy of every other still-valid entry plus its own, and
   ``os.replace``-s it over the cache. Readers never lock: they see the old or the new complete file. An
   exception or a killed process leaves the old cache untouched. The copy reads each chunk of an old entry once,
   through the checksum filter, and writes it into the new file (an entry with a damaged chunk is dropped with a
@@ -39,8 +39,8 @@ from typing import Any, TypeAlias, TypeVar
 import h5py
 import numpy as np
 
-from neurovision.atomic import atomic_path, remove_stale_partials
-from neurovision.store import plain
+from neurovision.data.atomic import atomic_path, remove_stale_partials
+from neurovision.data.store import plain
 
 log = logging.getLogger("neurovision.data.cache")
 
@@ -190,7 +190,7 @@ def _copy_node(src: Node, dst: h5py.Group, name: str) -> None:
 
 
 def _first_bad_in(ds: h5py.Dataset, r0: int, r1: int) -> str:
-    """The first chunk of rows of ``ds[r0:r1]`` failing its checksum (as ``neurovision.store.first_bad_rows``)."""
+    """The first chunk of rows of ``ds[r0:r1]`` failing its checksum (as ``neurovision.data.store.first_bad_rows``)."""
     step = ds.chunks[0]
     for c0 in range(r0, r1, step):
         c1 = min(c0 + step, ds.shape[0])

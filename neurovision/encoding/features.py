@@ -42,7 +42,7 @@ The key is (model id, projection parameters, store fingerprint): a re-prepared s
 another network invalidates an entry. The raw (unprojected) features are always cached too, so a new
 projection of an already extracted network does not run the network again. Writes follow the protocol of every
 neurovision entry cache (:class:`neurovision.data.cache.EntryCache`): they copy the other still-valid entries
-into a new file (``neurovision.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
+into a new file (``neurovision.data.atomic.atomic_path``) under an exclusive lock on ``<cache>.lock``;
 entries of an earlier version of the *same* store (same path, other fingerprint) are pruned on write. Memory:
 one batch of features while extracting, blocks of ~16 MB of rows while validating, projecting or copying, and
 one layer (items x D float32, e.g. 30k x 4096 = 0.5 GB) while a caller uses it; the copy makes adding an
@@ -80,9 +80,9 @@ from neurovision.data.cache import (
     start_entry,
     store_key,
 )
-from neurovision.encoding.events import EventStore
-from neurovision.store import first_bad_rows
-from neurovision.teachers import resize_images, resolve_clip_arch
+from neurovision.data.events import EventStore
+from neurovision.data.store import first_bad_rows
+from neurovision.pretrained.teachers import resize_images, resolve_clip_arch
 
 log = logging.getLogger("neurovision.encoding.features")
 

@@ -1,6 +1,6 @@
 """``neurovision encode -c experiments/encoding.yaml``: where do vision and language integrate?
 
-For every subject and event set of an events store (:mod:`neurovision.encoding.events`):
+For every subject and event set of an events store (:mod:`neurovision.data.events`):
 
 1. features of every configured network (and each of its layers) for the events' frames / sentences / pairs
    (:func:`neurovision.encoding.features.extract_features`, cached in HDF5 by model id);
@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from neurovision.atomic import atomic_path, write_json
+from neurovision.data.atomic import atomic_path, write_json
 
 log = logging.getLogger("neurovision.encode")
 FITS_VERSION = 3  # 2: fold-centred predictions and within-fold r; 3: predictions only where used, float16 + scale
@@ -176,7 +176,7 @@ class Encoder:
                  cache: str | os.PathLike[str] | None = None, regression: Regression | None = None,
                  statistics: Statistics | None = None, extraction: Extraction | None = None,
                  progress: bool = True) -> None:
-        from neurovision.encoding.events import EventStore
+        from neurovision.data.events import EventStore
 
         self.store_path = Path(store)
         self.store = EventStore(store)
@@ -496,7 +496,7 @@ def _safe(s: str) -> str:
 def _parser() -> Any:
     from jsonargparse import ActionConfigFile
 
-    from neurovision.cli_habits import json_parser
+    from neurovision.cli.habits import json_parser
 
     p = json_parser(prog="neurovision encode", description="fit encoding models and find integration sites")
     p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (repeat to combine)")

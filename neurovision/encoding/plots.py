@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
 
 _COLOURS = {"integration": "#d62728", "significant": "#ff9f1c", "other": "#9aa5b1"}
 

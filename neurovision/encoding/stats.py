@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
 from neurovision.encoding.ridge import pearson_r
 
 _H5_DATASET = "indices"

@@ -364,7 +364,7 @@ def clip_score_from_teacher(
     """Mean CLIP-S of ``captions[i]`` for ``images_uint8[i]`` (N, 3, H, W) with a CLIP teacher.
 
     ``teacher`` has ``encode(uint8 images) -> (N, D)`` and ``encode_text(list[str]) -> (N, D)``, e.g.
-    :class:`~neurovision.teachers.OpenCLIPImageTeacher`. ``prefix`` is prepended to every caption, as in
+    :class:`~neurovision.pretrained.teachers.OpenCLIPImageTeacher`. ``prefix`` is prepended to every caption, as in
     Hessel et al.'s reference code (``"A photo depicts "``); pass ``""`` for raw captions.
     """
     if isinstance(captions, str):

@@ -1,15 +1,15 @@
-"""Data sources: each one converts its own layout into a neurovision store (see :mod:`neurovision.store`).
+"""Data sources: each one converts its own layout into a neurovision store (see :mod:`neurovision.data.store`).
 
 A source module exposes ``prepare(out, ..., force=False) -> Path``; its keyword arguments (typed, with
 defaults) become the options of ``neurovision prepare <source>``. ``prepare`` must:
 
-- compute a :func:`neurovision.store.fingerprint` of its options and input files and return early (a no-op)
+- compute a :func:`neurovision.data.store.fingerprint` of its options and input files and return early (a no-op)
   when a valid store with the same fingerprint already sits at ``out`` (unless ``force``), through
   :func:`up_to_date`: "valid" means the store passes its *cheap* checks (opens, header, layout, checksum filters;
-  see :mod:`neurovision.store`), so a truncated, foreign, unfinished or older-version file is rebuilt. Damaged
+  see :mod:`neurovision.data.store`), so a truncated, foreign, unfinished or older-version file is rebuilt. Damaged
   data bytes inside a valid file are not found without reading it all (``neurovision inspect --verify``);
   ``--force true`` rebuilds such a store;
-- write through :class:`neurovision.store.StoreWriter` (atomic: temp file + rename);
+- write through :class:`neurovision.data.store.StoreWriter` (atomic: temp file + rename);
 - raise one clear error naming the input file and the field on bad input.
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from neurovision.atomic import remove_stale_partials
-from neurovision.store import StoreError
+from neurovision.data.atomic import remove_stale_partials
+from neurovision.data.store import StoreError
 
 log = logging.getLogger("neurovision.prepare")
 
@@ -31,8 +31,8 @@ def existing_store(out: str | Path) -> tuple[str | None, str | None]:
     why)`` (``why`` None when there is no file)."""
     import h5py
 
-    from neurovision.encoding.events import EVENTS_SCHEMA, EventStore
-    from neurovision.store import Store, plain
+    from neurovision.data.events import EVENTS_SCHEMA, EventStore
+    from neurovision.data.store import Store, plain
 
     out = Path(out)
     if not out.exists():

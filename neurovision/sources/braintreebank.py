@@ -38,9 +38,9 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from neurovision.encoding.events import EventStoreWriter, default_bins
+from neurovision.data.events import EventStoreWriter, default_bins
+from neurovision.data.store import StoreError, fingerprint
 from neurovision.sources import log, up_to_date
-from neurovision.store import StoreError, fingerprint
 
 CONVERTER_VERSION = "1"
 SAMPLING_RATE = 2048.0

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from neurovision.data.store import StoreError
 from neurovision.sources.scenes import POSITIONS, relations
-from neurovision.store import StoreError
 
 MIN_VISIBLE = 0.5  # fraction of an object's box that must stay inside the crop
 MIN_AREA = 0.005  # visible box area / shown square area below which an object is dropped

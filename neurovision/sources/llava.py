@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neurovision.atomic import write_json
+from neurovision.data.atomic import write_json
 
 ID_FIELDS: tuple[str, ...] = ("nsd_id", "coco_id", "image", "id")
 IMPORT_TYPES: tuple[str, ...] = ("description", "reasoning", "dialogue", "sd_prompt")
@@ -79,7 +79,7 @@ def _parse_id(name: str, value: Any) -> int:
 @functools.cache
 def _template_questions() -> tuple[frozenset[str], frozenset[str]]:
     """The normalised detailed-description and SD-prompt template questions (once, not per entry)."""
-    from neurovision.instructions import DETAILED_TEMPLATES, SD_PROMPT_TEMPLATES
+    from neurovision.data.instructions import DETAILED_TEMPLATES, SD_PROMPT_TEMPLATES
 
     return frozenset(map(_norm, DETAILED_TEMPLATES)), frozenset(map(_norm, SD_PROMPT_TEMPLATES))
 
@@ -213,7 +213,7 @@ def merge(annotations: dict[str, list[Any]], imported: Imported, n_stimuli: int)
 def export_instructions(store: Any, out: str | Path, types: Sequence[str] = IMPORT_TYPES) -> Path:
     """Write a store's instruction data (``descriptions``, ``qa``, ``dialogues``, ``sd_prompts``) as a LLaVA-format
     file with ``nsd_id`` (the store's stimulus ids), ``coco_id`` (when the store has them) and ``type``."""
-    from neurovision.instructions import DETAILED_TEMPLATES, SD_PROMPT_TEMPLATES, as_list
+    from neurovision.data.instructions import DETAILED_TEMPLATES, SD_PROMPT_TEMPLATES, as_list
 
     ids = [int(i) for i in store.stimulus_ids]
     coco = [int(c) for c in store.extra("coco_ids")] if "coco_ids" in store.extras else None

@@ -39,8 +39,8 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
+from neurovision.data.store import StoreError, StoreWriter, fingerprint
 from neurovision.sources import log, up_to_date
-from neurovision.store import StoreError, StoreWriter, fingerprint
 
 CONVERTER_VERSION = "3"  # 2: per-subject val images; 3: instruction annotations from COCO instances
 N_NSD_SUBJECTS = 8
@@ -192,7 +192,7 @@ def _annotations(root: Path, info_path: Path, info: dict[int, tuple[int, str, st
                  skip_unmatched: bool) -> tuple[dict[str, list[Any]], list[str] | None]:
     """Every annotation kind per stimulus (captions, the COCO-derived kinds, the imported instruction data) and
     the concept vocabulary (COCO's categories; None without the instances files)."""
-    from neurovision.instructions import NEEDS
+    from neurovision.data.instructions import NEEDS
     from neurovision.sources import coco, llava
 
     ann: dict[str, list[Any]] = {"captions": captions}
@@ -294,7 +294,7 @@ def _read_betas(path: Path) -> np.ndarray:
 
 def _zscore_inplace(vols: np.ndarray) -> None:
     """Per-voxel z-score over the trials of one session, in voxel blocks to bound memory."""
-    from neurovision.preprocessing import zscore_by_session
+    from neurovision.data.preprocessing import zscore_by_session
 
     t = vols.shape[0]
     flat = vols.reshape(t, -1)
@@ -429,7 +429,7 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
-    from neurovision.preprocessing import GridSpec, resize_grid_affine
+    from neurovision.data.preprocessing import GridSpec, resize_grid_affine
 
     root, out = Path(root), Path(out)
     subjects = [int(s) for s in subjects]

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neurovision.preprocessing import GridSpec, resample, resize_grid_affine, to_nifti, zscore_by_session
+from neurovision.data.preprocessing import GridSpec, resample, resize_grid_affine, to_nifti, zscore_by_session
+from neurovision.data.store import SPLITS, Store, StoreWriter, fingerprint
 from neurovision.sources import scenes, up_to_date
-from neurovision.store import SPLITS, Store, StoreWriter, fingerprint
 
 CONVERTER_VERSION = "phantom-3"  # 2: the shared test scenes are distinct; 3: boxes carry a label
 _RF = 6  # receptive fields per image axis for the retinotopic term

@@ -31,9 +31,9 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from neurovision.encoding.events import EventStoreWriter, default_bins
+from neurovision.data.events import EventStoreWriter, default_bins
+from neurovision.data.store import fingerprint
 from neurovision.sources import scenes, up_to_date
-from neurovision.store import fingerprint
 
 CONVERTER_VERSION = "phantom-seeg-1"
 SITE_KINDS: tuple[str, ...] = ("null", "vision", "language", "multimodal")
@@ -255,7 +255,7 @@ def prepare(
 
 def site_truth(store: object, subject: str) -> np.ndarray:
     """Planted kind names (N,) of ``subject``'s electrodes, from an events store (path or EventStore)."""
-    from neurovision.encoding.events import EventStore
+    from neurovision.data.events import EventStore
 
     st = store if isinstance(store, EventStore) else EventStore(store)  # type: ignore[arg-type]
     kinds = st.extra(f"site_kind_{subject}")

@@ -30,7 +30,7 @@ class BaseTask(L.LightningModule):
     ``IMMUTABLE_HPARAMS``: init args that cannot change after training (architecture; each task sets its own, paths
     such as ``llm`` or ``stage1`` are locations and may move); with ``--ckpt_path`` the CLI refuses a config that gives them other values than the checkpoint's (``data_spec`` always counts).
     Every other init arg given on the command line or in a ``-c`` file applies to the run; one given nowhere
-    takes the checkpoint's value (see :class:`neurovision.lightning_cli.NeuroVisionCLI`).
+    takes the checkpoint's value (see :class:`neurovision.cli.lightning.NeuroVisionCLI`).
     """
 
     IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ()
@@ -73,14 +73,14 @@ class BaseTask(L.LightningModule):
 
     @property
     def data_store(self) -> Any:
-        """The run's store (:class:`neurovision.store.Store`), opened from the data spec's ``store`` path at first
+        """The run's store (:class:`neurovision.data.store.Store`), opened from the data spec's ``store`` path at first
         use (the task reads the data through its spec, never through ``trainer.datamodule``)."""
         store = self.__dict__.get("_data_store")
         if store is None:
             if not self.spec.store:
                 raise ValueError(f"{type(self).__name__} needs a neurovision store: the data spec has none (run "
                                  "through `neurovision`, which links data.spec, or give DataSpec(store=...))")
-            from neurovision.store import Store
+            from neurovision.data.store import Store
 
             store = self.__dict__["_data_store"] = Store(self.spec.store)
         return store
@@ -96,21 +96,21 @@ class BaseTask(L.LightningModule):
 
     def teachers(self) -> dict[str, Any]:
         """The teacher attributes of this task (plain objects with ``id``, ``output_shape``, ``encode``, ``to``)."""
-        from neurovision.teachers import Teacher
+        from neurovision.pretrained.teachers import Teacher
 
         return {k: v for k, v in vars(self).items()
                 if not k.startswith("_") and isinstance(v, Teacher) and callable(getattr(v, "to", None))}
 
     def place_teachers(self, device: str | torch.device | None = None, lazy: bool = True) -> None:
         """Put every unpinned teacher on ``device`` (default :attr:`teacher_device`, the rank's own); teachers
-        with an explicit ``device`` keep it (see :func:`neurovision.teachers.place`). ``lazy``: the weights
+        with an explicit ``device`` keep it (see :func:`neurovision.pretrained.teachers.place`). ``lazy``: the weights
         move at each teacher's first use (a teacher the run never calls takes no accelerator memory).
 
         Called at test start (:meth:`on_test_start`), so scorers and selectors (stage 2's CLIP-S, stage 3's
         best-of-N CLIP, the ConceptMaps callback) run where the rank's data are; released at test end. A task
         that overrides :meth:`on_test_start` / :meth:`on_test_end` calls ``super()`` first. Code that uses a
         teacher's network directly (``teacher.model``) calls ``teacher.ready()`` first."""
-        from neurovision.teachers import place
+        from neurovision.pretrained.teachers import place
 
         dev = self.teacher_device if device is None else torch.device(device)
         for t in self.teachers().values():
@@ -118,8 +118,8 @@ class BaseTask(L.LightningModule):
 
     def release_teachers(self) -> None:
         """Move every teacher's weights back to the CPU (frees the accelerator; see
-        :func:`neurovision.teachers.release`)."""
-        from neurovision.teachers import release
+        :func:`neurovision.pretrained.teachers.release`)."""
+        from neurovision.pretrained.teachers import release
 
         for t in self.teachers().values():
             release(t)

@@ -19,13 +19,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig
 from torch import nn
 
-from neurovision.atomic import atomic_dir, write_json, write_jsonl
-from neurovision.instructions import FMRI_TOKEN, IGNORE_INDEX
-from neurovision.llm import load_llm
+from neurovision.data.atomic import atomic_dir, write_json, write_jsonl
+from neurovision.data.instructions import FMRI_TOKEN, IGNORE_INDEX
 from neurovision.models import with_readout
-from neurovision.tasks.alignment import check_stage1_spec, load_stage1
+from neurovision.models.stage1 import check_stage1_spec, load_stage1
+from neurovision.pretrained.llm import load_llm
+from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
-from neurovision.teachers import OpenCLIPImageTeacher
 
 Phase = Literal["projector", "lora", "full"]
 
@@ -138,7 +138,7 @@ class InstructTask(BaseTask):
         if phase == "lora" and lora is None:
             raise ValueError("model.init_args.phase='lora' needs model.init_args.lora (class_path: peft.LoraConfig)")
         # the paths before anything is built (the LLM's is load_llm's; `neurovision fit` checks all of them
-        # before any class is built: neurovision.checked_cli)
+        # before any class is built: neurovision.cli.checked)
         if not Path(stage1).is_file():
             raise FileNotFoundError(f"{stage1}: stage-1 checkpoint does not exist (YAML key model.init_args.stage1)")
         for key, path in (("init_from", init_from), ("adapter", adapter)):

@@ -3,7 +3,7 @@
 ``neurovision test -c experiments/stage3_reconstruct.yaml`` runs it (nothing is trained: ``fit`` refuses).
 Each test batch holds evaluation items of one condition (trial-averaged or single-trial, from
 :class:`data_modules.FMRIDataModule` with ``return_images: true``); the frozen stage-1 ViT3D predicts the
-CLIP embedding and VAE latent of each item, :class:`~neurovision.reconstruction.UnCLIPReconstructor`
+CLIP embedding and VAE latent of each item, :class:`~neurovision.pretrained.unclip.UnCLIPReconstructor`
 turns them into an image, and at the end of the epoch :func:`neurovision.metrics.images.evaluate_images`
 scores all reconstructions of a condition against their stimuli. Written into the run's log dir:
 ``test_scores_<cond>.json`` (scores + why a metric is unavailable), ``reconstructions_<cond>.npz``
@@ -12,7 +12,7 @@ in TensorBoard.
 
 Many β in one pass: ``model.init_args.beta: [0.0, 0.5, 0.93]`` (a list) runs the stage-1 model, the
 conditioning, the prompt encoding and each item's noise once per batch and every β from them
-(:meth:`~neurovision.reconstruction.UnCLIPReconstructor.reconstruct_betas`); each β is scored and written on its
+(:meth:`~neurovision.pretrained.unclip.UnCLIPReconstructor.reconstruct_betas`); each β is scored and written on its
 own: metrics ``test/<cond>/beta=<b>/<metric>``, files ``beta=<b>/test_scores_<cond>.json`` and
 ``beta=<b>/reconstructions_<cond>.npz`` (without the stimuli, which are written once as
 ``stimuli_<cond>.npz``); ``recon_grid_<cond>.png`` then has one column per β. A scalar β keeps the layout above.
@@ -37,10 +37,16 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from neurovision.reconstruction import UnCLIPReconstructor, check_beta, denoising_steps, image_grid, item_seed
-from neurovision.tasks.alignment import check_stage1_spec, load_stage1
+from neurovision.models.stage1 import check_stage1_spec, load_stage1
+from neurovision.pretrained.teachers import OpenCLIPImageTeacher
+from neurovision.pretrained.unclip import (
+    UnCLIPReconstructor,
+    check_beta,
+    denoising_steps,
+    image_grid,
+    item_seed,
+)
 from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
-from neurovision.teachers import OpenCLIPImageTeacher
 
 PROMPT_SOURCES = ("none", "file")
 
@@ -286,7 +292,7 @@ class ReconstructionTask(BaseTask):
         return metric.score(items, device=device, **clip_kw)
 
     def on_test_epoch_end(self) -> None:
-        from neurovision.atomic import atomic_path, write_json
+        from neurovision.data.atomic import atomic_path, write_json
 
         log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
         zero = self.trainer.is_global_zero

@@ -13,7 +13,7 @@ reconstruction prompt), and decoded by the VAE.
 :class:`UnCLIPReconstructor` is built from the components of a Stable unCLIP pipeline folder (``vae``,
 ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer``, ``image_normalizer``, ``image_noising_scheduler``,
 read with ``from_pretrained(local_files_only=True)``; nothing is downloaded). The tiny CPU preset is the same
-layout written by :mod:`neurovision.unclip_training`. Sampling is batched and seeded per item: the noise of
+layout written by :mod:`neurovision.tiny.unclip`. Sampling is batched and seeded per item: the noise of
 an item depends only on ``(seed, subject, stimulus)``, not on the batch it happens to be in.
 """
 
@@ -58,7 +58,7 @@ class UnCLIPReconstructor(torch.nn.Module):
 
     Args:
         vae: ``diffusers.AutoencoderKL``; latents are in its *scaled* space (``z · scaling_factor``), as the
-            stage-1 VAE head predicts them (:class:`neurovision.teachers.VAETeacher`).
+            stage-1 VAE head predicts them (:class:`neurovision.pretrained.teachers.VAETeacher`).
         unet: ``diffusers.UNet2DConditionModel`` with ``class_embed_type="projection"`` whose class input is
             ``[image embedding, noise-level embedding]`` (twice the CLIP dimension), as in Stable unCLIP.
         scheduler: the sampling scheduler (DDIM, DPM-Solver, …; any diffusers scheduler with
@@ -403,7 +403,7 @@ def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from neurovision.atomic import atomic_path
+        from neurovision.data.atomic import atomic_path
 
         fig_w = max(2.0, 0.9 * len(cols) * max(1.0, w / 64))
         fig, ax = plt.subplots(figsize=(fig_w, max(2.0, 0.9 * n * max(1.0, h / 64)) + 0.6))

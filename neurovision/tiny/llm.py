@@ -1,5 +1,5 @@
-"""Causal language models for stage 2: loading any Hugging Face causal LM from a local directory, and a tiny
-Llama (byte-level BPE tokenizer + small ``LlamaConfig``) built and pre-trained on a store's text for CPU runs.
+"""The tiny Llama of the demo (a stand-in, not the product): a byte-level BPE tokenizer + small ``LlamaConfig``
+built and pre-trained on a store's text for CPU runs.
 
 The tiny model stands in for Llama-3-8B on a laptop: the same classes (``LlamaForCausalLM``,
 ``PreTrainedTokenizerFast`` with a Llama-3-style chat template), saved with ``save_pretrained`` and loaded with
@@ -20,19 +20,14 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from neurovision.atomic import atomic_dir
-from neurovision.instructions import FMRI_TOKEN, corpus
+from neurovision.data.atomic import atomic_dir
+from neurovision.data.instructions import FMRI_TOKEN, corpus
+from neurovision.pretrained.llm import CHAT_TEMPLATE
 
-# Llama-3 style chat template (role headers, end-of-turn token); renders prefix-consistently
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|pad|>", FMRI_TOKEN)
 
@@ -67,57 +62,6 @@ def tiny_llama_config(vocab_size: int, hidden: int = 192, layers: int = 4, heads
     )
 
 
-def load_tokenizer(path: str | os.PathLike[str], key: str = "model.init_args.llm",
-                   chat_template: str | None = None) -> Any:
-    """The tokenizer of the causal LM in a local directory, ready for fMRI tokens: what :func:`load_llm` returns
-    with the model (the stage-2 datamodule loads it from the same path, so both tokenise identically).
-
-    The tokenizer gets the ``<fmri>`` placeholder token (and a pad token) if it lacks them. ``chat_template`` (a
-    Jinja string, or the path of a ``.jinja`` file) replaces the tokenizer's own, for models that ship none (e.g.
-    Vicuna). A missing directory is one error naming ``key``.
-    """
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: no causal LM checkpoint (config.json) here (YAML key {key}); build a tiny "
-                                f"one with `neurovision tiny llm --store <store> --out {p}`")
-    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    if chat_template is not None:
-        t = Path(chat_template)
-        if chat_template.endswith(".jinja") and not t.is_file():
-            raise FileNotFoundError(f"{t}: chat template file does not exist (YAML key model.init_args.chat_template)")
-        tok.chat_template = t.read_text() if chat_template.endswith(".jinja") else chat_template
-    if tok.chat_template is None:
-        raise ValueError(f"{p}: field 'chat_template': missing in the tokenizer (YAML key {key}); give one with "
-                         "model.init_args.chat_template")
-    added = []
-    if FMRI_TOKEN not in tok.get_vocab():
-        added.append(FMRI_TOKEN)
-    if added:
-        tok.add_special_tokens({"additional_special_tokens": added})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_llm(path: str | os.PathLike[str], key: str = "model.init_args.llm", dtype: torch.dtype | None = None,
-             chat_template: str | None = None) -> tuple[Any, Any]:
-    """(causal LM, tokenizer) from a local directory, ready for fMRI tokens.
-
-    The tokenizer is :func:`load_tokenizer`'s (the ``<fmri>`` placeholder and a pad token added if it lacks them,
-    ``chat_template`` replacing its own), and the model's embeddings grow to match. A missing directory is one
-    error naming ``key``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(path, key, chat_template)
-    model = AutoModelForCausalLM.from_pretrained(Path(path), local_files_only=True, dtype=dtype or torch.float32)
-    if len(tok) > cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]:
-        model.resize_token_embeddings(len(tok))
-    return model, tok
-
-
 def _store_texts(store_path: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
     return _store_corpus(store_path, splits)[0]
 
@@ -128,9 +72,9 @@ def _store_corpus(store_path: str | os.PathLike[str], splits: Sequence[str] = ("
     instruction type (the stage-2 generators, seeded), without the fMRI placeholder."""
     import numpy as np
 
-    from neurovision.instructions import GENERATORS, NEEDS, concept_vocabulary
-    from neurovision.store import Store
-    from neurovision.teacher_training import stimuli_of
+    from neurovision.data.instructions import GENERATORS, NEEDS, concept_vocabulary
+    from neurovision.data.store import Store
+    from neurovision.tiny.teachers import stimuli_of
 
     store = Store(store_path)
     try:
@@ -169,7 +113,7 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
     """
     from tqdm.auto import tqdm
 
-    from neurovision.teacher_training import _deprecated_max_minutes
+    from neurovision.tiny.teachers import _deprecated_max_minutes
 
     _deprecated_max_minutes(max_minutes, "pretrain")
     if steps < 1:
@@ -223,7 +167,7 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
     """
     from transformers import LlamaForCausalLM
 
-    from neurovision.teacher_training import _deprecated_max_minutes
+    from neurovision.tiny.teachers import _deprecated_max_minutes
 
     _deprecated_max_minutes(max_minutes, "build_tiny_llm")
 
@@ -264,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for flag, v in (("--steps", a.steps), ("--threads", a.threads)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
-    from neurovision.teacher_training import set_threads
+    from neurovision.tiny.teachers import set_threads
 
     set_threads(a.threads)
     out = build_tiny_llm(a.store, a.out, vocab_size=a.vocab_size, hidden=a.hidden, layers=a.layers,

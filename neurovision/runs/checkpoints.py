@@ -4,7 +4,7 @@
 Which file resumes
     A monitored ``ModelCheckpoint`` (the stage YAMLs monitor a validation metric) writes ``last.ckpt`` only when
     a top-k checkpoint is saved (Lightning 2.6), so its ``last.ckpt`` is the *best* epoch, not the latest one.
-    :class:`LatestCheckpoint` (installed by :class:`~neurovision.lightning_cli.NeuroVisionCLI` for every ``fit``)
+    :class:`LatestCheckpoint` (installed by :class:`~neurovision.cli.lightning.NeuroVisionCLI` for every ``fit``)
     rewrites ``<checkpoint dir>/latest.ckpt`` at the end of every training epoch: the newest complete state.
     ``--ckpt_path=last`` resolves to the ``latest.ckpt`` of the newest run folder (``<save_dir>/<name>/version_N``
     with the highest N that holds a complete checkpoint; a run from before ``latest.ckpt`` existed: its newest
@@ -36,10 +36,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from neurovision.atomic import atomic_path, remove_stale_partials
-from neurovision.store import StoreError
-
-LATEST = "latest"  # <checkpoint dir>/latest.ckpt
+from callbacks.latest_checkpoint import LATEST
+from neurovision.data.atomic import atomic_path, remove_stale_partials
+from neurovision.data.store import StoreError
 
 
 class CheckpointError(StoreError):
@@ -64,7 +63,7 @@ def _fsync_dir(path: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes local files atomically: ``torch.save`` into ``.<name>.*.partial`` in the
-    target's folder, fsync, ``os.replace`` (see :func:`neurovision.atomic.atomic_path`), fsync of the folder.
+    target's folder, fsync, ``os.replace`` (see :func:`neurovision.data.atomic.atomic_path`), fsync of the folder.
     Remote paths (``s3://`` ...) go through Lightning's writer. Under DDP only global rank 0 saves (the
     strategy calls this on rank 0), so the temp name never races."""
 
@@ -104,7 +103,7 @@ def disk_full(error: BaseException, folder: Path) -> bool:
 
 def remove_stale_checkpoint_partials(folder: Path) -> None:
     """Remove the temp files of killed checkpoint writes in ``folder`` (``.<name>.ckpt.<host>-<pid>.*.partial``
-    whose process is gone; see :func:`neurovision.atomic.remove_stale_partials`): a checkpoint can be gigabytes,
+    whose process is gone; see :func:`neurovision.data.atomic.remove_stale_partials`): a checkpoint can be gigabytes,
     and ``epoch=…`` names are never written twice, so their writer would never clean them."""
     try:
         partials = list(folder.glob(".*.ckpt.*.partial"))
@@ -126,22 +125,8 @@ def install_atomic_io(trainer: Any) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
-class LatestCheckpoint(ModelCheckpoint):
-    """The state at the end of the latest finished training epoch, in one file (``<dirpath>/latest.ckpt``,
-    overwritten; ``dirpath`` None: the run's checkpoint folder, beside the config's own checkpoints): what
-    ``--ckpt_path=last`` resumes from (see the module docstring for why not ``last.ckpt``)."""
-
-    def __init__(self, dirpath: str | None = None, filename: str = LATEST) -> None:
-        super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, save_last=False,
-                         enable_version_counter=False, save_on_train_epoch_end=True)
-
-    @property
-    def state_key(self) -> str:  # never clashes with a plain ModelCheckpoint of the config (or the sweep's)
-        return self._generate_state_key(run=LATEST)
-
-
 def has_latest_checkpoint(callbacks: Iterable[Any]) -> bool:
-    """Whether a ``LatestCheckpoint`` (this module's or :mod:`neurovision.sweep`'s) is among ``callbacks``."""
+    """Whether a ``LatestCheckpoint`` (:mod:`callbacks.latest_checkpoint`) is among ``callbacks``."""
     return any(isinstance(cb, ModelCheckpoint) and type(cb).__name__ == "LatestCheckpoint" for cb in callbacks)
 
 

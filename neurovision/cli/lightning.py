@@ -10,11 +10,11 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.latest_checkpoint import LatestCheckpoint
 from data_modules.fmri import StoreDataModule
-from neurovision.checkpoints import (
+from neurovision.runs.checkpoints import (
     CheckpointError,
     CheckpointMeta,
-    LatestCheckpoint,
     check_data_spec,
     check_store,
     find_last,
@@ -58,11 +58,11 @@ class NeuroVisionCLI(LightningCLI):
     stage 2, the LLM's path and chat template to the datamodule's tokenizer (``model.init_args.llm`` ->
     ``data.init_args.tokenizer``, ``model.init_args.chat_template`` -> ``data.init_args.chat_template``).
 
-    Checkpoints (see :mod:`neurovision.checkpoints`):
+    Checkpoints (see :mod:`neurovision.runs.checkpoints`):
 
-    * every trainer writes checkpoints atomically (:class:`~neurovision.checkpoints.AtomicCheckpointIO`);
+    * every trainer writes checkpoints atomically (:class:`~neurovision.runs.checkpoints.AtomicCheckpointIO`);
     * ``fit`` keeps ``<checkpoint dir>/latest.ckpt``, the end of the latest finished training epoch
-      (:class:`~neurovision.checkpoints.LatestCheckpoint`; the config's monitored ``last.ckpt`` is the *best*
+      (:class:`~callbacks.latest_checkpoint.LatestCheckpoint`; the config's monitored ``last.ckpt`` is the *best*
       epoch in Lightning 2.6, not the latest);
     * ``--ckpt_path=last`` is that ``latest.ckpt`` of the newest run folder (``version_N``) holding a complete
       checkpoint; a resumed ``fit`` logs into that same folder (also for an explicit path inside one);

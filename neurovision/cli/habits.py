@@ -126,7 +126,7 @@ def _list_items(text: str) -> list[str] | None:
 
 
 def normalise(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """``argv`` with the habit forms of :mod:`neurovision.cli_habits` rewritten to what ``parser`` parses.
+    """``argv`` with the habit forms of :mod:`neurovision.cli.habits` rewritten to what ``parser`` parses.
 
     Tokens the parser does not declare, and everything after ``--``, pass through unchanged (the parser reports
     them). A subcommand name switches to its parser for the options after it."""

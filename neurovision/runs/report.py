@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -833,7 +833,7 @@ def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    from neurovision.cli_habits import argparse_parser
+    from neurovision.cli.habits import argparse_parser
 
     parser = argparse_parser(
         prog="neurovision report",

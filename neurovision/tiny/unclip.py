@@ -2,9 +2,9 @@
 
 Real runs load Stable unCLIP 2.1 from a local folder. For the demo chain we write a folder of the same layout
 (``vae``, ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer``, ``image_normalizer``,
-``image_noising_scheduler``), loadable by :meth:`neurovision.reconstruction.UnCLIPReconstructor.from_pretrained`:
+``image_noising_scheduler``), loadable by :meth:`neurovision.pretrained.unclip.UnCLIPReconstructor.from_pretrained`:
 
-- ``vae``: the tiny VAE teacher of :mod:`neurovision.teacher_training` (copied; the stage-1 VAE head predicts
+- ``vae``: the tiny VAE teacher of :mod:`neurovision.tiny.teachers` (copied; the stage-1 VAE head predicts
   its scaled latents, so the UNet works in exactly that space);
 - ``unet``: a small ``UNet2DConditionModel`` (``class_embed_type="projection"``, the Stable unCLIP class input
   ``[image embedding, noise-level embedding]``) trained on the latents of the store's *train and val* stimuli,
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurovision.atomic import atomic_dir, write_json
-from neurovision.store import Store
+from neurovision.data.atomic import atomic_dir, write_json
+from neurovision.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def build_tiny_unclip(vae: Any, clip_dim: int, texts: list[str], embeds: torch.T
         StableUnCLIPImageNormalizer,
     )
 
-    from neurovision.llm import train_tokenizer
-    from neurovision.reconstruction import UnCLIPReconstructor
+    from neurovision.pretrained.unclip import UnCLIPReconstructor
+    from neurovision.tiny.llm import train_tokenizer
 
     c = int(vae.config.latent_channels)
     h = int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -185,7 +185,8 @@ def train_tiny_unclip(
     from diffusers import DDPMScheduler
     from diffusers.models.embeddings import get_timestep_embedding
 
-    from neurovision.teacher_training import (
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
+    from neurovision.tiny.teachers import (
         CLIP_NAME,
         VAE_DIR,
         _deprecated_max_minutes,
@@ -193,7 +194,6 @@ def train_tiny_unclip(
         resolve_steps,
         stimuli_of,
     )
-    from neurovision.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
 
     _deprecated_max_minutes(max_minutes, "train_tiny_unclip")
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from neurovision.teacher_training import set_threads
+    from neurovision.tiny.teachers import set_threads
 
     set_threads(a.threads)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neurovision.atomic import atomic_path
-from neurovision.store import Store
+from neurovision.data.atomic import atomic_path
+from neurovision.data.store import Store
 
 
 def store_overview(store: Store, out: str | os.PathLike[str], n_images: int = 8, seed: int = 0) -> Path:

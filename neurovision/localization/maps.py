@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
+from neurovision.data.preprocessing import GridSpec, patch_grid_shape, to_active_patches
+from neurovision.data.store import Store
 from neurovision.metrics.correlation import pearson_r
 from neurovision.models import with_readout
-from neurovision.preprocessing import GridSpec, patch_grid_shape, to_active_patches
-from neurovision.store import Store
 
 __all__ = [
     "Localization", "ModelParts", "aggregate", "concept_cams", "concept_directions", "concept_list", "ensemble",
@@ -518,7 +518,7 @@ def write_maps(maps: dict[str, dict[str, np.ndarray]], store: Store, out_dir: st
     import nibabel as nib
     from tqdm.auto import tqdm
 
-    from neurovision.preprocessing import to_nifti
+    from neurovision.data.preprocessing import to_nifti
 
     out = Path(out_dir)
     files: list[Path] = []
@@ -607,7 +607,7 @@ def localize(checkpoints: Sequence[str | Path | ModelParts], store: str | Path |
     """
     from tqdm.auto import tqdm
 
-    from neurovision.tasks.alignment import load_stage1
+    from neurovision.models.stage1 import load_stage1
 
     st = store if isinstance(store, Store) else Store(store)
     words = list(concepts) if concepts is not None else concept_list(st)

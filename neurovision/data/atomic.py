@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-log = logging.getLogger("neurovision.atomic")
+log = logging.getLogger("neurovision.data.atomic")
 
 #: a temp file of the old naming (no host and pid in it) is taken for a killed run's once this old (seconds)
 LEGACY_PARTIAL_AGE_S = 3600

@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from neurovision.atomic import atomic_path, shared_mode, write_json
-from neurovision.store import SPLITS, Store
+from neurovision.data.atomic import atomic_path, shared_mode, write_json
+from neurovision.data.store import SPLITS, Store
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def train_tiny_clip(
     """
     from open_clip import ClipLoss
 
-    from neurovision.teachers import OpenCLIPImageTeacher
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
     _deprecated_max_minutes(max_minutes, "train_tiny_clip")
     t_start = time.time()
@@ -406,7 +406,7 @@ def train_tiny_vae(
         kl_weight: weight of the KL term.
         init_logvar: initial posterior log-variance (bias of the log-variance half of ``quant_conv``).
         seed: initialisation, order and sampling.
-        config: the VAE config: ``"tiny"`` (:data:`neurovision.teachers.TINY_VAE_CONFIG`) or a JSON path.
+        config: the VAE config: ``"tiny"`` (:data:`neurovision.pretrained.teachers.TINY_VAE_CONFIG`) or a JSON path.
         max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`_deprecated_max_minutes`).
         evaluate: PSNR of reconstructions of the store's test images (in the metrics file).
         progress: show a tqdm bar.
@@ -416,7 +416,7 @@ def train_tiny_vae(
         ``out_dir``.
     """
 
-    from neurovision.teachers import VAETeacher
+    from neurovision.pretrained.teachers import VAETeacher
 
     _deprecated_max_minutes(max_minutes, "train_tiny_vae")
     t_start = time.time()

@@ -4,12 +4,12 @@
 (a LightningCLI in subclass mode for model and data, seed 0 by default, config.yaml saved with overwrite).
 ``neurovision prepare <source> ...`` converts a source into a store; ``neurovision inspect <store>`` prints
 a store's summary; ``neurovision localize --ckpt A.ckpt ...`` writes concept maps (GradCAM) as NIfTI; ``neurovision sweep
-<sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.sweep`); ``neurovision encode -c experiments/encoding.yaml``
+<sweep.yaml>`` runs a resumable sweep (:mod:`neurovision.runs.sweep`); ``neurovision encode -c experiments/encoding.yaml``
 fits encoding models and finds integration sites (:mod:`neurovision.encoding.pipeline`); ``neurovision report <dir>``
-writes an HTML dashboard (:mod:`neurovision.report`); ``neurovision tiny teachers|unclip|llm`` trains the demo's
+writes an HTML dashboard (:mod:`neurovision.runs.report`); ``neurovision tiny teachers|unclip|llm`` trains the demo's
 stand-ins for pretrained networks. The tools' flags take argparse habits and jsonargparse values
 alike (``--subjects 1 2`` or ``--subjects [1,2]``, ``--json`` or ``--json true``, ``--no_zscore`` or
-``--zscore=false``): :mod:`neurovision.cli_habits`.
+``--zscore=false``): :mod:`neurovision.cli.habits`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ TOOL_COMMANDS = {
 }
 # `neurovision tiny <model>`: the demo stand-ins (not the product: the real runs load pretrained networks)
 TINY_COMMANDS = {
-    "teachers": ("neurovision.teacher_training", "the tiny CLIP (open_clip) and VAE (diffusers) teachers"),
-    "unclip": ("neurovision.unclip_training", "the tiny unCLIP img2img pipeline of stage 3"),
-    "llm": ("neurovision.llm", "the tiny Llama and its tokenizer of stage 2"),
+    "teachers": ("neurovision.tiny.teachers", "the tiny CLIP (open_clip) and VAE (diffusers) teachers"),
+    "unclip": ("neurovision.tiny.unclip", "the tiny unCLIP img2img pipeline of stage 3"),
+    "llm": ("neurovision.tiny.llm", "the tiny Llama and its tokenizer of stage 2"),
 }
 
 
@@ -107,7 +107,7 @@ def check_out_file(out: str | os.PathLike[str], flag: str) -> Path:
 
 def prepare_parser(sources: dict[str, Any]) -> Any:
     """The parser of ``neurovision prepare``: a subcommand per source, its flags from the source's signature."""
-    from neurovision.cli_habits import json_parser
+    from neurovision.cli.habits import json_parser
 
     parser = json_parser(prog="neurovision prepare", description=TOOL_COMMANDS["prepare"])
     sub = parser.add_subcommands(dest="source")
@@ -141,7 +141,7 @@ def prepare_main(args: list[str]) -> int:
 
 def inspect_parser() -> Any:
     """The parser of ``neurovision inspect``."""
-    from neurovision.cli_habits import json_parser
+    from neurovision.cli.habits import json_parser
 
     parser = json_parser(prog="neurovision inspect", description=TOOL_COMMANDS["inspect"])
     parser.add_argument("store", type=str, help="path of the store file")
@@ -159,11 +159,11 @@ def inspect_parser() -> Any:
 
 
 def inspect_main(args: list[str]) -> int:
-    from neurovision.store import Store
+    from neurovision.data.store import Store
 
     cfg = inspect_parser().parse_args(args)
     if cfg.verify:  # before opening as a Store: events stores verify too
-        from neurovision.store import StoreError, verify
+        from neurovision.data.store import StoreError, verify
 
         try:
             n = verify(cfg.store)
@@ -188,7 +188,7 @@ def inspect_main(args: list[str]) -> int:
         return 0
     summary = s.summary()
     if cfg.plot:
-        from neurovision.plots import store_overview
+        from neurovision.data.overview import store_overview
 
         print(f"overview: {store_overview(s, cfg.plot)}", file=sys.stderr)
     if cfg.json:
@@ -211,7 +211,7 @@ def _run_config(ckpt: str) -> str | None:
 
 def localize_parser() -> Any:
     """The parser of ``neurovision localize``."""
-    from neurovision.cli_habits import argparse_parser
+    from neurovision.cli.habits import argparse_parser
 
     parser = argparse_parser(
         prog="neurovision localize", description=TOOL_COMMANDS["localize"],
@@ -265,7 +265,7 @@ def localize_main(args: list[str]) -> int:
         raise ValueError("no store: pass --store (the run config names none)")
     import torch
 
-    from neurovision.teachers import OpenCLIPImageTeacher, default_device
+    from neurovision.pretrained.teachers import OpenCLIPImageTeacher, default_device
 
     try:  # resolved here, explicitly (no Lightning rank to decide it)
         device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
@@ -283,7 +283,7 @@ def localize_main(args: list[str]) -> int:
     kw["device"] = device
     clip = OpenCLIPImageTeacher(**kw)
 
-    from neurovision.interpretation import localize
+    from neurovision.localization.maps import localize
 
     loc = localize(cfg.ckpt, store, clip, cfg.out, concepts=cfg.concepts, split=cfg.split, condition=cfg.condition,
                    method=cfg.method, aggregate_mode=cfg.aggregate, upsample=cfg.upsample, mask=cfg.mask,
@@ -524,7 +524,7 @@ def main(args: list[str] | None = None) -> int:
         if cmd in tools:
             return tools[cmd](argv[1:])
         if cmd == "sweep":
-            from neurovision.sweep import main as sweep_main
+            from neurovision.runs.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
         if cmd == "encode":
@@ -532,11 +532,11 @@ def main(args: list[str] | None = None) -> int:
 
             return encode_main(argv[1:])
         if cmd == "report":
-            from neurovision.report import main as report_main
+            from neurovision.runs.report import main as report_main
 
             return report_main(argv[1:])
         if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
-            from neurovision.checked_cli import CheckedCLI
+            from neurovision.cli.checked import CheckedCLI
 
             CheckedCLI(args=None if args is None else argv)
             return 0

@@ -2,7 +2,7 @@
 
 ``neurovision sweep experiments/sweeps/beta.yaml`` runs :class:`~neurovision.tasks.ReconstructionTask` once per
 prompt setting (× best-of-N × seed), each run doing every β of its list in one pass over the items, and,
-because the sweep file says ``after: [neurovision.beta_sweep.figures]``, then calls :func:`figures` on the
+because the sweep file says ``after: [neurovision.runs.beta_figures.figures]``, then calls :func:`figures` on the
 sweep folder. It reads the sweep's ``results.csv`` (one row per run × β × metric: the ``beta`` column comes
 from the metric name ``test/<cond>/beta=<b>/<metric>`` of a multi-β run, or from the β override of a
 one-β-per-run sweep) and each run's reconstructions (``beta=<b>/reconstructions_<condition>.npz`` with the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from neurovision.atomic import atomic_path
+from neurovision.data.atomic import atomic_path
 
 IMAGE_METRICS = ("pixcorr", "ssim", "clip", "alexnet2", "alexnet5", "inception", "efficientnet", "swav")
 
@@ -48,7 +48,7 @@ def with_beta(results: Any) -> Any:
     rows without a single β (e.g. a β-list cell and a metric that has no β) are dropped."""
     import pandas as pd
 
-    from neurovision.sweep import metric_columns
+    from neurovision.runs.sweep import metric_columns
 
     df = results.copy()
     split = df["metric"].astype(str).map(metric_columns)
@@ -144,7 +144,7 @@ def grids(sweep_dir: Path, results: Any, n_items: int = 6, seed_pick: Any = None
     import pandas as pd
     import torch
 
-    from neurovision.reconstruction import image_grid
+    from neurovision.pretrained.unclip import image_grid
 
     df = with_beta(results).drop_duplicates(["run", "beta"]).copy()
     df["prompt"] = _setting(df)

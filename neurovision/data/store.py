@@ -4,7 +4,7 @@ One file per dataset, written once by ``neurovision prepare <source>`` through :
 (temp file + atomic rename) and read by :class:`Store`, which validates the schema on open and names the
 offending file and field on any mismatch. Layout (``SCHEMA_VERSION`` 2)::
 
-    /                       attrs: schema="neurovision.store", schema_version, source, converter_version,
+    /                       attrs: schema="neurovision.data.store", schema_version, source, converter_version,
                                    options (JSON), fingerprint, created, complete
     /grid                   attrs: shape (3,), padded_shape (3,), patch_size
       active_index          int64 (A,)    flat index of each active patch in the padded patch grid (C order)
@@ -59,9 +59,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from neurovision.atomic import atomic_path, remove_stale_partials
+from neurovision.data.atomic import atomic_path, remove_stale_partials
 
-SCHEMA = "neurovision.store"
+SCHEMA = "neurovision.data.store"
 #: 2: every numeric dataset chunked with a Fletcher32 checksum (version 1 files had none)
 SCHEMA_VERSION = 2
 #: ``create_dataset`` keywords of a checksummed dataset (HDF5 verifies the checksum of every chunk it reads)
@@ -153,7 +153,7 @@ class AtomicH5Writer:
     ``converter_version``, ``options``, ``fingerprint``, ``created``, ``complete``).
 
     Temp files of killed writers of the same ``path`` are removed on entry
-    (:func:`neurovision.atomic.remove_stale_partials`). A full disk ends the write with one
+    (:func:`neurovision.data.atomic.remove_stale_partials`). A full disk ends the write with one
     :class:`DiskFullError` ("no space left on device writing <path>") and the temp file removed: the file is opened
     without a chunk cache, so a failed chunk write raises where it happens (with a cache it surfaced later, in
     dozens of ignored errors from h5py's object deallocation, and closing the damaged file crashed the process),
@@ -282,7 +282,7 @@ class StoreWriter(AtomicH5Writer):
         active_index: np.ndarray,
         union_mask: np.ndarray,
     ) -> None:
-        from neurovision.preprocessing import padded_shape, patch_grid_shape
+        from neurovision.data.preprocessing import padded_shape, patch_grid_shape
 
         g = self._f.create_group("grid")
         shape = tuple(int(s) for s in shape)
@@ -716,15 +716,15 @@ class Store:
         with self._reading(f"extras/{name}", f"extras/{name}"):
             return self.h5[f"extras/{name}"][()]
 
-    def grid_spec(self):  # -> neurovision.preprocessing.GridSpec
+    def grid_spec(self):  # -> neurovision.data.preprocessing.GridSpec
         """The store's grid, patch size and active patches, with the forward and inverse maps."""
-        from neurovision.preprocessing import GridSpec
+        from neurovision.data.preprocessing import GridSpec
 
         return GridSpec(self.grid.shape, self.grid.patch_size, self.grid.active_index)
 
     def to_subject_nifti(self, patches: Any, subject: str | int):  # -> nibabel.Nifti1Image
         """A map over the active patches (A, P**3) -> a NIfTI image in the subject's own space."""
-        from neurovision.preprocessing import to_nifti
+        from neurovision.data.preprocessing import to_nifti
 
         s = self.subject(subject)
         shape = np.shape(patches)
@@ -800,7 +800,7 @@ def verify(path: str | os.PathLike[str]) -> int:
     with open_checked(path) as f:
         schema = plain(f.attrs.get("schema"))
     if schema != SCHEMA:
-        from neurovision.encoding.events import EVENTS_SCHEMA, verify_events
+        from neurovision.data.events import EVENTS_SCHEMA, verify_events
 
         if schema == EVENTS_SCHEMA:
             return verify_events(path)

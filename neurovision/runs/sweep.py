@@ -15,7 +15,7 @@ Sweep YAML (every key optional; an unknown key is an error naming the file and t
     out: runs/sweeps/stage1_tiny     # default runs/sweeps/<sweep file stem>; --out wins
     metrics: ["test/*", "!test/*/sub-*"]   # fnmatch globs of metric names (* also matches /); !glob excludes
     aggregate_only: false     # true: only rebuild the tables (like --aggregate_only)
-    after: [neurovision.beta_sweep.figures]   # registered functions called with the out folder after the tables
+    after: [neurovision.runs.beta_figures.figures]   # registered functions called with the out folder after the tables
     devices_per_run: 8        # each run is one multi-GPU job: --trainer.devices=8 (--trainer.strategy=ddp when > 1)
 
 ``configs`` paths are taken relative to the working directory, else to the sweep file's folder; ``args`` and
@@ -120,7 +120,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neurovision.atomic import atomic_path, write_json
+from neurovision.data.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ AfterHook = Callable[[Path], Any]
 # so loading a sweep imports nothing) or the function itself (:func:`register_after`). A sweep file is shared
 # data; were ``after`` any dotted name, ``after: [os.system]`` with a crafted ``out`` would run a shell command.
 AFTER_HOOKS: dict[str, str | AfterHook] = {
-    "neurovision.beta_sweep.figures": "neurovision.beta_sweep:figures",
+    "neurovision.runs.beta_figures.figures": "neurovision.runs.beta_figures:figures",
 }
 
 
@@ -290,7 +290,7 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     if refused:
         raise SweepError(f"{path}: after: {refused[0]!r} is not an allowed after function (a sweep file is data, "
                          f"not code; allowed: {', '.join(sorted(AFTER_HOOKS))}; new ones are registered in "
-                         "neurovision.sweep.AFTER_HOOKS)")
+                         "neurovision.runs.sweep.AFTER_HOOKS)")
     if raw.get("devices_per_run") is not None:
         n = raw["devices_per_run"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -502,59 +502,7 @@ def _as_dict(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- resume checkpoint
-LATEST = "latest"  # <run>/fit/checkpoints/latest.ckpt
-MODULE = "neurovision.sweep"  # this module's import name (``__name__`` is __main__ under ``python -m``)
-
-
-def _latest_checkpoint_class() -> type:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class LatestCheckpoint(ModelCheckpoint):
-        """The state at the end of the latest finished training epoch, in one file (``<dirpath>/latest.ckpt``,
-        overwritten), whatever the config's own ModelCheckpoint monitors: what a sweep resumes from and tests.
-
-        (Since Lightning 2.6 a monitored ModelCheckpoint writes ``last.ckpt`` only when a top-k checkpoint is
-        saved, plus once at the end of a process that saved none, so its ``last.ckpt`` holds other weights after
-        an interrupted and resumed fit than after an uninterrupted one.)"""
-
-        def __init__(self, dirpath: str, filename: str = LATEST) -> None:
-            super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, save_last=False,
-                             enable_version_counter=False, save_on_train_epoch_end=True)
-
-        @property
-        def state_key(self) -> str:  # never clashes with a plain ModelCheckpoint of the config
-            return self._generate_state_key(sweep=LATEST)
-
-        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-            """Write a hidden ``.latest.ckpt.partial`` (the same name on every rank: a sharded strategy writes
-            into it from all of them), then rename it over ``latest.ckpt``: a process killed mid-write leaves the
-            previous epoch's file whole instead of a truncated one (Lightning writes the target in place)."""
-            from weakref import proxy
-
-            partial = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.partial")
-            trainer.save_checkpoint(partial, self.save_weights_only)
-            if trainer.is_global_zero and os.path.exists(partial):
-                if os.path.isdir(partial) and os.path.isdir(filepath):  # a sharded checkpoint is a folder
-                    shutil.rmtree(filepath)
-                os.replace(partial, filepath)
-            trainer.strategy.barrier("LatestCheckpoint._save_checkpoint")
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-            if trainer.is_global_zero:  # as ModelCheckpoint._save_checkpoint does, with the final path
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(proxy(self))
-
-    LatestCheckpoint.__module__ = MODULE
-    LatestCheckpoint.__qualname__ = "LatestCheckpoint"
-    return LatestCheckpoint
-
-
-def __getattr__(name: str) -> Any:  # ``neurovision.sweep.LatestCheckpoint`` (class_path) without importing lightning
-    if name == "LatestCheckpoint":
-        cls = _latest_checkpoint_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+LATEST = "latest"  # <run>/fit/checkpoints/latest.ckpt (callbacks.latest_checkpoint)
 
 
 def resume_ckpt(run_dir: Path) -> Path | None:
@@ -654,7 +602,7 @@ def set_aside(run: Run, point: ResumePoint) -> Path:
 
 
 def checkpoint_args(run_dir: Path) -> list[str]:
-    spec = {"class_path": f"{MODULE}.LatestCheckpoint", "init_args": {"dirpath": str(run_dir / "fit" / "checkpoints")}}
+    spec = {"class_path": "callbacks.LatestCheckpoint", "init_args": {"dirpath": str(run_dir / "fit" / "checkpoints")}}
     return [f"--trainer.callbacks+={json.dumps(spec)}"]
 
 
@@ -672,7 +620,7 @@ def lightning_parser() -> Any:
     global _PARSER
     with _PARSER_LOCK:
         if _PARSER is None:
-            from neurovision.lightning_cli import NeuroVisionCLI
+            from neurovision.cli.lightning import NeuroVisionCLI
 
             class _ParseOnly(NeuroVisionCLI):
                 def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -1106,12 +1054,12 @@ def format_summary(tables: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------ main
 def _parser() -> argparse.ArgumentParser:
-    from neurovision.cli_habits import argparse_parser
+    from neurovision.cli.habits import argparse_parser
 
     p = argparse_parser(prog="neurovision sweep", description="reproducible ablation sweeps of "
                         "LightningCLI runs: grid x runs x seeds, resumable, aggregated to CSV",
-                        epilog="The sweep file format: see `python -c 'import neurovision.sweep as s; "
-                        "help(s)'` or neurovision/sweep.py.")
+                        epilog="The sweep file format: see `python -c 'import neurovision.runs.sweep as s; "
+                        "help(s)'` or neurovision/runs/sweep.py.")
     p.add_argument("sweep", help="sweep YAML")
     p.add_argument("--out", default=None, help="output folder (default: the sweep's out, else runs/sweeps/<stem>)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1); with CUDA GPUs each gets its "

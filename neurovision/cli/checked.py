@@ -1,4 +1,4 @@
-"""The :class:`~neurovision.lightning_cli.NeuroVisionCLI` that ``neurovision fit|validate|test|predict`` runs: bad
+"""The :class:`~neurovision.cli.lightning.NeuroVisionCLI` that ``neurovision fit|validate|test|predict`` runs: bad
 input stops before anything is built, as an exception :func:`neurovision.cli.main` reports in one line.
 
 Two changes, both about errors: the parsers raise ``ArgumentError`` instead of printing a usage screen and the
@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from neurovision.lightning_cli import NeuroVisionCLI
+from neurovision.cli.lightning import NeuroVisionCLI
 
 #: data.init_args keys that must be integers >= 1 when set
 POSITIVE_DATA_KEYS = ("batch_size", "eval_batch_size")
@@ -90,7 +90,7 @@ class CheckedCLI(NeuroVisionCLI):
         try:
             import torch
 
-            from neurovision.store import Store
+            from neurovision.data.store import Store
 
             spec = dict(torch.load(str(stage1), map_location="cpu", weights_only=True, mmap=True)
                         ["hyper_parameters"]["data_spec"])

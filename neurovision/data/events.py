@@ -3,7 +3,7 @@
 Written once by ``neurovision prepare braintreebank|phantom_seeg`` through :class:`EventStoreWriter` (temp file
 + atomic rename) and read by :class:`EventStore`, which validates the schema on open and names the file and the
 field on any mismatch. Layout (``EVENTS_SCHEMA_VERSION`` 2: every non-empty numeric dataset carries HDF5's
-Fletcher32 checksum per chunk, verified on every read, as in :mod:`neurovision.store`)::
+Fletcher32 checksum per chunk, verified on every read, as in :mod:`neurovision.data.store`)::
 
     /                         attrs: schema="neurovision.events", schema_version, source, converter_version,
                                      options (JSON), fingerprint, created, complete
@@ -41,7 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from neurovision.store import (
+from neurovision.data.store import (
     CHECKSUM,
     AtomicH5Writer,
     StoreError,
@@ -373,7 +373,7 @@ def existing_events_fingerprint(path: str | os.PathLike[str]) -> str | None:
 def verify_events(path: str | os.PathLike[str]) -> int:
     """Read every chunk of an events store through HDF5's checksum filter (``neurovision inspect --verify``): the
     number of events checked, or a :class:`StoreError` naming the dataset and the first bad event row (frame,
-    row). See :func:`neurovision.store.verify`."""
+    row). See :func:`neurovision.data.store.verify`."""
     import h5py as _h5py
 
     store = EventStore(path)  # the cheap checks

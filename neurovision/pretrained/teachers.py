@@ -82,7 +82,7 @@ from neurovision.data.cache import (
     start_entry,
     store_key,
 )
-from neurovision.store import Store, first_bad_rows
+from neurovision.data.store import Store, first_bad_rows
 
 log = logging.getLogger("neurovision.teachers")
 

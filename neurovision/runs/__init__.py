@@ -1,0 +1,1 @@
+"""Running experiments: checkpoints and run folders, sweeps, the report and its figures."""
