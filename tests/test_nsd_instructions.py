@@ -110,7 +110,7 @@ def test_every_qa_answer_follows_from_the_boxes(store: Store) -> None:
 
 
 def nsd_position(box: list[float]) -> str:
-    from neurovision.sources.scenes import POSITIONS
+    from neurovision.data.instructions import POSITIONS
 
     return POSITIONS[coco.cell_of(box)]
 

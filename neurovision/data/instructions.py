@@ -140,10 +140,19 @@ def sd_prompt(ann: Mapping[str, Any], rng: np.random.Generator, answer: bool = T
     return Sample("sd_prompt", _chat(q, _pick(refs, rng) if answer else None), {"references": refs})
 
 
-def _where(box: Sequence[float]) -> str:
-    from neurovision.sources.coco import cell_of
-    from neurovision.sources.scenes import POSITIONS
+# the 3x3 cells of an image, row-major from the top left: the words of every position question and concept answer
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+)
 
+
+def cell_of(box: Sequence[float]) -> int:
+    """The 3x3 cell (row-major, 0 = top left) holding the centre of ``box`` (x0, y0, x1, y1 in [0, 1])."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(2, max(0, int(cy * 3))) * 3 + min(2, max(0, int(cx * 3)))
+
+
+def _where(box: Sequence[float]) -> str:
     return POSITIONS[cell_of(box)]
 
 

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from neurovision.data.instructions import POSITIONS, cell_of
 from neurovision.data.store import StoreError
-from neurovision.sources.scenes import POSITIONS, relations
+from neurovision.sources.scenes import relations
 
 MIN_VISIBLE = 0.5  # fraction of an object's box that must stay inside the crop
 MIN_AREA = 0.005  # visible box area / shown square area below which an object is dropped
@@ -74,12 +75,6 @@ def counted(name: str, n: int) -> str:
 def join(parts: Sequence[str]) -> str:
     parts = list(parts)
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def cell_of(box: Sequence[float]) -> int:
-    """The 3x3 cell (row-major, 0 = top left) holding the box centre."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return min(2, max(0, int(cy * 3))) * 3 + min(2, max(0, int(cx * 3)))
 
 
 def size_of(box: Sequence[float]) -> str:

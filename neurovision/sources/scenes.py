@@ -17,9 +17,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 225), "yellow": (235, 210, 40),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
-)
 _POS_PHRASE = (
     "in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
     "in the bottom left", "at the bottom", "in the bottom right",
