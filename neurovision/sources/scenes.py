@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from neurovision.data.instructions import POSITIONS
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 225), "yellow": (235, 210, 40),
