@@ -132,6 +132,49 @@ def test_alpha_per_target_matches_brute_force_inner_cv(rng) -> None:
     assert len(np.unique(res.alphas_)) > 1  # the test exercises a real per-target choice
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("n", "p", "grouped"), [
+    (300, 10, False),   # n_block > p: the off-span projection of the residuals
+    (150, 60, False),   # n_block < p < n_train: the held-out block's predictions directly
+    (100, 200, False),  # p > n_train: the row space from one SVD, null directions of the inner Grams
+    (240, 30, True),    # inner folds leave whole groups out
+])
+def test_downdate_inner_cv_equals_himalaya_refit(rng, n: int, p: int, grouped: bool, dtype: str) -> None:
+    """Reference test of the default inner CV: the exact leave-one-block-out scores from Gram downdates choose
+    the same α as himalaya RidgeCV refitting every inner fold, with r equal to 1e-5 (one constant target, one
+    scaled by 100, noise targets whose α differ)."""
+    x, y = _planted(rng, n=n, p=p, t=12, noise=2.0)
+    x[:, 1:] += 0.5 * x[:, :-1]  # correlated features
+    y[:, 4] *= 100.0
+    y[:, 7] = 3.0
+    groups = np.repeat(np.arange(8), n // 8) if grouped else None
+    folds = blocked_folds(n, 4, groups=groups)
+    kw = dict(folds=folds, groups=groups, backend="numpy", dtype=dtype, return_coefs=True)
+    ref = cross_validated_ridge(x, y, inner_cv="refit", **kw)
+    new = cross_validated_ridge(x, y, **kw)
+    np.testing.assert_array_equal(new.alphas_, ref.alphas_)
+    np.testing.assert_allclose(new.r, ref.r, atol=1e-5)
+    np.testing.assert_allclose(new.r_folds, ref.r_folds, atol=1e-5)
+    tol = 1e-6 if dtype == "float64" else 1e-4
+    scale = np.abs(ref.predictions).max(0)
+    np.testing.assert_allclose(new.predictions / scale, ref.predictions / scale, atol=tol)
+    for a, b in zip(new.coefs, ref.coefs, strict=True):
+        np.testing.assert_allclose(a / scale, b / scale, atol=tol)
+    assert len(np.unique(new.alphas_)) > 2 and new.r[7] == 0.0  # a real per-target choice; constant -> r 0
+
+
+def test_downdate_torch_backend_and_target_batches_agree(rng) -> None:
+    x, y = _planted(rng, n=160, p=12, t=9)
+    folds = blocked_folds(len(x), 4)
+    ref = cross_validated_ridge(x, y, folds=folds, dtype="float64", backend="numpy")
+    for kw in (dict(backend="torch"), dict(n_targets_batch=2)):
+        res = cross_validated_ridge(x, y, folds=folds, dtype="float64", **{"backend": "numpy", **kw})
+        np.testing.assert_array_equal(res.alphas_, ref.alphas_, err_msg=str(kw))
+        np.testing.assert_allclose(res.predictions, ref.predictions, rtol=1e-5, atol=1e-5, err_msg=str(kw))
+    with pytest.raises(ValueError, match="inner_cv"):
+        cross_validated_ridge(x, y, folds=folds, backend="numpy", inner_cv="loo")
+
+
 def test_planted_signal_recovered_noise_near_zero(rng) -> None:
     x, y = _planted(rng, n=300, p=10, t=20, noise=2.0)
     res = cross_validated_ridge(x, y, folds=5, backend="numpy")

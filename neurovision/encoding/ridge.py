@@ -8,9 +8,11 @@ Conventions (Subramaniam et al., ICML 2024, encoding analysis):
   only; no intercept is fitted beyond that. Predictions are mapped back to Y's units (``+ mean``, ``* std``),
   which makes them equal to an intercept-fitting ridge on the z-scored features.
 - α (penalty on ``||w||²`` of ``||Xw - y||²``, scikit-learn's convention) is chosen per target by an inner
-  blocked CV on the training fold (himalaya ``RidgeCV``; score: mean squared error over the inner folds; each
-  inner fold re-centres X and Y with its own training part; ties go to the larger α), then refit on the whole
-  training fold.
+  blocked CV on the training fold (score: mean squared error over the inner folds; each inner fold re-centres
+  X and Y with its own training part, i.e. an unpenalised intercept; ties go to the larger α), then refit on
+  the whole training fold. Default ``inner_cv="downdate"``: the exact leave-one-block-out errors from the
+  training Gram downdated per block (:func:`_ridge_cv_downdate`); ``"refit"``: himalaya ``RidgeCV``, which
+  refits every inner fold, the reference it equals up to rounding.
 - ``r`` is Pearson's r between the out-of-fold predictions and Y over all events; 0 where either is constant.
   For an unpredictable target it sits near -sqrt((n_folds - 1) / n_events), not 0: the training-fold means
   added back anticorrelate with the test-fold means. ``r_folds`` (within each test fold) has no such offset.
@@ -26,7 +28,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -38,6 +40,8 @@ _MEMORY_BUDGET = 1 << 30  # bytes: target the solver's largest temporaries at ab
 _PEARSON_BUDGET = 64 << 20  # bytes of float64 temporaries per column chunk of pearson_r
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
+InnerCV = Literal["downdate", "refit"]
+INNER_CV = ("downdate", "refit")
 
 
 @dataclass
@@ -261,6 +265,132 @@ def _inner_cv(n_train: int, inner_folds: int, groups_train: np.ndarray | None) -
     return blocked_folds(n_train, inner_folds, groups_train)
 
 
+# ------------------------------------------------------------------------------------------------ fast inner CV
+def _downdate_targets_batch(n_train: int, rank: int, n_blocks: int, max_block: int, itemsize: int,
+                            n_targets: int) -> int:
+    """Targets per batch of :func:`_ridge_cv_downdate`: its per-target temporaries (the rows of Y, Xᵀy of
+    every block, one projection, two block residuals) near ``_MEMORY_BUDGET``."""
+    per_target = (n_train + (n_blocks + 3) * rank + 2 * max_block) * itemsize
+    return int(np.clip(_MEMORY_BUDGET // max(per_target, 1), 1, n_targets))
+
+
+def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds, alphas: np.ndarray,
+                       n_targets_batch: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact leave-one-block-out inner CV and refit of ridge with an intercept, from Gram downdates.
+
+    Returns the index into ``alphas`` of the α chosen per target, the refit weights (n_features, n_targets)
+    and the intercepts (n_targets,), equal up to rounding to himalaya ``RidgeCV(alphas, cv=inner,
+    fit_intercept=True)`` (``inner_cv="refit"``): for every inner block b, ridge with an unpenalised intercept
+    on the other rows (X and Y centred on those rows' means μ₋b, ν₋b); score: the mean over blocks of minus
+    the mean squared error on block b; ties to the larger α (himalaya's 1e-10 log α slope); the refit on all
+    rows, centred on their means.
+
+    himalaya computes one SVD per inner training set and (n_alphas, n_block, n_train) resolution matrices
+    applied to every target. Here the centred Gram of the rows outside block b is the full one downdated,
+    G₋b = XᵀX - X_bᵀX_b - n₋b μ₋b μ₋bᵀ (and X₋bᵀY₋b = XᵀY - X_bᵀY_b - n₋b μ₋b ν₋bᵀ =: C_b), diagonalised once
+    per block as Q_b Λ_b Q_bᵀ (p x p); per α the held-out prediction of block b is
+    (X_b - μ₋b) Q_b diag(1 / (λ + α)) Q_bᵀ C_b + ν₋b: about n_train·p operations per α and target, as
+    scikit-learn's leave-one-out. When p > n_train, X is first replaced by U S of its thin SVD (X = U S Vᵀ;
+    ridge weights lie in the row space of X, so this is exact) and the weights mapped back by V. Gram
+    eigenvalues at or below ``rank x eps x λ_max`` (null directions, e.g. when n₋b < p, where C_b has no
+    component in exact arithmetic) are dropped. When n_block > p, A_b = (X_b - μ₋b) Q_b = L (S Rᵀ) (thin
+    SVD): the error off L's span does not depend on α, so per α only ||Lᵀr - S Rᵀ d||² is computed, p² per
+    target instead of n_block·p. (The hat-matrix form, (I - H_bb)⁻¹ (y_b - ŷ_b) from one SVD of X, is exact
+    too but costs n_block² + n_block·p per α and target: at Brain Treebank sizes, n_block ≈ 8,000 >> p = 768,
+    ~15x more than this.)
+    Written with himalaya's backend ops (``bk``): runs on ``torch_cuda`` as on numpy.
+    """
+    n, p = x_tr.shape
+    t = y_tr.shape[1]
+    dtype = np.dtype(x_tr.dtype)
+    dt = dtype.name
+    # inner blocks made contiguous: ridge and centring do not depend on the order of the rows
+    perm = np.concatenate([te for _, te in inner])
+    bounds = [int(v) for v in np.concatenate([[0], np.cumsum([len(te) for _, te in inner])])]
+    spans = [slice(bounds[b], bounds[b + 1]) for b in range(len(inner))]
+    X = bk.asarray(x_tr[perm], dtype=dt)
+    vt = None
+    if p > n:  # the row space: X V = U S (n x n), weights V w
+        u, s, vt = bk.svd(X, full_matrices=False)
+        X = u * s[None, :]
+        del u, s
+    rank = X.shape[1]
+    eps = float(np.finfo(dtype).eps)
+
+    def eig(g: Any) -> tuple[Any, Any, Any]:
+        """Eigenvalues (dropped ones 0), eigenvectors and the 0/1 mask of kept eigenvalues."""
+        g = (g + g.T) / 2
+        if bk.name == "numpy":  # LAPACK's divide and conquer: 2-3x faster than scipy's default driver
+            import scipy.linalg
+
+            lam, q = scipy.linalg.eigh(g, driver="evd", overwrite_a=True, check_finite=False)
+        else:
+            lam, q = bk.eigh(g)
+        keep = bk.asarray(lam > rank * eps * float(bk.to_numpy(lam.max())), dtype=dt)
+        return lam * keep, q, keep
+
+    gram = bk.matmul(X.T, X)
+    x_sum = X.sum(0)
+    blocks = []
+    for sl in spans:
+        xb = X[sl]
+        n_out = n - xb.shape[0]
+        mu = (x_sum - xb.sum(0)) / n_out
+        lam, q, keep = eig(gram - bk.matmul(xb.T, xb) - n_out * (mu[:, None] * mu[None, :]))
+        a_b, proj = bk.matmul(xb - mu[None, :], q), None
+        if a_b.shape[0] > rank:  # A_b = L (S Rᵀ): the error off L's span does not depend on α
+            proj, s, rt = bk.svd(a_b, full_matrices=False)
+            a_b = s[:, None] * rt
+        blocks.append((n_out, mu, lam, keep, q, a_b, proj))
+    m = x_sum / n
+    lam_all, q_all, keep_all = eig(gram - n * (m[:, None] * m[None, :]))
+    del gram
+    if n_targets_batch is None:
+        n_targets_batch = _downdate_targets_batch(n, rank, len(inner), max(len(te) for _, te in inner),
+                                                  dtype.itemsize, t)
+    log_slope = np.log(alphas)[:, None] * 1e-10
+    best = np.empty(t, dtype=np.int64)
+    coef = np.empty((p, t), dtype=dtype)
+    intercept = np.empty(t, dtype=dtype)
+    for c0 in range(0, t, n_targets_batch):
+        c1 = min(t, c0 + n_targets_batch)
+        Y = bk.asarray(y_tr[perm, c0:c1], dtype=dt)
+        y_sum = Y.sum(0)
+        xty_blocks = [bk.matmul(X[sl].T, Y[sl]) for sl in spans]
+        xty = xty_blocks[0]
+        for xb_ty in xty_blocks[1:]:
+            xty = xty + xb_ty
+        scores = np.zeros((len(alphas), c1 - c0))
+        for b, (sl, (n_out, mu, lam, keep, q, a_b, proj)) in enumerate(zip(spans, blocks, strict=True)):
+            yb = Y[sl]
+            n_b = yb.shape[0]
+            nu = (y_sum - yb.sum(0)) / n_out
+            z = bk.matmul(q.T, xty - xty_blocks[b] - n_out * (mu[:, None] * nu[None, :]))
+            xty_blocks[b] = None  # freed as we go
+            resid0 = yb - nu[None, :]
+            off_span: float | np.ndarray = 0.0
+            if proj is not None:  # n_b > rank: ||r - L S Rᵀ d||² = ||r||² - ||Lᵀr||² + ||Lᵀr - S Rᵀ d||²
+                total = (resid0 * resid0).sum(0)
+                resid0 = bk.matmul(proj.T, resid0)
+                off_span = np.asarray(bk.to_numpy(total - (resid0 * resid0).sum(0)), dtype=np.float64)
+            for i, alpha in enumerate(alphas):
+                err = resid0 - bk.matmul(a_b, z * (keep / (lam + float(alpha)))[:, None])
+                scores[i] -= (np.asarray(bk.to_numpy((err * err).sum(0)), dtype=np.float64) + off_span) / n_b
+            del z, resid0, err
+        choice = (scores / len(inner) + log_slope).argmax(axis=0)
+        best[c0:c1] = choice
+        nu = y_sum / n  # the refit on all rows, each target with its α
+        z = bk.matmul(q_all.T, xty - n * (m[:, None] * nu[None, :]))
+        a_chosen = bk.asarray(alphas[choice], dtype=dt)
+        w = bk.matmul(q_all, z * keep_all[:, None] / (lam_all[:, None] + a_chosen[None, :]))
+        intercept[c0:c1] = bk.to_numpy(nu - bk.matmul(m, w))
+        if vt is not None:
+            w = bk.matmul(vt.T, w)
+        coef[:, c0:c1] = bk.to_numpy(w)
+        del Y, xty, xty_blocks, z, w
+    return best, coef, intercept
+
+
 # ------------------------------------------------------------------------------------------------ fits
 def _prepare(Y: Any, folds: Any, groups: Any, inner_folds: int, dtype: str, backend: str,
              n_events: int) -> tuple[np.ndarray, Folds, np.ndarray | None, str, np.dtype]:
@@ -316,7 +446,7 @@ def _r_from_sums(sy: Any, syy: np.ndarray, sp: Any, spp: np.ndarray, syp: np.nda
 def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.ndarray | None, alphas: np.ndarray,
                inner_folds: int, backend: str, dtype: np.dtype, n_targets_batch: int | None,
                n_alphas_batch: int | None, zscore_y: bool, return_predictions: bool, return_coefs: bool,
-               banded: dict[str, Any] | None) -> EncodingResult:
+               banded: dict[str, Any] | None, inner_cv: str = "refit") -> EncodingResult:
     from himalaya.ridge import GroupRidgeCV, Ridge, RidgeCV
 
     n_events, n_targets = Y.shape
@@ -363,15 +493,21 @@ def _fit_folds(Xs: list[np.ndarray], Y: np.ndarray, folds: Folds, groups: np.nda
                                   solver_params=dict(n_targets_batch=tb))
                     model.fit(xs_tr[0], y_tr)
                     alphas_[k] = alphas[0]
+                elif inner_cv == "downdate":
+                    chosen, coef, intercept = _ridge_cv_downdate(bk, xs_tr[0], y_tr, inner, alphas,
+                                                                 n_targets_batch)
+                    alphas_[k] = alphas[chosen]
+                    model = None
                 else:
                     model = RidgeCV(alphas=alphas, cv=inner, fit_intercept=True,
                                     solver_params=dict(n_targets_batch=tb, n_alphas_batch=ab))
                     model.fit(xs_tr[0], y_tr)
                     alphas_[k] = _snap(bk.to_numpy(model.best_alphas_), alphas)
-            coef = np.asarray(bk.to_numpy(model.coef_), dtype=dtype)
-            intercept: float | np.ndarray = 0.0
-            if getattr(model, "fit_intercept", False):  # ~0: X and Y are already centred on the training fold
-                intercept = np.asarray(bk.to_numpy(model.intercept_), dtype=dtype)
+            if model is not None:
+                coef = np.asarray(bk.to_numpy(model.coef_), dtype=dtype)
+                intercept = np.zeros(n_targets, dtype=dtype)
+                if getattr(model, "fit_intercept", False):  # ~0: X and Y already centred on the training fold
+                    intercept = np.asarray(bk.to_numpy(model.intercept_), dtype=dtype)
             x_te = xs_te[0] if len(xs_te) == 1 else np.concatenate(xs_te, axis=1)
             pred = (x_te @ coef + intercept).astype(np.float64) * y_std + y_mean
             if predictions is not None:
@@ -391,20 +527,27 @@ def cross_validated_ridge(X: np.ndarray, Y: np.ndarray, *, folds: int | Folds, a
                           inner_folds: int = 5, groups: Any = None, backend: str = "auto",
                           dtype: str = "float32", n_targets_batch: int | None = None,
                           n_alphas_batch: int | None = None, zscore_y: bool = False,
-                          return_predictions: bool = True, return_coefs: bool = False) -> EncodingResult:
+                          return_predictions: bool = True, return_coefs: bool = False,
+                          inner_cv: InnerCV = "downdate") -> EncodingResult:
     """Out-of-fold ridge predictions of Y (events x targets) from X (events x features), α per target.
 
     ``folds``: (train, test) pairs whose test sets partition the events (e.g. :func:`blocked_folds`), or an
     int for ``blocked_folds(n_events, folds, groups)``. ``groups`` (one label per event) makes the inner folds
     leave groups out too (contiguous blocks otherwise). A single α skips the inner CV. ``dtype``: the solver's
-    precision (``"float32"`` or ``"float64"``). ``n_targets_batch`` / ``n_alphas_batch``: himalaya's batch
-    sizes (None: sized to keep its temporaries near 1 GiB). Y may be 1-D (one target). See the module
-    docstring for the conventions.
+    precision (``"float32"`` or ``"float64"``). ``n_targets_batch``: targets per batch (both inner CVs);
+    ``n_alphas_batch``: himalaya's (``"refit"`` only); None: sized to keep temporaries near 1 GiB. Y may be
+    1-D (one target). ``inner_cv``: ``"downdate"`` (default) the exact leave-one-block-out scores of every α
+    from one eigendecomposition of the p x p Gram per inner block (see :func:`_ridge_cv_downdate`: ~n·p per
+    α and target, as scikit-learn's leave-one-out); ``"refit"`` himalaya ``RidgeCV`` refitting every inner
+    fold (the reference: same α and r up to rounding, several times slower). See the module docstring for
+    the conventions.
     """
     X = _check_matrix(X, "X")
     Y, folds, groups, name, dt = _prepare(Y, folds, groups, inner_folds, dtype, backend, len(X))
+    if inner_cv not in INNER_CV:
+        raise ValueError(f"inner_cv must be one of {INNER_CV}, got {inner_cv!r}")
     return _fit_folds([X], Y, folds, groups, _check_alphas(alphas), inner_folds, name, dt, n_targets_batch,
-                      n_alphas_batch, zscore_y, return_predictions, return_coefs, banded=None)
+                      n_alphas_batch, zscore_y, return_predictions, return_coefs, banded=None, inner_cv=inner_cv)
 
 
 def cross_validated_banded_ridge(Xs: Sequence[np.ndarray], Y: np.ndarray, *, folds: int | Folds,
