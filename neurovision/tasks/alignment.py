@@ -17,7 +17,7 @@ from neurovision.models import ViT3D, VoxelReadout, with_readout
 from neurovision.models.readout import principal_subspace
 from neurovision.models.stage1 import MLPHead
 from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import BaseTask, DataSpec, adamw
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class AlignmentTask(BaseTask):
         retrieval_draws: int = 30,
         shuffle_targets: bool = False,
         cache_dtype: Literal["float32", "float16"] = "float32",
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if clip_teacher is None:

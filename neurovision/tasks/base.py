@@ -15,7 +15,8 @@ from neurovision.data.spec import DataSpec  # re-exported: old imports keep work
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # YAML names
 
 
-def _adamw(params: Any) -> torch.optim.Optimizer:
+def adamw(params: Any) -> torch.optim.Optimizer:
+    """The default optimiser of every task (AdamW, lr 1e-3): a YAML's ``optimizer`` block replaces it."""
     return torch.optim.AdamW(params, lr=1e-3)
 
 
@@ -40,7 +41,7 @@ class BaseTask(L.LightningModule):
     def __init__(
         self,
         data_spec: DataSpec | None = None,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ from neurovision.models import with_readout
 from neurovision.models.stage1 import check_stage1_spec, load_stage1
 from neurovision.pretrained.llm import load_llm
 from neurovision.pretrained.teachers import OpenCLIPImageTeacher
-from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, adamw
 
 Phase = Literal["projector", "lora", "full"]
 
@@ -126,7 +126,7 @@ class InstructTask(BaseTask):
         clip_teacher: OpenCLIPImageTeacher | None = None,
         clip_score_prefix: str = "A photo depicts ",
         gradient_checkpointing: bool = False,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if not llm:

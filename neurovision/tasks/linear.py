@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from neurovision.metrics.correlation import pearson_r
-from neurovision.tasks.base import BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import BaseTask, DataSpec, adamw
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ class LinearDecoder(BaseTask):
         self,
         data_spec: DataSpec | None = None,
         thumbnail: int = 8,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         self.thumbnail = thumbnail

@@ -46,7 +46,7 @@ from neurovision.pretrained.unclip import (
     image_grid,
     item_seed,
 )
-from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, _adamw
+from neurovision.tasks.base import TORCH_DTYPES, BaseTask, DataSpec, adamw
 
 PROMPT_SOURCES = ("none", "file")
 
@@ -131,7 +131,7 @@ class ReconstructionTask(BaseTask):
         metric_batch_size: int = 32,
         grid_items: int = 8,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if not stage1:
