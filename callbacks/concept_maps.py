@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 
 from neurovision.localization.maps import ModelParts, localize
+from neurovision.localization.options import LocalizationOptions
 from neurovision.pretrained.teachers import placed
 
 _NEEDS = ("encoder", "clip_head", "clip_teacher")
@@ -23,53 +24,19 @@ class ConceptMaps(L.Callback):
     the planted map inside the subject's ROI; only for stores with planted maps, i.e. the phantom).
 
     Args:
+        options: how maps are made and scored (:class:`~neurovision.localization.options.LocalizationOptions`,
+            the options of ``neurovision localize``; in YAML ``init_args: {options: {method: pattern}}``).
         out_dir: where the maps go (default: ``<trainer.log_dir>/concept_maps``).
-        concepts: concept words (default: the store's).
         every_test: localise on every ``trainer.test``; False: only on the first.
-        split: the store split whose items are explained.
-        method: ``gradcam`` or ``pattern`` (see :func:`neurovision.localization.maps.model_maps`).
-        aggregate: ``present`` or ``contrast`` (see :func:`neurovision.localization.maps.aggregate`).
-        upsample: ``trilinear`` or ``nearest`` patch -> voxel spreading.
-        layer: GradCAM at the hidden states entering this encoder block (-1: the last block, the paper's
-            penultimate layer; 0: the token embeddings), see :func:`neurovision.localization.maps.gradcam`.
-        mask: where r is computed: ``roi`` or ``active``.
-        target: the explained score: ``relative`` (the concept's CLIP similarity minus the mean similarity to
-            the store's concepts) or ``similarity`` (the plain cosine), see
-            :func:`neurovision.localization.maps.concept_directions`.
-        prompt: text template of a concept.
         png: also write a glass-brain PNG per map.
-        batch_size: items per GradCAM batch.
     """
 
-    def __init__(
-        self,
-        out_dir: str | None = None,
-        concepts: list[str] | None = None,
-        every_test: bool = True,
-        split: str = "test",
-        method: Literal["gradcam", "pattern"] = "gradcam",
-        aggregate: Literal["present", "contrast"] = "present",
-        upsample: Literal["trilinear", "nearest"] = "trilinear",
-        layer: int = -1,
-        mask: Literal["roi", "active"] = "roi",
-        target: Literal["relative", "similarity"] = "relative",
-        prompt: str = "{}",
-        png: bool = True,
-        batch_size: int = 64,
-    ) -> None:
+    def __init__(self, options: LocalizationOptions | None = None, out_dir: str | None = None,
+                 every_test: bool = True, png: bool = True) -> None:
+        self.options = options or LocalizationOptions()
         self.out_dir = out_dir
-        self.concepts = concepts
         self.every_test = every_test
-        self.split = split
-        self.method = method
-        self.aggregate = aggregate
-        self.upsample = upsample
-        self.layer = layer
-        self.mask = mask
-        self.target = target
-        self.prompt = prompt
         self.png = png
-        self.batch_size = batch_size
         self.runs = 0
         self.last: Any = None  # the last Localization (for inspection)
 
@@ -99,11 +66,8 @@ class ConceptMaps(L.Callback):
                            name=type(pl_module).__name__, skip=getattr(pl_module, "skip", None))
         # the CLIP teacher on this rank's own device for the concept words, and back as it was afterwards
         with placed(pl_module.clip_teacher, pl_module.device) as clip:
-            loc = localize([parts], store, clip, out if trainer.is_global_zero else None,
-                           concepts=self.concepts, split=self.split, method=self.method,
-                           aggregate_mode=self.aggregate, upsample=self.upsample, layer=self.layer, mask=self.mask,
-                           target=self.target, prompt=self.prompt, batch_size=self.batch_size, device=pl_module.device,
-                           png=self.png, progress=False)
+            loc = localize([parts], store, clip, out if trainer.is_global_zero else None, device=pl_module.device,
+                           png=self.png, progress=False, **self.options.localize_kwargs())
         self.runs += 1
         self.last = loc
         if not math.isnan(loc.r_mean):  # every rank computes the same values

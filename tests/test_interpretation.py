@@ -29,6 +29,7 @@ from neurovision.localization.maps import (
     score,
     to_subject_volume,
 )
+from neurovision.localization.options import LocalizationOptions
 from neurovision.models import ViT3D, ViT3DOutput
 from neurovision.models.stage1 import MLPHead
 from tests.helpers import run_cli
@@ -478,7 +479,7 @@ def test_concept_maps_callback_explains_the_prediction_with_the_read_out(store: 
     task = AlignmentTask(data_spec=dm.spec, clip_teacher=clip, vae_teacher=None, dim=16, depth=1, heads=2,
                          head_hidden=16, linear_skip=True, linear_skip_dropout=0.0)
     torch.nn.init.normal_(task.skip.linear.weight, std=0.1)  # zero-initialised: give it something to read
-    cb = ConceptMaps(png=False, method="pattern", concepts=["red"], out_dir=str(tmp_path / "maps"))
+    cb = ConceptMaps(LocalizationOptions(method="pattern", concepts=["red"]), png=False, out_dir=str(tmp_path / "maps"))
     trainer = L.Trainer(logger=False, default_root_dir=tmp_path, callbacks=[cb], limit_test_batches=1,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.test(task, dm)
@@ -493,7 +494,7 @@ def test_concept_maps_callback_explains_the_prediction_with_the_read_out(store: 
 def test_callback_resolves_from_yaml(capsys: pytest.CaptureFixture) -> None:
     stage1 = ROOT / "experiments" / "stage1_vit3d.yaml"
     assert run_cli(["test", "-c", str(stage1), "--trainer.callbacks+=callbacks.ConceptMaps",
-                    "--trainer.callbacks.init_args.concepts=[red]", "--trainer.callbacks.init_args.layer=0",
+                    "--trainer.callbacks.init_args.options.concepts=[red]", "--trainer.callbacks.init_args.options.layer=0",
                     "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "class_path: callbacks.ConceptMaps" in out and "- red" in out and "layer: 0" in out
@@ -572,3 +573,24 @@ def test_cli_missing_checkpoint_is_one_clear_error(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_localization_options_are_stated_once() -> None:
+    """The options dataclass is what `neurovision localize` parses and what `localize` defaults to: the CLI's
+    defaults, the callback's and the library function's cannot drift apart."""
+    import dataclasses
+    import inspect
+
+    from neurovision.cli import localize_parser
+
+    defaults = LocalizationOptions().localize_kwargs()
+    sig = inspect.signature(localize).parameters
+    assert {k: sig[k].default for k in defaults} == defaults
+    parsed = localize_parser().parse_args(["--ckpt", "a.ckpt", "--out", "o"])
+    assert LocalizationOptions.from_namespace(parsed) == LocalizationOptions()
+    changed = localize_parser().parse_args(["--ckpt", "a.ckpt", "--out", "o", "--method", "pattern", "--no-relu",
+                                            "--batch-size", "8", "--concepts", "red", "blue", "--layer", "0"])
+    assert LocalizationOptions.from_namespace(changed) == dataclasses.replace(
+        LocalizationOptions(), method="pattern", relu=False, batch_size=8, concepts=["red", "blue"], layer=0)
+    with pytest.raises(ValueError, match="localization option method='patern': one of gradcam, pattern"):
+        LocalizationOptions(method="patern")  # type: ignore[arg-type]

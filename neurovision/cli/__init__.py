@@ -212,6 +212,7 @@ def _run_config(ckpt: str) -> str | None:
 def localize_parser() -> Any:
     """The parser of ``neurovision localize``."""
     from neurovision.cli.habits import argparse_parser
+    from neurovision.localization.options import LocalizationOptions
 
     parser = argparse_parser(
         prog="neurovision localize", description=TOOL_COMMANDS["localize"],
@@ -224,24 +225,9 @@ def localize_parser() -> Any:
     parser.add_argument("--clip-model-name", default=None, help="open_clip architecture name (e.g. tiny_clip)")
     parser.add_argument("--clip-config", default=None, help="open_clip model config JSON")
     parser.add_argument("--clip-checkpoint", default=None, help="open_clip checkpoint file")
-    parser.add_argument("--concepts", nargs="+", default=None, help="concept words (default: the store's)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subjects (default: all)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--condition", default="average", choices=["average", "single"])
-    parser.add_argument("--method", default="gradcam", choices=["gradcam", "pattern"])
-    parser.add_argument("--aggregate", default="present", choices=["present", "contrast"])
-    parser.add_argument("--upsample", default="trilinear", choices=["trilinear", "nearest"])
-    parser.add_argument("--mask", default="roi", choices=["roi", "active"])
-    parser.add_argument("--no-relu", action="store_true", help="signed GradCAM (no ReLU)")
-    parser.add_argument("--layer", type=int, default=-1,
-                        help="GradCAM at the hidden states entering this encoder block (-1: the last, the paper's "
-                             "penultimate layer; 0: the token embeddings)")
-    parser.add_argument("--target", default="relative", choices=["relative", "similarity"],
-                        help="the explained score: the concept's CLIP similarity minus the mean similarity to the "
-                             "store's concepts (relative) or the plain similarity (the paper's)")
-    parser.add_argument("--prompt", default="{}", help="text template of a concept, e.g. 'a picture of a {}'")
+    LocalizationOptions.add_arguments(parser)  # the options shared with callbacks.ConceptMaps, stated once
     parser.add_argument("--png", default="glass", choices=["glass", "stat", "none"], help="PNG per map")
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto",
                         help="where the models run (auto: cuda:<LOCAL_RANK> (index 0 when unset) when CUDA is "
                              "available, else cpu)")
@@ -284,11 +270,11 @@ def localize_main(args: list[str]) -> int:
     clip = OpenCLIPImageTeacher(**kw)
 
     from neurovision.localization.maps import localize
+    from neurovision.localization.options import LocalizationOptions
 
-    loc = localize(cfg.ckpt, store, clip, cfg.out, concepts=cfg.concepts, split=cfg.split, condition=cfg.condition,
-                   method=cfg.method, aggregate_mode=cfg.aggregate, upsample=cfg.upsample, mask=cfg.mask,
-                   relu=not cfg.no_relu, layer=cfg.layer, target=cfg.target, prompt=cfg.prompt, batch_size=cfg.batch_size,
-                   device=device, subjects=cfg.subjects, png=cfg.png != "none", png_kind="stat" if cfg.png == "stat" else "glass")
+    loc = localize(cfg.ckpt, store, clip, cfg.out, device=device, subjects=cfg.subjects, png=cfg.png != "none",
+                   png_kind="stat" if cfg.png == "stat" else "glass",
+                   **LocalizationOptions.from_namespace(cfg).localize_kwargs())
     if loc.rows:
         import numpy as np
 
