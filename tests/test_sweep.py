@@ -98,7 +98,7 @@ def test_unknown_sweep_key_is_an_error_naming_the_file_and_the_key(tmp_path, cap
 
 def test_an_override_the_config_rejects_stops_the_sweep_with_lightningclis_message_and_the_run(tmp_path, capsys,
                                                                                               monkeypatch):
-    monkeypatch.setattr(sw, "_launch", _must_not_launch)
+    monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     path = _write(tmp_path / "s.yaml", {"configs": [str(STAGE1), str(TINY)],
                                          "grid": {"model.init_args.dimm": [8]}, "seeds": [3]})
     assert sw.main([str(path), "--out", str(tmp_path / "o")]) == 2
@@ -135,7 +135,7 @@ def _fake_value(metric: str, seed: int, dim: int) -> float:
 
 
 class FakeLauncher:
-    """Stands in for ``neurovision.runs.sweep._launch``: writes what LightningCLI + MetricsTable + the sweep's
+    """Stands in for ``neurovision.runs.sweep.launch.run_command``: writes what LightningCLI + MetricsTable + the sweep's
     LatestCheckpoint would (config.yaml, metrics_table.csv, checkpoints/latest.ckpt) under the command's
     default_root_dir."""
 
@@ -223,7 +223,7 @@ def fake_sweep(tmp_path, monkeypatch) -> Path:
 def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     bad = FakeLauncher(fail=lambda argv: "--model.init_args.dim=64" in argv and "--seed_everything=1" in argv)
-    monkeypatch.setattr(sw, "_launch", bad)
+    monkeypatch.setattr(sw.launch, "run_command", bad)
     assert sw.main([str(fake_sweep)]) == 1  # a failed run: exit 1, the others still ran
     err = capsys.readouterr().err
     assert f"FAILED dim=64__seed=1: fit (exit 1); log: {out / 'dim=64__seed=1' / 'fit.log'}" in err
@@ -259,7 +259,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
 
     # re-run: the done runs are skipped, the failed one is retried (fit then test)
     good = FakeLauncher()
-    monkeypatch.setattr(sw, "_launch", good)
+    monkeypatch.setattr(sw.launch, "run_command", good)
     assert sw.main([str(fake_sweep)]) == 0
     assert good.runs() == [("dim=64__seed=1", "fit", None),
                            ("dim=64__seed=1", "test", str(out / "dim=64__seed=1/fit/checkpoints/latest.ckpt"))]
@@ -282,7 +282,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     assert "dim=32__seed=1  interrupted  fit (resume from fit/checkpoints/latest.ckpt) -> test" in listing
     assert "dim=64__seed=0  interrupted  test" in listing
     resume = FakeLauncher()
-    monkeypatch.setattr(sw, "_launch", resume)
+    monkeypatch.setattr(sw.launch, "run_command", resume)
     assert sw.main([str(fake_sweep)]) == 0
     ck = str(killed / "fit/checkpoints/latest.ckpt")
     assert resume.runs() == [("dim=32__seed=1", "fit", ck), ("dim=32__seed=1", "test", ck),
@@ -294,7 +294,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     before = {n: (out / n).read_text() for n in ("results.csv", "summary.csv")}
     for n in before:
         (out / n).unlink()
-    monkeypatch.setattr(sw, "_launch", _must_not_launch)
+    monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     assert sw.main([str(fake_sweep), "--aggregate_only"]) == 0
     assert {n: (out / n).read_text() for n in before} == before
     assert "mean ± sd" in capsys.readouterr().out
@@ -322,8 +322,8 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
 
 def test_parallel_runs_each_get_their_own_gpu(fake_sweep, tmp_path, monkeypatch):
     fake = FakeLauncher(delay=0.3)
-    monkeypatch.setattr(sw, "_launch", fake)
-    monkeypatch.setattr(sw, "_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(sw.launch, "run_command", fake)
+    monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["3", "5"])
     assert sw.main([str(fake_sweep), "--parallel", "2"]) == 0
     assert len(fake.calls) == 8
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls} == {"3", "5"}
@@ -412,7 +412,7 @@ def test_rerunning_a_finished_sweep_trains_nothing(fit_sweep, monkeypatch, capsy
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
     assert len([p for p in files if p.suffix == ".ckpt"]) >= 2
     results = (out / "results.csv").read_text()
-    monkeypatch.setattr(sw, "_launch", _must_not_launch)
+    monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     monkeypatch.setattr(subprocess, "Popen", _must_not_launch)
     assert sw.main([str(path), "--out", str(out)]) == 0
     assert "2 of 2 runs done (2 skipped), 0 failed" in capsys.readouterr().err
@@ -493,8 +493,8 @@ def test_devices_per_run_makes_each_run_one_ddp_job(fake_sweep, tmp_path, monkey
 
     # 4 GPUs, 2 runs at a time on 2 GPUs each: every process gets its own pair and the DDP flags
     fake = FakeLauncher(delay=0.2)
-    monkeypatch.setattr(sw, "_launch", fake)
-    monkeypatch.setattr(sw, "_gpus", lambda: ["0", "1", "2", "3"])
+    monkeypatch.setattr(sw.launch, "run_command", fake)
+    monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["0", "1", "2", "3"])
     assert sw.main([str(path), "--parallel", "2"]) == 0
     assert len(fake.calls) == 8
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls} == {"0,1", "2,3"}
@@ -504,8 +504,8 @@ def test_devices_per_run_makes_each_run_one_ddp_job(fake_sweep, tmp_path, monkey
     assert "4 runs, 0 to run" in capsys.readouterr().out
 
     # too few GPUs: one error before anything starts
-    monkeypatch.setattr(sw, "_launch", _must_not_launch)
-    monkeypatch.setattr(sw, "_gpus", lambda: ["0", "1", "2"])
+    monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
+    monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["0", "1", "2"])
     assert sw.main([str(_write(path, {**doc, "devices_per_run": 2})), "--parallel", "2", "--out",
                     str(tmp_path / "o2")]) == 2
     assert "needs 4 GPUs, 3 visible" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -28,7 +28,7 @@ def test_after_os_system_with_a_crafted_out_is_refused_before_anything_runs(tmp_
     pwned = tmp_path / "pwned"
     out = f"{tmp_path / 'o'}; touch {pwned}"  # the issue's attack: after: [os.system] runs `out` as a shell line
     path = _write(tmp_path / "evil.yaml", {"after": ["os.system"], "out": out})
-    monkeypatch.setattr(sw, "_launch", _must_not_launch)
+    monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     for extra in ([], ["--aggregate_only"], ["--dry_run"]):
         assert sw.main([str(path), *extra]) == 2
         err = capsys.readouterr().err
@@ -67,9 +67,9 @@ def test_registered_after_hooks_run_and_the_shipped_sweeps_use_only_registered_o
     assert sw.main([str(path), "--aggregate_only"]) == 0
     assert seen == [(tmp_path / "out").resolve()] and "after: tests.h3.hook -> 0 files" in capsys.readouterr().out
     # register_after (a decorator): <module>.<qualname>
-    monkeypatch.setattr(sw, "AFTER_HOOKS", dict(sw.AFTER_HOOKS))
+    monkeypatch.setattr(sw.spec, "AFTER_HOOKS", dict(sw.AFTER_HOOKS))  # the registry lives in sweep/spec.py
     assert sw.register_after(hook) is hook
-    assert sw.AFTER_HOOKS[f"{__name__}.{hook.__qualname__}"] is hook
+    assert sw.spec.AFTER_HOOKS[f"{__name__}.{hook.__qualname__}"] is hook
     for p in sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")):
         assert all(a in sw.AFTER_HOOKS for a in sw.load_sweep(p).after), p
     assert "neurovision.runs.beta_figures.figures" in sw.AFTER_HOOKS
@@ -78,7 +78,7 @@ def test_registered_after_hooks_run_and_the_shipped_sweeps_use_only_registered_o
 def test_loading_a_sweep_imports_no_after_module():
     code = ("import sys, neurovision.runs.sweep as s; sw = s.load_sweep('experiments/sweeps/beta.yaml'); "
             "assert sw.after == ['neurovision.runs.beta_figures.figures']; print('neurovision.runs.beta_figures' in sys.modules); "
-            "print(s._after_function(sw.after[0]).__qualname__)")
+            "print(s.after_function(sw.after[0]).__qualname__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "figures"]
 
@@ -155,7 +155,7 @@ def test_latest_checkpoint_is_replaced_atomically(real_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------- set aside, restart (fake)
 class Launcher:
-    """Stands in for ``neurovision.runs.sweep._launch`` like Lightning would behave: a fit given an unreadable
+    """Stands in for ``neurovision.runs.sweep.launch.run_command`` like Lightning would behave: a fit given an unreadable
     ``--ckpt_path`` fails (every time); otherwise it writes a real torch checkpoint and a metrics table."""
 
     def __init__(self) -> None:
@@ -204,7 +204,7 @@ def _prepared(tmp_path: Path, *, fit_done: bool) -> tuple[sw.Sweep, list[sw.Run]
 def _run(sweep: sw.Sweep, runs: list[sw.Run], out: Path) -> int:
     """What ``neurovision sweep`` does after its checks (the LightningCLI parser is not needed by the fake)."""
     plans = {r.name: sw.Plan(logger=False, seed=0, resolved={}) for r in runs}
-    return sw._run_all(sweep, runs, [r for r in runs if not sw.run_done(sweep, sw.read_status(r.dir))], plans, out, 1)
+    return sw.run_sweep(sweep, runs, [r for r in runs if not sw.run_done(sweep, sw.read_status(r.dir))], plans, out, 1)
 
 
 def test_a_garbage_latest_ckpt_is_set_aside_and_the_fit_restarts_from_scratch(tmp_path, monkeypatch, capsys):
@@ -218,7 +218,7 @@ def test_a_garbage_latest_ckpt_is_set_aside_and_the_fit_restarts_from_scratch(tm
     assert (state, action) == ("interrupted", "fit (latest.ckpt unreadable: set aside, from scratch) -> test")
     assert latest.read_bytes() == b"ckpt"
     fake = Launcher()
-    monkeypatch.setattr(sw, "_launch", fake)
+    monkeypatch.setattr(sw.launch, "run_command", fake)
     assert _run(sweep, runs, out) == 0
     ck = str(latest)
     assert fake.calls == [("fit", None), ("test", ck)]
@@ -254,7 +254,7 @@ def test_a_truncated_latest_ckpt_restarts_from_the_newest_readable_older_checkpo
     (folder / "latest.ckpt").write_bytes(data[: len(data) // 2])
     (folder / ".latest.ckpt.partial").write_bytes(b"half")
     fake = Launcher()
-    monkeypatch.setattr(sw, "_launch", fake)
+    monkeypatch.setattr(sw.launch, "run_command", fake)
     assert _run(sweep, runs, out) == 0
     assert fake.calls == [("fit", str(folder / "last.ckpt")), ("test", str(folder / "latest.ckpt"))]
     assert (run.dir / "latest.ckpt.corrupt-1").read_bytes() == data[: len(data) // 2]
@@ -272,7 +272,7 @@ def test_a_done_fit_with_an_unreadable_checkpoint_is_redone_before_its_test(tmp_
     assert sw.describe(sweep, run, sw.read_status(run.dir))[1] == \
         "fit (latest.ckpt unreadable: set aside, from scratch) -> test"
     fake = Launcher()
-    monkeypatch.setattr(sw, "_launch", fake)
+    monkeypatch.setattr(sw.launch, "run_command", fake)
     assert _run(sweep, runs, out) == 0  # before: the test failed on the empty checkpoint on every re-run
     assert fake.calls == [("fit", None), ("test", str(latest))]
     st = json.loads((run.dir / "status.json").read_text())
@@ -282,7 +282,7 @@ def test_a_done_fit_with_an_unreadable_checkpoint_is_redone_before_its_test(tmp_
     del st["commands"]["test"]
     sw.write_json(run.dir / "status.json", st)
     fake = Launcher()
-    monkeypatch.setattr(sw, "_launch", fake)
+    monkeypatch.setattr(sw.launch, "run_command", fake)
     assert _run(sweep, runs, out) == 0
     assert fake.calls == [("fit", str(latest)), ("test", str(latest))]
     assert sorted(p.name for p in run.dir.glob("latest.ckpt.corrupt-*")) == ["latest.ckpt.corrupt-1"]
