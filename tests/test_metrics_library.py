@@ -455,3 +455,19 @@ def test_gather_to_zero_gives_rank_zero_every_rank_and_the_others_their_own(tmp_
     assert [tuple(t.shape) for t in zero] == [(3, 3, 4, 2), (2, 3, 5, 2)]
     assert [t.unique().tolist() for t in zero] == [[1], [2]] and zero[0].dtype == torch.uint8
     assert len(one) == 1 and one[0].shape == (2, 3, 5, 2) and one[0].unique().tolist() == [2]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 48, 80), (1, 3, 480, 640), (1, 3, 100, 37)])
+def test_teacher_resize_is_open_clips_eval_transform(shape: tuple[int, ...]) -> None:
+    """The teachers' tensor resize is torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (open_clip's eval
+    transform for a square size), including the long side's rounding (480 x 640 -> 224 x 298, not 299)."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from neurovision.pretrained.teachers import resize_images
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    ref = Compose([Resize(32, interpolation=InterpolationMode.BICUBIC, antialias=True), CenterCrop(32)])(x)
+    torch.testing.assert_close(resize_images(x, 32), ref, rtol=0, atol=0)
+    assert resize_images(x, (24, 40), "bilinear", "squash").shape[-2:] == (24, 40)
+    padded = resize_images(x, 32, "bicubic", "longest", fill=0.5)
+    assert padded.shape[-2:] == (32, 32) and (shape[-1] == shape[-2] or bool((padded == 0.5).any()))

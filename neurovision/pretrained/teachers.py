@@ -277,34 +277,36 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 def resize_images(x: torch.Tensor, size: int | Sequence[int], interpolation: str = "bicubic",
                   resize_mode: str = "shortest", fill: float = 0.0) -> torch.Tensor:
-    """Resize float images (B, C, H, W) like open_clip's eval transform, on tensors.
+    """Resize float images (B, C, H, W) like open_clip's eval transform, with torchvision's v2 functional ops.
 
-    ``shortest``: shortest side to ``size`` then centre crop; ``longest``: longest side to ``size`` then pad
-    with ``fill``; ``squash``: straight to ``size`` (aspect not kept). A no-op when already that size.
+    ``shortest``: shortest side to ``size`` then centre crop (a square ``size``: ``Resize(size)`` +
+    ``CenterCrop``, exactly open_clip's); ``longest``: longest side to ``size`` then pad with ``fill``;
+    ``squash``: straight to ``size`` (aspect not kept). A no-op when already that size.
     """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = x.shape[-2:]
     if (h, w) == (th, tw):
         return x
-    mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}.get(interpolation, "bicubic")
-    kw: dict[str, Any] = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
-
-    def interp(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(t, size=hw, mode=mode, **kw)
-
+    mode = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}.get(
+        interpolation, InterpolationMode.BICUBIC)
+    antialias = mode != InterpolationMode.NEAREST
     if resize_mode == "squash":
-        return interp(x, (th, tw))
+        return TF.resize(x, [th, tw], interpolation=mode, antialias=antialias)
     if resize_mode == "longest":
         s = min(th / h, tw / w)
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        y = interp(x, (nh, nw))
+        y = TF.resize(x, [nh, nw], interpolation=mode, antialias=antialias)
         top, left = (th - nh) // 2, (tw - nw) // 2
         return F.pad(y, (left, tw - nw - left, top, th - nh - top), value=fill)
-    s = max(th / h, tw / w)  # shortest side -> target, then centre crop
-    nh, nw = max(th, round(h * s)), max(tw, round(w * s))
-    y = interp(x, (nh, nw))
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return y[..., top:top + th, left:left + tw]
+    if th == tw:  # the shorter side to th, the longer in proportion (torchvision's rounding), then centre crop
+        y = TF.resize(x, [th], interpolation=mode, antialias=antialias)
+    else:
+        s = max(th / h, tw / w)
+        y = TF.resize(x, [max(th, round(h * s)), max(tw, round(w * s))], interpolation=mode, antialias=antialias)
+    return TF.center_crop(y, [th, tw])
 
 
 # --------------------------------------------------------------------------------------------- open_clip
