@@ -2,5 +2,6 @@
 
 from data_modules.fmri import FMRIDataModule, FMRITrials, StoreDataModule
 from data_modules.instruct import InstructionDataModule
+from data_modules.stimuli import StimulusDataModule
 
-__all__ = ["FMRIDataModule", "FMRITrials", "InstructionDataModule", "StoreDataModule"]
+__all__ = ["FMRIDataModule", "FMRITrials", "InstructionDataModule", "StimulusDataModule", "StoreDataModule"]

@@ -12,18 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from data_modules.stimuli import StimulusDataModule, stimulus_items
 from neurovision.data.events import EventStore, EventStoreWriter, default_bins
-from neurovision.encoding.features import (
+from neurovision.encoding.features import FeatureTable, cache_entries, extract_features
+from neurovision.pretrained.feature_networks import (
     FeatureNetwork,
-    FeatureTable,
     HFTextNetwork,
     OpenClipNetwork,
     PhantomOracle,
-    StimulusDataModule,
     TimmVisionNetwork,
-    cache_entries,
-    extract_features,
-    stimulus_items,
 )
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest before anything imports huggingface_hub
@@ -472,7 +469,7 @@ def flava_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def test_hf_fused_network(store: Path, flava_folder: tuple[Path, Any], tmp_path: Path) -> None:
-    from neurovision.encoding.features import HFFusedNetwork
+    from neurovision.pretrained.feature_networks import HFFusedNetwork
 
     folder, model = flava_folder
     net = HFFusedNetwork(str(folder), layers=["multimodal", "image", "text", "multimodal_model.encoder"])

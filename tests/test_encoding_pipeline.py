@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurovision.encoding.features import PhantomOracle
 from neurovision.encoding.pipeline import call_scores
+from neurovision.pretrained.feature_networks import PhantomOracle
 from neurovision.runs.report import build_report
 from neurovision.sources import phantom_seeg
 from tests.helpers import run_cli
@@ -116,7 +116,7 @@ def test_real_networks_and_pairs(tmp_path: Path) -> None:
     torch.save(model.state_dict(), ckpt)
     store = phantom_seeg.prepare(tmp_path / "seeg.h5", preset="tiny", n_subjects=1, n_electrodes=6,
                                  movie_minutes=1.5)
-    net = "neurovision.encoding.features.OpenClipNetwork"
+    net = "neurovision.pretrained.feature_networks.OpenClipNetwork"
     common = {"model_name": "micro", "model_config": str(cfg_path), "checkpoint": str(ckpt)}
     models = {
         "vision": {"class_path": net, "init_args": {**common, "modality": "vision",

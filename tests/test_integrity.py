@@ -377,7 +377,8 @@ def test_store_error_survives_a_worker_traceback() -> None:
 def counted_feature_cache(tmp_path: Path, batch_size: int) -> tuple[type, Path, Path, dict, np.ndarray]:
     """An events store and a feature cache filled once by the phantom's language oracle, whose class counts its
     ``extract`` calls: (oracle class, store, cache, ``extract_features`` keywords, the cached features)."""
-    from neurovision.encoding.features import PhantomOracle, extract_features
+    from neurovision.encoding.features import extract_features
+    from neurovision.pretrained.feature_networks import PhantomOracle
 
     class Counting(PhantomOracle):
         calls = 0

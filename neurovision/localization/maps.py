@@ -51,6 +51,7 @@ from neurovision.data.preprocessing import GridSpec, patch_grid_shape, to_active
 from neurovision.data.store import Store
 from neurovision.metrics.correlation import pearson_r
 from neurovision.models import with_readout
+from neurovision.pretrained.hooks import ForwardHooks
 
 __all__ = [
     "Localization", "ModelParts", "aggregate", "concept_cams", "concept_directions", "concept_list", "ensemble",
@@ -84,18 +85,10 @@ def _capture(encoder: nn.Module, layer: int) -> Iterator[Callable[[Any], Tensor]
     n = len(blocks)
     if not -n <= layer < n:
         raise ValueError(f"layer must be in [{-n}, {n - 1}] (the input of block k; -1: the last), got {layer}")
-    seen: list[Tensor] = []
-
-    def hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0] if args[0].requires_grad else args[0].detach().requires_grad_()
-        seen.append(x)
-        return (x, *args[1:])
-
-    handle = blocks[layer].register_forward_pre_hook(hook)
-    try:
-        yield lambda out: seen[-1]
-    finally:
-        handle.remove()
+    target = blocks[layer]
+    name = next(k for k, m in encoder.named_modules() if m is target)
+    with ForwardHooks(encoder, [name], capture="input", differentiable=True, owner="GradCAM") as hooks:
+        yield lambda out: hooks.out[name]
 
 
 def _cams(encoder: nn.Module, clip_head: nn.Module, patches: Tensor, text: Tensor, subject: Tensor | None,

@@ -462,36 +462,28 @@ def extract_features(model: nn.Module, images: ImagesLike, layers: Sequence[str]
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                      batch_size: int = 32, device: str | torch.device = "cpu",
                      antialias: bool = True) -> dict[str, torch.Tensor]:
-    """Outputs of ``model``'s modules ``layers`` (forward hooks), flattened to (N, D) float32 on the CPU.
+    """Outputs of ``model``'s modules ``layers`` (torchvision ``create_feature_extractor``), flattened to (N, D)
+    float32 on the CPU.
 
     Each batch is resized (shorter side to ``resize``), center-cropped to ``crop`` if given, normalised by
     ``mean``/``std`` and run through ``model`` on ``device``.
     """
     imgs = _as_nchw(images, "images")
     _check_values(imgs, "images")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
     modules = dict(model.named_modules())
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise ValueError(f"model has no module(s) {unknown}")
+    # traced once per call (no gradient is needed): runs the model only up to the last requested layer
+    extractor = create_feature_extractor(model, return_nodes={n: n for n in layers})  # in the model's mode
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(layer: str) -> Callable[..., None]:
-        def fn(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            captured[layer] = out.detach().flatten(1).float().cpu().clone()
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    try:
-        for s in _chunks(len(imgs), batch_size):
-            x = _preprocess(_to_float(imgs[s]).float().to(device), resize, crop, mean, std, antialias)
-            captured.clear()
-            model(x)
-            for n in layers:
-                got[n].append(captured[n])
-    finally:
-        for h in handles:
-            h.remove()
+    for s in _chunks(len(imgs), batch_size):
+        x = _preprocess(_to_float(imgs[s]).float().to(device), resize, crop, mean, std, antialias)
+        out = extractor(x)
+        for n in layers:
+            got[n].append(out[n].detach().flatten(1).float().cpu().clone())
     return {n: torch.cat(v) for n, v in got.items()}
 
 
