@@ -264,3 +264,18 @@ def test_the_data_module_itself_refuses_a_non_positive_batch_size(tiny_store):
     for bad in (0, -3):
         with pytest.raises(ValueError, match=r"data.init_args.batch_size: .*must be an integer >= 1"):
             FMRIDataModule(tiny_store, batch_size=bad)
+
+
+@pytest.mark.parametrize("class_path, new", [
+    ("neurovision.teachers.OpenCLIPImageTeacher", "neurovision.pretrained.teachers"),
+    ("neurovision.interpretation.Thing", "neurovision.localization.maps"),
+])
+def test_a_yaml_naming_a_moved_module_is_told_where_it_went(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            class_path: str, new: str) -> None:
+    """A config written before the package was organised by layer names a module that moved: one line saying
+    where it went (not only "module 'neurovision' has no attribute ...")."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f"model:\n  init_args:\n    clip_teacher:\n      class_path: {class_path}\n")
+    code = run_cli(["fit", "-c", str(ROOT / "experiments" / "stage1_vit3d.yaml"), "-c", str(old), "--print_config"])
+    err = assert_user_error(code, capsys, str(old), "model.init_args.clip_teacher")
+    assert f"moved to {new}" in err

@@ -454,6 +454,38 @@ def _is_problem_list(e: BaseException) -> bool:
     return isinstance(e, InstructionFileError)
 
 
+# modules that moved when the package was organised by layer (0.1 -> 0.2): a YAML or script naming the old path
+# gets told the new one
+MOVED = {
+    "store": "data.store", "atomic": "data.atomic", "preprocessing": "data.preprocessing",
+    "instructions": "data.instructions", "plots": "data.overview", "encoding.events": "data.events",
+    "teachers": "pretrained.teachers", "reconstruction": "pretrained.unclip", "llm": "pretrained.llm",
+    "interpretation": "localization.maps", "teacher_training": "tiny.teachers", "unclip_training": "tiny.unclip",
+    "sweep": "runs.sweep", "report": "runs.report", "beta_sweep": "runs.beta_figures",
+    "checkpoints": "runs.checkpoints", "lightning_cli": "cli.lightning", "checked_cli": "cli.checked",
+    "cli_habits": "cli.habits", "_compat": "cli.environment",
+}
+_MOVED_RE = re.compile(r"(?:neurovision\.([\w.]+)|module 'neurovision' has no attribute '(\w+)')")
+
+
+def moved_hint(message: str) -> str:
+    """``message`` plus where a module it names that no longer exists moved to (docs/api.md has the layout)."""
+    import importlib.util
+
+    for m in _MOVED_RE.finditer(message):
+        name = m.group(1) or m.group(2)
+        for old in sorted(MOVED, key=len, reverse=True):
+            if (name == old or name.startswith(old + ".")) and MOVED[old] != old:
+                try:
+                    if importlib.util.find_spec(f"neurovision.{old}") is not None:
+                        break  # still there (a package that kept its name)
+                except (ImportError, ValueError):
+                    pass
+                return (f"{message} (neurovision.{old} moved to neurovision.{MOVED[old]}: the package is organised "
+                        "by layer, see docs/api.md)")
+    return message
+
+
 def user_error(e: BaseException, argv: list[str]) -> str | None:
     """The short message of a user error (a bad file, YAML key or flag; a full disk), or None when ``e`` is not
     one (a bug: the caller keeps its traceback).
@@ -464,13 +496,13 @@ def user_error(e: BaseException, argv: list[str]) -> str | None:
     from argparse import ArgumentError
 
     if isinstance(e, ArgumentError):  # jsonargparse parse errors (exit_on_error=False: see checked_cli)
-        return _short(_condense_parse_error(e.message, argv))
+        return moved_hint(_short(_condense_parse_error(e.message, argv)))
     x: BaseException | None = e
     for _ in range(32):  # a cause chain is short; a cycle must not hang the error report
         if x is None:
             return None
         if _is_user_error(x):
-            return _text(x) if _is_problem_list(x) else _short(_text(x))
+            return moved_hint(_text(x) if _is_problem_list(x) else _short(_text(x)))
         if not _raised_in_jsonargparse(x):
             return None
         x = x.__cause__
