@@ -116,10 +116,38 @@ def test_encoding_fit_projection_follows_counted_flops(monkeypatch: pytest.Monke
         monkeypatch.setattr(rows_data, "run_isolated", _fake_isolated(canned(scale)))
         rows.append(rows_data.row_encoding_fit(args))
     a, b = rows
-    # twice the counted FLOPs: twice the projection, less the analytic decomposition term that does not move
-    assert 1.9 * a.projected["gpu_hours"] < b.projected["gpu_hours"] < 2 * a.projected["gpu_hours"]
+    # twice the counted FLOPs: the cost model's counted part of the projection doubles (it is scaled by the
+    # measured / model ratios); the uncounted decompositions and the banded baseline (analytic) do not move
+    assert b.measured["model_ratio_fixed"] == pytest.approx(2 * a.measured["model_ratio_fixed"])
+    assert b.measured["model_ratio_per_target"] == pytest.approx(2 * a.measured["model_ratio_per_target"])
+    fx, pt, _, _ = rows_data._downdate_flops(Scale.bt_events_per_subject, rows_data.ENC_FEATURES)
+    counted = (fx * a.measured["model_ratio_fixed"] + pt * a.measured["model_ratio_per_target"]
+               * Scale.bt_targets_per_subject)
+    jobs = Scale.bt_subjects * rows_data.ENC_SETS * rows_data.ENC_MODELS
+    assert b.projected["gpu_hours"] - a.projected["gpu_hours"] == pytest.approx(
+        common.gpu_hours(jobs * counted, tflops=rows_data.A100_FP32_TFLOPS))
     assert a.measured["scaling_exponent"] == pytest.approx(math.log(1.5) / math.log(2))  # from the FLOPs
     assert a.measured["time_exponent"] == pytest.approx(1.0)
+
+
+def test_encoding_fit_cost_model_matches_counted_flops() -> None:
+    """The cost model of the default inner CV (which the projection scales) equals the FLOPs FlopCounterMode
+    counts, in both regimes (held-out blocks smaller and larger than the feature count; p > n)."""
+    import numpy as np
+
+    from neurovision.encoding.ridge import cross_validated_ridge
+
+    rng = np.random.default_rng(0)
+    for events, features in ((400, 16), (200, 64), (60, 80)):
+        x = rng.standard_normal((events, features), dtype=np.float32)
+        counted = []
+        for targets in (4, 8):
+            y = rng.standard_normal((events, targets), dtype=np.float32)
+            counted.append(common.count_flops(cross_validated_ridge, x, y, folds=rows_data.ENC_FOLDS,
+                                              inner_folds=rows_data.ENC_INNER, backend="torch")[1])
+        fixed, per_t, _, _ = rows_data._downdate_flops(events, features)
+        assert counted[1] - counted[0] == pytest.approx(4 * per_t)
+        assert counted[0] == pytest.approx(fixed + 4 * per_t)
 
 
 def test_fits_rule() -> None:

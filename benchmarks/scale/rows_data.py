@@ -614,9 +614,70 @@ def _enc_data(events: int, features: int, targets: int, seed: int) -> tuple[np.n
     return x, y
 
 
+def _fold_sizes(events: int) -> list[tuple[int, list[int]]]:
+    """(training events, inner block sizes) of each outer fold, as ridge.blocked_folds splits them."""
+    out = []
+    for test in np.array_split(np.arange(events), ENC_FOLDS):
+        n = events - len(test)
+        out.append((n, [len(b) for b in np.array_split(np.arange(n), ENC_INNER)]))
+    return out
+
+
+def _downdate_flops(events: int, features: int) -> tuple[float, float, float, float]:
+    """FLOPs of one ``cross_validated_ridge`` fit (default ``inner_cv="downdate"``, ridge._ridge_cv_downdate):
+    (fixed, per target) of the matmuls FlopCounterMode counts, then (fixed, per target) of the work it does not
+    count: eigendecompositions (~9 r³ each, ENC_INNER + 1 per fold), the SVDs of X (p > n) and of each held-out
+    block's (n_b x r) projection when n_b > r (~4 m r² + 22 r³), and the numpy predictions (2 n_test p)."""
+    fixed = per_t = unc_fixed = unc_per_t = 0.0
+    p = features
+    for n, blocks in _fold_sizes(events):
+        r = min(n, p)
+        fixed += 2 * n * r * r + sum(4 * nb * r * r for nb in blocks)  # Gram; X_bᵀX_b and (X_b - μ) Q_b
+        per_t += 2 * n * r + 4 * r * r + 2 * r  # Xᵀy by block; the refit (Qᵀ C, Q (d z), μ w)
+        per_t += (2 * p * r) if p > n else 0.0  # weights back from the row space
+        unc_fixed += (ENC_INNER + 1) * 9 * r ** 3 + ((4 * n * n * p + 22 * n ** 3) if p > n else 0.0)
+        unc_per_t += 2 * (events - n) * p
+        for nb in blocks:
+            per_t += 2 * r * r + 2 * ENC_ALPHAS * min(nb, r) * r  # Qᵀ C_b; one (k x r) product per α
+            if nb > r:
+                per_t += 2 * nb * r  # Lᵀ (y_b - ν)
+                unc_fixed += 4 * nb * r * r + 22 * r ** 3
+    return fixed, per_t, unc_fixed, unc_per_t
+
+
+def _refit_flops(events: int, features: int) -> tuple[float, float]:
+    """(fixed, per target) FLOPs of himalaya's inner CV that refits every inner fold (``inner_cv="refit"``, and
+    each of ``GroupRidgeCV``'s random-search iterations): per inner fold the (α, p, n_in) resolution matrices,
+    the (α, n_b, n_in) test products and predictions; the refit on all rows. An upper bound (every α refit)."""
+    fixed = per_t = 0.0
+    a, p = ENC_ALPHAS, features
+    for n, blocks in _fold_sizes(events):
+        for nb in blocks:
+            n_in = n - nb
+            fixed += 2 * a * p * min(n_in, p) * n_in + 2 * a * nb * p * n_in
+            per_t += 2 * a * nb * n_in
+        fixed += 2 * a * p * min(n, p) * n
+        per_t += 2 * a * p * n + 2 * (events - n) * p
+    return fixed, per_t
+
+
+def _fit_ram_gb(events: int, features: int, targets: int) -> float:
+    """RAM of one fit beyond the interpreter: Y, its scaled training copy and the kept predictions (float32
+    E x T each) + one test fold's float64 predictions; X and its scaled copies (3 x E x p float32); the
+    solver's eigenvectors ((ENC_INNER + 1) r²) and held-out block projections (E x r); its target batch
+    temporaries, at most ~1 GiB (ridge._MEMORY_BUDGET)."""
+    n = events - events // ENC_FOLDS
+    r = min(n, features)
+    per_t = 4 * (n + (ENC_INNER + 3) * r + 2 * n // ENC_INNER)
+    total = (12 * events + 8 * (events // ENC_FOLDS)) * targets + 4 * (3 * events * features
+                                                                        + (ENC_INNER + 1) * r * r + events * r)
+    return (total + min(per_t * targets, 2 ** 30)) / GB
+
+
 def _encoding_fit(events: int, features: int, targets: int, seed: int) -> dict[str, Any]:
-    """Child: neurovision.encoding.ridge.cross_validated_ridge (himalaya torch backend, float32, 7 alphas,
-    5 x 5 blocked folds) under FlopCounterMode; out-of-fold predictions kept as the pipeline keeps them."""
+    """Child: neurovision.encoding.ridge.cross_validated_ridge (default exact blocked inner CV, himalaya torch
+    backend, float32, 7 alphas, 5 x 5 blocked folds) under FlopCounterMode; out-of-fold predictions kept as
+    the pipeline keeps them."""
     import torch
 
     from neurovision.encoding.ridge import cross_validated_ridge
@@ -644,64 +705,90 @@ def _encoding_fit_pair(events: int, features: int, targets: tuple[int, int], see
 
 
 def row_encoding_fit(args: argparse.Namespace) -> Row:
-    E, F, T1 = _size(args, (200, 32, 32), (300, 64, 64), (1000, ENC_FEATURES, 128))
+    # the default size is one subject's real events and features with a slice of its targets: the per-target
+    # cost is then measured in the regime of the full fit (held-out blocks of 4,800 events > 768 features)
+    E, F, T1 = _size(args, (200, 32, 32), (3000, 128, 64), (Scale.bt_events_per_subject, ENC_FEATURES, 256))
     T2 = 2 * T1
     both, _, p2 = run_isolated(_encoding_fit_pair, E, F, (T1, T2), args.seed)
     r1, r2 = both["runs"]
     k_time = scaling_exponent(T1, r1["seconds"], T2, r2["seconds"])
     k_flops = scaling_exponent(T1, r1["flops"], T2, r2["flops"])  # deterministic (time is noisy on shared cores)
-    # FLOPs = fixed (decompositions of X, counted where they are matmuls) + per target (X^T Y, predictions)
+    # counted FLOPs = fixed (Grams, projections) + per target; the cost model must reproduce them
     per_t = max(0.0, (r2["flops"] - r1["flops"]) / (T2 - T1))
     fixed = max(0.0, r1["flops"] - per_t * T1)
-    Ef, Ff, Tf = Scale.bt_events_per_subject, ENC_FEATURES, Scale.bt_targets_per_subject
-    e_ratio, f_ratio = Ef / E, Ff / F
-    # eigen/SVD FLOPs are not counted by FlopCounterMode: add ~ (2 E F^2 + 10 F^3) per (outer x (inner + 1)) fit
-    decomp = ENC_FOLDS * (ENC_INNER + 1) * (2 * Ef * Ff ** 2 + 10 * Ff ** 3)
-    plain = fixed * e_ratio * f_ratio ** 2 + per_t * Tf * e_ratio * f_ratio + decomp
-    banded = ENC_BANDED_ITERS * (fixed * e_ratio * (2 * f_ratio) ** 2 + per_t * Tf * e_ratio * 2 * f_ratio
-                                 + ENC_FOLDS * (ENC_INNER + 1) * (2 * Ef * (2 * Ff) ** 2 + 10 * (2 * Ff) ** 3))
+    m_fixed, m_per_t, m_unc_fixed, m_unc_per_t = _downdate_flops(E, F)
+    c_fixed, c_per_t = fixed / max(m_fixed, 1.0), per_t / max(m_per_t, 1.0)  # measured / model (~1)
+    Ef, Tf = Scale.bt_events_per_subject, Scale.bt_targets_per_subject
+    f_lo, f_hi = ENC_FEATURES, Scale.bt_feature_dims[1]
+
+    def fit_flops(features: int) -> tuple[float, float]:
+        """(counted-model FLOPs scaled by the measured ratios, uncounted FLOPs) of one subject's fit."""
+        fx, pt, ufx, upt = _downdate_flops(Ef, features)
+        return fx * c_fixed + pt * c_per_t * Tf, ufx + upt * Tf
+
+    (cnt_lo, unc_lo), (cnt_hi, unc_hi) = fit_flops(f_lo), fit_flops(f_hi)
+    plain, plain_hi = cnt_lo + unc_lo, cnt_hi + unc_hi
+    b_fixed, b_per_t = _refit_flops(Ef, 2 * f_lo)
+    banded = ENC_BANDED_ITERS * (b_fixed + b_per_t * Tf)
+    o_fixed, o_per_t = _refit_flops(Ef, f_lo)
+    old_plain = o_fixed + o_per_t * Tf
     jobs = Scale.bt_subjects * ENC_SETS
     total = jobs * (ENC_MODELS * plain + banded)
     hours = gpu_hours(total, tflops=A100_FP32_TFLOPS)
-    # CPU alternative: at this machine's measured float32 matmul rate (a lower bound on the core-hours)
-    rate = r2["blas_flops_per_s"]
+    # this CPU: the effective rate of the measured fit (all its work, counted or not, over its wall time)
+    meas_work = m_fixed * c_fixed + m_per_t * c_per_t * T2 + m_unc_fixed + m_unc_per_t * T2
+    rate = meas_work / r2["seconds"]
     cpu_core_h = total / rate * r2["threads"] / 3600
-    # memory of one fit: Y, its fold-centred copy and the kept predictions (float32 E x T each), X, and the
-    # solver's temporaries (ridge._MEMORY_BUDGET, ~1 GiB); the measured growth is shown for reference
-    y_gb = 4 * Ef * Tf / GB
-    mult = (p2 - r2["base_rss_gb"]) * GB / (4 * E * T2)
-    ram = r2["base_rss_gb"] + 3 * y_gb + 4 * Ef * 2 * Ff / GB + 2 ** 30 / GB
+    subj_cpu_h, subj_cpu_h_hi = plain / rate / 3600, plain_hi / rate / 3600
+    subj_gpu_s = gpu_hours(plain, tflops=A100_FP32_TFLOPS) * 3600
+    subj_gpu_s_hi = gpu_hours(plain_hi, tflops=A100_FP32_TFLOPS) * 3600
+    base = r2["base_rss_gb"]
+    ram_meas_model = base + _fit_ram_gb(E, F, T2)
+    ram, ram_hi = base + _fit_ram_gb(Ef, f_lo, Tf), base + _fit_ram_gb(Ef, f_hi, Tf)
     disk = jobs * ENC_STORED_MODELS * Ef * Tf * 2 / GB
     measured = {"seconds": r1["seconds"] + r2["seconds"], "peak_rss_gb": p2, "events": E, "features": F,
                 "targets": [T1, T2], "seconds_by_targets": [r1["seconds"], r2["seconds"]],
                 "gflops_counted": [r1["flops"] / 1e9, r2["flops"] / 1e9], "scaling_exponent": k_flops,
-                "time_exponent": k_time, "measured_rss_growth_multiple_of_y": mult,
-                "cpu_blas_gflops_per_s": rate / 1e9, "threads": r2["threads"]}
+                "time_exponent": k_time, "model_ratio_fixed": c_fixed, "model_ratio_per_target": c_per_t,
+                "ram_model_gb": ram_meas_model, "cpu_effective_gflops_per_s": rate / 1e9,
+                "cpu_blas_gflops_per_s": r2["blas_flops_per_s"] / 1e9, "threads": r2["threads"],
+                "mean_r": r2["mean_r"]}
     arithmetic = [
-        f"measured: cross_validated_ridge (himalaya torch backend, {ENC_ALPHAS} alphas, {ENC_FOLDS} x {ENC_INNER} "
-        f"blocked folds, predictions kept) at {E:,} events x {F} features x {T1:,} / {T2:,} targets on CPU: "
-        f"{r1['seconds']:.1f} s / {r2['seconds']:.1f} s (time ~ T^{k_time:.2f}, FLOPs ~ T^{k_flops:.2f}), peak RSS "
-        f"{p2:.2f} GB",
+        f"measured: cross_validated_ridge (exact blocked inner CV from Gram downdates, himalaya torch backend, "
+        f"float32, {ENC_ALPHAS} alphas, {ENC_FOLDS} x {ENC_INNER} blocked folds, predictions kept) at {E:,} events x "
+        f"{F} features x {T1:,} / {T2:,} targets on CPU: {r1['seconds']:.1f} s / {r2['seconds']:.1f} s (time ~ "
+        f"T^{k_time:.2f}, FLOPs ~ T^{k_flops:.2f}), peak RSS {p2:.2f} GB (memory model: {ram_meas_model:.2f} GB)",
         f"FLOPs counted (FlopCounterMode): {r1['flops'] / 1e9:.1f} / {r2['flops'] / 1e9:.1f} G -> {fixed / 1e9:.2f} G "
-        f"fixed + {per_t / 1e6:.1f} M per target; scaled linearly in events and targets, fixed part ~ F^2",
-        f"one fit at {Ef:,} events x {Ff} features x {Tf:,} targets: {plain / 1e12:.1f} TFLOP (incl. "
-        f"{decomp / 1e12:.2f} T of uncounted decompositions); banded baseline {ENC_BANDED_ITERS} fits on "
-        f"{2 * Ff} features: {banded / 1e12:.0f} TFLOP",
-        f"all: {Scale.bt_subjects} subjects x {ENC_SETS} event sets x ({ENC_MODELS} models x 1 layer + banded) = "
-        f"{total / 1e15:.2f} PFLOP; torch_cuda float32 at {A100_FP32_TFLOPS} TFLOPS x {NODE['efficiency']} = "
-        f"{hours:.2f} A100-hours (each extra layer of a layer sweep: + {jobs * plain / 1e15:.2f} PFLOP)",
-        f"CPU alternative at this machine's float32 matmul rate ({rate / 1e9:.0f} GFLOP/s on {r2['threads']} "
-        f"threads): >= {cpu_core_h:,.0f} core-hours",
-        f"RAM per fit: 3 x Y ({Ef:,} x {Tf:,} float32 = {y_gb:.1f} GB: Y, fold-centred Y, predictions) + X + ~1 GiB "
-        f"solver temporaries = {ram:.1f} GB (measured growth here: {mult:.1f} x Y at {E:,} x {T2:,}, dominated by "
-        "fixed costs)",
+        f"fixed + {per_t / 1e6:.2f} M per target; the cost model (_downdate_flops: Gram 2nr², downdates and "
+        f"projections 4nr², per target 2nr + {ENC_INNER} x (2r² + {ENC_ALPHAS} x 2 min(n_b, r) r) + 4r² "
+        f"[+ 2 n_b r when n_b > r]) gives x {c_fixed:.3f} / x {c_per_t:.3f} of that",
+        f"one subject, one model layer: {Ef:,} events x {Tf:,} targets ({Scale.bt_electrodes // Scale.bt_subjects} "
+        f"electrodes x {Scale.bt_bins} bins): {f_lo} features {cnt_lo / 1e12:.1f} TFLOP counted + "
+        f"{unc_lo / 1e12:.1f} T uncounted (eigh/SVD ~9r³ / 4mr²+22r³, numpy predictions) = {plain / 1e12:.1f} TFLOP; "
+        f"{f_hi:,} features {plain_hi / 1e12:.0f} TFLOP (the inner CV before issue 22 at {f_lo}: "
+        f"{old_plain / 1e12:.0f} TFLOP)",
+        f"time per subject and model layer: {f_lo} features {subj_cpu_h:.2f} h on this CPU (effective "
+        f"{rate / 1e9:.0f} GFLOP/s on {r2['threads']} threads, measured) or {subj_gpu_s:.0f} s on an A100 (FP32 "
+        f"{A100_FP32_TFLOPS} TFLOPS x {NODE['efficiency']}); {f_hi:,} features {subj_cpu_h_hi:.1f} h / "
+        f"{subj_gpu_s_hi:.0f} s",
+        f"banded baseline (himalaya GroupRidgeCV, every inner fold refit; upper bound): {ENC_BANDED_ITERS} x "
+        f"{2 * f_lo} features = {banded / 1e12:.0f} TFLOP per subject and set",
+        f"all: {Scale.bt_subjects} subjects x {ENC_SETS} event sets x ({ENC_MODELS} models x 1 layer at {f_lo} + "
+        f"banded) = {total / 1e15:.2f} PFLOP -> {hours:.2f} A100-hours (each extra {f_lo}-feature layer: + "
+        f"{jobs * plain / 1e15:.3f} PFLOP, a {f_hi:,}-feature one + {jobs * plain_hi / 1e15:.2f} PFLOP); CPU "
+        f"alternative >= {cpu_core_h:,.0f} core-hours",
+        f"RAM per fit (_fit_ram_gb): Y, its scaled copy, predictions (3 x {Ef:,} x {Tf:,} float32 = "
+        f"{3 * 4 * Ef * Tf / GB:.1f} GB) + a fold's float64 predictions + X and copies + eigenvectors and block "
+        f"projections + <= 1 GiB target-batch temporaries = {ram:.1f} GB at {f_lo} features, {ram_hi:.1f} GB at "
+        f"{f_hi:,}",
         f"disk: predictions float16 for the {ENC_STORED_MODELS} compared fits per (subject, set): {jobs} x "
         f"{ENC_STORED_MODELS} x {Ef:,} x {Tf:,} x 2 B = {disk:.0f} GB (other layers keep r and alpha only)",
     ]
-    return Row("encoding_fit", "neurovision.encoding.ridge.cross_validated_ridge on generated data at Brain "
-               "Treebank widths (bounded events/targets), FLOPs counted and scaled to 10 subjects x 30k events x "
-               "25.8k targets", measured,
-               projected(ram_gb=ram, gpu_mem_gb=ram - r2["base_rss_gb"], disk_gb=disk, gpu_hours=hours),
+    return Row("encoding_fit", "neurovision.encoding.ridge.cross_validated_ridge on generated data at one Brain "
+               "Treebank subject's events and feature width with a slice of its targets, FLOPs counted, modelled "
+               "and scaled to 10 subjects x 30k events x 25.8k targets", measured,
+               projected(ram_gb=max(ram, ram_hi), gpu_mem_gb=max(ram, ram_hi) - base, disk_gb=disk,
+                         gpu_hours=hours),
                arithmetic, True, notes=f"CPU-only alternative: {cpu_core_h:,.0f} core-hours")
 
 
@@ -749,7 +836,10 @@ def row_encoding_bootstrap(args: argparse.Namespace) -> Row:
     # predictions of every compared fit (6 models + the linear baseline), + the float64 moment chunks and counts
     data_gb = (2 + ENC_STORED_MODELS) * 4 * Ef * Tf / GB
     idx_gb = B * Ef * (4 + 8) / GB  # int32 indices + a float64 counts batch bound
-    ram = r2["base_rss_gb"] + data_gb + idx_gb + 1.0
+    boots_gb = 4 * B * Tf * 8 / GB  # integration_sites holds each model's (n_boot, targets) float64 r
+    ram = r2["base_rss_gb"] + data_gb + idx_gb + boots_gb + 1.0
+    subj_cpu_h = per_job / rate / 3600  # one subject and event set on this CPU
+    subj_gpu_s = gpu_hours(per_job, tflops=A100_FP64_TFLOPS) * 3600
     measured = {"seconds": r1["seconds"] + r2["seconds"], "peak_rss_gb": p2, "events": [E1, E2], "sites": sites,
                 "bins": Scale.bt_bins, "targets": T, "n_boot": n_boot,
                 "seconds_by_events": [r1["seconds"], r2["seconds"]], "scaling_exponent": k_time,
@@ -765,8 +855,11 @@ def row_encoding_bootstrap(args: argparse.Namespace) -> Row:
         f"GPU (stats on the regression's CUDA device): FP64 {A100_FP64_TFLOPS} TFLOPS x {NODE['efficiency']} = "
         f"{hours:.2f} A100-hours; CPU alternative at the measured {rate / 1e9:.1f} GFLOP/s on {r2['threads']} "
         f"threads: {cpu_core_h:,.0f} core-hours",
-        f"RAM: y, fold-centred y and {ENC_STORED_MODELS} compared fits' predictions as float32 ({data_gb:.1f} GB) + indices/counts ({idx_gb:.2f} GB) + ~1 GB "
-        f"moment chunks = {ram:.1f} GB",
+        f"time per subject and event set ({Ef:,} events x {Tf:,} targets, {B} resamples): {subj_cpu_h:.1f} h on "
+        f"this CPU ({r2['threads']} threads) or {subj_gpu_s:.0f} s on an A100 (FP64)",
+        f"RAM: y, fold-centred y and {ENC_STORED_MODELS} compared fits' predictions as float32 ({data_gb:.1f} GB) "
+        f"+ indices/counts ({idx_gb:.2f} GB) + 4 models' bootstrap r (4 x {B} x {Tf:,} float64 = "
+        f"{boots_gb:.2f} GB) + ~1 GB moment chunks (targets in chunks of stats._TARGET_BUDGET) = {ram:.1f} GB",
     ]
     return Row("encoding_bootstrap", "neurovision.encoding.stats bootstrap_indices + integration_sites on "
                "generated targets/predictions at Brain Treebank widths (bounded events)", measured,

@@ -296,8 +296,8 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
     component in exact arithmetic) are dropped. When n_block > p, A_b = (X_b - μ₋b) Q_b = L (S Rᵀ) (thin
     SVD): the error off L's span does not depend on α, so per α only ||Lᵀr - S Rᵀ d||² is computed, p² per
     target instead of n_block·p. (The hat-matrix form, (I - H_bb)⁻¹ (y_b - ŷ_b) from one SVD of X, is exact
-    too but costs n_block² + n_block·p per α and target: at Brain Treebank sizes, n_block ≈ 8,000 >> p = 768,
-    ~15x more than this.)
+    too but costs n_block² + n_block·p per α, block and target: at Brain Treebank sizes, n_block ≈ 5,000 >>
+    p = 768, ~50x more than p².)
     Written with himalaya's backend ops (``bk``): runs on ``torch_cuda`` as on numpy.
     """
     n, p = x_tr.shape
