@@ -14,6 +14,9 @@ architecture, weights digest or ``random-seed{n}``, layers, fusion, preprocessin
 - :class:`TimmVisionNetwork`: any ``timm`` image model (BEiT, ConvNeXt, ResNet, ...).
 - :class:`HFTextNetwork`: a Hugging Face text model from a local ``from_pretrained`` folder.
 - :class:`HFFusedNetwork`: a fused image-text model from transformers (FLAVA), the pair's multimodal encoding.
+- :class:`HFCrossAttentionNetwork`: an ALBEF / BLIP-style model (image encoder + text encoder cross-attending to
+  it; BLIP's ``BlipForImageTextRetrieval``).
+- :class:`SlipNetwork`: the SLIP repository's SLIP / CLIP / SimCLR checkpoints (the paper's SLIP-vs-SimCLR pair).
 - :class:`PhantomOracle`: the phantom source's planted concepts, the perfect feature space.
 
 Nothing downloads: weights are local files or folders, and a missing one is a :class:`FileNotFoundError`
@@ -23,10 +26,11 @@ naming the path and the YAML key that sets it. Hooked layers are captured with
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -143,9 +147,10 @@ class FeatureNetwork(torch.nn.Module):
         """Called once with the events store before extraction (default: nothing to do)."""
 
     def _load_hf(self, cls: str, path: str, trained: bool, layers: list[str], pooling: str, max_length: int,
-                 seed: int) -> tuple[Path, Any, str]:
+                 seed: int, model_class: Callable[[Any], Any] | None = None) -> tuple[Path, Any, str]:
         """Shared set-up of the transformers networks: the common options, the local folder's config and model
         (``trained=False``: the same architecture from its config, seeded), frozen in float32 as ``self.model``.
+        ``model_class(config)`` picks the transformers class (default ``AutoModel``).
         Returns (folder, config, the model-id head ``<cls>:<type>|arch=..|weights=..``)."""
         from transformers import AutoConfig, AutoModel
 
@@ -159,10 +164,13 @@ class FeatureNetwork(torch.nn.Module):
                                     f"`{_yaml_key(cls, 'path')}` to a local from_pretrained folder; "
                                     "nothing is downloaded)")
         config = AutoConfig.from_pretrained(p, local_files_only=True)
+        klass = AutoModel if model_class is None else model_class(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = (AutoModel.from_pretrained(p, local_files_only=True, dtype=torch.float32) if self.trained
-                     else AutoModel.from_config(config))
+            if self.trained:
+                model = klass.from_pretrained(p, local_files_only=True, dtype=torch.float32)
+            else:
+                model = AutoModel.from_config(config) if klass is AutoModel else cast(Any, klass)._from_config(config)
         self.model = model.float().eval().requires_grad_(False)
         arch = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
         weights = f"sha256:{dir_digest(p)[:16]}" if self.trained else f"random-seed{self.seed}"
@@ -555,6 +563,242 @@ class HFFusedNetwork(FeatureNetwork):
         return out
 
 
+def _cross_attention_class(config: Any) -> Any:
+    """The transformers class of an image-text model whose text encoder cross-attends to the image encoder."""
+    import transformers
+
+    model_type = str(getattr(config, "model_type", "?"))
+    if model_type not in HFCrossAttentionNetwork.CLASSES:
+        raise ValueError(f"HFCrossAttentionNetwork: model_type {model_type!r} is not an image encoder + cross-"
+                         f"attending text encoder layout (supported: {sorted(HFCrossAttentionNetwork.CLASSES)}; "
+                         "FLAVA-style fused encoders: HFFusedNetwork)")
+    return getattr(transformers, HFCrossAttentionNetwork.CLASSES[model_type])
+
+
+class HFCrossAttentionNetwork(FeatureNetwork):
+    """An ALBEF / BLIP-style image-text model from transformers (an image encoder, and a text encoder whose
+    layers cross-attend to the image tokens) as a multimodal feature space of (frame, sentence) pairs.
+
+    The folder's ``model_type`` picks the class (``blip``: ``BlipForImageTextRetrieval``, the image-text matching
+    model); ``AutoProcessor`` prepares both inputs; ``local_files_only=True``; ``trained=False`` builds the same
+    architecture from its config, randomly initialised (seeded). Layers: ``"multimodal"`` (default: the text
+    encoder's output attending over the image, what the matching head reads), ``"image"`` (the image encoder's
+    output), ``"text"`` (the same text encoder run without the image: the language-only control of the same
+    weights), or module names (forward hooks on the image-text pass); each pooled at the first token (``cls``) or
+    over the valid tokens (``mean``).
+    """
+
+    modality: Modality = "multimodal"
+    CLASSES = {"blip": "BlipForImageTextRetrieval"}
+    _OUTPUTS = ("multimodal", "image", "text")
+
+    def __init__(
+        self,
+        path: str,
+        trained: bool = True,
+        layers: list[str] | None = None,
+        pooling: Literal["mean", "cls"] = "cls",
+        max_length: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoProcessor
+
+        p, config, head = self._load_hf("HFCrossAttentionNetwork", path, trained, layers or ["multimodal"],
+                                        pooling, max_length, seed, model_class=_cross_attention_class)
+        self.modality = "multimodal"
+        self.processor = AutoProcessor.from_pretrained(p, local_files_only=True)
+        self._hooked = [n for n in self.layers if n not in self._OUTPUTS]
+        check_module_names(self.model, self._hooked, "HFCrossAttentionNetwork")
+        self._id = f"{head}|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}"
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h.float()
+        return h[:, 0] if self.pooling == "cls" else _pool(h, len(h), mask)
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        frames = _images(batch, "HFCrossAttentionNetwork")  # checks the batch; the processor takes uint8 frames
+        sentences = _sentences(batch, "HFCrossAttentionNetwork")
+        enc = self.processor(text=sentences, images=list(batch["frames"].cpu().numpy()), return_tensors="pt",
+                             padding=True, truncation=True, max_length=self.max_length)
+        device = _device_of(self.model)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        pixels = enc["pixel_values"].to(device=device, dtype=torch.float32)
+        with ForwardHooks(self.model, self._hooked, owner="HFCrossAttentionNetwork") as hooks:
+            res = self.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=True,
+                             return_dict=True)
+        fused = getattr(res, "question_embeds", None)
+        if not isinstance(fused, torch.Tensor):
+            raise ValueError(f"HFCrossAttentionNetwork({self.path}): {type(self.model).__name__} returned no "
+                             "cross-attended text states (question_embeds)")
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            if name in self._hooked:
+                out[name] = _pool(hooks.out[name], len(frames))
+            elif name == "multimodal":
+                out[name] = self._pooled(fused, mask)
+            elif name == "image":
+                out[name] = self._pooled(res.last_hidden_state, None)
+            else:  # text: the text encoder alone (its cross-attention layers skipped without image states)
+                text = self.model.text_encoder(input_ids=ids, attention_mask=mask, return_dict=True)
+                out[name] = self._pooled(text.last_hidden_state, mask)
+        return out
+
+
+class SlipNetwork(FeatureNetwork):
+    """A model of the SLIP repository (SLIP, CLIP or SimCLR, ViT-S/B/L-16; the paper's controlled pair is SLIP vs
+    SimCLR: the same ViT-B/16 trained with and without language) from its released checkpoint file.
+
+    The checkpoint is the repository's own ``.pt`` (see :mod:`neurovision.pretrained.slip`); the architecture's
+    sizes come from its weights, the model name from its ``args`` (or ``model``, which must then agree).
+    ``trained=False`` is the same architecture randomly initialised (seeded; the checkpoint, when given, only
+    supplies the sizes). Frames are resized (shortest side, bilinear) and centre-cropped to the model's image size
+    and normalised with the ImageNet mean/std, as the repository evaluates; sentences use CLIP's BPE tokenizer.
+
+    Layers: ``"pooled"`` (the vision trunk's output, the representation SLIP and SimCLR share; default for
+    ``vision``), ``"embedding"`` (the L2-normalised projected image or text embedding, CLIP/SLIP; default for
+    ``language`` and ``multimodal``, where it is the fused pair feature as in :class:`OpenClipNetwork`),
+    ``"ssl"`` (the SimCLR projection head's output, SimCLR/SLIP), or module names (``"visual.blocks.5"``,
+    ``"transformer.resblocks.3"``: forward hooks, mean-pooled over tokens).
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model: Literal["SLIP_VITS16", "SLIP_VITB16", "SLIP_VITL16", "CLIP_VITS16", "CLIP_VITB16", "CLIP_VITL16",
+                       "SIMCLR_VITS16", "SIMCLR_VITB16", "SIMCLR_VITL16"] | None = None,
+        trained: bool = True,
+        modality: Literal["vision", "language", "multimodal"] = "vision",
+        fusion: Literal["concat", "product", "concat_product"] = "concat_product",
+        layers: list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from neurovision.pretrained.slip import SlipModel, load_slip_checkpoint, slip_arch
+
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.trained, self.seed = bool(trained), int(seed)
+        self.modality = check_modality(modality)
+        if fusion not in ("concat", "product", "concat_product"):
+            raise ValueError(f"fusion must be concat, product or concat_product, got {fusion!r}")
+        self.fusion = fusion
+        if self.trained:
+            _check_checkpoint("SlipNetwork", model or "SLIP", self.checkpoint, "SLIP-repository checkpoint (.pt)")
+        elif self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(f"SLIP-repository checkpoint not found: {self.checkpoint} (set "
+                                    f"`{_yaml_key('SlipNetwork', 'checkpoint')}` to a local file, or leave it "
+                                    "unset with trained: false and a model name)")
+        sd, recorded = load_slip_checkpoint(self.checkpoint) if self.checkpoint is not None else (None, None)
+        if model is not None and recorded is not None and model != recorded:
+            raise ValueError(f"{self.checkpoint}: the checkpoint is a {recorded}, but "
+                             f"`{_yaml_key('SlipNetwork', 'model')}` says {model}")
+        name = model or recorded
+        if name is None:
+            raise ValueError(f"SlipNetwork: set `{_yaml_key('SlipNetwork', 'model')}` (the checkpoint "
+                             f"{self.checkpoint or '(none)'} does not record its model)")
+        self.model_name = name
+        self.arch = slip_arch(name, sd)
+        if self.modality != "vision" and not self.arch.has_text:
+            raise ValueError(f"SlipNetwork({name}): a {self.arch.family} model has no text tower; modality "
+                             f"{self.modality!r} needs SLIP or CLIP")
+        default = "pooled" if self.modality == "vision" else "embedding"
+        self.layers = list(layers) if layers else [default]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = SlipModel(self.arch)
+        if self.trained and sd is not None:
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{self.checkpoint}: does not fit {name} (missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]})")
+        self.model = net.eval().requires_grad_(False)
+        self._hooked = [n for n in self.layers if n not in ("pooled", "embedding", "ssl")]
+        check_module_names(self.model, self._hooked, f"SlipNetwork({name})")
+        self._tower = {n: ("vision" if n.split(".")[0] in ("visual", "image_mlp") else "language")
+                       for n in self._hooked}
+        for layer in self.layers:
+            tower = self._tower.get(layer, "vision" if layer in ("pooled", "ssl") else None)
+            if tower is not None and self.modality != "multimodal" and tower != self.modality:
+                raise ValueError(f"SlipNetwork: layer {layer!r} is in the {tower} tower, which modality "
+                                 f"{self.modality!r} does not run")
+            if layer == "embedding" and not self.arch.has_text:
+                raise ValueError(f"SlipNetwork({name}): layer 'embedding' needs a CLIP/SLIP model (SimCLR has "
+                                 "no projection to a text space; use 'pooled' or 'ssl')")
+            if layer == "ssl" and not self.arch.has_ssl_head:
+                raise ValueError(f"SlipNetwork({name}): layer 'ssl' needs a SimCLR/SLIP model")
+            if layer in ("pooled", "ssl") and self.modality == "multimodal":
+                raise ValueError(f"SlipNetwork: layer {layer!r} is the vision tower's; in multimodal mode use "
+                                 "'embedding' or module names")
+        if self.arch.has_text:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self.tokenizer = SimpleTokenizer(context_length=self.arch.context_length)
+        weights = (f"sha256:{file_digest(self.checkpoint)[:16]}" if self.trained and self.checkpoint
+                   else f"random-seed{self.seed}")
+        fusion_id = f"|fusion={self.fusion}" if self.modality == "multimodal" else ""
+        self._id = (f"SlipNetwork:{name}|arch={json_digest(dataclasses.asdict(self.arch))[:12]}|weights={weights}"
+                    f"|modality={self.modality}{fusion_id}|layers={','.join(self.layers)}"
+                    f"|pp={self.arch.image_size}px,bilinear,shortest,mean={format_floats(self.MEAN)},"
+                    f"std={format_floats(self.STD)}")
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> the normalised input of the vision tower, on the model's device."""
+        x = _images({"frames": frames}, "SlipNetwork").to(_device_of(self.model))
+        x = resize_images(x, self.arch.image_size, "bilinear", "shortest").clamp_(0, 1)
+        return _normalise(x, self.MEAN, self.STD)
+
+    def fuse(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "concat":
+            return torch.cat([img, txt], 1)
+        if self.fusion == "product":
+            return img * txt
+        return torch.cat([img, txt, img * txt], 1)
+
+    @torch.no_grad()
+    def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        m = cast(Any, self.model)
+        pooled = img = txt = tokens = None
+        n = 0
+        with ForwardHooks(self.model, self._hooked) as hooks:
+            if self.modality in ("vision", "multimodal"):
+                x = self.preprocess(batch.get("frames"))  # type: ignore[arg-type]
+                n = x.shape[0]
+                pooled = m.visual(x).float()
+                if self.arch.has_text:
+                    img = torch.nn.functional.normalize(pooled @ m.image_projection, dim=-1)
+            if self.modality in ("language", "multimodal"):
+                sentences = _sentences(batch, "SlipNetwork")
+                n = len(sentences)
+                tokens = self.tokenizer(sentences).to(_device_of(self.model))
+                txt = torch.nn.functional.normalize(m.encode_text(tokens).float(), dim=-1)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            if name == "pooled":
+                out[name] = cast(torch.Tensor, pooled)
+            elif name == "ssl":
+                out[name] = m.image_mlp(pooled).float()
+            elif name == "embedding":
+                emb = img if txt is None else txt if img is None else self.fuse(img, txt)
+                out[name] = cast(torch.Tensor, emb)
+            else:
+                mask = (tokens != 0) if (self._tower[name] == "language" and tokens is not None) else None
+                out[name] = _pool(hooks.out[name], n, mask)
+        return out
+
+
+
 class PhantomOracle(FeatureNetwork):
     """The perfect feature space of the phantom SEEG source, to validate the statistics pipeline.
 
@@ -613,6 +857,6 @@ class PhantomOracle(FeatureNetwork):
 
 
 __all__ = [
-    "FeatureNetwork", "HFFusedNetwork", "HFTextNetwork", "MODALITIES", "Modality", "OpenClipNetwork",
-    "PhantomOracle", "TimmVisionNetwork", "check_modality",
+    "FeatureNetwork", "HFCrossAttentionNetwork", "HFFusedNetwork", "HFTextNetwork", "MODALITIES", "Modality",
+    "OpenClipNetwork", "PhantomOracle", "SlipNetwork", "TimmVisionNetwork", "check_modality",
 ]
