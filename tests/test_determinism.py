@@ -70,7 +70,8 @@ def _train_all(store: Path, out: Path) -> None:
     """A few steps of the tiny CLIP, VAE and LLM at test sizes, one torch thread (the count changes CPU
     convolutions' sums, see ``set_threads``; the test is about the load and the clock)."""
     from neurovision.tiny.llm import build_tiny_llm
-    from neurovision.tiny.teachers import set_threads, tiny_clip_config, train_tiny_clip, train_tiny_vae
+    from neurovision.tiny.loop import set_threads
+    from neurovision.tiny.teachers import tiny_clip_config, train_tiny_clip, train_tiny_vae
 
     assert set_threads(1) == 1
     out.mkdir(parents=True)
@@ -133,19 +134,24 @@ def test_step_budget_overrides_epochs_and_continues_past_one_pass() -> None:
     function of the step: warm-up, peak, cosine down to ~0 at the last step."""
     import numpy as np
 
-    from neurovision.tiny.teachers import _StepLoop, resolve_steps
+    from neurovision.tiny.loop import PassBatches, StepModule, fit, resolve_steps, warmup_cosine
 
     assert resolve_steps(10, 4, epochs=3, steps=None, where="t") == 6
     assert resolve_steps(10, 4, epochs=3, steps=7, where="t") == 7
     with pytest.raises(ValueError, match="steps must be >= 1"):
         resolve_steps(10, 4, epochs=3, steps=0, where="t")
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    loop = _StepLoop(10, 4, 7, 1.0, np.random.default_rng(0), "t", progress=False)
     lrs, batches = [], []
-    for b in loop.batches(opt):
-        lrs.append(opt.param_groups[0]["lr"])
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def step(b: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        lrs.append(module.optimizers().param_groups[0]["lr"])
         batches.append(b.tolist())
-    assert loop.step == 7 and len(batches) == 7 and all(len(b) == 4 for b in batches)
+        return (weight - 1.0).pow(2).sum(), {}
+
+    module = StepModule(torch.nn.ParameterList([weight]), step, lr=1.0, schedule=lambda k: warmup_cosine(k, 7, 1))
+    sampler = PassBatches(10, 4, 7, np.random.default_rng(0))
+    assert fit(module, sampler, desc="t", progress=False) == 7
+    assert len(batches) == 7 and all(len(b) == 4 for b in batches) and len(module.losses) == 7
     for k in range(0, 7, 2):  # each pass of 2 batches is drawn without replacement
         items = sum(batches[k:k + 2], [])
         assert len(set(items)) == len(items)
@@ -155,7 +161,9 @@ def test_step_budget_overrides_epochs_and_continues_past_one_pass() -> None:
 def test_clis_take_step_budgets_and_threads(tiny_store: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """``--clip-steps``/``--vae-steps``/``--steps`` reach the training functions; ``--max-minutes`` is gone."""
-    from neurovision.pretrained import llm, teacher_training, unclip_training
+    from neurovision.tiny import llm
+    from neurovision.tiny import teachers as teacher_training
+    from neurovision.tiny import unclip as unclip_training
 
     seen: dict[str, dict] = {}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -105,17 +104,22 @@ def _store_corpus(store_path: str | os.PathLike[str], splits: Sequence[str] = ("
 def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2000, batch_size: int = 32,
              block: int = 128, lr: float = 2e-3, max_minutes: float | None = None, seed: int = 0,
              progress: bool = True) -> dict[str, float]:
-    """Causal-LM pre-training on ``texts`` packed into blocks (AdamW, warm-up + cosine); returns the losses.
+    """Causal-LM pre-training on ``texts`` packed into blocks (AdamW, warm-up + cosine, gradients clipped at
+    norm 1, batches of blocks drawn with replacement) on :func:`neurovision.tiny.loop.fit`; returns the losses.
 
     The budget is ``steps`` and the schedule a function of the step alone, so the same seed gives the same
     weights on an idle or a loaded machine (a wall-clock budget gave a loaded machine a fraction of the steps
     and an early decay). ``max_minutes`` is deprecated and ignored (accepted for one release).
     """
-    from tqdm.auto import tqdm
+    from neurovision.tiny.loop import (
+        DrawBatches,
+        StepModule,
+        deprecated_max_minutes,
+        fit,
+        warmup_times_cosine,
+    )
 
-    from neurovision.tiny.teachers import _deprecated_max_minutes
-
-    _deprecated_max_minutes(max_minutes, "pretrain")
+    deprecated_max_minutes(max_minutes, "pretrain")
     if steps < 1:
         raise ValueError(f"pretrain: steps must be >= 1, got {steps}")
 
@@ -129,28 +133,21 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 2
     if n_blocks < 1:
         raise ValueError(f"pretrain: {len(data)} tokens, fewer than one block of {block}")
     data = data[: n_blocks * block].view(n_blocks, block)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    model.train()
-    t0 = time.monotonic()
-    first = last = float("nan")
-    bar = tqdm(range(steps), desc="pretrain tiny LLM", disable=not progress)
-    for step in bar:
-        frac = step / steps
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * frac))
-        x = data[torch.randint(n_blocks, (batch_size,), generator=g)]
+
+    def step_fn(sel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = data[sel]
         loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        last = loss.item()
-        if step == 0:
-            first = last
-        bar.set_postfix(loss=f"{last:.3f}")
+        return loss, {"loss": loss.item()}
+
+    warm = max(1, steps // 20)
+    module = StepModule(model, step_fn, lr=lr, weight_decay=0.01, betas=(0.9, 0.98),
+                        schedule=lambda k: warmup_times_cosine(k, steps, warm))
+    t0 = time.monotonic()
+    done = fit(module, DrawBatches(n_blocks, batch_size, steps, g), desc="pretrain tiny LLM", progress=progress,
+               gradient_clip_val=1.0)
     model.eval()
-    return {"first_loss": first, "final_loss": last, "steps": steps, "tokens": int(len(ids)),
+    losses = module.losses
+    return {"first_loss": losses[0], "final_loss": losses[-1], "steps": done, "tokens": int(len(ids)),
             "torch_threads": torch.get_num_threads(), "train_wall_s": round(time.monotonic() - t0, 1)}
 
 
@@ -167,9 +164,9 @@ def build_tiny_llm(store: str | os.PathLike[str], out: str | os.PathLike[str], *
     """
     from transformers import LlamaForCausalLM
 
-    from neurovision.tiny.teachers import _deprecated_max_minutes
+    from neurovision.tiny.loop import deprecated_max_minutes
 
-    _deprecated_max_minutes(max_minutes, "build_tiny_llm")
+    deprecated_max_minutes(max_minutes, "build_tiny_llm")
 
     torch.manual_seed(seed)
     texts, chats = _store_corpus(store, seed=seed) if chat else (_store_texts(store), [])
@@ -208,16 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for flag, v in (("--steps", a.steps), ("--threads", a.threads)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
-    from neurovision.tiny.teachers import set_threads
+    from neurovision.tiny.loop import set_threads
 
     set_threads(a.threads)
     out = build_tiny_llm(a.store, a.out, vocab_size=a.vocab_size, hidden=a.hidden, layers=a.layers,
                          heads=a.heads, steps=a.steps, seed=a.seed, chat=not a.no_chat)
     print(f"wrote {out}: {(out / 'pretrain_metrics.json').read_text()}")
 
-
-if __name__ == "__main__":
-    from neurovision.cli import setup_process
-
-    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
-    main()

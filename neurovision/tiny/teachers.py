@@ -37,8 +37,7 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +46,15 @@ import torch
 
 from neurovision.data.atomic import atomic_path, shared_mode, write_json
 from neurovision.data.store import SPLITS, Store
+from neurovision.tiny.loop import (
+    PassBatches,
+    StepModule,
+    deprecated_max_minutes,
+    fit,
+    resolve_steps,
+    set_threads,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,91 +114,6 @@ def load_images(store: Store, index: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(store.images(np.sort(index))).permute(0, 3, 1, 2).contiguous()
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay: a function of the step alone, so the same seed gives the same weights
-    however fast the machine is (a schedule following elapsed time did not: a loaded machine decayed sooner)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
-def _deprecated_max_minutes(max_minutes: float | None, where: str) -> None:
-    """``max_minutes`` (a wall-clock budget) was removed: budgets are steps. Accepted for one release (``None``
-    silently, a number with a warning, then ignored) so that old call sites keep working."""
-    if max_minutes is not None:
-        warnings.warn(f"{where}: max_minutes={max_minutes} is ignored (budgets are in steps now: give steps=N); "
-                      "the argument will be removed in the next release", FutureWarning, stacklevel=3)
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's CPU threads (``None``: keep torch's choice) and return the count in use.
-
-    Why: the thread count changes how CPU convolutions split their sums, so it changes the trained weights
-    (measured: after 4 steps a tiny CLIP / VAE differ by up to 1e-4 / 5e-4 between 1 and 2 threads; the tiny
-    Llama's matmuls did not). The machine's load does not. The count is recorded in every metrics file
-    (``torch_threads``); give the same ``--threads`` to get the same weights on machines with different core
-    counts (and the same CPU instruction set: AVX2 and AVX-512 kernels round differently)."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
-
-
-def resolve_steps(n: int, batch_size: int, epochs: int | None, steps: int | None, where: str) -> int:
-    """The step budget: ``steps`` when given, else ``epochs`` x (``n // batch_size``) (the last partial batch
-    dropped); one clear error for a non-positive budget, batch size or an empty training set."""
-    if batch_size < 1:
-        raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size}")
-    if n < 1:
-        raise ValueError(f"{where}: no training items (the store's train+val splits are empty)")
-    if steps is not None:
-        if steps < 1:
-            raise ValueError(f"{where}: steps must be >= 1, got {steps}")
-        return int(steps)
-    if epochs is None or epochs < 1:
-        raise ValueError(f"{where}: epochs must be >= 1 (or give steps), got {epochs}")
-    return int(epochs) * max(1, n // batch_size)
-
-
-class _StepLoop:
-    """The teachers' training loop: ``total`` steps of shuffled batches of ``batch_size`` of ``n`` items (a fresh
-    permutation each pass, the last partial batch of a pass dropped), each optimiser group's lr set before every
-    step (warm-up over 5 % of the steps, cosine decay, times the group's ``lr_scale``), and a tqdm bar.
-
-    Everything (order, lr) is a function of the step and the seeded ``rng``, never of the clock: the same seed
-    gives the same weights on an idle or a loaded machine. Afterwards ``step`` says how far it got."""
-
-    def __init__(self, n: int, batch_size: int, total: int, lr: float, rng: np.random.Generator, desc: str,
-                 progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.n, self.batch_size, self.total, self.lr, self.rng = n, batch_size, total, lr, rng
-        self.steps_per_epoch = max(1, n // batch_size)
-        self.epochs = math.ceil(total / self.steps_per_epoch)
-        self.warmup = max(1, self.total // 20)
-        self.step = 0
-        self.bar = tqdm(total=self.total, desc=desc, unit="step", disable=not progress)
-
-    def batches(self, opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-        """Yield the item indices of each batch; the body of the loop does the step."""
-        try:
-            while self.step < self.total:
-                order = self.rng.permutation(self.n)
-                for b in range(self.steps_per_epoch):
-                    if self.step >= self.total:
-                        return
-                    lr = _lr_at(self.step, self.total, self.lr, self.warmup)
-                    for g in opt.param_groups:
-                        g["lr"] = lr * g.get("lr_scale", 1.0)
-                    yield torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size])
-                    self.step += 1
-                    self.bar.update(1)
-        finally:
-            self.bar.close()
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -233,7 +156,7 @@ def train_tiny_clip(
             model's rate over ~1e5 steps; in a few hundred it needs a faster one to leave its initial 1/0.07.
         seed: initialisation, order and caption choice.
         config: an open_clip model config; default :func:`tiny_clip_config` at the store's image size.
-        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`_deprecated_max_minutes`).
+        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`neurovision.tiny.loop.deprecated_max_minutes`).
         evaluate: score the saved model on the store's test images (written to the metrics file).
         progress: show a tqdm bar.
         steps: the budget in optimiser steps (overrides ``epochs``; passes continue with fresh permutations).
@@ -246,7 +169,7 @@ def train_tiny_clip(
 
     from neurovision.pretrained.teachers import OpenCLIPImageTeacher
 
-    _deprecated_max_minutes(max_minutes, "train_tiny_clip")
+    deprecated_max_minutes(max_minutes, "train_tiny_clip")
     t_start = time.time()
     out = Path(out_dir)
     st = Store(store)
@@ -256,7 +179,7 @@ def train_tiny_clip(
     write_json(cfg_path, cfg)
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    order_rng, rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     teacher = OpenCLIPImageTeacher(model_name=CLIP_NAME, model_config=str(cfg_path), seed=seed, device="cpu")
     model = teacher.model
     idx = stimuli_of(st, ("train", "val"))
@@ -271,25 +194,26 @@ def train_tiny_clip(
     groups = _param_groups(model, weight_decay)
     temperature = [p for name, p in model.named_parameters() if name in ("logit_scale", "logit_bias")]
     groups.append({"params": temperature, "weight_decay": 0.0, "lr_scale": logit_scale_lr / lr})
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(idx)
     total = resolve_steps(n, batch_size, epochs, steps, "train_tiny_clip")
-    losses: list[float] = []
-    loop = _StepLoop(n, batch_size, total, lr, rng, "tiny CLIP", progress)
-    for sel in loop.batches(opt):
+    batches = PassBatches(n, batch_size, total, order_rng)
+
+    def step_fn(sel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         cap = torch.from_numpy(rng.integers(0, n_caps, len(sel)))
-        x = teacher.preprocess(images[sel])
-        img_f = model.encode_image(x, normalize=True)
+        img_f = model.encode_image(teacher.preprocess(images[sel]), normalize=True)
         txt_f = model.encode_text(tokens[sel, cap], normalize=True)
         loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss, {"loss": loss.item(), "T": model.logit_scale.detach().exp().item()}
+
+    def clamp_temperature() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        loop.bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{model.logit_scale.detach().exp().item():.1f}")
-    step, steps_per_epoch = loop.step, loop.steps_per_epoch
+
+    warmup = max(1, total // 20)
+    module = StepModule(model, step_fn, lr=lr, param_groups=groups, betas=(0.9, 0.98), eps=1e-6,
+                        schedule=lambda k: warmup_cosine(k, total, warmup), after_step=clamp_temperature)
+    step = fit(module, batches, desc="tiny CLIP", progress=progress)
+    losses, steps_per_epoch = module.losses, batches.steps_per_epoch
     model.eval().requires_grad_(False)
     train_s = time.time() - t_start
     ckpt = out / f"{CLIP_NAME}.pt"
@@ -297,7 +221,7 @@ def train_tiny_clip(
         torch.save(model.state_dict(), t)
 
     metrics: dict[str, Any] = {
-        "store": str(st.path), "n_pairs_images": n, "epochs": loop.epochs, "batch_size": batch_size, "lr": lr,
+        "store": str(st.path), "n_pairs_images": n, "epochs": batches.epochs, "batch_size": batch_size, "lr": lr,
         "seed": seed, "steps": step, "planned_steps": total, "torch_threads": torch.get_num_threads(),
         "train_wall_s": round(train_s, 1),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -407,7 +331,7 @@ def train_tiny_vae(
         init_logvar: initial posterior log-variance (bias of the log-variance half of ``quant_conv``).
         seed: initialisation, order and sampling.
         config: the VAE config: ``"tiny"`` (:data:`neurovision.pretrained.teachers.TINY_VAE_CONFIG`) or a JSON path.
-        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`_deprecated_max_minutes`).
+        max_minutes: deprecated and ignored (was a wall-clock budget; see :func:`neurovision.tiny.loop.deprecated_max_minutes`).
         evaluate: PSNR of reconstructions of the store's test images (in the metrics file).
         progress: show a tqdm bar.
         steps: the budget in optimiser steps (overrides ``epochs``); the schedule follows the step.
@@ -418,7 +342,7 @@ def train_tiny_vae(
 
     from neurovision.pretrained.teachers import VAETeacher
 
-    _deprecated_max_minutes(max_minutes, "train_tiny_vae")
+    deprecated_max_minutes(max_minutes, "train_tiny_vae")
     t_start = time.time()
     out = Path(out_dir)
     st = Store(store)
@@ -435,24 +359,23 @@ def train_tiny_vae(
     x_all = teacher.preprocess(load_images(st, idx))  # [-1, 1] at `size`
     n = len(idx)
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     total = resolve_steps(n, batch_size, epochs, steps, "train_tiny_vae")
-    losses: list[float] = []
-    loop = _StepLoop(n, batch_size, total, lr, rng, "tiny VAE", progress)
-    for sel in loop.batches(opt):
+    batches = PassBatches(n, batch_size, total, rng)
+
+    def step_fn(sel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x = x_all[sel]
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample(generator=gen)).sample
         mse = (rec - x).pow(2).mean()
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(mse.item())
-        loop.bar.set_postfix(mse=f"{losses[-1]:.4f}", kl=f"{kl.item():.2f}")
-    step, steps_per_epoch = loop.step, loop.steps_per_epoch
+        return mse + kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+    warmup = max(1, total // 20)
+    module = StepModule(vae, step_fn, lr=lr, weight_decay=0.0, record="mse",
+                        schedule=lambda k: warmup_cosine(k, total, warmup))
+    step = fit(module, batches, desc="tiny VAE", progress=progress)
+    losses, steps_per_epoch = module.losses, batches.steps_per_epoch
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD's convention: scale latents to unit variance
         zs = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
@@ -480,7 +403,7 @@ def train_tiny_vae(
             shutil.rmtree(tmp, ignore_errors=True)
 
     metrics: dict[str, Any] = {
-        "store": str(st.path), "n_images": n, "epochs": loop.epochs, "batch_size": batch_size, "lr": lr,
+        "store": str(st.path), "n_images": n, "epochs": batches.epochs, "batch_size": batch_size, "lr": lr,
         "kl_weight": kl_weight, "init_logvar": init_logvar, "seed": seed, "steps": step,
         "planned_steps": total, "torch_threads": torch.get_num_threads(), "train_wall_s": round(train_s, 1),
         "mse_first": losses[0] if losses else None,
@@ -574,9 +497,3 @@ def _print_metrics(path: Path) -> None:
     m = {k: v for k, v in m.items() if k not in ("losses", "config")}
     print(f"{path}:\n{json.dumps(m, indent=2)}")
 
-
-if __name__ == "__main__":
-    from neurovision.cli import setup_process
-
-    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
-    raise SystemExit(main())

@@ -186,16 +186,17 @@ def train_tiny_unclip(
     from diffusers.models.embeddings import get_timestep_embedding
 
     from neurovision.pretrained.teachers import OpenCLIPImageTeacher, TeacherCache, VAETeacher
-    from neurovision.tiny.teachers import (
-        CLIP_NAME,
-        VAE_DIR,
-        _deprecated_max_minutes,
-        _StepLoop,
+    from neurovision.tiny.loop import (
+        PassBatches,
+        StepModule,
+        deprecated_max_minutes,
+        fit,
         resolve_steps,
-        stimuli_of,
+        warmup_cosine,
     )
+    from neurovision.tiny.teachers import CLIP_NAME, VAE_DIR, stimuli_of
 
-    _deprecated_max_minutes(max_minutes, "train_tiny_unclip")
+    deprecated_max_minutes(max_minutes, "train_tiny_unclip")
 
     t0 = time.time()
     tdir = Path(teachers)
@@ -225,7 +226,7 @@ def train_tiny_unclip(
     clip_dim = int(emb.shape[1])
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    order_rng, rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     rec = build_tiny_unclip(vae_t.vae, clip_dim, texts, embeds=emb, width=width, seed=seed,
                             prediction_type=prediction_type)
     lat_mean = lat.mean(0, keepdim=True)
@@ -236,13 +237,11 @@ def train_tiny_unclip(
     empty_ids = tok([""], padding="max_length", max_length=32, return_tensors="pt").input_ids
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     alphas = noise_sched.alphas_cumprod
     total = resolve_steps(len(train_idx), batch_size, epochs, steps, "train_tiny_unclip")
-    loop = _StepLoop(len(train_idx), batch_size, total, lr, rng, "tiny unCLIP", progress)
-    losses: list[float] = []
-    for b in loop.batches(opt):
+    batches = PassBatches(len(train_idx), batch_size, total, order_rng)
+
+    def step_fn(b: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x0, e, tid = lat[b], emb[b], ids[b].clone()
         n = len(b)
         drop_txt = torch.from_numpy(rng.random(n) < 0.1)
@@ -268,17 +267,18 @@ def train_tiny_unclip(
         pred = unet(xt, t, encoder_hidden_states=hidden, class_labels=cond).sample
         target = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        loop.bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        return loss, {"loss": loss.item()}
+
+    warmup = max(1, total // 20)
+    module = StepModule(torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}), step_fn, lr=lr,
+                        weight_decay=0.01, schedule=lambda k: warmup_cosine(k, total, warmup))
+    done = fit(module, batches, desc="tiny unCLIP", progress=progress, gradient_clip_val=1.0)
+    losses = module.losses
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     rec.meta.update({
         "clip_teacher": clip.id, "vae_teacher": vae_t.id, "store": str(store_path),
-        "n_images": len(train_idx), "steps": loop.step, "planned_steps": total,
+        "n_images": len(train_idx), "steps": done, "planned_steps": total,
         "torch_threads": torch.get_num_threads(),
         "loss_first": losses[0] if losses else None, "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
     })
@@ -290,7 +290,7 @@ def train_tiny_unclip(
                               prompts_all) if eval_items > 0 else {}
     write_json(out.parent / f"{UNCLIP_DIR}_metrics.json", {
         **{k: v for k, v in rec.meta.items()}, "train_wall_s": round(train_s, 1), "batch_size": batch_size,
-        "lr": lr, "epochs": loop.epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
+        "lr": lr, "epochs": batches.epochs, "prediction_type": prediction_type, "t_power": t_power, "degrade": degrade,
         "losses": losses[::10], "test_true_targets": scores,
         "config": dict(unet.config),
     })
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from neurovision.tiny.teachers import set_threads
+    from neurovision.tiny.loop import set_threads
 
     set_threads(a.threads)
 
@@ -368,9 +368,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in m.items() if k not in ("losses", "config")}, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    from neurovision.cli import setup_process
-
-    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
-    raise SystemExit(main())
