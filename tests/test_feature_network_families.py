@@ -306,3 +306,30 @@ def test_forward_hooks_capture_and_remove() -> None:
     assert not net[2]._forward_pre_hooks
     with pytest.raises(ValueError, match=r"owner: no module named \['9'\]"):
         ForwardHooks(net, ["9"], owner="owner")
+
+
+# --------------------------------------------------------------------------------------------- the paper's set
+def test_encoding_yaml_lists_buildable_models() -> None:
+    """Every model of experiments/encoding.yaml names an importable feature network and only arguments its
+    ``__init__`` takes (the weights are the user's downloads, so nothing is built); pairs name listed models."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    cfg = yaml.safe_load(Path("experiments/encoding.yaml").read_text())
+    families = set()
+    for name, spec in cfg["models"].items():
+        module, _, cls = spec["class_path"].rpartition(".")
+        klass = getattr(importlib.import_module(module), cls)
+        params = inspect.signature(klass.__init__).parameters
+        unknown = set(spec.get("init_args", {})) - set(params)
+        assert not unknown, f"models.{name}: {unknown} not arguments of {cls}"
+        families.add(cls)
+    assert {"TimmVisionNetwork", "HFTextNetwork", "OpenClipNetwork", "HFFusedNetwork", "HFCrossAttentionNetwork",
+            "SlipNetwork"} <= families
+    pairs = {(p["a"], p["b"]) for p in cfg["pairs"]}
+    assert ("slip_vision", "simclr") in pairs
+    assert all(a in cfg["models"] and b in cfg["models"] for a, b in pairs)
+    slip, simclr = cfg["models"]["slip_vision"]["init_args"], cfg["models"]["simclr"]["init_args"]
+    assert slip["modality"] == simclr["modality"] and slip["layers"] == simclr["layers"]  # the controlled pair
