@@ -20,30 +20,20 @@ reason. Where each number comes from (the Makefile's `demo` recipe):
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from neurovision.runs.report import (
+    Unreadable,
+    best_beta,
+    encoding_scores,
+    last_test_metrics,
+    read_json_object,
+)
+
 NOT_RUN = "not run"
-
-
-class Unreadable(Exception):
-    """A file that exists but does not hold what the chain writes (its message names the file)."""
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise Unreadable(f"{path}: {e}") from None
-    if not isinstance(data, dict):
-        raise Unreadable(f"{path}: not a JSON object")
-    return data
 
 
 def _num(v: Any) -> float | None:
@@ -61,26 +51,6 @@ def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
     return f"{100 * f:.1f} %" if pct else f"{f:.{digits}f}"
 
 
-def test_metrics(run_dir: Path, names: Sequence[str]) -> tuple[dict[str, float], Path | None]:
-    """The last test-stage value of each of ``names`` in the newest ``metrics_table.csv`` under ``run_dir``
-    that has any of them (a `fit` writes one table, the `test` another; the newest test wins)."""
-    if not run_dir.is_dir():
-        return {}, None
-    tables = sorted(run_dir.rglob("metrics_table.csv"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    from neurovision.runs.report import ReportError, read_metrics_table
-
-    for table in tables:
-        try:
-            df = read_metrics_table(table)  # the report's reader: columns checked, values numeric
-        except (ReportError, OSError, ValueError, UnicodeDecodeError) as e:
-            raise Unreadable(str(e) if isinstance(e, ReportError) else f"{table}: {e}") from None
-        rows = df[(df["stage"] == "test") & df["metric"].isin(list(names))].dropna(subset=["value"])
-        found = {str(m): float(v) for m, v in zip(rows["metric"], rows["value"], strict=True)}  # the last wins
-        if found:
-            return found, table
-    return {}, None
-
-
 def teacher_lines(teachers: Path) -> list[str]:
     """Steps each tiny model ran (of its budget) and its own test score, from its metrics file."""
     out = []
@@ -93,7 +63,7 @@ def teacher_lines(teachers: Path) -> list[str]:
               lambda m: f"final loss {_fmt(m.get('final_loss'))}")]
     for name, path, score in specs:
         try:
-            m = _json(path)
+            m = read_json_object(path)
         except Unreadable as e:
             out.append(f"{name}: unreadable ({e})")
             continue
@@ -111,7 +81,7 @@ def teacher_lines(teachers: Path) -> list[str]:
 def stage1_line(run: Path) -> str:
     names = [f"test/{c}/{k}" for c in ("average", "single") for k in ("retrieval_fmri2img", "retrieval_chance")]
     try:
-        m, table = test_metrics(run, names)
+        m, table = last_test_metrics(run, names)
     except Unreadable as e:
         return f"stage 1 test retrieval: unreadable ({e})"
     if not m:
@@ -126,7 +96,7 @@ def stage2_line(run: Path) -> str:
     names = [f"test/{c}/caption/CIDEr" for c in ("average", "single")]
 
     def cider(run: Path) -> str:
-        m, table = test_metrics(run, names)
+        m, table = last_test_metrics(run, names)
         if not m:
             return NOT_RUN
         return (f"averaged {_fmt(m.get(names[0]))}, single {_fmt(m.get(names[1]))}  [{table}]")
@@ -146,13 +116,11 @@ def stage3_line(sweep: Path) -> str:
     if not path.is_file():
         return f"stage 3 β sweep, best CLIP two-way identification: {NOT_RUN}"
     try:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("metric") == "clip" and _num(r.get("mean")) is not None]
-    except (OSError, csv.Error, UnicodeDecodeError) as e:
-        return f"stage 3 β sweep: unreadable ({path}: {e})"
-    if not rows:
+        best, _ = best_beta(path)
+    except Unreadable as e:
+        return f"stage 3 β sweep: unreadable ({e})"
+    if best is None:
         return f"stage 3 β sweep, best CLIP two-way identification: {NOT_RUN} (no 'clip' rows in {path})"
-    best = max(rows, key=lambda r: float(r["mean"]))
     return (f"stage 3 β sweep, best CLIP two-way identification: {_fmt(best['mean'])} at β = {best.get('beta')} "
             f"({best.get('condition')}, {best.get('prompt')}; n = {best.get('n')})  [{path}]")
 
@@ -160,15 +128,12 @@ def stage3_line(sweep: Path) -> str:
 def encoding_line(run: Path) -> str:
     path = run / "summary.json"
     try:
-        s = _json(path)
+        f1 = encoding_scores(path)
     except Unreadable as e:
         return f"encoding: unreadable ({e})"
-    if s is None:
+    if f1 is None:
         return f"encoding integration-site F1: {NOT_RUN}"
-    sets = s.get("event_sets") or {}
-    parts = [f"{name} {_fmt(e.get('f1'), digits=2)}" for name, e in sorted(sets.items()) if isinstance(e, dict)]
-    if isinstance(s.get("all"), dict):
-        parts.append(f"all {_fmt(s['all'].get('f1'), digits=2)}")
+    parts = [f"{name} {_fmt(v, digits=2)}" for name, v in f1.items()]
     return f"encoding integration-site F1: {', '.join(parts) if parts else NOT_RUN}  [{path}]"
 
 

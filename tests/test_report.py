@@ -14,13 +14,15 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from neurovision.runs.report import ReportError, main, write_report
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # headless browser for the render test
 BETAS = [0.0, 0.25, 0.5, 0.75, 1.0]
-PROMPTS = ["on", "off"]
+PROMPTS = ["null", "p.jsonl"]  # no prompt / the LLM's prompts file
+HEADLINE_RETRIEVAL = {"average": 0.396, "single": 0.35}
 SEEDS = [0, 1]
 EVIL = "<script>alert('x')</script>"
 IMG_RE = re.compile(r'<img src="data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"')
@@ -51,14 +53,16 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 def _sweep_results(rng: np.random.Generator) -> list[list[object]]:
+    """A stage-3 β sweep's results.csv rows (run, seed, beta, prompts, metric, value), as `neurovision sweep`
+    writes them for one-β-per-run runs."""
     rows: list[list[object]] = []
     for b in BETAS:
         for p in PROMPTS:
             for s in SEEDS:
-                run = f"beta{b}_prompt{p}_seed{s}"
-                clip = 0.8 - 0.4 * b + (0.05 if p == "on" else 0.0) + rng.normal(0, 0.02)
+                run = f"beta={b}__prompts={p}__seed={s}"
+                clip = 0.8 - 0.4 * (b - 0.25) ** 2 + (0.05 if p != "null" else 0.0) + rng.normal(0, 0.02)
                 ssim = 0.2 + 0.3 * b + rng.normal(0, 0.02)
-                rows += [[run, s, b, p, "clip_score", clip], [run, s, b, p, "ssim", ssim]]
+                rows += [[run, s, b, p, "test/average/clip", clip], [run, s, b, p, "test/average/ssim", ssim]]
     return rows
 
 
@@ -82,6 +86,9 @@ def project(tmp_path: Path) -> Path:
         rows.append([3, 40, "test", f"test/{sub}/retrieval_fmri2img", base])
         rows.append([3, 40, "test", f"test/{sub}/clip_cosine", base / 2])
     rows.append([3, 40, "test", "test/single/a<b>&c", 0.125])
+    for cond, v in HEADLINE_RETRIEVAL.items():
+        rows.append([3, 40, "test", f"test/{cond}/retrieval_fmri2img", v])
+        rows.append([3, 40, "test", f"test/{cond}/retrieval_chance", 1 / 300])
     _write_csv(run / "metrics_table.csv", ["epoch", "step", "stage", "metric", "value"], rows)
     (run / "config.yaml").write_text(f"seed_everything: 0\nmodel:\n  note: \"{EVIL}\"\n  lr: 0.001\n")
     cm = run / "concept_maps"
@@ -93,9 +100,15 @@ def project(tmp_path: Path) -> Path:
     (run / "test_generations_average.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
 
     sweep = root / "sweep"
-    _write_csv(sweep / "results.csv", ["run", "seed", "beta", "prompt", "metric", "value"], _sweep_results(rng))
+    _write_csv(sweep / "results.csv", ["run", "seed", "beta", "prompts", "metric", "value"], _sweep_results(rng))
     _summary_from_results(sweep / "results.csv", sweep / "summary.csv")
-    _png(sweep / "beta0.5_prompton_seed0" / "recon_grid.png", 2, kind="grid")
+    for r in {row[0] for row in _sweep_results(np.random.default_rng(0))}:
+        (sweep / str(r)).mkdir(parents=True, exist_ok=True)
+        (sweep / str(r) / "status.json").write_text(json.dumps({"state": "done"}))
+    from neurovision.runs.beta_figures import figures
+
+    figures(sweep)  # the stage's own figures (beta_table.csv, beta_curves.png): the report embeds them
+    _png(root / "recon" / "recon_grid.png", 2, kind="grid")
     return root
 
 
@@ -103,8 +116,8 @@ def _summary_from_results(results: Path, out: Path) -> None:
     groups: dict[tuple[str, str, str], list[float]] = {}
     with open(results, newline="") as f:
         for r in csv.DictReader(f):
-            groups.setdefault((r["beta"], r["prompt"], r["metric"]), []).append(float(r["value"]))
-    _write_csv(out, ["beta", "prompt", "metric", "mean", "sd", "n"],
+            groups.setdefault((r["beta"], r["prompts"], r["metric"]), []).append(float(r["value"]))
+    _write_csv(out, ["beta", "prompts", "metric", "mean", "sd", "n"],
                [[*k, float(np.mean(v)), float(np.std(v, ddof=1)), len(v)] for k, v in groups.items()])
 
 
@@ -112,12 +125,23 @@ def _expected_cell(results: Path, beta: float, prompt: str, metric: str) -> str:
     """``mean ± sd (n)`` computed here, independently of the report code."""
     with open(results, newline="") as f:
         v = [float(r["value"]) for r in csv.DictReader(f)
-             if float(r["beta"]) == beta and r["prompt"] == prompt and r["metric"] == metric]
+             if float(r["beta"]) == beta and r["prompts"] == prompt and r["metric"] == metric]
     return f"{np.mean(v):.4g} ± {np.std(v, ddof=1):.4g} ({len(v)})"
 
 
 def _images(text: str) -> list[tuple[str, bytes]]:
     return [(mime, base64.b64decode(b64)) for mime, b64 in IMG_RE.findall(text)]
+
+
+def _headline(text: str) -> list[list[str]]:
+    m = re.search(r'<table class="headline">(.*?)</table>', text, re.S)
+    assert m is not None
+    return [[html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", m.group(1), re.S)]
+
+
+def _h2(text: str) -> list[str]:
+    return [html.unescape(t) for t in re.findall(r"<h2[^>]*>([^<]+)</h2>", text)]
 
 
 def test_report_contents(project: Path) -> None:
@@ -128,15 +152,39 @@ def test_report_contents(project: Path) -> None:
     assert not list(project.glob(".report.html.*"))  # atomic write: no temp left
     text = out.read_text(encoding="utf-8")
     assert "<h1>neurovision report: project</h1>" in text and "created 20" in text
-    assert '<nav class="toc">' in text and 'href="#sweep"' in text and 'href="#run"' in text
 
-    # sweep summary table: mean ± sd (n) as computed here, and one β curve per metric
-    for metric in ("clip_score", "ssim"):
-        for beta, prompt in ((0.0, "on"), (0.75, "off")):
+    # summary first: the headline is the page's first table, then the key figures, the stages, the run index
+    assert text.index("<table") == text.index('<table class="headline">')
+    assert text.index('<table class="headline">') < text.index('<nav class="toc">') < text.index("<h2 id=\"stage-1")
+    assert _h2(text)[0] == "Headline" and _h2(text)[-1] == "Run index"
+    assert _h2(text).index("Stage 1: fMRI → CLIP / VAE alignment") < _h2(text).index("Stage 3: reconstruction (β sweep)")
+    rows = {(r[0], r[2]): r for r in _headline(text)[1:]}
+    for cond, v in HEADLINE_RETRIEVAL.items():
+        r = rows[("stage 1", f"test retrieval fMRI → image among 300 ({cond} trials)")]
+        assert r[1] == "run" and r[3] == f"{100 * v:.1f} %" and r[4] == "run/tb/version_0/metrics_table.csv"
+    # stage 3: the best β by mean CLIP identification over seeds, computed here from results.csv
+    res = pd.read_csv(project / "sweep" / "results.csv")
+    clip = res[res.metric == "test/average/clip"].groupby(["beta", "prompts"]).value.mean()
+    (beta, prompt), best = clip.idxmax(), clip.max()
+    stage3 = [r for r in _headline(text) if r[0] == "stage 3"]
+    setting = "no prompt" if prompt == "null" else "LLM prompt"
+    assert stage3[0][3] == f"β = {beta}" and f"(average, {setting}; n = 2)" in stage3[0][2]
+    assert f"clip {best:.3f}" in stage3[1][3]
+    r_mean = float(np.mean([0.5, 0.25, -0.1]))  # concept_r.csv's r column
+    assert rows[("localisation", "concept-map r (mean of 3 maps)")][3] == f"{r_mean:.3f}"
+
+    # key figures: the stage's own PNGs, embedded byte for byte (not redrawn)
+    curves = re.search(r'<figure class="fig key-figure" data-file="sweep/beta_curves.png"><img src="data:image/png;'
+                       r'base64,([^"]+)"', text)
+    assert curves is not None
+    assert base64.b64decode(curves.group(1)) == (project / "sweep" / "beta_curves.png").read_bytes()
+    assert text.index("sweep/beta_curves.png") < text.index("<h2 id=\"stage-1")
+    assert text.count('data-file="sweep/beta_curves.png"') == 1  # once
+
+    # the sweep's summary.csv as it is: mean ± sd (n) computed here, independently of the sweep and the report
+    for metric in ("test/average/clip", "test/average/ssim"):
+        for beta, prompt in ((0.0, PROMPTS[0]), (0.75, PROMPTS[1])):
             assert html.escape(_expected_cell(project / "sweep" / "results.csv", beta, prompt, metric)) in text
-    beta_figs = re.findall(r'<figure class="fig beta-curve" data-metric="([^"]+)"><img src="data:image/png;base64,',
-                           text)
-    assert sorted(beta_figs) == ["clip_score", "ssim"]
 
     # run: final test metrics (the last value of a repeated metric), pivoted subject x metric; val curves
     final = re.search(r'<table class="final-test">.*?</table>', text, re.S)
@@ -156,15 +204,21 @@ def test_report_contents(project: Path) -> None:
     assert "(first 10 of 12 rows)" in text and "a &lt;b&gt;dog&lt;/b&gt; #9" in text and "#10" not in text
     assert "a dog | a puppy" in text
 
+    # run index: every run folder with its stage and tables; the sweep's per-run table
+    index = text[text.index('<h2 id="run-index">'):]
+    assert "<td>run</td><td>Stage 1</td>" in index.replace("<th>run</th>", "<td>run</td>")
+    assert "sweep/results.csv: all runs (20)" in index
+
     # everything escaped: neither the config's nor the metric name's markup is raw
     assert "<script" not in text.lower()
-    assert html.escape(EVIL) in text
+    assert EVIL not in text and EVIL in html.unescape(text)  # shown, as text
     assert "a<b>&c" not in text and "a&lt;b&gt;&amp;c" in text
     assert "<b>dog" not in text
 
-    # every embedded image decodes; 2 β curves + 3 val figures + 1 concept map + 1 grid
+    # every embedded image decodes: 1 key figure (the β curves; no β grid: the fixture has no reconstructions)
+    # + 3 val figures + 1 concept map + 1 grid
     imgs = _images(text)
-    assert len(imgs) == len(re.findall(r"<img ", text)) == 7
+    assert len(imgs) == len(re.findall(r"<img ", text)) == 6
     for mime, data in imgs:
         assert mime == "image/png"
         with Image.open(io.BytesIO(data)) as im:
@@ -179,10 +233,13 @@ def test_sweep_without_summary_and_cli(project: Path, tmp_path: Path, capsys: py
     assert main([str(sweep), "--out", str(out), "--quiet"]) == 0
     assert str(out) in capsys.readouterr().out
     text = out.read_text(encoding="utf-8")
-    assert html.escape(_expected_cell(sweep / "results.csv", 0.25, "on", "clip_score")) in text
-    assert "results.csv (summarised here" in text
-    assert len(re.findall(r'class="fig beta-curve"', text)) == 2
-    assert "Run" not in re.findall(r"<h2[^>]*>([^<]+)</h2>", text)
+    assert "no summary.csv: the per-run results.csv only" in text  # not re-aggregated here
+    assert "± " not in text
+    assert '<table class="sweep-runs">' in text and "beta=0.25__prompts=p.jsonl__seed=1" in text
+    assert text.index("<table") == text.index('<table class="headline">')
+    assert _headline(text)[1][0] == "stage 3"  # from the β sweep's beta_table.csv
+    assert text.count('class="fig key-figure"') == 1
+    assert "Run" not in _h2(text) and "Stage 1: fMRI → CLIP / VAE alignment" not in _h2(text)
     assert not (sweep / "report.html").exists()
 
 
@@ -215,7 +272,8 @@ def test_empty_dir_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 # ------------------------------------------------------------------------------------- headless Chromium
 
-# Set after the load event (all images decoded or failed): per image complete, natural size and page rect.
+# Set after the load event (all images decoded or failed): per image complete, natural size and page rect; per
+# table (document order) its class and its top on the page.
 PROBE = """<script>
 window.addEventListener('load', function () {
   var r = Array.prototype.map.call(document.images, function (im) {
@@ -223,12 +281,18 @@ window.addEventListener('load', function () {
     return {ok: im.complete && im.naturalWidth > 0, w: im.naturalWidth, h: im.naturalHeight,
             x: b.left + window.scrollX, y: b.top + window.scrollY, cw: b.width, ch: b.height};
   });
+  var t = Array.prototype.map.call(document.querySelectorAll('table'), function (tb) {
+    var b = tb.getBoundingClientRect();
+    return {cls: tb.className, y: b.top + window.scrollY, h: b.height, rows: tb.rows.length};
+  });
   var pre = document.createElement('pre');
   pre.id = 'probe';
-  pre.textContent = JSON.stringify(r);
+  pre.textContent = JSON.stringify({images: r, tables: t});
   document.body.appendChild(pre);
 });
 </script>"""
+SCREENSHOT = os.environ.get("NEUROVISION_REPORT_SCREENSHOT")  # opt-in: keep the screenshot (docs/img/report.png)
+SCREENSHOT_OF = os.environ.get("NEUROVISION_REPORT_DIR")  # ... of this run folder's report (default: the fixture's)
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -249,12 +313,13 @@ def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_report_renders_in_chromium(project: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    report = write_report(project, progress=False)
+    source = Path(SCREENSHOT_OF) if SCREENSHOT_OF else project
+    report = write_report(source, tmp_path / "report.html", progress=False)
     text = report.read_text(encoding="utf-8")
-    embedded = []
+    embedded: list[Image.Image] = []
     for _, data in _images(text):
-        with Image.open(io.BytesIO(data)) as im:
-            embedded.append(im.convert("RGB"))
+        with Image.open(io.BytesIO(data)) as png:
+            embedded.append(png.convert("RGB"))
 
     # 1. the browser decoded every image at its real size (a probe script added to a copy of the page)
     probe_page = tmp_path / "probe.html"
@@ -262,8 +327,12 @@ def test_report_renders_in_chromium(project: Path, tmp_path: Path) -> None:
     dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()).stdout
     m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert m is not None, f"probe did not run; DOM tail: {dom[-500:]!r}"
-    probe = json.loads(html.unescape(m.group(1)))
-    assert len(probe) == len(embedded) == 7
+    found = json.loads(html.unescape(m.group(1)))
+    probe, tables = found["images"], found["tables"]
+    assert len(probe) == len(embedded) == len(re.findall(r"<img ", text)) >= (6 if source == project else 1)
+    # the headline table is the first table of the rendered page, and the topmost, with one row per number
+    assert tables[0]["cls"] == "headline" and tables[0]["rows"] == len(_headline(text)) >= 2
+    assert all(t["y"] > tables[0]["y"] + tables[0]["h"] for t in tables[1:])
     for p, im in zip(probe, embedded, strict=True):
         assert p["ok"] and (p["w"], p["h"]) == im.size, p
         assert p["cw"] > 50 and p["ch"] > 30, p  # laid out with a visible size
@@ -283,9 +352,21 @@ def test_report_renders_in_chromium(project: Path, tmp_path: Path) -> None:
         if y1 > page.shape[0] - 2 or x1 > page.shape[1] - 2:
             continue  # below the screenshot's window
         crop = page[y0 + 2:y1 - 2, x0 + 2:x1 - 2]
-        ref = np.asarray(im.resize((x1 - x0, y1 - y0), Image.BILINEAR), dtype=np.float32)[2:-2, 2:-2]
+        ref = np.asarray(im.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR), dtype=np.float32)[2:-2, 2:-2]
         assert (crop < 200).any(axis=-1).mean() > 0.01  # not a white box
         r = np.corrcoef(crop.ravel(), ref.ravel())[0, 1]
         assert r > 0.8, (p, r)
         checked += 1
-    assert checked >= 2  # at least the β curves are in the first 2400 px
+    assert checked >= (2 if source == project else 1)  # at least the key figures are in the first 2400 px
+    if SCREENSHOT:
+        _save_screenshot(shot, Path(SCREENSHOT))
+
+
+def _save_screenshot(shot: Path, dest: Path, height: int = 1500, colours: int = 128) -> None:
+    """The top of the page (headline, key figures), quantised to a palette so the PNG stays small for the docs."""
+    from PIL import Image
+
+    with Image.open(shot) as page:
+        top = page.convert("RGB").crop((0, 0, page.width, min(height, page.height)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    top.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)

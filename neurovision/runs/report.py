@@ -1,26 +1,34 @@
-"""``neurovision report <run-or-sweep-dir> [--out report.html]``: one self-contained static HTML dashboard.
+"""``neurovision report <run-or-sweep-dir> [--out report.html]``: one self-contained static HTML dashboard, summary first.
 
-The directory is scanned recursively for what the other stages leave behind (each part is optional):
+The page, in this order:
 
-- runs: ``metrics_table.csv`` (:class:`callbacks.MetricsTable`): the final test metrics as a group x metric
-  table (``test/<group>/<metric>``, e.g. ``test/average/sub-01/retrieval_fmri2img``; the last value of each
-  metric; the last validation epoch when the run has no test rows) and one line plot per validation metric
-  family over epochs (one line per group, the retrieval chance level dashed); the run's ``config.yaml``
-  (saved by the LightningCLI beside it, or the nearest one above it) as a collapsible block;
-- sweeps: ``summary.csv`` (``<overrides...>, metric, mean, sd, n``) as an overrides x metric table of
-  ``mean ± sd (n)`` (computed from ``results.csv`` -- ``run, seed, <overrides...>, metric, value`` -- when
-  there is no summary); with an override named ``beta`` (or ending in ``beta``), β curves: one figure per
-  metric, mean ± sd against β, one line per combination of the other overrides;
-- images (``*.png``, ``*.jpg``): reconstruction grids (``*grid*``), concept maps (under ``concept_maps/``,
-  with their ``concept_r.csv`` as a concept x subject table of r) and other figures;
-- generated text: the first rows of each ``test_generations_*.jsonl``;
-- encoding analyses (``neurovision encode``): ``sites.csv`` with ``summary.json`` beside it: the summary per
-  event set (with precision/recall/F1 on a phantom), the integration-site table and the two figures
-  (``sites_brain.png``, ``r_by_model.png``).
+1. **Headline**: one table of the chain's numbers, whichever the folder has -- stage 1 test retrieval
+   (averaged / single trials, with the chance level), stage 2 caption scores (CIDEr, METEOR, CLIP-S) and
+   reasoning QA (exact match), the shuffled-fMRI control where a run's folder name says ``shuffled``, stage 3's
+   best β (mean CLIP two-way identification of the sweep's ``beta_table.csv``) with its scores at that β, the
+   mean concept-map r (``concept_r.csv``) and the encoding integration-site F1 (``summary.json``). Sweeps that
+   are not β sweeps give the best combination of their ``summary.csv`` for the same metrics.
+2. **Key figures**: the figures the stages wrote -- a β sweep's ``beta_curves.png`` and reconstruction grids
+   (``beta_grid_*.png``, :mod:`neurovision.runs.beta_figures`), the encoding's glass brain.
+3. **The stages in chain order**: stage 1 (each run: final test metrics as group × metric, validation curves,
+   its config; the concept maps with their r table), stage 2 (captions/QA, the first generated texts), stage 3
+   (the sweep's ``summary.csv`` as it is, its other figures), encoding (summary and integration sites), then
+   other runs, sweeps and figures.
+4. **Run index**: every run folder (stage, state, where its numbers come from) and each sweep's per-run
+   ``results.csv``.
 
-Figures are drawn with matplotlib's Agg canvas (no pyplot state) and every image is embedded as a base64
-data URI, so the single HTML file can be mailed or opened anywhere; all text is HTML-escaped; the file is
+One results schema: the files the runs and ``neurovision sweep`` wrote (``metrics_table.csv``,
+``results.csv``/``summary.csv``, ``beta_table.csv``, ``concept_r.csv``, ``summary.json``), read, never
+re-aggregated (a sweep without ``summary.csv`` shows its per-run table and says so). A run folder is the folder
+above a logger's ``tb/version_N`` (a ``fit`` and its ``test`` write two tables there; the newest with test rows
+gives the final metrics) or, inside a sweep, the sweep's run folder. The stage of a run is its config's task
+(``model.class_path``), else its metric names. Figures are the PNGs the stages wrote, embedded as base64 data
+URIs; only the per-run validation curves are drawn here (matplotlib's Agg canvas; nothing writes them). The HTML
+comes from one Jinja2 template (``neurovision/runs/templates/report.html.j2``, autoescaped), and the file is
 written atomically (default ``<dir>/report.html``).
+
+The headline readers (:func:`last_test_metrics`, :func:`best_beta`, :func:`encoding_scores`) are shared with
+``benchmarks/demo_headline.py``, the numbers ``make demo`` prints.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import argparse
 import base64
 import csv
 import datetime as _dt
-import html
 import io
 import json
 import logging
@@ -47,6 +54,7 @@ from neurovision.data.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 METRICS_TABLE = "metrics_table.csv"
+TEMPLATE = "report.html.j2"
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 GENERATIONS_RE = re.compile(r"^test_generations_.*\.jsonl$")
 GENERATION_ROWS = 10
@@ -54,13 +62,31 @@ PREFERRED_TEXT_KEYS = ("subject_name", "subject", "stimulus", "trial", "conditio
                        "generated", "answer", "prediction", "reference", "references")
 ENCODING_SITES = "sites.csv"  # written by `neurovision encode` (with summary.json and the two figures below)
 ENCODING_FIGURES = ("sites_brain.png", "r_by_model.png", "r_by_layer.png")
+ENCODING_KEY_FIGURE = "sites_brain.png"
 ENCODING_ROWS = 40
+BETA_TABLE = "beta_table.csv"  # neurovision.runs.beta_figures.figures
+BETA_CURVES = "beta_curves.png"
 NON_OVERRIDE = {"run", "seed", "metric", "value", "mean", "sd", "std", "n"}
+LOGGER_DIRS = {"tb", "lightning_logs", "csv_logs"}  # <run>/<logger dir>/version_N/metrics_table.csv
 PROGRESS_MIN_FILES = 200  # show a progress bar from this many scanned files on
+#: the stages in chain order: (key, section title, the tasks' class names)
+STAGES = (("stage1", "Stage 1: fMRI → CLIP / VAE alignment", ("AlignmentTask",)),
+          ("stage2", "Stage 2: instruction tuning (captions, QA)", ("InstructTask",)),
+          ("stage3", "Stage 3: reconstruction (β sweep)", ("ReconstructionTask",)))
+RETRIEVAL = ("retrieval_fmri2img", "retrieval_chance")
+CAPTION_SCORES = ("CIDEr", "METEOR", "CLIP-S")
+QA_SCORE = "reasoning/exact_match/all"
+CONDITIONS = ("average", "single")
+STAGE_LABELS = {"stage1": "stage 1", "stage2": "stage 2", "stage2 control": "stage 2 control", "stage3": "stage 3"}
+BETA_SCORE = "clip"  # stage 3's headline: the best mean CLIP two-way identification over β
 
 
 class ReportError(ValueError):
     """Nothing recognisable to report (or a malformed input); the message names the directory."""
+
+
+class Unreadable(Exception):
+    """A file that exists but does not hold what the chain writes (its message names the file)."""
 
 
 # ----------------------------------------------------------------------------------------------- scanning
@@ -134,10 +160,6 @@ def scan(root: str | os.PathLike[str], exclude: Iterable[Path] = (), progress: b
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _fmt(v: Any) -> str:
     """A number as 4 significant digits (ints as ints); anything else as text; NaN/None as an en dash."""
     if v is None:
@@ -155,6 +177,10 @@ def _fmt(v: Any) -> str:
     if f.is_integer() and abs(f) < 1e15 and not isinstance(v, float):
         return str(int(f))
     return f"{f:.4g}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
 
 
 def format_mean_sd(mean: Any, sd: Any, n: Any) -> str:
@@ -176,6 +202,14 @@ def _isnan(v: Any) -> bool:
         return False
 
 
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _rel(p: Path, root: Path) -> str:
     try:
         return p.relative_to(root).as_posix() or "."
@@ -188,12 +222,7 @@ def _name(d: Path, root: Path) -> str:
     return root.name if d == root else _rel(d, root)
 
 
-def _unreadable(doc: _Doc, p: Path, root: Path, e: Exception) -> None:
-    log.warning("report: skipping %s: %s", p, e)
-    doc.add(f'<p class="note error">could not read {_e(_rel(p, root))}: {_e(type(e).__name__)}: {_e(e)}</p>')
-
-
-READ_ERRORS = (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError)  # pandas' parser errors are ValueErrors
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, Unreadable)  # pandas: ValueErrors
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -213,27 +242,7 @@ def _new_figure(w: float = 5.6, h: float = 3.2) -> tuple[Any, Any]:
     return fig, fig.subplots()
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "", first_col_header: bool = True) -> str:
-    out = [f'<table class="{_e(cls)}">' if cls else "<table>", "<thead><tr>"]
-    out += [f"<th>{_e(h)}</th>" for h in header]
-    out.append("</tr></thead><tbody>")
-    for r in rows:
-        cells = []
-        for i, c in enumerate(r):
-            tag = "th" if i == 0 and first_col_header else "td"
-            cells.append(f"<{tag}>{_e(c)}</{tag}>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _figure(uri: str, caption: str, cls: str = "", attrs: dict[str, str] | None = None) -> str:
-    extra = "".join(f' {k}="{_e(v)}"' for k, v in (attrs or {}).items())
-    return (f'<figure class="fig {_e(cls)}"{extra}><img src="{uri}" alt="{_e(caption)}" loading="eager">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
-
-
-# ------------------------------------------------------------------------------------------------- runs
+# ------------------------------------------------------------------------------------- the results schema
 
 
 def _split_metric(name: str) -> tuple[str, str, str]:
@@ -247,6 +256,7 @@ def _split_metric(name: str) -> tuple[str, str, str]:
 
 
 def read_metrics_table(path: Path) -> Any:
+    """A :class:`callbacks.MetricsTable` CSV (``epoch, step, stage, metric, value``), values numeric."""
     import pandas as pd
 
     df = pd.read_csv(path)
@@ -278,78 +288,67 @@ def final_metrics(df: Any, stage: str) -> tuple[list[str], list[str], dict[tuple
     return groups, metrics, cells
 
 
-def _integer_epochs(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file; None when absent; :class:`Unreadable` when it is not one."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"{path}: not a JSON object")
+    return data
 
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+def last_test_metrics(run_dir: Path, names: Sequence[str]) -> tuple[dict[str, float], Path | None]:
+    """The last test-stage value of each of ``names`` in the newest ``metrics_table.csv`` under ``run_dir``
+    that has any of them (a ``fit`` writes one table, the ``test`` another; the newest test wins)."""
+    if not run_dir.is_dir():
+        return {}, None
+    tables = sorted(run_dir.rglob(METRICS_TABLE), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for table in tables:
+        try:
+            df = read_metrics_table(table)
+        except (ReportError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise Unreadable(str(e) if isinstance(e, ReportError) else f"{table}: {e}") from None
+        rows = df[(df["stage"] == "test") & df["metric"].isin(list(names))].dropna(subset=["value"])
+        found = {str(m): float(v) for m, v in zip(rows["metric"], rows["value"], strict=True)}  # the last wins
+        if found:
+            return found, table
+    return {}, None
 
 
-def _line_style(group: str) -> dict[str, Any]:
-    if "sub-" in group:  # per-subject lines: thin, behind the aggregate ones
-        return {"lw": 0.9, "alpha": 0.6, "marker": None}
-    return {"lw": 2.0, "alpha": 1.0, "marker": "o", "ms": 3}
+def best_beta(path: Path, metric: str = BETA_SCORE) -> tuple[dict[str, str] | None, list[dict[str, str]]]:
+    """The row of a β sweep's ``beta_table.csv`` with the highest mean ``metric`` (None when it has none) and
+    every row of the table. :class:`Unreadable` when the file cannot be read."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise Unreadable(f"{path}: {e}") from None
+    scored = [r for r in rows if r.get("metric") == metric and _num(r.get("mean")) is not None]
+    return (max(scored, key=lambda r: float(r["mean"])) if scored else None), rows
 
 
-def val_figures(df: Any, title: str) -> list[tuple[str, bytes]]:
-    """One PNG per validation metric family (the last name component) over epochs, plus one of train/*."""
-    val = df[df["metric"].astype(str).str.startswith("val/")]
-    per_epoch = val.groupby(["metric", "epoch"], sort=False)["value"].last().reset_index()
-    families: dict[str, dict[str, Any]] = {}
-    for name, sub in per_epoch.groupby("metric", sort=False):
-        _, g, m = _split_metric(str(name))
-        families.setdefault(m, {})[g or "(all)"] = sub.sort_values("epoch")
-    chance = families.pop("retrieval_chance", None)
-    out = []
-    for fam, lines in families.items():
-        fig, ax = _new_figure()
-        for g, sub in lines.items():
-            ax.plot(sub["epoch"], sub["value"], label=g, **_line_style(g))
-        if chance and fam.startswith("retrieval"):
-            first = next(iter(chance.values()))
-            ax.plot(first["epoch"], first["value"], ls="--", color="grey", lw=1, label="chance")
-        _integer_epochs(ax)
-        ax.set_ylabel(fam)
-        ax.set_title(f"{title}: val {fam}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-        out.append((f"val/{fam}", _fig_png(fig)))
-    train = df[df["metric"].astype(str).str.startswith("train/")]
-    if len(train):
-        fig, ax = _new_figure()
-        for name, sub in train.groupby("metric", sort=False):
-            sub = sub.groupby("epoch")["value"].last()
-            ax.plot(sub.index, sub.values, label=str(name).split("/", 1)[1], marker="o", ms=3)
-        _integer_epochs(ax)
-        ax.set_title(f"{title}: training losses", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-        out.append(("train", _fig_png(fig)))
+def encoding_scores(path: Path) -> dict[str, float | None] | None:
+    """Integration-site F1 per event set (and ``all``) of an encoding ``summary.json``; None when absent."""
+    s = read_json_object(path)
+    if s is None:
+        return None
+    sets = s.get("event_sets") or {}
+    out = {name: _num(e.get("f1")) for name, e in sorted(sets.items()) if isinstance(e, dict)}
+    if isinstance(s.get("all"), dict):
+        out["all"] = _num(s["all"].get("f1"))
     return out
 
 
-def _config_for(table: Path, configs: Sequence[Path], root: Path) -> Path | None:
-    """The run's ``config.yaml``: beside the table, else the nearest one above it (within ``root``)."""
-    by_dir = {c.parent: c for c in configs}
-    d = table.parent
-    while True:
-        if d in by_dir:
-            return by_dir[d]
-        if d == root or d.parent == d:
-            return None
-        d = d.parent
-
-
-def _config_block(path: Path, root: Path) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        text = f"(unreadable: {e})"
-    return (f'<details class="config"><summary>{_e(_rel(path, root))}</summary>'
-            f"<pre>{_e(text)}</pre></details>")
-
-
-# ------------------------------------------------------------------------------------------------ sweeps
+def concept_r_mean(path: Path) -> tuple[float | None, int]:
+    """Mean r (and the number of maps) of a ``concept_r.csv`` (``subject, concept, r``)."""
+    with open(path, newline="") as f:
+        vals = [_num(r.get("r")) for r in csv.DictReader(f)]
+    nums = [v for v in vals if v is not None]
+    return (sum(nums) / len(nums) if nums else None), len(nums)
 
 
 def _overrides(columns: Iterable[str]) -> list[str]:
@@ -357,11 +356,11 @@ def _overrides(columns: Iterable[str]) -> list[str]:
 
 
 def read_sweep(summary: Path | None, results: Path | None) -> tuple[Any, list[str], Any]:
-    """(summary frame with ``<overrides...>, metric, mean, sd, n``, override columns, results frame or None).
-    The summary is computed from the results (mean, sample sd, n over runs) when ``summary.csv`` is absent."""
+    """(summary frame ``<overrides...>, metric, mean, sd, n`` or None, override columns, results frame or None),
+    as ``neurovision sweep`` wrote them (nothing recomputed)."""
     import pandas as pd
 
-    res = None
+    res = summ = None
     if results is not None:
         res = pd.read_csv(results)
         if not {"metric", "value"} <= set(res.columns):
@@ -376,67 +375,8 @@ def read_sweep(summary: Path | None, results: Path | None) -> tuple[Any, list[st
         for c in ("sd", "n"):
             if c not in summ.columns:
                 summ[c] = math.nan
-        return summ, _overrides(summ.columns), res
-    assert res is not None
-    over = _overrides(res.columns)
-    keys = [*over, "metric"]
-    summ = (res.groupby(keys, sort=False, dropna=False)["value"]
-            .agg(mean="mean", sd="std", n="count").reset_index())
+    over = _overrides(summ.columns if summ is not None else res.columns if res is not None else [])
     return summ, over, res
-
-
-def _combo_label(cols: Sequence[str], values: Sequence[Any]) -> str:
-    return ", ".join(f"{_short(c)}={_fmt(v)}" for c, v in zip(cols, values, strict=True)) or "all"
-
-
-def _short(col: str) -> str:
-    return col.rsplit(".", 1)[-1] if "." in col else col
-
-
-def beta_column(columns: Sequence[str]) -> str | None:
-    for c in columns:
-        if c.lower() == "beta":
-            return c
-    for c in columns:
-        if c.lower().endswith("beta"):
-            return c
-    return None
-
-
-def beta_figures(summ: Any, over: Sequence[str], beta: str, title: str) -> list[tuple[str, bytes]]:
-    """One PNG per metric: mean vs β with sd error bars, one line per combination of the other overrides
-    (like Fig. 5 of Shen et al. 2024: metric vs noise strength β)."""
-    import pandas as pd
-
-    others = [c for c in over if c != beta]
-    out = []
-    for metric, sub in summ.groupby("metric", sort=False):
-        sub = sub.copy()
-        x_num = pd.to_numeric(sub[beta], errors="coerce")
-        numeric = bool(x_num.notna().all())
-        if numeric:
-            sub["_x"] = x_num
-        else:  # categorical β: positions in order of appearance
-            cats = list(dict.fromkeys(sub[beta].astype(str)))
-            sub["_x"] = sub[beta].astype(str).map({c: i for i, c in enumerate(cats)})
-        fig, ax = _new_figure(5.6, 3.8)
-        groups = sub.groupby(others, sort=True, dropna=False) if others else [((), sub)]
-        for key, g in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            g = g.sort_values("_x")
-            sd = pd.to_numeric(g["sd"], errors="coerce")
-            ax.errorbar(g["_x"], g["mean"], yerr=None if sd.isna().all() else sd.fillna(0), marker="o", ms=4,
-                        capsize=3, lw=1.5, label=_combo_label(others, key))
-        if not numeric:
-            ax.set_xticks(range(len(cats)), cats)
-        ax.set_xlabel(f"β ({beta})" if beta.lower() != "beta" else "β")
-        ax.set_ylabel(str(metric))
-        ax.set_title(f"{title}: {metric} vs β (mean ± sd over seeds)", fontsize=9)
-        ax.grid(alpha=0.3)
-        if others:
-            ax.legend(fontsize=7, frameon=False)
-        out.append((str(metric), _fig_png(fig)))
-    return out
 
 
 def sweep_table(summ: Any, over: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -451,7 +391,16 @@ def sweep_table(summ: Any, over: Sequence[str]) -> tuple[list[str], list[list[st
     return header, body
 
 
-# ------------------------------------------------------------------------------------------ other inputs
+def results_table(res: Any) -> tuple[list[str], list[list[str]]]:
+    """A sweep's ``results.csv`` as one row per run (run, seed, overrides, one column per metric)."""
+    piv = res.drop_duplicates(["run", "metric"] + [c for c in res.columns if c not in NON_OVERRIDE],
+                              keep="last") if "run" in res.columns else res
+    metrics = list(dict.fromkeys(piv["metric"].astype(str)))
+    cols = [c for c in res.columns if c not in ("metric", "value")]
+    per_run: dict[tuple[str, ...], dict[str, str]] = {}
+    for rec in piv.to_dict("records"):
+        per_run.setdefault(tuple(_fmt(rec[c]) for c in cols), {})[str(rec["metric"])] = _fmt(rec["value"])
+    return [*cols, *metrics], [[*k, *(v.get(m, "–") for m in metrics)] for k, v in per_run.items()]
 
 
 def image_kind(p: Path, root: Path) -> str:
@@ -539,80 +488,585 @@ def generations_table(path: Path, n: int = GENERATION_ROWS) -> tuple[list[str], 
     return header, [[_text_cell(r.get(k, "")) for k in header] for r in rows], total
 
 
-# ------------------------------------------------------------------------------------------------- HTML
-
-CSS = """
-:root { --fg:#1d2330; --muted:#5b6577; --line:#dde2ea; --accent:#2f5fb3; --bg:#ffffff; --head:#f3f5f9; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: var(--fg);
-       background: var(--bg); margin: 0 auto; max-width: 1180px; padding: 24px 28px 60px; }
-h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 36px 0 8px; border-bottom: 2px solid var(--line);
-padding-bottom: 4px; } h3 { font-size: 15px; margin: 22px 0 6px; } h4 { font-size: 13px; margin: 14px 0 4px; color: var(--muted); }
-.meta { color: var(--muted); margin: 0 0 18px; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-nav.toc { background: var(--head); border: 1px solid var(--line); border-radius: 6px; padding: 10px 18px; }
-nav.toc ul { margin: 4px 0; padding-left: 18px; } nav.toc > ul { padding-left: 4px; list-style: none; }
-.scroll { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; margin: 6px 0 14px; font-size: 12.5px; }
-th, td { border: 1px solid var(--line); padding: 3px 8px; text-align: right; vertical-align: top; }
-thead th { background: var(--head); text-align: center; position: sticky; top: 0; }
-tbody th { text-align: left; font-weight: 600; background: #fafbfd; }
-table.text td { text-align: left; max-width: 420px; white-space: pre-wrap; word-break: break-word; }
-.figs { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
-figure.fig { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 6px; background: #fff; max-width: 100%; }
-figure.fig img { display: block; max-width: 100%; height: auto; }
-.figs.plots figure.fig { flex: 0 1 calc(50% - 7px); } .figs.plots figure.fig img { width: 100%; }
-.figs.small figure.fig { flex: 0 1 calc(33.3% - 10px); } .figs.small figure.fig img { width: 100%; }
-figcaption { font-size: 11.5px; color: var(--muted); margin-top: 4px; word-break: break-all; }
-details.config { margin: 8px 0; } details.config summary { cursor: pointer; color: var(--accent); }
-details.config pre { background: #f7f8fa; border: 1px solid var(--line); padding: 8px; font-size: 11.5px; overflow: auto; max-height: 520px; }
-.note { color: var(--muted); font-size: 12.5px; } .note.error { color: #b3261e; }
-"""
+# -------------------------------------------------------------------------------------------- run folders
 
 
-class _Doc:
-    """Sections (h2/h3 with ids) and a table of contents built from them."""
+@dataclass
+class RunInfo:
+    """One run folder: its metrics tables (newest last), config, stage and the sweep it belongs to."""
 
+    dir: Path
+    tables: list[Path] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
+    generations: list[Path] = field(default_factory=list)
+    sweep: Path | None = None
+    stage: str = ""
+
+    def config(self) -> Path | None:
+        return self.configs[-1] if self.configs else None
+
+
+def run_dir_of(table: Path, sweeps: Sequence[Path]) -> tuple[Path, Path | None]:
+    """(run folder, its sweep folder or None) of a file: the sweep's run folder, else the folder above a
+    logger's ``<logger dir>/<version>``, else the file's folder."""
+    for s in sweeps:
+        if table.is_relative_to(s) and len(table.relative_to(s).parts) > 1:
+            return s / table.relative_to(s).parts[0], s
+    d = table.parent
+    if d.parent.name in LOGGER_DIRS:
+        return d.parent.parent, None
+    return d, None
+
+
+def _task_of(config: Path | None) -> str:
+    if config is None:
+        return ""
+    try:
+        text = config.read_text(errors="replace")
+    except OSError:
+        return ""
+    m = re.search(r"^model:\s*\n\s+class_path:\s*(\S+)", text, re.M)
+    return m.group(1).rpartition(".")[2] if m else ""
+
+
+def stage_of(task: str, metric_names: Iterable[str]) -> str:
+    """``stage1``/``stage2``/``stage3`` from the task class name, else from the metric names; ``""``: other."""
+    for key, _, tasks in STAGES:
+        if task in tasks:
+            return key
+    names = list(metric_names)
+    if any(n.endswith("/retrieval_fmri2img") for n in names):
+        return "stage1"
+    if any("/caption/" in n or "/reasoning/" in n for n in names):
+        return "stage2"
+    if any("/beta=" in n for n in names):
+        return "stage3"
+    return ""
+
+
+def _metric_names(tables: Iterable[Path]) -> set[str]:
+    names: set[str] = set()
+    for t in tables:
+        try:
+            with open(t, newline="") as f:
+                names.update(r.get("metric", "") for r in csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+    return names
+
+
+def collect_runs(found: Scan, sweeps: Sequence[Path]) -> list[RunInfo]:
+    """The run folders of the scan, in path order, each with its tables, configs and generated texts."""
+    runs: dict[Path, RunInfo] = {}
+    for t in found.metrics_tables:
+        d, s = run_dir_of(t, sweeps)
+        runs.setdefault(d, RunInfo(d, sweep=s)).tables.append(t)
+    for kind in ("configs", "generations"):
+        for p in getattr(found, kind):
+            d, _ = run_dir_of(p, sweeps)
+            if d in runs:
+                getattr(runs[d], kind).append(p)
+    for r in runs.values():
+        r.tables.sort(key=lambda p: (p.stat().st_mtime_ns, len(p.parts)))
+        r.configs.sort(key=lambda p: (len(p.relative_to(r.dir).parts) > 1, p.stat().st_mtime_ns))
+        r.stage = stage_of(_task_of(r.config()), _metric_names(r.tables))
+    return [runs[d] for d in sorted(runs)]
+
+
+# ---------------------------------------------------------------------------------------------- page model
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    cls: str = ""
+    first_col_header: bool = True
+
+
+@dataclass
+class Figure:
+    uri: str
+    caption: str
+    cls: str = ""
+    attrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Block:
+    """One item of a section: ``note``, ``error``, ``h4``, ``table``, ``figures``, ``config`` or ``details``
+    (a collapsed table)."""
+
+    kind: str
+    text: str = ""
+    table: Table | None = None
+    figures: list[Figure] = field(default_factory=list)
+    cls: str = ""
+    body: str = ""  # a config's text
+
+
+@dataclass
+class Section:
+    title: str
+    id: str = ""
+    level: int = 2
+    blocks: list[Block] = field(default_factory=list)
+    children: list[Section] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.blocks.append(Block("note", text))
+
+    def error(self, p: Path, root: Path, e: Exception) -> None:
+        log.warning("report: skipping %s: %s", p, e)
+        self.blocks.append(Block("error", f"could not read {_rel(p, root)}: {type(e).__name__}: {e}"))
+
+    def table(self, t: Table, caption: str = "") -> None:
+        if caption:
+            self.blocks.append(Block("h4", caption))
+        self.blocks.append(Block("table", table=t))
+
+    def figs(self, figures: list[Figure], cls: str = "") -> None:
+        if figures:
+            self.blocks.append(Block("figures", figures=figures, cls=cls))
+
+
+@dataclass
+class HeadlineRow:
+    stage: str
+    run: str
+    measure: str
+    value: str
+    source: str
+
+
+class _Ids:
     def __init__(self) -> None:
-        self.body: list[str] = []
-        self.toc: list[tuple[int, str, str]] = []
-        self._ids: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
 
-    def _id(self, title: str) -> str:
+    def __call__(self, title: str) -> str:
         base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "s"
-        n = self._ids.get(base, 0)
-        self._ids[base] = n + 1
+        n = self.seen.get(base, 0)
+        self.seen[base] = n + 1
         return base if n == 0 else f"{base}-{n}"
 
-    def heading(self, level: int, title: str) -> None:
-        i = self._id(title)
-        self.toc.append((level, i, title))
-        self.body.append(f'<h{level} id="{i}">{_e(title)}</h{level}>')
 
-    def add(self, s: str) -> None:
-        self.body.append(s)
-
-    def toc_html(self) -> str:
-        out = ['<nav class="toc"><strong>Contents</strong><ul>']
-        open_sub = False
-        for level, i, title in self.toc:
-            if level == 2:
-                if open_sub:
-                    out.append("</ul></li>")
-                    open_sub = False
-                out.append(f'<li><a href="#{i}">{_e(title)}</a>')
-                out.append("<ul>")
-                open_sub = True
-            else:
-                out.append(f'<li><a href="#{i}">{_e(title)}</a></li>')
-        if open_sub:
-            out.append("</ul></li>")
-        out.append("</ul></nav>")
-        return "".join(out).replace("<ul></ul>", "")
+def _image(p: Path, root: Path, cls: str) -> Figure:
+    return Figure(data_uri(p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]), _rel(p, root), cls,
+                  {"data-file": _rel(p, root)})
 
 
-def _figs(items: Sequence[str], cls: str = "") -> str:
-    return f'<div class="figs {cls}">' + "".join(items) + "</div>"
+# ------------------------------------------------------------------------------------------------ headline
+
+
+def headline_rows(root: Path, runs: Sequence[RunInfo], sweeps: Sequence[Path], found: Scan) -> list[HeadlineRow]:
+    """The headline table's rows (see the module docstring), in chain order."""
+    out: list[HeadlineRow] = []
+    for run in runs:
+        if run.sweep is not None:
+            continue
+        name = _name(run.dir, root)
+        control = "shuffled" in run.dir.name.lower()
+        try:
+            if run.stage == "stage1":
+                out += _stage1_rows(run.dir, name, root)
+            elif run.stage == "stage2":
+                out += _stage2_rows(run.dir, name, root, control)
+        except Unreadable as e:
+            out.append(HeadlineRow(run.stage, name, "unreadable", str(e), ""))
+    for s in sweeps:
+        try:
+            out += _sweep_rows(s, root)
+        except READ_ERRORS as e:
+            out.append(HeadlineRow("sweep", _name(s, root), "unreadable", str(e), ""))
+    for p in sorted(found.concept_r):
+        try:
+            r, n = concept_r_mean(p)
+        except READ_ERRORS as e:
+            out.append(HeadlineRow("localisation", _name(p.parent, root), "unreadable", str(e), ""))
+            continue
+        if r is not None:
+            out.append(HeadlineRow("localisation", _name(p.parent, root), f"concept-map r (mean of {n} maps)",
+                                   f"{r:.3f}", _rel(p, root)))
+    for sites in sorted(found.encodings):
+        path = sites.parent / "summary.json"
+        try:
+            f1 = encoding_scores(path)
+        except Unreadable as e:
+            out.append(HeadlineRow("encoding", _name(sites.parent, root), "unreadable", str(e), ""))
+            continue
+        if f1:
+            out.append(HeadlineRow("encoding", _name(sites.parent, root), "integration-site F1",
+                                   ", ".join(f"{k} {'–' if v is None else f'{v:.2f}'}" for k, v in f1.items()),
+                                   _rel(path, root)))
+    order = {"stage1": 0, "localisation": 1, "stage2": 2, "stage2 control": 3, "stage3": 4, "sweep": 5,
+             "encoding": 6}
+    out.sort(key=lambda r: order.get(r.stage, 9))  # stable: runs keep their path order within a stage
+    for row in out:
+        row.stage = STAGE_LABELS.get(row.stage, row.stage)
+    return out
+
+
+def _stage1_rows(run: Path, name: str, root: Path) -> list[HeadlineRow]:
+    names = [f"test/{c}/{k}" for c in CONDITIONS for k in RETRIEVAL]
+    m, table = last_test_metrics(run, names)
+    if not m or table is None:
+        return []
+    chance = m.get("test/average/retrieval_chance") or m.get("test/single/retrieval_chance")
+    among = f" among {round(1 / chance)}" if chance else ""
+    return [HeadlineRow("stage1", name, f"test retrieval fMRI → image{among} ({c} trials)",
+                        _pct(m.get(f"test/{c}/retrieval_fmri2img")), _rel(table, root))
+            for c in CONDITIONS if f"test/{c}/retrieval_fmri2img" in m]
+
+
+def _stage2_rows(run: Path, name: str, root: Path, control: bool) -> list[HeadlineRow]:
+    names = [f"test/{c}/caption/{k}" for c in CONDITIONS for k in CAPTION_SCORES]
+    names += [f"test/{c}/{QA_SCORE}" for c in CONDITIONS]
+    m, table = last_test_metrics(run, names)
+    if not m or table is None:
+        return []
+    stage = "stage2 control" if control else "stage2"
+    what = ", shuffled fMRI" if control else ""
+    out = []
+    for k in CAPTION_SCORES:
+        vals = [m.get(f"test/{c}/caption/{k}") for c in CONDITIONS]
+        if any(v is not None for v in vals):
+            out.append(HeadlineRow(stage, name, f"caption {k}{what} (averaged / single)",
+                                   " / ".join("–" if v is None else f"{v:.3f}" for v in vals), _rel(table, root)))
+    qa = [m.get(f"test/{c}/{QA_SCORE}") for c in CONDITIONS]
+    if any(v is not None for v in qa):
+        out.append(HeadlineRow(stage, name, f"QA exact match{what} (averaged / single)",
+                               " / ".join(_pct(v) for v in qa), _rel(table, root)))
+    return out
+
+
+def _sweep_rows(sweep: Path, root: Path) -> list[HeadlineRow]:
+    name = _name(sweep, root)
+    bt = sweep / BETA_TABLE
+    if bt.is_file():
+        best, rows = best_beta(bt)
+        if best is None:
+            return [HeadlineRow("stage3", name, f"best β ({BETA_SCORE})", "–", _rel(bt, root))]
+        at = [r for r in rows if r.get("beta") == best.get("beta") and r.get("prompt") == best.get("prompt")
+              and r.get("condition") == best.get("condition")]
+        scores = ", ".join(f"{r['metric']} {float(r['mean']):.3f}" for r in at if _num(r.get("mean")) is not None)
+        return [HeadlineRow("stage3", name, f"best β by mean CLIP two-way identification ({best.get('condition')}, "
+                            f"{best.get('prompt')}; n = {best.get('n')})", f"β = {best.get('beta')}", _rel(bt, root)),
+                HeadlineRow("stage3", name, f"scores at β = {best.get('beta')}", scores, _rel(bt, root))]
+    summary = sweep / "summary.csv"
+    if not summary.is_file():
+        return []
+    summ, over, _ = read_sweep(summary, None)
+    out = []
+    wanted = [f"test/{c}/retrieval_fmri2img" for c in CONDITIONS] + [f"test/{c}/caption/CIDEr" for c in CONDITIONS]
+    for metric in wanted:
+        sub = summ[summ["metric"] == metric]
+        if sub.empty:
+            continue
+        best = sub.loc[sub["mean"].astype(float).idxmax()]
+        combo = ", ".join(f"{c}={_fmt(best[c])}" for c in over) or "all runs"
+        value = format_mean_sd(best["mean"], best["sd"], best["n"])
+        out.append(HeadlineRow("stage1" if "retrieval" in metric else "stage2", name,
+                               f"{metric}, best of {len(sub)} settings ({combo})", value, _rel(summary, root)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def _integer_epochs(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _line_style(group: str) -> dict[str, Any]:
+    if "sub-" in group:  # per-subject lines: thin, behind the aggregate ones
+        return {"lw": 0.9, "alpha": 0.6, "marker": None}
+    return {"lw": 2.0, "alpha": 1.0, "marker": "o", "ms": 3}
+
+
+def val_figures(df: Any, title: str) -> list[tuple[str, bytes]]:
+    """One PNG per validation metric family (the last name component) over epochs, plus one of train/* (the
+    one figure the report draws: nothing else writes a run's validation curves as a picture)."""
+    val = df[df["metric"].astype(str).str.startswith("val/")]
+    per_epoch = val.groupby(["metric", "epoch"], sort=False)["value"].last().reset_index()
+    families: dict[str, dict[str, Any]] = {}
+    for name, sub in per_epoch.groupby("metric", sort=False):
+        _, g, m = _split_metric(str(name))
+        families.setdefault(m, {})[g or "(all)"] = sub.sort_values("epoch")
+    chance = families.pop("retrieval_chance", None)
+    out = []
+    for fam, lines in families.items():
+        fig, ax = _new_figure()
+        for g, sub in lines.items():
+            ax.plot(sub["epoch"], sub["value"], label=g, **_line_style(g))
+        if chance and fam.startswith("retrieval"):
+            first = next(iter(chance.values()))
+            ax.plot(first["epoch"], first["value"], ls="--", color="grey", lw=1, label="chance")
+        _integer_epochs(ax)
+        ax.set_ylabel(fam)
+        ax.set_title(f"{title}: val {fam}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        out.append((f"val/{fam}", _fig_png(fig)))
+    train = df[df["metric"].astype(str).str.startswith("train/")]
+    if len(train):
+        fig, ax = _new_figure()
+        for name, sub in train.groupby("metric", sort=False):
+            sub = sub.groupby("epoch")["value"].last()
+            ax.plot(sub.index, sub.values, label=str(name).split("/", 1)[1], marker="o", ms=3)
+        _integer_epochs(ax)
+        ax.set_title(f"{title}: training losses", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        out.append(("train", _fig_png(fig)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def _config_block(path: Path, root: Path) -> Block:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        text = f"(unreadable: {e})"
+    return Block("config", _rel(path, root), body=text)
+
+
+def _run_section(run: RunInfo, root: Path, ids: _Ids, shown: set[Path]) -> Section:
+    name = _name(run.dir, root)
+    sec = Section(f"run: {name}", ids(f"run: {name}"), 3)
+    frames = []
+    for t in run.tables:
+        try:
+            frames.append((t, read_metrics_table(t)))
+        except READ_ERRORS as e:
+            sec.error(t, root, e)
+    tested = [(t, df) for t, df in frames if df["metric"].astype(str).str.startswith("test/").any()]
+    final = tested[-1] if tested else (frames[-1] if frames else None)
+    if final is not None:
+        t, df = final
+        stage = "test" if tested else "val"
+        groups, metrics, cells = final_metrics(df, stage)
+        if metrics:
+            what = ("final test metrics" if stage == "test" else "no test metrics: validation metrics of the last "
+                    f"epoch ({_fmt(df[df['stage'] == 'val']['epoch'].max())})")
+            sec.note(f"{what} (group × metric, from {_rel(t, root)})")
+            sec.table(Table(["group", *metrics], [[g, *(_fmt(cells[(g, m)]) if (g, m) in cells else "–"
+                                                        for m in metrics)] for g in groups], f"final-{stage}"))
+        else:
+            sec.note(f"{_rel(t, root)} holds no val/ or test/ metrics")
+    curves = max(frames, key=lambda f: int(f[1]["metric"].astype(str).str.startswith("val/").sum()), default=None)
+    if curves is not None:
+        figs = val_figures(curves[1], name)
+        sec.figs([Figure(data_uri(png), f"{name}: {fam}", "val-curve", {"data-metric": fam}) for fam, png in figs],
+                 "plots")
+    for g in run.generations:
+        shown.add(g)
+        try:
+            header, body, total = generations_table(g)
+        except READ_ERRORS as e:
+            sec.error(g, root, e)
+            continue
+        sec.table(Table(header, body, "text", False), f"{_rel(g, root)} (first {len(body)} of {total} rows)")
+    for c in run.configs:
+        shown.add(c)
+    if run.config() is not None:
+        sec.blocks.append(_config_block(run.config(), root))  # type: ignore[arg-type]
+    return sec
+
+
+def _sweep_section(sweep: Path, root: Path, ids: _Ids, found: Scan, key_figs: set[Path]) -> Section:
+    name = _name(sweep, root)
+    sec = Section(f"sweep: {name}", ids(f"sweep: {name}"), 3)
+    summary = sweep / "summary.csv" if (sweep / "summary.csv") in found.summaries else None
+    results = sweep / "results.csv" if (sweep / "results.csv") in found.results else None
+    try:
+        summ, over, res = read_sweep(summary, results)
+    except READ_ERRORS as e:
+        sec.error(summary or results or sweep, root, e)
+        return sec
+    n_runs = int(res["run"].nunique()) if res is not None and "run" in res.columns else None
+    sec.note(f"{'summary.csv' if summ is not None else 'no summary.csv: the per-run results.csv only'}; "
+             f"overrides: {', '.join(over) or 'none'}" + (f"; {n_runs} runs" if n_runs is not None else ""))
+    if summ is not None:
+        header, body = sweep_table(summ, over)
+        sec.table(Table(header, body, "sweep-summary", False))
+    elif res is not None:
+        header, body = results_table(res)
+        sec.table(Table(header, body, "sweep-runs", False))
+    if (sweep / BETA_TABLE).is_file():
+        sec.note(f"β curves and grids: {BETA_CURVES}, beta_grid_*.png (neurovision.runs.beta_figures)"
+                 + ("; shown under Key figures" if key_figs & set(sweep.glob("beta_*.png")) else ""))
+    figs = [p for p in found.images if p.parent == sweep and p not in key_figs]
+    sec.figs([_image(p, root, "beta-figure" if p.name.startswith("beta_") else "file-figures") for p in figs])
+    return sec
+
+
+def _encoding_section(sites: Path, root: Path, ids: _Ids, found: Scan, key_figs: set[Path]) -> Section:
+    name = _name(sites.parent, root)
+    sec = Section(f"encoding: {name}", ids(f"encoding: {name}"), 3)
+    try:
+        (sh, srows), (ih, irows, n_int) = encoding_tables(sites)
+    except READ_ERRORS as e:
+        sec.error(sites, root, e)
+        return sec
+    if srows:
+        sec.note("summary.json (per event set; precision/recall/F1 against the planted multimodal sites when the "
+                 "store is a phantom)")
+        sec.table(Table(sh, srows, "encoding-summary"))
+    if ih:
+        sec.table(Table(ih, irows, "integration-sites", False), f"integration sites ({n_int}; first {len(irows)} shown)")
+    figs = [sites.parent / f for f in ENCODING_FIGURES if (sites.parent / f) in found.images]
+    sec.figs([_image(p, root, "file-encoding") for p in figs if p not in key_figs])
+    return sec
+
+
+def _concept_section(found: Scan, root: Path, ids: _Ids, paths: list[Path]) -> Section:
+    sec = Section("Concept maps (localisation of stage 1)", ids("Concept maps"), 3)
+    for rt in sorted(found.concept_r):
+        try:
+            header, body = concept_r_table(rt)
+        except READ_ERRORS as e:
+            sec.error(rt, root, e)
+            continue
+        sec.table(Table(header, body, "concept-r"), f"{_rel(rt, root)} (Pearson r with the planted map)")
+    by_dir: dict[Path, list[Path]] = {}
+    for p in paths:
+        by_dir.setdefault(p.parent, []).append(p)
+    for d, ps in by_dir.items():
+        if len(by_dir) > 1:
+            sec.blocks.append(Block("h4", _rel(d, root)))
+        sec.figs([_image(p, root, "file-concepts") for p in ps], "small")
+    return sec
+
+
+def build_sections(found: Scan, root: Path) -> tuple[list[HeadlineRow], list[Figure], list[Section], int]:
+    """(headline rows, key figures, sections in page order, number of run folders)."""
+    ids = _Ids()
+    ids.seen.update({"summary": 1, "headline": 1, "key-figures": 1})  # the template's own ids
+    sweeps = sorted({p.parent for p in found.results + found.summaries})
+    runs = collect_runs(found, sweeps)
+    head = headline_rows(root, runs, sweeps, found)
+
+    # key figures: each β sweep's curves and its first grid, the encoding's glass brain
+    key: list[Path] = []
+    for s in sweeps:
+        key += [p for p in (s / BETA_CURVES,) if p in found.images]
+        key += sorted(p for p in found.images if p.parent == s and p.name.startswith("beta_grid_"))[:1]
+    key += [s.parent / ENCODING_KEY_FIGURE for s in sorted(found.encodings)
+            if (s.parent / ENCODING_KEY_FIGURE) in found.images]
+    key_set = set(key)
+    key_figs = [_image(p, root, "file-encoding" if p.name == ENCODING_KEY_FIGURE else "key-figure") for p in key]
+
+    shown: set[Path] = set(key_set)
+    sections: list[Section] = []
+    concept_imgs = [p for p in found.images if image_kind(p, root) == "concepts"]
+    shown.update(concept_imgs)
+    stage3_sweeps = [s for s in sweeps if (s / BETA_TABLE).is_file() or any(
+        r.stage == "stage3" for r in runs if r.sweep == s)]
+    for key_, title, _ in STAGES:
+        sec = Section(title, ids(title))
+        for run in runs:
+            if run.sweep is None and run.stage == key_:
+                sec.children.append(_run_section(run, root, ids, shown))
+        if key_ == "stage1" and (found.concept_r or concept_imgs):
+            sec.children.append(_concept_section(found, root, ids, concept_imgs))
+        if key_ == "stage3":
+            for s in stage3_sweeps:
+                sec.children.append(_sweep_section(s, root, ids, found, key_set))
+                shown.update(p for p in found.images if p.parent == s)
+        if sec.children:
+            sections.append(sec)
+    if found.encodings:
+        sec = Section("Encoding", ids("Encoding"))
+        for sites in sorted(found.encodings):
+            sec.children.append(_encoding_section(sites, root, ids, found, key_set))
+            shown.update(sites.parent / f for f in ENCODING_FIGURES)
+            shown.update(c for c in found.configs if c.parent == sites.parent)
+            sec.blocks += [_config_block(c, root) for c in found.configs if c.parent == sites.parent]
+        sections.append(sec)
+    other_runs = [r for r in runs if r.sweep is None and not r.stage]
+    other_sweeps = [s for s in sweeps if s not in stage3_sweeps]
+    if other_runs or other_sweeps:
+        sec = Section("Other runs and sweeps", ids("Other runs and sweeps"))
+        sec.children += [_run_section(r, root, ids, shown) for r in other_runs]
+        for s in other_sweeps:
+            sec.children.append(_sweep_section(s, root, ids, found, key_set))
+            shown.update(p for p in found.images if p.parent == s)
+        sections.append(sec)
+    in_sweeps = {p for p in found.images + found.configs + found.generations for s in sweeps if p.is_relative_to(s)}
+    rest = [p for p in found.images if p not in shown and p not in in_sweeps]
+    grids = [p for p in rest if image_kind(p, root) == "grids"]
+    if grids:
+        sec = Section("Reconstructions", ids("Reconstructions"))
+        sec.figs([_image(p, root, "file-grids") for p in grids])
+        sections.append(sec)
+    others = [p for p in rest if p not in grids]
+    if others:
+        sec = Section("Other figures", ids("Other figures"))
+        sec.figs([_image(p, root, "file-figures") for p in others])
+        sections.append(sec)
+    gens = [g for g in found.generations if g not in shown and g not in in_sweeps]
+    cfgs = [c for c in found.configs if c not in shown and c not in in_sweeps]
+    if gens or cfgs:
+        sec = Section("Generated text and configurations", ids("Generated text and configurations"))
+        for g in gens:
+            try:
+                header, body, total = generations_table(g)
+            except READ_ERRORS as e:
+                sec.error(g, root, e)
+                continue
+            sec.table(Table(header, body, "text", False), f"{_rel(g, root)} (first {len(body)} of {total} rows)")
+        sec.blocks += [_config_block(c, root) for c in cfgs]
+        sections.append(sec)
+    sections.append(_run_index(runs, sweeps, root, ids, found))
+    return head, key_figs, sections, len(runs)
+
+
+def _run_index(runs: Sequence[RunInfo], sweeps: Sequence[Path], root: Path, ids: _Ids, found: Scan) -> Section:
+    sec = Section("Run index", ids("Run index"))
+    titles = {k: t.split(":")[0] for k, t, _ in STAGES}
+    rows = []
+    for r in runs:
+        state = ""
+        if r.sweep is not None:
+            try:
+                state = str((read_json_object(r.dir / "status.json") or {}).get("state", ""))
+            except Unreadable:
+                state = "unreadable status.json"
+        rows.append([_rel(r.dir, root), titles.get(r.stage, "other"), _name(r.sweep, root) if r.sweep else "",
+                     state, "; ".join(_rel(t, root) for t in r.tables)])
+    if rows:
+        sec.table(Table(["run folder", "stage", "sweep", "state", "metrics tables"], rows, "run-index"))
+    for s in sweeps:
+        results = s / "results.csv"
+        if results not in found.results:
+            continue
+        try:
+            _, _, res = read_sweep(None, results)
+        except READ_ERRORS as e:
+            sec.error(results, root, e)
+            continue
+        if res is not None and len(res):
+            header, body = results_table(res)
+            sec.blocks.append(Block("details", f"{_rel(results, root)}: all runs ({len(body)})",
+                                    table=Table(header, body, "sweep-runs", False)))
+    return sec
+
+
+# ------------------------------------------------------------------------------------------------- render
+
+
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("neurovision.runs", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.get_template(TEMPLATE)
 
 
 def build_report(path: str | os.PathLike[str], *, exclude: Iterable[Path] = (), progress: bool | None = None,
@@ -623,8 +1077,6 @@ def build_report(path: str | os.PathLike[str], *, exclude: Iterable[Path] = (), 
         FileNotFoundError: ``path`` does not exist.
         ReportError: ``path`` is not a directory, or holds nothing this report understands.
     """
-    from tqdm.auto import tqdm
-
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such directory")
@@ -636,188 +1088,22 @@ def build_report(path: str | os.PathLike[str], *, exclude: Iterable[Path] = (), 
         raise ReportError(
             f"{root}: nothing to report: found no {METRICS_TABLE}, results.csv/summary.csv, config.yaml, "
             f"concept_r.csv, test_generations_*.jsonl or images in its {found.n_files} files")
-    log.info("report %s: %d files scanned: %d metrics tables, %d sweeps, %d configs, %d images, %d generation files",
-             root, found.n_files, len(found.metrics_tables), len({p.parent for p in found.results + found.summaries}),
-             len(found.configs), len(found.images), len(found.generations))
-    doc = _Doc()
-    n_figs = 0
-    bar_total = len(found.metrics_tables) + len({p.parent for p in found.results + found.summaries}) + len(found.images)
-    bar = tqdm(total=bar_total, desc="report", unit="item", file=sys.stderr, leave=False,
-               disable=True if progress is False else (None if bar_total >= 20 else True))
-    try:
-        # -- sweeps
-        sweep_dirs = sorted({p.parent for p in found.results + found.summaries})
-        if sweep_dirs:
-            doc.heading(2, "Sweeps" if len(sweep_dirs) > 1 else "Sweep")
-        for d in sweep_dirs:
-            name = _name(d, root)
-            summary = d / "summary.csv" if (d / "summary.csv") in found.summaries else None
-            results = d / "results.csv" if (d / "results.csv") in found.results else None
-            doc.heading(3, f"sweep: {name}")
-            bar.update(1)
-            try:
-                summ, over, res = read_sweep(summary, results)
-            except READ_ERRORS as e:
-                _unreadable(doc, summary or results, root, e)  # type: ignore[arg-type]
-                continue
-            src = "summary.csv" if summary else "results.csv (summarised here: mean ± sample sd over runs)"
-            n_runs = int(res["run"].nunique()) if res is not None and "run" in res.columns else None
-            doc.add(f'<p class="note">{_e(src)}; overrides: {_e(", ".join(over) or "none")}'
-                    + (f"; {n_runs} runs" if n_runs is not None else "") + "</p>")
-            header, body = sweep_table(summ, over)
-            doc.add('<div class="scroll">' + _table(header, body, "sweep-summary", first_col_header=False) + "</div>")
-            beta = beta_column(over)
-            if beta is not None:
-                doc.heading(4, f"β curves ({name})")
-                items = []
-                for metric, png in beta_figures(summ, over, beta, name):
-                    items.append(_figure(data_uri(png), f"{metric} vs β", "beta-curve", {"data-metric": metric}))
-                    n_figs += 1
-                doc.add(_figs(items, "plots"))
-            if res is not None and "run" in res.columns and len(res):
-                piv = res.drop_duplicates(["run", "metric"], keep="last")
-                metrics = list(dict.fromkeys(piv["metric"].astype(str)))
-                cols = [c for c in res.columns if c not in ("metric", "value")]
-                per_run: dict[tuple[str, ...], dict[str, str]] = {}
-                for rec in piv.to_dict("records"):
-                    per_run.setdefault(tuple(_fmt(rec[c]) for c in cols), {})[str(rec["metric"])] = _fmt(rec["value"])
-                doc.add(f'<details class="config"><summary>all runs ({len(per_run)})</summary><div class="scroll">'
-                        + _table([*cols, *metrics], ([*k, *(v.get(m, "–") for m in metrics)]
-                                                     for k, v in per_run.items()), "sweep-runs", False)
-                        + "</div></details>")
-
-        # -- runs
-        tables = sorted(found.metrics_tables)
-        used_configs: set[Path] = set()
-        if tables:
-            doc.heading(2, "Runs" if len(tables) > 1 else "Run")
-        for t in tables:
-            name = _name(t.parent, root)
-            doc.heading(3, f"run: {name}")
-            bar.update(1)
-            cfg = _config_for(t, found.configs, root)
-            if cfg is not None:
-                used_configs.add(cfg)
-            try:
-                df = read_metrics_table(t)
-            except READ_ERRORS as e:
-                _unreadable(doc, t, root, e)
-                if cfg is not None:
-                    doc.add(_config_block(cfg, root))
-                continue
-            stage = "test" if df["metric"].astype(str).str.startswith("test/").any() else "val"
-            groups, metrics, cells = final_metrics(df, stage)
-            if metrics:
-                what = ("final test metrics" if stage == "test"
-                        else f"no test metrics: validation metrics of the last epoch ({_fmt(df[df['stage'] == 'val']['epoch'].max())})")
-                doc.add(f'<p class="note">{_e(what)} (group × metric, from {_e(_rel(t, root))})</p>')
-                doc.add('<div class="scroll">' + _table(["group", *metrics], (
-                    [g, *(_fmt(cells[(g, m)]) if (g, m) in cells else "–" for m in metrics)] for g in groups),
-                    f"final-{stage}") + "</div>")
-            else:
-                doc.add(f'<p class="note">{_e(_rel(t, root))} holds no val/ or test/ metrics</p>')
-            figs = val_figures(df, name)
-            if figs:
-                doc.add(_figs([_figure(data_uri(png), f"{name}: {fam}", "val-curve", {"data-metric": fam})
-                               for fam, png in figs], "plots"))
-                n_figs += len(figs)
-            if cfg is not None:
-                doc.add(_config_block(cfg, root))
-        other_cfgs = [c for c in sorted(found.configs) if c not in used_configs]
-        if other_cfgs:
-            doc.heading(2, "Configurations")
-            for c in other_cfgs:
-                doc.add(_config_block(c, root))
-
-        # -- encoding analyses
-        shown: set[Path] = set()
-        if found.encodings:
-            doc.heading(2, "Encoding" if len(found.encodings) == 1 else "Encoding analyses")
-        for sites in sorted(found.encodings):
-            name = _name(sites.parent, root)
-            doc.heading(3, f"encoding: {name}")
-            try:
-                (sh, srows), (ih, irows, n_int) = encoding_tables(sites)
-            except READ_ERRORS as e:
-                _unreadable(doc, sites, root, e)
-                continue
-            if srows:
-                doc.add('<p class="note">summary.json (per event set; precision/recall/F1 against the planted '
-                        'multimodal sites when the store is a phantom)</p><div class="scroll">'
-                        + _table(sh, srows, "encoding-summary") + "</div>")
-            if ih:
-                doc.add(f'<h4>integration sites ({n_int}; first {len(irows)} shown)</h4><div class="scroll">'
-                        + _table(ih, irows, "integration-sites", first_col_header=False) + "</div>")
-            items = []
-            for fig in ENCODING_FIGURES:
-                p = sites.parent / fig
-                if p in found.images:
-                    shown.add(p)
-                    bar.update(1)
-                    items.append(_figure(data_uri(p.read_bytes()), _rel(p, root), "file-encoding",
-                                         {"data-file": _rel(p, root)}))
-                    n_figs += 1
-            doc.add(_figs(items))
-
-        # -- images and concept tables
-        kinds: dict[str, list[Path]] = {"grids": [], "concepts": [], "figures": []}
-        for p in sorted(p for p in found.images if p not in shown):
-            kinds[image_kind(p, root)].append(p)
-        titles = {"grids": "Reconstructions", "concepts": "Concept maps", "figures": "Other figures"}
-        for kind in ("grids", "concepts", "figures"):
-            paths = kinds[kind]
-            r_tables = sorted(found.concept_r) if kind == "concepts" else []
-            if not paths and not r_tables:
-                continue
-            doc.heading(2, titles[kind])
-            for rt in r_tables:
-                try:
-                    header, body = concept_r_table(rt)
-                except READ_ERRORS as e:
-                    _unreadable(doc, rt, root, e)
-                    continue
-                doc.add(f'<h4>{_e(_rel(rt, root))} (Pearson r with the planted map)</h4><div class="scroll">'
-                        + _table(header, body, "concept-r") + "</div>")
-            by_dir: dict[Path, list[Path]] = {}
-            for p in paths:
-                by_dir.setdefault(p.parent, []).append(p)
-            for d, ps in by_dir.items():
-                if len(by_dir) > 1:
-                    doc.add(f"<h4>{_e(_rel(d, root))}</h4>")
-                items = []
-                for p in ps:
-                    bar.update(1)
-                    try:
-                        data = p.read_bytes()
-                    except OSError as e:
-                        _unreadable(doc, p, root, e)
-                        continue
-                    items.append(_figure(data_uri(data, IMAGE_SUFFIXES[p.suffix.lower()]), _rel(p, root),
-                                         f"file-{kind}", {"data-file": _rel(p, root)}))
-                doc.add(_figs(items, "small" if kind == "concepts" else ""))
-        # -- generated text
-        if found.generations:
-            doc.heading(2, "Generated text")
-            for g in sorted(found.generations):
-                try:
-                    header, body, total = generations_table(g)
-                except READ_ERRORS as e:
-                    _unreadable(doc, g, root, e)
-                    continue
-                doc.add(f"<h4>{_e(_rel(g, root))} (first {len(body)} of {total} rows)</h4>"
-                        f'<div class="scroll">' + _table(header, body, "text", first_col_header=False) + "</div>")
-    finally:
-        bar.close()
-
+    head, key_figs, sections, n_runs = build_sections(found, root)
+    n_sweeps = len({p.parent for p in found.results + found.summaries})
+    log.info("report %s: %d files scanned: %d run folders, %d sweeps, %d images, %d headline rows", root,
+             found.n_files, n_runs, n_sweeps, len(found.images), len(head))
     now = now or _dt.datetime.now().astimezone()
-    title = f"neurovision report: {root.name}"
-    head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>")
-    meta = (f'<p class="meta">{_e(str(root))} · created {_e(now.strftime("%Y-%m-%d %H:%M:%S %Z").strip())} · '
-            f"{len(found.metrics_tables)} runs, {len(sweep_dirs)} sweeps, {len(found.images)} images, "
-            f"{n_figs} plots</p>")
-    return "".join([head, f"<h1>{_e(title)}</h1>", meta, doc.toc_html(), *doc.body, "</body></html>\n"])
+    n_imgs = len(key_figs) + sum(len(b.figures) for s in _walk(sections) for b in s.blocks)
+    return str(_template().render(
+        title=f"neurovision report: {root.name}", root=str(root), headline=head, key_figures=key_figs,
+        sections=sections, created=now.strftime("%Y-%m-%d %H:%M:%S %Z").strip(),
+        counts=f"{n_runs} runs, {n_sweeps} sweeps, {n_imgs} figures"))
+
+
+def _walk(sections: Sequence[Section]) -> Iterable[Section]:
+    for s in sections:
+        yield s
+        yield from _walk(s.children)
 
 
 def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -837,9 +1123,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse_parser(
         prog="neurovision report",
-        description="a static, self-contained HTML dashboard of a run or sweep directory: final test metrics, "
-                    "validation curves, configs, sweep summaries and β curves, reconstruction grids, concept "
-                    "maps and generated text")
+        description="a static, self-contained HTML dashboard of a run or sweep directory: a headline table of the "
+                    "chain's numbers and the key figures first, then each stage's runs (final metrics, validation "
+                    "curves, configs), sweeps, concept maps, encoding, generated text, and a run index")
     parser.add_argument("dir", help="run or sweep directory (scanned recursively)")
     parser.add_argument("--out", default=None, help="output HTML file (default: <dir>/report.html)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -862,10 +1148,3 @@ def main(args: list[str]) -> int:
         package.setLevel(level)
     print(f"report: {out}")
     return 0
-
-
-if __name__ == "__main__":
-    from neurovision.cli import setup_process
-
-    setup_process()  # the torchvision fix (where needed) and console logging, before anything imports torchvision
-    sys.exit(main(sys.argv[1:]))
