@@ -163,6 +163,21 @@ def test_downdate_inner_cv_equals_himalaya_refit(rng, n: int, p: int, grouped: b
     assert len(np.unique(new.alphas_)) > 2 and new.r[7] == 0.0  # a real per-target choice; constant -> r 0
 
 
+@pytest.mark.parametrize(("n", "p"), [(400, 60), (100, 150)])
+def test_downdate_inner_cv_ill_conditioned_features_float32(rng, n: int, p: int) -> None:
+    """Features with a spectrum decaying over 3 decades (as network activations): the float32 Gram
+    eigendecompositions still give himalaya's α (small ones included) and r to 1e-5."""
+    q, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    x = rng.normal(size=(n, p)) * np.logspace(0, -3, p) @ q.T
+    y = rng.normal(size=(n, 12))
+    y[:, :6] += x @ rng.normal(size=(p, 6)) * 3
+    ref = cross_validated_ridge(x, y, folds=4, backend="numpy", inner_cv="refit")
+    new = cross_validated_ridge(x, y, folds=4, backend="numpy")
+    np.testing.assert_array_equal(new.alphas_, ref.alphas_)
+    np.testing.assert_allclose(new.r, ref.r, atol=1e-5)
+    assert new.alphas_.min() < 10 and new.alphas_.max() > 1e3
+
+
 def test_downdate_torch_backend_and_target_batches_agree(rng) -> None:
     x, y = _planted(rng, n=160, p=12, t=9)
     folds = blocked_folds(len(x), 4)

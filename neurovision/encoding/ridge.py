@@ -291,9 +291,9 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
     per block as Q_b Λ_b Q_bᵀ (p x p); per α the held-out prediction of block b is
     (X_b - μ₋b) Q_b diag(1 / (λ + α)) Q_bᵀ C_b + ν₋b: about n_train·p operations per α and target, as
     scikit-learn's leave-one-out. When p > n_train, X is first replaced by U S of its thin SVD (X = U S Vᵀ;
-    ridge weights lie in the row space of X, so this is exact) and the weights mapped back by V. Gram
-    eigenvalues at or below ``rank x eps x λ_max`` (null directions, e.g. when n₋b < p, where C_b has no
-    component in exact arithmetic) are dropped. When n_block > p, A_b = (X_b - μ₋b) Q_b = L (S Rᵀ) (thin
+    ridge weights lie in the row space of X, so this is exact) and the weights mapped back by V. The
+    null directions of a Gram (rank <= n₋b - 1 < p: C_b has no component there in exact arithmetic) and
+    negative (rounding) eigenvalues are dropped. When n_block > p, A_b = (X_b - μ₋b) Q_b = L (S Rᵀ) (thin
     SVD): the error off L's span does not depend on α, so per α only ||Lᵀr - S Rᵀ d||² is computed, p² per
     target instead of n_block·p. (The hat-matrix form, (I - H_bb)⁻¹ (y_b - ŷ_b) from one SVD of X, is exact
     too but costs n_block² + n_block·p per α, block and target: at Brain Treebank sizes, n_block ≈ 5,000 >>
@@ -315,18 +315,21 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
         X = u * s[None, :]
         del u, s
     rank = X.shape[1]
-    eps = float(np.finfo(dtype).eps)
 
-    def eig(g: Any) -> tuple[Any, Any, Any]:
-        """Eigenvalues (dropped ones 0), eigenvectors and the 0/1 mask of kept eigenvalues."""
+    def eig(g: Any, n_rows: int) -> tuple[Any, Any, Any]:
+        """Eigenvalues (dropped ones 0), eigenvectors and the 0/1 mask of kept eigenvalues of the centred Gram
+        ``g`` of ``n_rows`` rows: rank <= n_rows - 1, so the smallest rank - (n_rows - 1) are null directions
+        (dropped: rounding only); negative ones are rounding too (dropped)."""
         g = (g + g.T) / 2
         if bk.name == "numpy":  # LAPACK's divide and conquer: 2-3x faster than scipy's default driver
             import scipy.linalg
 
             lam, q = scipy.linalg.eigh(g, driver="evd", overwrite_a=True, check_finite=False)
         else:
-            lam, q = bk.eigh(g)
-        keep = bk.asarray(lam > rank * eps * float(bk.to_numpy(lam.max())), dtype=dt)
+            lam, q = bk.eigh(g)  # ascending, as LAPACK's
+        structural = np.zeros(rank, dtype=dt)
+        structural[max(0, rank - (n_rows - 1)):] = 1.0
+        keep = bk.asarray(structural, dtype=dt) * bk.asarray(lam > 0, dtype=dt)
         return lam * keep, q, keep
 
     gram = bk.matmul(X.T, X)
@@ -336,14 +339,14 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
         xb = X[sl]
         n_out = n - xb.shape[0]
         mu = (x_sum - xb.sum(0)) / n_out
-        lam, q, keep = eig(gram - bk.matmul(xb.T, xb) - n_out * (mu[:, None] * mu[None, :]))
+        lam, q, keep = eig(gram - bk.matmul(xb.T, xb) - n_out * (mu[:, None] * mu[None, :]), n_out)
         a_b, proj = bk.matmul(xb - mu[None, :], q), None
         if a_b.shape[0] > rank:  # A_b = L (S Rᵀ): the error off L's span does not depend on α
             proj, s, rt = bk.svd(a_b, full_matrices=False)
             a_b = s[:, None] * rt
         blocks.append((n_out, mu, lam, keep, q, a_b, proj))
     m = x_sum / n
-    lam_all, q_all, keep_all = eig(gram - n * (m[:, None] * m[None, :]))
+    lam_all, q_all, keep_all = eig(gram - n * (m[:, None] * m[None, :]), n)
     del gram
     if n_targets_batch is None:
         n_targets_batch = _downdate_targets_batch(n, rank, len(inner), max(len(te) for _, te in inner),
