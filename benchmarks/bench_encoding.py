@@ -8,11 +8,12 @@ logspace(-1, 5, 7):
 - ours: :func:`neurovision.encoding.ridge.cross_validated_ridge`, α chosen by an inner blocked 5-fold CV, exact,
   from one eigendecomposition of the Gram per inner block (``inner_cv="downdate"``, the default; backend
   ``auto``: numpy on CPU, torch_cuda on GPU), once per ``--dtypes`` entry;
-- reference: the same call with ``inner_cv="refit"`` (himalaya ``RidgeCV`` refitting every inner fold, the
+- scikit-learn (timed right after ours, so that both see the same machine load):
+  ``RidgeCV(alphas, alpha_per_target=True)`` per fold. Note it chooses α by efficient leave-one-out (GCV), which
+  is cheaper than a blocked CV but not valid for autocorrelated events;
+- reference: the same call as ours with ``inner_cv="refit"`` (himalaya ``RidgeCV`` refitting every inner fold, the
   method before issue 22); same folds, so its α and mean r must equal ours up to rounding (printed: the share
   of equal α and the largest |Δr|); ``--no-reference`` skips it;
-- scikit-learn: ``RidgeCV(alphas, alpha_per_target=True)`` per fold. Note it chooses α by efficient
-  leave-one-out (GCV), which is cheaper than a blocked CV but not valid for autocorrelated events.
 - bootstrap: the statistics stage on our predictions, :func:`neurovision.encoding.stats.bootstrap_indices`
   (``--n-boot`` resamples, moving blocks of 20 events) + :func:`~neurovision.encoding.stats.bootstrap_r`
   (``--no-bootstrap`` skips it).
@@ -154,6 +155,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "mean_r_signal": float(enc.r[: args.targets // 2].mean())})
     first = dtypes[0]
     ours_s = next(r["seconds"] for r in res["results"] if r["key"] == f"ours_{first}")
+    if not args.no_sklearn:
+        (pred, sk_alphas), sec = _timed(lambda: sklearn_folds(x, y, folds, alphas))
+        r = pearson_r(y, pred)
+        res["results"].append({"method": "sklearn RidgeCV per fold (float64, LOO/GCV)", "key": "sklearn",
+                               "seconds": sec, "mean_r": float(r.mean()),
+                               "mean_r_signal": float(r[: args.targets // 2].mean())})
+        res["alpha_agreement"] = float(np.mean(ours_alphas[first] == sk_alphas))
+        res["ratio_sklearn_over_ours"] = sec / ours_s
     if not args.no_reference:
         ref, sec = _timed(lambda: cross_validated_ridge(
             x, y, folds=folds, alphas=alphas, inner_folds=args.inner_folds, backend=backend, dtype=first,
@@ -165,14 +174,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "max_abs_dr": float(np.abs(ours[first].r - ref.r).max()),
                             "mean_r_diff": float(ours[first].r.mean() - ref.r.mean()),
                             "ratio_reference_over_ours": sec / ours_s}
-    if not args.no_sklearn:
-        (pred, sk_alphas), sec = _timed(lambda: sklearn_folds(x, y, folds, alphas))
-        r = pearson_r(y, pred)
-        res["results"].append({"method": "sklearn RidgeCV per fold (float64, LOO/GCV)", "key": "sklearn",
-                               "seconds": sec, "mean_r": float(r.mean()),
-                               "mean_r_signal": float(r[: args.targets // 2].mean())})
-        res["alpha_agreement"] = float(np.mean(ours_alphas[first] == sk_alphas))
-        res["ratio_sklearn_over_ours"] = sec / ours_s
     if not args.no_bootstrap:
         pred_ours = ours[first].predictions
         assert pred_ours is not None
