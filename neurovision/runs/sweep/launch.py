@@ -160,11 +160,15 @@ def job_info() -> dict[str, Any] | None:
     """The submitit job this process runs in (launcher, job id, host, log paths), None outside one."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
+    from submitit.core.utils import JobPaths
+
     env = submitit.JobEnvironment()
     paths = env.paths
+    # the sbatch script is kept under the id sbatch answered: the array's for an array task
+    script = JobPaths(os.environ["SUBMITIT_FOLDER"], job_id=env.array_job_id or env.job_id).submission_file
     return {"launcher": env.cluster, "job_id": env.job_id, "host": env.hostname,
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "stdout": str(paths.stdout),
-            "stderr": str(paths.stderr), "submission_file": str(paths.submission_file), "started": now()}
+            "stderr": str(paths.stderr), "submission_file": str(script), "started": now()}
 
 
 # ------------------------------------------------------------------------------------------------- one run
@@ -247,7 +251,7 @@ class Runner:
         return st
 
     def _interrupted(self, run: Run, st: dict[str, Any]) -> dict[str, Any]:
-        st.update(state="interrupted", updated=now())
+        st.update(state="interrupted", error="stopped (Ctrl-C, SIGTERM, scancel or preemption)", updated=now())
         write_json(run.dir / "status.json", st)
         return st
 
@@ -278,9 +282,25 @@ class RunJob(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
-        if "SLURM_JOB_ID" in os.environ and self.env is None:  # see the module docstring: submitit requeues
-            env["SLURM_JOB_NAME"] = "interactive"
-        return Runner(self.sweep, {self.run.name: self.plan}).execute(self.run, env, self.commands)
+        previous: Any = None
+        if self.env is None and "SLURM_JOB_ID" in os.environ:  # a SLURM job (see the module docstring)
+            env["SLURM_JOB_NAME"] = "interactive"  # Lightning's SLURM environment and auto-requeue off
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.getsignal(signal.SIGTERM)
+
+                def on_term(signum: int, frame: Any) -> None:
+                    # SLURM's SIGTERM (preemption, scancel) also stops the LightningCLI process, which then exits
+                    # 0 (Lightning's SIGTERM handling): not a finished command
+                    _STOP.set()
+                    if callable(previous):
+                        previous(signum, frame)
+
+                signal.signal(signal.SIGTERM, on_term)
+        try:
+            return Runner(self.sweep, {self.run.name: self.plan}).execute(self.run, env, self.commands)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or time-out (in the job's signal handler): stop the LightningCLI
@@ -439,10 +459,12 @@ def active_jobs(out: Path) -> list[tuple[str, str]]:
     return busy
 
 
-def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path,
-              poll_s: float = 1.0) -> dict[str, dict[str, Any]] | None:
+def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path, poll_s: float = 1.0,
+              sacct_every_s: float = 60.0) -> dict[str, dict[str, Any]] | None:
     """Submit each command's job array to SLURM and wait for it (then the next command's); the final status of
-    each run submitted, None when the driver is interrupted (the submitted jobs go on: their ids are printed)."""
+    each run submitted, None when the driver is interrupted (the submitted jobs go on: their ids are printed).
+    A job is seen to end by its result file (checked every ``poll_s``) or by ``sacct`` (submitit's watcher, at
+    least every ``sacct_every_s``: one call for all the jobs)."""
     from tqdm.auto import tqdm
 
     if shutil.which("sbatch") is None:
@@ -462,6 +484,7 @@ def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path,
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     submitted: list[submitit.Job[Any]] = []
+    cancelled: list[str] = []
     try:
         for cmd in sweep.commands:
             batch = [r for r in runs if cmd in commands_todo(sweep, r, read_status(r.dir))
@@ -479,19 +502,32 @@ def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path,
             first = jobs[0].job_id.split("_")[0]
             print(f"{cmd}: SLURM job array {first} ({len(jobs)} tasks); logs: {out / 'slurm'}", file=sys.stderr)
             bar = tqdm(total=len(jobs), desc=cmd, unit="run", file=sys.stderr, dynamic_ncols=True)
-            pending = dict(zip(batch, jobs, strict=True))
+            pending = {r.name: (r, j) for r, j in zip(batch, jobs, strict=True)}
+            last_sacct = time.monotonic()
             while pending:
-                for r, job in list(pending.items()):
-                    if not job.done():
-                        continue
-                    del pending[r]
+                if time.monotonic() - last_sacct > sacct_every_s:  # a job that ends without a result (cancelled,
+                    last_sacct = time.monotonic()                  # node failure) shows only in sacct
+                    next(iter(pending.values()))[1].done(force_check=True)
+                ended = [name for name, (_, job) in pending.items() if job.done()]
+                if ended:
+                    submitit.SlurmJob.watcher.update()  # their final SLURM states: one sacct call
+                for name in ended:
+                    r, job = pending.pop(name)
+                    if job.watcher.get_state(job.job_id, mode="cache").upper().startswith("CANCELLED"):
+                        cancelled.append(job.job_id)
                     st = _collect(r, cmd, job)
                     finals[r.name] = st
-                    bar.write(f"{st['state']:<11} {r.name}  ({cmd}, job {job.job_id})")
+                    state = ((st.get("commands") or {}).get(cmd) or {}).get("state") or st.get("state")
+                    bar.write(f"{cmd} {state:<11} {r.name}  (job {job.job_id})")
                     bar.update(1)
                 if pending:
                     time.sleep(poll_s)
             bar.close()
+            if cancelled:  # scancel is the user's stop: no further array
+                later = sweep.commands[sweep.commands.index(cmd) + 1:]
+                log.warning("neurovision sweep: SLURM job(s) %s cancelled%s; run the sweep again to resume",
+                            ", ".join(cancelled), f": {', '.join(later)} not submitted" if later else "")
+                break
     except KeyboardInterrupt:
         ids = sorted({j.job_id.split("_")[0] for j in submitted})
         log.error("neurovision sweep: interrupted; the submitted SLURM jobs go on (scancel %s to stop them); run "
@@ -513,7 +549,7 @@ def _collect(run: Run, cmd: str, job: submitit.Job[Any]) -> dict[str, Any]:
             return _record_crash(run, f"{cmd}: job {job.job_id} raised {type(e).__name__}: {e}")
         if isinstance(result, dict):
             return result
-    state = job.state
+    state = job.watcher.get_state(job.job_id, mode="cache")
     st = read_status(run.dir) or {"run": run.name, "commands": {}}
     rec = dict((st.get("commands") or {}).get(cmd) or {})
     if rec.get("state") in (None, "running", "pending"):

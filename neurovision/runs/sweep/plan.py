@@ -11,7 +11,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,9 @@ class Plan:
     seed: Any
     resolved: dict[str, Any]
     checkpointing: bool = True
+    # each command's logger arguments, made here (where the parser has imported the logger classes) so that a job
+    # on a cluster node builds its command lines without importing Lightning
+    logger_argv: dict[str, list[str]] = field(default_factory=dict)
 
 
 def plan_run(sweep: Sweep, run: Run, keys: list[str], check: bool = False) -> Plan:
@@ -271,6 +274,7 @@ def plan_run(sweep: Sweep, run: Run, keys: list[str], check: bool = False) -> Pl
     _check_checkpointing(sweep, run, cfg)
     plan = Plan(logger=_as_dict(cfg.get("trainer.logger")), seed=cfg.get("seed_everything"), resolved=resolved,
                 checkpointing=cfg.get("trainer.enable_checkpointing") is not False)
+    plan.logger_argv = {c: logger_args(plan.logger, run.dir, c) for c in sweep.commands}
     if check:
         try:
             parse(command_argv(sweep, run, plan, cmd))
@@ -283,7 +287,7 @@ def plan_run(sweep: Sweep, run: Run, keys: list[str], check: bool = False) -> Pl
 def command_argv(sweep: Sweep, run: Run, plan: Plan, cmd: str, ckpt_path: Path | None = None) -> list[str]:
     """The full command line of ``cmd`` for ``run`` (after ``python -m neurovision.cli``)."""
     argv = [*base_argv(sweep, run, cmd), f"--trainer.default_root_dir={run.dir / cmd}",
-            *logger_args(plan.logger, run.dir, cmd)]
+            *(plan.logger_argv[cmd] if cmd in plan.logger_argv else logger_args(plan.logger, run.dir, cmd))]
     if cmd == "fit" and plan.checkpointing:
         argv += checkpoint_args(run.dir)
     if ckpt_path is not None:
