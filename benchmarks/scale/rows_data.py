@@ -664,13 +664,13 @@ def _refit_flops(events: int, features: int) -> tuple[float, float]:
 def _fit_ram_gb(events: int, features: int, targets: int) -> float:
     """RAM of one fit beyond the interpreter: Y, its scaled training copy and the kept predictions (float32
     E x T each) + one test fold's float64 predictions; X and its scaled copies (3 x E x p float32); the
-    solver's eigenvectors ((ENC_INNER + 1) r²) and held-out block projections (E x r); its target batch
-    temporaries, at most ~1 GiB (ridge._MEMORY_BUDGET)."""
+    solver's eigenvectors ((ENC_INNER + 1) r²), held-out block products (ENC_INNER r²) and projections (E x r);
+    its target batch temporaries, at most ~1 GiB (ridge._MEMORY_BUDGET)."""
     n = events - events // ENC_FOLDS
     r = min(n, features)
     per_t = 4 * (n + (ENC_INNER + 3) * r + 2 * n // ENC_INNER)
     total = (12 * events + 8 * (events // ENC_FOLDS)) * targets + 4 * (3 * events * features
-                                                                        + (ENC_INNER + 1) * r * r + events * r)
+                                                                        + (2 * ENC_INNER + 1) * r * r + events * r)
     return (total + min(per_t * targets, 2 ** 30)) / GB
 
 
