@@ -1022,7 +1022,8 @@ def build_sections(found: Scan, root: Path) -> tuple[list[HeadlineRow], list[Fig
             sec.table(Table(header, body, "text", False), f"{_rel(g, root)} (first {len(body)} of {total} rows)")
         sec.blocks += [_config_block(c, root) for c in cfgs]
         sections.append(sec)
-    sections.append(_run_index(runs, sweeps, root, ids, found))
+    if runs or sweeps:
+        sections.append(_run_index(runs, sweeps, root, ids, found))
     return head, key_figs, sections, len(runs)
 
 
