@@ -207,7 +207,7 @@ def test_report_contents(project: Path) -> None:
     # run index: every run folder with its stage and tables; the sweep's per-run table
     index = text[text.index('<h2 id="run-index">'):]
     assert "<td>run</td><td>Stage 1</td>" in index.replace("<th>run</th>", "<td>run</td>")
-    assert "sweep/results.csv: all runs (20)" in index
+    assert "sweep/results.csv: per-run results (20 runs, 20 rows)" in index
 
     # everything escaped: neither the config's nor the metric name's markup is raw
     assert "<script" not in text.lower()

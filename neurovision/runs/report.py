@@ -1053,7 +1053,8 @@ def _run_index(runs: Sequence[RunInfo], sweeps: Sequence[Path], root: Path, ids:
             continue
         if res is not None and len(res):
             header, body = results_table(res)
-            sec.blocks.append(Block("details", f"{_rel(results, root)}: all runs ({len(body)})",
+            n = int(res["run"].nunique()) if "run" in res.columns else len(body)
+            sec.blocks.append(Block("details", f"{_rel(results, root)}: per-run results ({n} runs, {len(body)} rows)",
                                     table=Table(header, body, "sweep-runs", False)))
     return sec
 
