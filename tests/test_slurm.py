@@ -259,3 +259,33 @@ def test_a_real_two_run_sweep_on_the_fake_cluster_equals_the_local_one(tiny_stor
     for run in ("dim=32__seed=0", "dim=32__seed=1"):
         st = _status(tmp_path / "cluster", run)
         assert st["state"] == "done" and re.fullmatch(r"\d+_[01]", st["commands"]["fit"]["jobs"][0]["job_id"])
+
+
+# ------------------------------------------------------------------------------------ the multi-node recipe
+def test_the_multinode_fit_recipe_resolves_and_matches_its_allocation(monkeypatch):
+    """experiments/slurm/fit_multinode.sbatch: its srun line parses with the NeuroVisionCLI parser (SLURM's
+    variables filled from the script's own #SBATCH lines), the Lightning flags match the allocation as Lightning's
+    SLURMEnvironment checks it, and the requeue signal is the one SLURMEnvironment listens to."""
+    import shlex
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    path = ROOT / "experiments" / "slurm" / "fit_multinode.sbatch"
+    text = path.read_text()
+    opts = {k: v for k, v in re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M)}
+    (line,) = [ln for ln in text.replace("\\\n", " ").splitlines() if ln.lstrip().startswith("srun ")]
+    nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
+    slurm_env = {"SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": str(per_node),
+                 "SLURM_NTASKS": str(nodes * per_node), "SLURM_JOB_NAME": opts["job-name"]}
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: slurm_env[m.group(1)], a) for a in shlex.split(line)]
+    assert argv[:3] == ["srun", "neurovision", "fit"]
+    monkeypatch.chdir(ROOT)  # the recipe is submitted from the repository root
+    trainer = sw.parse(argv[2:]).trainer
+    assert (trainer.num_nodes, str(trainer.devices), trainer.strategy) == (nodes, str(per_node), "ddp")
+    assert int(opts["gpus-per-node"]) == per_node and nodes > 1
+    for k, v in slurm_env.items():
+        monkeypatch.setenv(k, v)
+    assert SLURMEnvironment.detect()  # Lightning picks its SLURM environment under srun
+    env = SLURMEnvironment()
+    env.validate_settings(num_devices=int(trainer.devices), num_nodes=trainer.num_nodes)  # raises on a mismatch
+    assert env.auto_requeue and opts["signal"].split("@")[0] == env.requeue_signal.name and "requeue" in opts
