@@ -81,3 +81,31 @@ def test_nothing_run_prints_not_run_and_a_bad_file_is_named(tmp_path: Path, caps
     text = demo_headline.headline(root, teachers)
     assert "encoding: unreadable (" in text and "summary.json" in text
     assert "averaged 39.6 %" in text  # the other numbers still print
+
+
+def test_the_report_headline_shows_the_same_numbers(tmp_path: Path) -> None:
+    """`make demo` prints these numbers and its report opens with them: one set of readers, one set of numbers."""
+    import html
+    import re
+
+    from neurovision.runs.report import build_report
+
+    root, teachers = _demo_tree(tmp_path)
+    (root / "encoding" / "sites.csv").write_text("subject,electrode,integration\n1,a,true\n")  # `encode` writes it
+    text = demo_headline.headline(root, teachers)
+    page = build_report(root, progress=False)
+    table = re.search(r'<table class="headline">(.*?)</table>', page, re.S)
+    assert table is not None and page.index("<table") == page.index('<table class="headline">')
+    rows = [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", r)] for r in re.findall(r"<tr>(.*?)</tr>",
+                                                                                              table.group(1), re.S)]
+    values = {(r[0], r[2]): r[3] for r in rows if r}
+    assert values[("stage 1", "test retrieval fMRI → image among 300 (average trials)")] == "39.6 %"
+    assert values[("stage 1", "test retrieval fMRI → image among 300 (single trials)")] == "35.0 %"
+    assert "averaged 39.6 %, single 35.0 %" in text
+    assert values[("stage 2", "caption CIDEr (averaged / single)")] == "0.432 / 0.300"
+    assert "CIDEr: averaged 0.432, single 0.300" in text
+    best = next(v for (s, m), v in values.items() if s == "stage 3" and m.startswith("best β"))
+    assert best == "β = 0.3" and "0.850 at β = 0.3" in text
+    assert values[("stage 3", "scores at β = 0.3")] == "clip 0.850"  # the best setting's rows (single, no prompt)
+    assert values[("encoding", "integration-site F1")] == "language 0.94, vision 0.22, all 0.60"
+    assert "F1: language 0.94, vision 0.22, all 0.60" in text

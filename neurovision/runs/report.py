@@ -105,11 +105,16 @@ class Scan:
     concept_r: list[Path] = field(default_factory=list)
     generations: list[Path] = field(default_factory=list)
     encodings: list[Path] = field(default_factory=list)
+    beta_tables: list[Path] = field(default_factory=list)
     n_files: int = 0
 
     def empty(self) -> bool:
         return not (self.metrics_tables or self.configs or self.results or self.summaries or self.images
-                    or self.concept_r or self.generations or self.encodings)
+                    or self.concept_r or self.generations or self.encodings or self.beta_tables)
+
+    def sweeps(self) -> list[Path]:
+        """Folders holding a sweep's tables (``results.csv``, ``summary.csv`` or a β sweep's ``beta_table.csv``)."""
+        return sorted({p.parent for p in self.results + self.summaries + self.beta_tables})
 
 
 def scan(root: str | os.PathLike[str], exclude: Iterable[Path] = (), progress: bool | None = None) -> Scan:
@@ -146,6 +151,8 @@ def scan(root: str | os.PathLike[str], exclude: Iterable[Path] = (), progress: b
                     found.summaries.append(p)
                 elif name == "concept_r.csv":
                     found.concept_r.append(p)
+                elif name == BETA_TABLE:
+                    found.beta_tables.append(p)
                 elif name == ENCODING_SITES:
                     found.encodings.append(p)
                 elif GENERATIONS_RE.match(name):
@@ -889,8 +896,11 @@ def _sweep_section(sweep: Path, root: Path, ids: _Ids, found: Scan, key_figs: se
         sec.error(summary or results or sweep, root, e)
         return sec
     n_runs = int(res["run"].nunique()) if res is not None and "run" in res.columns else None
-    sec.note(f"{'summary.csv' if summ is not None else 'no summary.csv: the per-run results.csv only'}; "
-             f"overrides: {', '.join(over) or 'none'}" + (f"; {n_runs} runs" if n_runs is not None else ""))
+    if summ is None and res is None:
+        sec.note(f"no results.csv or summary.csv: the {BETA_TABLE} only")
+    else:
+        sec.note(f"{'summary.csv' if summ is not None else 'no summary.csv: the per-run results.csv only'}; "
+                 f"overrides: {', '.join(over) or 'none'}" + (f"; {n_runs} runs" if n_runs is not None else ""))
     if summ is not None:
         header, body = sweep_table(summ, over)
         sec.table(Table(header, body, "sweep-summary", False))
@@ -898,6 +908,14 @@ def _sweep_section(sweep: Path, root: Path, ids: _Ids, found: Scan, key_figs: se
         header, body = results_table(res)
         sec.table(Table(header, body, "sweep-runs", False))
     if (sweep / BETA_TABLE).is_file():
+        try:
+            _, rows = best_beta(sweep / BETA_TABLE)
+        except Unreadable as e:
+            sec.error(sweep / BETA_TABLE, root, e)
+            rows = []
+        if rows and summ is None and res is None:
+            header = list(rows[0])
+            sec.table(Table(header, [[_fmt(r.get(h)) for h in header] for r in rows], "beta-table", False))
         sec.note(f"β curves and grids: {BETA_CURVES}, beta_grid_*.png (neurovision.runs.beta_figures)"
                  + ("; shown under Key figures" if key_figs & set(sweep.glob("beta_*.png")) else ""))
     figs = [p for p in found.images if p.parent == sweep and p not in key_figs]
@@ -947,7 +965,7 @@ def build_sections(found: Scan, root: Path) -> tuple[list[HeadlineRow], list[Fig
     """(headline rows, key figures, sections in page order, number of run folders)."""
     ids = _Ids()
     ids.seen.update({"summary": 1, "headline": 1, "key-figures": 1})  # the template's own ids
-    sweeps = sorted({p.parent for p in found.results + found.summaries})
+    sweeps = found.sweeps()
     runs = collect_runs(found, sweeps)
     head = headline_rows(root, runs, sweeps, found)
 
@@ -1088,10 +1106,10 @@ def build_report(path: str | os.PathLike[str], *, exclude: Iterable[Path] = (), 
     found = scan(root, exclude=exclude, progress=progress)
     if found.empty():
         raise ReportError(
-            f"{root}: nothing to report: found no {METRICS_TABLE}, results.csv/summary.csv, config.yaml, "
+            f"{root}: nothing to report: found no {METRICS_TABLE}, results.csv/summary.csv/{BETA_TABLE}, config.yaml, "
             f"concept_r.csv, test_generations_*.jsonl or images in its {found.n_files} files")
     head, key_figs, sections, n_runs = build_sections(found, root)
-    n_sweeps = len({p.parent for p in found.results + found.summaries})
+    n_sweeps = len(found.sweeps())
     log.info("report %s: %d files scanned: %d run folders, %d sweeps, %d images, %d headline rows", root,
              found.n_files, n_runs, n_sweeps, len(found.images), len(head))
     now = now or _dt.datetime.now().astimezone()
