@@ -137,6 +137,32 @@ def test_sweep_hparams_equal_the_sweep_tables(tmp_path: Path) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".tensorboard")]
 
 
+def test_sweep_logdir_lists_the_runs_own_sessions_only_with_lightnings_hp_metric(tmp_path: Path) -> None:
+    """``tensorboard --logdir <sweep>``: the runs' own TensorBoardLoggers log scalars beside the sweep's HParams;
+    with ``default_hp_metric: false`` they add no HParams session (the table is the sweep's alone), with Lightning's
+    default (a ``hp_metric`` placeholder) each adds one (the caveat in docs/dashboards.md)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from neurovision.runs.hparams import write_hparams
+
+    out = tmp_path / "sweep"
+    runs = _sweep_folder(out)
+    for name in runs:  # the run's fit logger, as the sweep points it: <run>/fit
+        lg = TensorBoardLogger(save_dir=str(out / name), name="", version="fit", default_hp_metric=False)
+        lg.log_hyperparams({"dim": 32, "lr": 1e-3})
+        lg.log_metrics({"val/average/clip": 0.5}, step=0)
+        lg.finalize("success")
+    write_hparams(out)
+    _, groups = _tensorboard_hparams(out)
+    assert {s["name"] for g in groups["sessionGroups"] for s in g["sessions"]} == {f"tensorboard/{n}" for n in runs}
+    first = next(iter(runs))
+    lg = TensorBoardLogger(save_dir=str(out / first), name="", version="test")  # default_hp_metric=True
+    lg.log_hyperparams({"dim": 32})
+    lg.finalize("success")
+    _, groups = _tensorboard_hparams(out)
+    assert f"{first}/test" in {s["name"] for g in groups["sessionGroups"] for s in g["sessions"]}
+
+
 def test_hparams_needs_a_results_table(tmp_path: Path) -> None:
     from neurovision.runs.hparams import write_hparams
 
