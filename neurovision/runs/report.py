@@ -880,8 +880,9 @@ def _run_section(run: RunInfo, root: Path, ids: _Ids, shown: set[Path]) -> Secti
         sec.table(Table(header, body, "text", False), f"{_rel(g, root)} (first {len(body)} of {total} rows)")
     for c in run.configs:
         shown.add(c)
-    if run.config() is not None:
-        sec.blocks.append(_config_block(run.config(), root))  # type: ignore[arg-type]
+    cfg = run.config()
+    if cfg is not None:
+        sec.blocks.append(_config_block(cfg, root))
     return sec
 
 
