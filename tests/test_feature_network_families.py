@@ -200,7 +200,8 @@ def _by_hand_pixels(net: SlipNetwork, frames: torch.Tensor) -> torch.Tensor:
 
 def test_slip_network_loads_the_released_layout(store: Path, slip_pair: dict[str, Any]) -> None:
     batch = _pair_batch(store, [0, 2, 3], [0, 1, 2])
-    vis = SlipNetwork(str(slip_pair["slip"]), layers=["pooled", "embedding", "ssl", "visual.blocks.1"])
+    vis = SlipNetwork(str(slip_pair["slip"]),
+                      layers=["pooled", "embedding", "ssl", "visual.blocks.1", "image_mlp.relu2"])
     assert vis.model_name == "SLIP_VITB16" and vis.arch.image_size == 16 and vis.arch.vision_depth == 2
     got = vis.extract(batch)
     x = _by_hand_pixels(vis, batch["frames"])
@@ -210,6 +211,7 @@ def test_slip_network_loads_the_released_layout(store: Path, slip_pair: dict[str
     torch.testing.assert_close(got["embedding"],
                                torch.nn.functional.normalize(pooled @ slip_pair["image_projection"], dim=-1))
     assert got["ssl"].shape == (3, 6) and got["visual.blocks.1"].shape == (3, 24)
+    assert got["image_mlp.relu2"].shape == (3, 12)
     # language: the text tower equals open_clip's CLIP text tower with the same weights (same tokenizer)
     lang = SlipNetwork(str(slip_pair["slip"]), modality="language")
     clip = slip_pair["clip"]

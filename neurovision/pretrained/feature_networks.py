@@ -40,6 +40,7 @@ import torch
 from neurovision.data.cache import dir_digest, file_digest, format_floats, json_digest
 from neurovision.data.events import EventStore
 from neurovision.pretrained.hooks import ForwardHooks, check_module_names
+from neurovision.pretrained.slip import SlipModelName
 from neurovision.pretrained.teachers import resize_images, resolve_clip_arch
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,8 @@ class HFFusedNetwork(FeatureNetwork):
     fused encoder's output, ``multimodal_embeddings``), ``"image"`` / ``"text"`` (the model's own unimodal
     towers, ``image_embeddings`` / ``text_embeddings``), or module names (forward hooks); each pooled at the
     first token (``cls``) or over the valid tokens (``mean``). Dual encoders (CLIP) are
-    :class:`OpenClipNetwork`; a model whose output has no ``multimodal_embeddings`` is refused.
+    :class:`OpenClipNetwork`, a text encoder cross-attending to an image encoder (BLIP, ALBEF-style) is
+    :class:`HFCrossAttentionNetwork`; a model whose output has no ``multimodal_embeddings`` is refused.
     """
 
     modality: Modality = "multimodal"
@@ -544,7 +546,8 @@ class HFFusedNetwork(FeatureNetwork):
             res = self.model(**enc, return_dict=True)
         if getattr(res, "multimodal_embeddings", None) is None:
             raise ValueError(f"HFFusedNetwork({self.path}): {type(self.model).__name__} returned no "
-                             "multimodal_embeddings (not a fused image-text model such as FLAVA)")
+                             "multimodal_embeddings (not a fused image-text model such as FLAVA; BLIP-style models: "
+                             "HFCrossAttentionNetwork)")
         text_mask = enc.get("attention_mask")
         out: dict[str, torch.Tensor] = {}
         for name in self.layers:
@@ -673,8 +676,7 @@ class SlipNetwork(FeatureNetwork):
     def __init__(
         self,
         checkpoint: str | None = None,
-        model: Literal["SLIP_VITS16", "SLIP_VITB16", "SLIP_VITL16", "CLIP_VITS16", "CLIP_VITB16", "CLIP_VITL16",
-                       "SIMCLR_VITS16", "SIMCLR_VITB16", "SIMCLR_VITL16"] | None = None,
+        model: SlipModelName | None = None,
         trained: bool = True,
         modality: Literal["vision", "language", "multimodal"] = "vision",
         fusion: Literal["concat", "product", "concat_product"] = "concat_product",
@@ -769,13 +771,15 @@ class SlipNetwork(FeatureNetwork):
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         m = cast(Any, self.model)
-        pooled = img = txt = tokens = None
+        pooled = ssl = img = txt = tokens = None
         n = 0
         with ForwardHooks(self.model, self._hooked) as hooks:
             if self.modality in ("vision", "multimodal"):
                 x = self.preprocess(batch.get("frames"))  # type: ignore[arg-type]
                 n = x.shape[0]
                 pooled = m.visual(x).float()
+                if "ssl" in self.layers or any(n.startswith("image_mlp.") for n in self._hooked):
+                    ssl = m.image_mlp(pooled).float()
                 if self.arch.has_text:
                     img = torch.nn.functional.normalize(pooled @ m.image_projection, dim=-1)
             if self.modality in ("language", "multimodal"):
@@ -788,11 +792,13 @@ class SlipNetwork(FeatureNetwork):
             if name == "pooled":
                 out[name] = cast(torch.Tensor, pooled)
             elif name == "ssl":
-                out[name] = m.image_mlp(pooled).float()
+                out[name] = cast(torch.Tensor, ssl)
             elif name == "embedding":
                 emb = img if txt is None else txt if img is None else self.fuse(img, txt)
                 out[name] = cast(torch.Tensor, emb)
             else:
+                if name not in hooks.out:  # pragma: no cover - every tower a layer needs is run above
+                    raise RuntimeError(f"SlipNetwork: layer {name!r} was not run")
                 mask = (tokens != 0) if (self._tower[name] == "language" and tokens is not None) else None
                 out[name] = _pool(hooks.out[name], n, mask)
         return out

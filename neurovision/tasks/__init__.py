@@ -5,7 +5,8 @@ from neurovision.tasks.base import BaseTask, DataSpec
 from neurovision.tasks.features import FeatureExtractor
 from neurovision.tasks.linear import LinearDecoder
 
-__all__ = ["AlignmentTask", "BaseTask", "DataSpec", "FeatureExtractor", "InstructTask", "LinearDecoder", "ReconstructionTask"]
+__all__ = ["AlignmentTask", "BaseTask", "DataSpec", "FeatureExtractor", "InstructTask", "LinearDecoder",
+           "ReconstructionTask"]
 
 
 def __getattr__(name: str):  # InstructTask / ReconstructionTask import transformers, peft, diffusers: on demand
