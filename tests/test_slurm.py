@@ -288,4 +288,5 @@ def test_the_multinode_fit_recipe_resolves_and_matches_its_allocation(monkeypatc
     assert SLURMEnvironment.detect()  # Lightning picks its SLURM environment under srun
     env = SLURMEnvironment()
     env.validate_settings(num_devices=int(trainer.devices), num_nodes=trainer.num_nodes)  # raises on a mismatch
-    assert env.auto_requeue and opts["signal"].split("@")[0] == env.requeue_signal.name and "requeue" in opts
+    assert env.auto_requeue and env.requeue_signal is not None and "requeue" in opts
+    assert opts["signal"].split("@")[0] == env.requeue_signal.name

@@ -277,6 +277,10 @@ def sacct(args: list[str]) -> int:
     return 0
 
 
+def _format(fmt: str, values: dict[str, str]) -> str:
+    return re.sub(r"%[iTj]", lambda m: values[m.group(0)], fmt)
+
+
 def squeue(args: list[str]) -> int:
     ids: list[str] = []
     fmt, header = "%i %T", True
@@ -300,10 +304,9 @@ def squeue(args: list[str]) -> int:
             rec = job["tasks"][t]
             if rec["state"] in TERMINAL:
                 continue
-            vals = {"%i": task_key(job, t), "%T": rec["state"], "%j": job["name"]}
-            rows.append(re.sub(r"%[iTj]", lambda m, vals=vals: vals[m.group(0)], fmt))
+            rows.append(_format(fmt, {"%i": task_key(job, t), "%T": rec["state"], "%j": job["name"]}))
     if header:
-        print(re.sub(r"%[iTj]", lambda m: {"%i": "JOBID", "%T": "STATE", "%j": "NAME"}[m.group(0)], fmt))
+        print(_format(fmt, {"%i": "JOBID", "%T": "STATE", "%j": "NAME"}))
     if rows:
         print("\n".join(rows))
     return 0
