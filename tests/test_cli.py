@@ -25,7 +25,8 @@ ALL_YAML = sorted(EXPERIMENTS.rglob("*.yaml"))
 def test_every_yaml_is_tested():
     assert ALL_YAML, "no YAML under experiments/"
     assert set(ALL_YAML) == (set(STAGES) | set(DATA) | set(PRESETS) | set(ENCODING) | set(TEACHERS)
-                             | set(EXPERIMENTS.glob("sweeps/*.yaml")))
+                             | set(EXPERIMENTS.glob("sweeps/*.yaml"))
+                             | set(EXPERIMENTS.glob("loggers/*.yaml")))  # tests/test_dashboards.py composes them
 
 
 @pytest.mark.parametrize("config", ENCODING, ids=lambda p: p.name)
@@ -38,7 +39,7 @@ def test_encoding_print_config(config, capsys):
     wanted = yaml.safe_load(config.read_text())
     assert set(cfg["models"]) == set(wanted["models"]) and cfg["store"] == wanted["store"]
     for spec in cfg["models"].values():
-        assert spec["class_path"].startswith("neurovision.encoding.features.")
+        assert spec["class_path"].startswith("neurovision.pretrained.feature_networks.")
 
 
 def test_top_level_help(capsys):

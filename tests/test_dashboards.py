@@ -251,6 +251,6 @@ def test_wandb_group_resolves(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_wandb_group_is_offline_beside_tensorboard() -> None:
     """Without wandb installed, at least the file's shape: TensorBoard first, W&B offline, no model upload."""
     tb, wb = yaml.safe_load((LOGGERS / "wandb.yaml").read_text())["trainer"]["logger"]
-    assert tb["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger" and tb["init_args"] == {"name": "tb"}
+    assert tb["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger" and tb["init_args"] == {"name": "tb", "default_hp_metric": False}
     assert wb["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert wb["init_args"]["offline"] is True and wb["init_args"]["log_model"] is False
