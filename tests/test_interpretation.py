@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurovision.data.store import Store
+from neurovision.localization.gradcam import concept_cams, gradcam
 from neurovision.localization.maps import (
     ModelParts,
     aggregate,
-    concept_cams,
     concept_directions,
     concept_list,
-    gradcam,
     localize,
     model_maps,
     patch_cam_to_patches,
