@@ -96,7 +96,7 @@ def test_the_launcher_block_is_checked_naming_the_file_and_the_key(tmp_path, lau
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_launcher_defaults_and_devices_per_run(tmp_path, capsys):
+def test_launcher_defaults_and_devices_per_run(tmp_path, capsys, monkeypatch):
     assert sw.load_sweep(_fake_sweep(tmp_path, "a", None)).launcher == sw.Launcher()
     assert sw.load_sweep(_fake_sweep(tmp_path, "b", "slurm")).launcher.name == "slurm"
     doc = yaml.safe_load(_fake_sweep(tmp_path, "c", {"name": "slurm"}).read_text())
@@ -109,13 +109,10 @@ def test_launcher_defaults_and_devices_per_run(tmp_path, capsys):
     path = _fake_sweep(tmp_path, "d", SLURM)
     assert sw.main([str(path), "--parallel", "2"]) == 2
     assert "--parallel is the local launcher's" in capsys.readouterr().err
-    env_path = os.environ["PATH"]
-    try:
-        os.environ["PATH"] = "/nonexistent"
-        assert sw.main([str(path)]) == 2
-    finally:
-        os.environ["PATH"] = env_path
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert sw.main([str(path)]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_dry_run_prints_the_sbatch_script_of_each_array(tmp_path, capsys):
@@ -178,13 +175,14 @@ def test_a_slurm_sweep_gives_the_local_sweeps_results(tmp_path, cluster, monkeyp
 def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypatch, capsys):
     """scancel the fit array while the second run's fit is mid-way (the first run's fit done): the sweep reports
     it interrupted; run again, it resubmits only that fit, which resumes from its latest.ckpt, then the tests."""
-    monkeypatch.setenv("FAKE_EPOCH_S", "0.5")
     monkeypatch.setattr(sw.launch, "run_command", fake_command)
     assert sw.main([str(_fake_sweep(tmp_path, "local", None, epochs=4))]) == 0
     monkeypatch.setattr(sw.launch, "RunJob", FakeRunJob)
     path = _fake_sweep(tmp_path, "cluster", {**SLURM, "array_parallelism": 1}, epochs=4)
     out = tmp_path / "cluster"
     first, second = out / "dim=32__seed=0", out / "dim=32__seed=1"
+    second.mkdir(parents=True)
+    (second / "hold").touch()  # its fit waits after each epoch while this exists
     thread, rc = _in_thread([str(path)])
     _wait(lambda: (second / "fit" / "checkpoints" / "latest.ckpt").is_file(), "the second fit's first epoch")
     assert (_status(out, first.name)["commands"]["fit"]["state"]) == "done"
@@ -192,6 +190,8 @@ def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypa
                 ["jobs"].values()}
     squeue = subprocess.run(["squeue", "-h", "-j", array, "-o", "%i %T"], capture_output=True, text=True, check=True)
     assert squeue.stdout.split() == [f"{array}_1", "RUNNING"]
+    # what a second `neurovision sweep` (after a Ctrl-C of this one) would refuse to resubmit over
+    assert sw.launch.active_jobs(out) == [(f"{array}_1", "RUNNING")]
     subprocess.run(["scancel", array], check=True)
     thread.join(60)
     assert rc == [1]
@@ -202,6 +202,8 @@ def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypa
     assert "test" not in st["commands"] and "test" not in _status(out, first.name)["commands"]
     fit_files = {p: p.stat().st_mtime_ns for p in (first / "fit").rglob("*") if p.is_file()}
 
+    assert sw.launch.active_jobs(out) == []
+    (second / "hold").unlink()
     assert sw.main([str(path)]) == 0  # resubmitted: the second fit (resumed), then both tests
     arrays = json.loads((out / "slurm" / "submitted.json").read_text())["arrays"]
     assert [(a["command"], sorted(a["jobs"])) for a in arrays] == [
@@ -218,18 +220,20 @@ def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypa
 def test_a_preempted_job_is_requeued_and_resumes_its_fit(tmp_path, cluster, monkeypatch):
     """SLURM's preemption/time-limit signal (USR2, as submitit's script asks) to a running fit: submitit calls
     RunJob.checkpoint and requeues the task (same job id); the requeued task resumes the fit from latest.ckpt."""
-    monkeypatch.setenv("FAKE_EPOCH_S", "0.5")
     monkeypatch.setattr(sw.launch, "run_command", fake_command)
     assert sw.main([str(_fake_sweep(tmp_path, "local", None, epochs=4, seeds=(0,)))]) == 0
     monkeypatch.setattr(sw.launch, "RunJob", FakeRunJob)
     path = _fake_sweep(tmp_path, "cluster", SLURM, epochs=4, seeds=(0,))
     out = tmp_path / "cluster"
     run = out / "dim=32__seed=0"
+    run.mkdir(parents=True)
+    (run / "hold").touch()  # the fit waits after its first epoch
     thread, rc = _in_thread([str(path)])
     _wait(lambda: (run / "fit" / "checkpoints" / "latest.ckpt").is_file(), "the fit's first epoch")
     (job_id,) = json.loads((out / "slurm" / "submitted.json").read_text())["arrays"][0]["jobs"].values()
     assert "_" not in job_id  # one run: a plain job, not an array
     subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True)
+    (run / "hold").unlink()
     thread.join(90)
     assert rc == [0]
     st = _status(out, run.name)

@@ -263,6 +263,8 @@ def _main(ns: argparse.Namespace) -> int:
         _dry_run(sweep, runs, todo, statuses, out, ns.parallel)
         return 0
 
+    if slurm:
+        launch.require_sbatch(sweep)
     gpus = launch.visible_gpus() if not slurm and (ns.parallel > 1 or sweep.devices_per_run is not None) else []
     groups = gpu_groups(gpus, ns.parallel, sweep.devices_per_run)  # SweepError before anything starts
     out.mkdir(parents=True, exist_ok=True)

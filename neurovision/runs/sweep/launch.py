@@ -451,12 +451,23 @@ def active_jobs(out: Path) -> list[tuple[str, str]]:
     ids = sorted({j for a in record.get("arrays", []) for j in a.get("jobs", {}).values()})
     if not ids or shutil.which("sacct") is None:
         return []
-    busy = []
     for jid in ids:
-        job: submitit.Job[Any] = submitit.SlurmJob(folder=out / "slurm" / "%j", job_id=jid)
-        if not job.watcher.is_done(jid, mode="force"):
-            busy.append((jid, job.watcher.get_state(jid, mode="cache")))
-    return busy
+        submitit.SlurmJob.watcher.register_job(jid)
+    submitit.SlurmJob.watcher.update()  # one sacct call for all of them
+    states = [(jid, submitit.SlurmJob.watcher.get_state(jid, mode="cache")) for jid in ids]
+    # UNKNOWN: sacct has no record (purged): not in the way
+    return [(jid, st) for jid, st in states if st.upper() in ACTIVE_STATES]
+
+
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING", "SUSPENDED",
+                 "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
+def require_sbatch(sweep: Sweep) -> None:
+    """SweepError unless ``sbatch`` is on PATH (checked before anything is written)."""
+    if shutil.which("sbatch") is None:
+        raise SweepError(f"{sweep.path}: launcher: slurm: sbatch is not on PATH (not a SLURM login node?); "
+                         "--dry_run prints the sbatch script")
 
 
 def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path, poll_s: float = 1.0,
@@ -467,9 +478,7 @@ def run_slurm(sweep: Sweep, runs: list[Run], plans: dict[str, Plan], out: Path, 
     least every ``sacct_every_s``: one call for all the jobs)."""
     from tqdm.auto import tqdm
 
-    if shutil.which("sbatch") is None:
-        raise SweepError(f"{sweep.path}: launcher: slurm: sbatch is not on PATH (not a SLURM login node?); "
-                         "--dry_run prints the sbatch script")
+    require_sbatch(sweep)
     busy = active_jobs(out)
     if busy:
         raise SweepError(f"{out}: SLURM job(s) {', '.join(f'{j} ({s})' for j, s in busy)} of an earlier submission "

@@ -4,7 +4,8 @@ SLURM job environment) with :func:`fake_command` in place of the ``python -m neu
 cluster path is tested in seconds. The simulated fit trains ``--trainer.max_epochs`` epochs of ``EPOCH_S``
 seconds, writes ``latest.ckpt`` (a zip with a ``data.pkl`` record, the structure the sweep checks, without
 importing torch) after each and resumes from ``--ckpt_path``; its
-metrics depend on the seed, the width and the epoch only, so an interrupted and resumed fit logs the same values."""
+metrics depend on the seed, the width and the epoch only, so an interrupted and resumed fit logs the same values.
+While a file ``<run>/hold`` exists the fit waits after each epoch: a test interrupts it there, deterministically."""
 
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ def fake_command(argv: list[str], log_file: Path, env: dict[str, str]) -> int:
                 tmp = root / "checkpoints" / ".latest.ckpt.partial"
                 save_ckpt({"epoch": e}, tmp)
                 os.replace(tmp, root / "checkpoints" / "latest.ckpt")
+                while (root.parent / "hold").exists():  # a test holds the fit here (see HOLD)
+                    if stop["flag"]:
+                        return 0
+                    time.sleep(0.02)
         finally:
             if threading_main() and previous is not None:
                 signal.signal(signal.SIGTERM, previous)
