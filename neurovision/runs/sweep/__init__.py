@@ -39,7 +39,8 @@ every run is started). Override keys are LightningCLI's dotted keys (``model.ini
 ``n`` GPUs (e.g. a stage-3 β-sweep cell sharded over the node's 8 GPUs), instead of one run per GPU. With
 ``--parallel p`` the visible GPUs are split into p groups of n (``CUDA_VISIBLE_DEVICES`` per run; p·n must not
 exceed the GPUs). ``trainer.devices``/``trainer.strategy`` may then not be set in ``args``, ``grid`` or ``runs``.
-The device count is not part of a run's recorded settings (a run's numbers must not depend on it), so a sweep
+With the slurm launcher each run is one task holding ``gpus_per_node`` (default ``n``) GPUs. The device count is
+not part of a run's recorded settings (a run's numbers must not depend on it), so a sweep
 started on one GPU per run resumes with ``devices_per_run``.
 
 ``launcher`` (:mod:`neurovision.runs.sweep.launch` documents the design): both launchers run the same job
@@ -112,8 +113,9 @@ status.json) and the fit restarts from the newest other readable checkpoint of `
 are then rerun on the new fit. ``latest.ckpt`` itself is written to a hidden ``.latest.ckpt.partial`` and renamed
 over the old one, so a process killed mid-write leaves the previous epoch's file whole.
 
-Exit status: 0 all runs done, 1 a run or an ``after`` function failed (the summary names it and its log), 2 a bad
-sweep or override (nothing is started).
+Exit status: 0 all runs done, 1 a run or an ``after`` function failed (the summary names it and its log) or a
+run was interrupted (a cancelled SLURM job: run the sweep again), 2 a bad sweep, launcher or override (nothing is
+started), 130 the sweep itself was interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
