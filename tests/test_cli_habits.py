@@ -116,7 +116,7 @@ def test_sweep() -> None:
 
 
 def test_encode() -> None:
-    from neurovision.encoding.pipeline import _parser
+    from neurovision.cli.encode import parser as _parser
 
     p = _parser()
     base = ["--store", "s.h5", "--models", "{}"]
@@ -133,7 +133,7 @@ def test_encode() -> None:
 
 
 def test_report() -> None:
-    from neurovision.runs.report import _parser
+    from neurovision.cli.report import parser as _parser
 
     p = _parser()
     v = same(p, ["runs/x", "--quiet"], ["runs/x", "--quiet", "true"], ["runs/x", "--quiet=yes"],
@@ -182,7 +182,7 @@ def test_the_rewrite_leaves_alone_what_it_does_not_know() -> None:
     assert normalise(p, ["s.h5", "--json", "--", "--json"]) == ["s.h5", "--json=true", "--", "--json"]
     assert normalise(p, ["s.h5", "--jsn", "true"]) == ["s.h5", "--jsn", "true"]  # the parser reports it
     assert normalise(p, ["--plot", "true", "s.h5"]) == ["--plot", "true", "s.h5"]  # a path named true
-    from neurovision.encoding.pipeline import _parser
+    from neurovision.cli.encode import parser as _parser
 
     assert normalise(_parser(), ["--regression.alphas", "-1", "2", "--progress"]) == [
         "--regression.alphas=[]", "--regression.alphas+=-1", "--regression.alphas+=2", "--progress=true"]

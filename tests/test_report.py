@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurovision.runs.report import ReportError, main, write_report
+from neurovision.cli.report import main
+from neurovision.runs.report import ReportError, write_report
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # headless browser for the render test
 BETAS = [0.0, 0.25, 0.5, 0.75, 1.0]

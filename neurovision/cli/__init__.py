@@ -546,11 +546,11 @@ def main(args: list[str] | None = None) -> int:
 
             return sweep_main(argv[1:])
         if cmd == "encode":
-            from neurovision.encoding.pipeline import main as encode_main
+            from neurovision.cli.encode import main as encode_main
 
             return encode_main(argv[1:])
         if cmd == "report":
-            from neurovision.runs.report import main as report_main
+            from neurovision.cli.report import main as report_main
 
             return report_main(argv[1:])
         if cmd in TRAINER_COMMANDS or cmd.startswith("-"):

@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -493,29 +492,6 @@ def _safe(s: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _parser() -> Any:
-    from jsonargparse import ActionConfigFile
-
-    from neurovision.cli.habits import json_parser
-
-    p = json_parser(prog="neurovision encode", description="fit encoding models and find integration sites")
-    p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (repeat to combine)")
-    p.add_argument("--store", type=Path, required=True, help="the events store")
-    p.add_argument("--models", type=dict[str, Any], required=True,
-                   help="name -> {class_path, init_args} of a feature network")
-    p.add_argument("--out", type=Path, default=Path("runs/encoding"))
-    p.add_argument("--integration", type=Integration | None, default=None)
-    p.add_argument("--pairs", type=list[Pair], default=[])
-    p.add_argument("--event_sets", type=list[str], default=["language", "vision"])
-    p.add_argument("--subjects", type=list[str] | None, default=None)
-    p.add_argument("--cache", type=Path | None, default=None)
-    p.add_argument("--regression", type=Regression, default=Regression())
-    p.add_argument("--statistics", type=Statistics, default=Statistics())
-    p.add_argument("--extraction", type=Extraction, default=Extraction())
-    p.add_argument("--progress", type=bool, default=True)
-    return p
-
-
 def instantiate_network(name: str, spec: Any) -> Any:
     """A feature network from ``{class_path, init_args}`` (checked against the class signature)."""
     import torch
@@ -547,35 +523,3 @@ def instantiate_network(name: str, spec: Any) -> Any:
     except Exception as e:  # jsonargparse names the offending key
         raise ValueError(f"encode: field 'models.{name}.init_args': {e}") from e
     return cls(**dict(p.instantiate_classes(cfg)["init_args"]))
-
-
-def _build(p: Any, cfg: Any) -> Encoder:
-    init = p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)
-    models = {name: instantiate_network(name, spec) for name, spec in init.models.items()}
-    return Encoder(init.store, init.out, models, integration=init.integration, pairs=init.pairs,
-                   event_sets=init.event_sets, subjects=init.subjects, cache=init.cache, regression=init.regression,
-                   statistics=init.statistics, extraction=init.extraction, progress=init.progress)
-
-
-def main(args: list[str]) -> int:
-    p = _parser()
-    try:
-        cfg = p.parse_args(args)
-    except Exception as e:  # name the config file that holds the bad key (each file alone must parse)
-        configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
-        where = None
-        for f in configs:
-            try:
-                _parser().parse_args(["-c", f, "--store", "x", "--models", "{}"])
-            except Exception:
-                where = f
-                break
-        print(f"neurovision encode: error{f' in {where}' if where else ''}: {e}", file=sys.stderr)
-        return 2
-    enc = _build(p, cfg)
-    with atomic_path(enc.out / "config.yaml") as tmp:
-        tmp.write_text(p.dump(cfg, skip_none=False))
-    summary = enc.run()
-    print(json.dumps({k: v for k, v in summary.items() if k in ("event_sets", "all")}, indent=2))
-    print(f"encode: results in {enc.out} (sites.csv, layers.csv, summary.json, sites_brain.png, r_by_model.png)")
-    return 0

@@ -33,7 +33,6 @@ The headline readers (:func:`last_test_metrics`, :func:`best_beta`, :func:`encod
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import datetime as _dt
@@ -1137,35 +1136,3 @@ def write_report(path: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     with atomic_path(target, suffix=".html") as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
-
-
-def _parser() -> argparse.ArgumentParser:
-    from neurovision.cli.habits import argparse_parser
-
-    parser = argparse_parser(
-        prog="neurovision report",
-        description="a static, self-contained HTML dashboard of a run or sweep directory: a headline table of the "
-                    "chain's numbers and the key figures first, then each stage's runs (final metrics, validation "
-                    "curves, configs), sweeps, concept maps, encoding, generated text, and a run index")
-    parser.add_argument("dir", help="run or sweep directory (scanned recursively)")
-    parser.add_argument("--out", default=None, help="output HTML file (default: <dir>/report.html)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    return parser
-
-
-def main(args: list[str]) -> int:
-    """``neurovision report <dir> [--out report.html]``; 0 on success, 1 (one error line) on bad input."""
-    cfg = _parser().parse_args(args)
-    package = logging.getLogger("neurovision")
-    level = package.level
-    if cfg.quiet:  # warnings still show
-        package.setLevel(max(level, logging.WARNING))
-    try:
-        out = write_report(cfg.dir, cfg.out, progress=False if cfg.quiet else None)
-    except (FileNotFoundError, ReportError) as e:
-        print(f"neurovision report: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        package.setLevel(level)
-    print(f"report: {out}")
-    return 0
