@@ -571,6 +571,3 @@ def main(args: list[str] | None = None) -> int:
 def cli_entry() -> None:
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    cli_entry()
