@@ -638,7 +638,8 @@ def _downdate_flops(events: int, features: int) -> tuple[float, float, float, fl
         unc_fixed += (ENC_INNER + 1) * 9 * r ** 3 + ((4 * n * n * p + 22 * n ** 3) if p > n else 0.0)
         unc_per_t += 2 * (events - n) * p
         for nb in blocks:
-            per_t += 2 * r * r + 2 * ENC_ALPHAS * min(nb, r) * r  # Qᵀ C_b; one (k x r) product per α
+            # Qᵀ C_b; the (k x r) @ (r x α·t) product of every α; the squared errors (an einsum, counted)
+            per_t += 2 * r * r + 2 * ENC_ALPHAS * min(nb, r) * r + 2 * ENC_ALPHAS * min(nb, r)
             if nb > r:
                 per_t += 2 * nb * r  # Lᵀ (y_b - ν)
                 unc_fixed += 4 * nb * r * r + 22 * r ** 3

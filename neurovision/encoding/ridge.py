@@ -284,11 +284,13 @@ def _one_thread(active: bool = True) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _downdate_targets_batch(n_train: int, rank: int, n_blocks: int, max_block: int, itemsize: int,
-                            n_targets: int) -> int:
+def _downdate_targets_batch(n_train: int, rank: int, n_blocks: int, max_block: int, n_alphas: int,
+                            itemsize: int, n_targets: int) -> int:
     """Targets per batch of :func:`_ridge_cv_downdate`: its per-target temporaries (the rows of Y, Xᵀy of
-    every block, one projection, two block residuals) near ``_MEMORY_BUDGET``."""
-    per_target = (n_train + (n_blocks + 3) * rank + 2 * max_block) * itemsize
+    every block, projections, block residuals, the scaled projections and predictions of every α) near
+    ``_MEMORY_BUDGET``."""
+    per_target = (n_train + (n_blocks + 3) * rank + 2 * max_block
+                  + n_alphas * (rank + min(max_block, rank))) * itemsize
     return int(np.clip(_MEMORY_BUDGET // max(per_target, 1), 1, n_targets))
 
 
@@ -371,8 +373,9 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
     del gram
     if n_targets_batch is None:
         n_targets_batch = _downdate_targets_batch(n, rank, len(inner), max(len(te) for _, te in inner),
-                                                  dtype.itemsize, t)
+                                                  len(alphas), dtype.itemsize, t)
     log_slope = np.log(alphas)[:, None] * 1e-10
+    alphas_bk = bk.asarray(alphas, dtype=dt)
     best = np.empty(t, dtype=np.int64)
     coef = np.empty((p, t), dtype=dtype)
     intercept = np.empty(t, dtype=dtype)
@@ -397,10 +400,14 @@ def _ridge_cv_downdate(bk: Any, x_tr: np.ndarray, y_tr: np.ndarray, inner: Folds
                 total = (resid0 * resid0).sum(0)
                 resid0 = bk.matmul(proj.T, resid0)
                 off_span = np.asarray(bk.to_numpy(total - (resid0 * resid0).sum(0)), dtype=np.float64)
-            for i, alpha in enumerate(alphas):
-                err = resid0 - bk.matmul(a_b, z * (keep / (lam + float(alpha)))[:, None])
-                scores[i] -= (np.asarray(bk.to_numpy((err * err).sum(0)), dtype=np.float64) + off_span) / n_b
-            del z, resid0, err
+            # every α in one product: (k x r) @ (r x n_alphas·t), k = min(n_b, r)
+            d = keep[None, :] / (lam[None, :] + alphas_bk[:, None])  # (n_alphas, r)
+            pred = bk.matmul(a_b, (z[:, None, :] * d.T[:, :, None]).reshape(rank, -1))
+            pred = pred.reshape(a_b.shape[0], len(alphas), c1 - c0)
+            pred -= resid0[:, None, :]
+            sq = bk.einsum("iaj,iaj->aj", pred, pred)
+            scores -= (np.asarray(bk.to_numpy(sq), dtype=np.float64) + off_span) / n_b
+            del z, resid0, pred, sq
         choice = (scores / len(inner) + log_slope).argmax(axis=0)
         best[c0:c1] = choice
         nu = y_sum / n  # the refit on all rows, each target with its α
