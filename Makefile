@@ -32,7 +32,7 @@ NV := $(BIN)/neurovision
 MODE ?= quick
 T := teachers/phantom_demo
 ck = $$(ls -t $(1)/tb/*/checkpoints/last.ckpt | head -1)
-logto = --trainer.default_root_dir=$(1)  # the logger's save_dir follows it (neurovision.cli.lightning)
+logto = --trainer.default_root_dir=$(1)  # the logger's save_dir follows it (neurovision.runs.lightning)
 S1 := -c experiments/stage1_vit3d.yaml -c experiments/presets/stage1_vit3d_demo.yaml
 S2 := -c experiments/stage2_instruct.yaml -c experiments/presets/stage2_instruct_demo.yaml
 # The tiny models' budgets are optimiser steps, their schedules functions of the step, and their thread counts

@@ -1,6 +1,6 @@
 """``LatestCheckpoint``: the state at the end of the latest finished training epoch, in one file.
 
-Installed by :class:`~neurovision.cli.lightning.NeuroVisionCLI` for every ``fit`` (and by a sweep for each run):
+Installed by :class:`~neurovision.runs.lightning.NeuroVisionCLI` for every ``fit`` (and by a sweep for each run):
 what ``--ckpt_path=last`` and a sweep's resume start from. Not Lightning's ``last.ckpt``: since Lightning 2.6 a
 monitored ``ModelCheckpoint`` writes ``last.ckpt`` only when a top-k checkpoint is saved, plus once at the end of
 a process that saved none, so its ``last.ckpt`` holds other weights after an interrupted and resumed fit than

@@ -177,7 +177,7 @@ def _multi_beta_sweep(root: Path, betas=(0.0, 0.5, 1.0)) -> Path:
 def test_multi_beta_runs_give_the_beta_column_curves_and_grids(tmp_path):
     """One run per prompt setting doing every β: the sweep's tables get one row per β (from the metric names),
     and the figures draw a point per β and a grid column per β with each stimulus beside its own images."""
-    from neurovision.runs import sweep as sw
+    from neurovision.cli.sweep import main as sweep_main
     from neurovision.runs.beta_figures import curves_table
 
     path = _multi_beta_sweep(tmp_path)
@@ -192,7 +192,7 @@ def test_multi_beta_runs_give_the_beta_column_curves_and_grids(tmp_path):
 
     rec.image_grid = spy
     try:
-        assert sw.main([str(path), "--aggregate_only"]) == 0  # tables, then the after hook (figures)
+        assert sweep_main([str(path), "--aggregate_only"]) == 0  # tables, then the after hook (figures)
     finally:
         rec.image_grid = real
     out = tmp_path / "out"

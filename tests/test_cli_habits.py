@@ -104,7 +104,7 @@ def test_localize() -> None:
 
 
 def test_sweep() -> None:
-    from neurovision.runs.sweep import _parser
+    from neurovision.cli.sweep import parser as _parser
 
     p = _parser()
     v = same(p, ["s.yaml", "--dry_run", "--aggregate_only"], ["s.yaml", "--dry_run", "true", "--aggregate_only=true"],

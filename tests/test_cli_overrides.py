@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from neurovision.cli.lightning import NeuroVisionCLI
 from neurovision.runs.checkpoints import CheckpointError, check_data_spec
+from neurovision.runs.lightning import NeuroVisionCLI
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def test_a_preset_root_moves_the_stage_logger(capsys):
 
 def test_logs_land_under_the_default_root_dir(tiny_store, tmp_path):
     """Instantiated (no subcommand): the TensorBoard folder is under the one path given."""
-    from neurovision.cli.lightning import NeuroVisionCLI
+    from neurovision.runs.lightning import NeuroVisionCLI
 
     store = tmp_path / "tiny.h5"
     shutil.copy(tiny_store, store)

@@ -151,7 +151,7 @@ def test_the_stage2_datamodule_tokenises_as_the_model(tiny_store, tiny_llm, tmp_
 
 
 def test_the_cli_links_the_llm_path_and_chat_template_to_the_datamodule():
-    from neurovision.cli.lightning import NeuroVisionCLI
+    from neurovision.runs.lightning import NeuroVisionCLI
 
     class Parsed(NeuroVisionCLI):
         def instantiate_classes(self) -> None:  # the parsed config only

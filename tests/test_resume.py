@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from callbacks.latest_checkpoint import LatestCheckpoint
-from neurovision.cli.lightning import NeuroVisionCLI
 from neurovision.runs import checkpoints as ck
+from neurovision.runs.lightning import NeuroVisionCLI
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

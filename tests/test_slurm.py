@@ -24,6 +24,7 @@ import submitit
 import yaml
 from submitit.slurm.slurm import SlurmInfoWatcher
 
+from neurovision.cli.sweep import main as sweep_main
 from neurovision.runs import sweep as sw
 from tests.fakes.slurm import fake_slurm
 from tests.fakes.slurm.jobs import FakeRunJob, fake_command
@@ -73,7 +74,7 @@ def _wait(cond: Any, what: str, timeout: float = 60.0) -> None:
 
 def _in_thread(args: list[str]) -> tuple[threading.Thread, list[int]]:
     rc: list[int] = []
-    t = threading.Thread(target=lambda: rc.append(sw.main(args)), daemon=True)
+    t = threading.Thread(target=lambda: rc.append(sweep_main(args)), daemon=True)
     t.start()
     return t, rc
 
@@ -92,7 +93,7 @@ def test_the_launcher_block_is_checked_naming_the_file_and_the_key(tmp_path, lau
     path = _fake_sweep(tmp_path, "s", launcher)
     with pytest.raises(sw.SweepError, match=re.escape(f"{path}: {msg}")):
         sw.load_sweep(path)
-    assert sw.main([str(path), "--dry_run"]) == 2
+    assert sweep_main([str(path), "--dry_run"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
@@ -107,17 +108,17 @@ def test_launcher_defaults_and_devices_per_run(tmp_path, capsys, monkeypatch):
                                                    "launcher": {"name": "slurm", "gpus_per_node": 2}}))
     # --parallel is the local launcher's; without sbatch the slurm launcher says so before anything starts
     path = _fake_sweep(tmp_path, "d", SLURM)
-    assert sw.main([str(path), "--parallel", "2"]) == 2
+    assert sweep_main([str(path), "--parallel", "2"]) == 2
     assert "--parallel is the local launcher's" in capsys.readouterr().err
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert sw.main([str(path)]) == 2
+    assert sweep_main([str(path)]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
 def test_dry_run_prints_the_sbatch_script_of_each_array(tmp_path, capsys):
     path = _fake_sweep(tmp_path, "dry", SLURM)
-    assert sw.main([str(path), "--dry_run"]) == 0
+    assert sweep_main([str(path), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "2 runs, 2 to run" in out and "# ---- fit: the sbatch script of its job array (2 tasks)" in out
     fit = out.split("# ---- fit:")[1].split("# ---- test:")[0]
@@ -137,13 +138,13 @@ def test_a_slurm_sweep_gives_the_local_sweeps_results(tmp_path, cluster, monkeyp
     """Two runs, fit then test, through the fake SLURM (one job array per command, the simulated LightningCLI
     command in each job) and through the local launcher: the same tables; status.json records the jobs."""
     monkeypatch.setattr(sw.launch, "run_command", fake_command)  # the local launcher's process
-    assert sw.main([str(_fake_sweep(tmp_path, "local", None)), "--parallel", "2"]) == 0
+    assert sweep_main([str(_fake_sweep(tmp_path, "local", None)), "--parallel", "2"]) == 0
     monkeypatch.setattr(sw.launch, "RunJob", FakeRunJob)  # the cluster's: the same RunJob with the fake command
     path = _fake_sweep(tmp_path, "cluster", SLURM)
     capsys.readouterr()
-    assert sw.main([str(path), "--dry_run"]) == 0
+    assert sweep_main([str(path), "--dry_run"]) == 0
     dry = capsys.readouterr().out
-    assert sw.main([str(path)]) == 0
+    assert sweep_main([str(path)]) == 0
     out = tmp_path / "cluster"
     local, remote = _results(tmp_path / "local"), _results(out)
     assert len(local) == 2 * 3 and list(local.columns) == list(remote.columns)
@@ -168,7 +169,7 @@ def test_a_slurm_sweep_gives_the_local_sweeps_results(tmp_path, cluster, monkeyp
         assert f"job {int(st['commands']['fit']['jobs'][0]['job_id'].split('_')[0]) + int(run[-1])} " \
                "name interactive" in fit_log
     # re-run: everything done, nothing submitted
-    assert sw.main([str(path)]) == 0
+    assert sweep_main([str(path)]) == 0
     assert len(fake_slurm.submitted_scripts()) == 2
 
 
@@ -176,7 +177,7 @@ def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypa
     """scancel the fit array while the second run's fit is mid-way (the first run's fit done): the sweep reports
     it interrupted; run again, it resubmits only that fit, which resumes from its latest.ckpt, then the tests."""
     monkeypatch.setattr(sw.launch, "run_command", fake_command)
-    assert sw.main([str(_fake_sweep(tmp_path, "local", None, epochs=4))]) == 0
+    assert sweep_main([str(_fake_sweep(tmp_path, "local", None, epochs=4))]) == 0
     monkeypatch.setattr(sw.launch, "RunJob", FakeRunJob)
     path = _fake_sweep(tmp_path, "cluster", {**SLURM, "array_parallelism": 1}, epochs=4)
     out = tmp_path / "cluster"
@@ -204,7 +205,7 @@ def test_a_cancelled_slurm_sweep_resubmitted_resumes(tmp_path, cluster, monkeypa
 
     assert sw.launch.active_jobs(out) == []
     (second / "hold").unlink()
-    assert sw.main([str(path)]) == 0  # resubmitted: the second fit (resumed), then both tests
+    assert sweep_main([str(path)]) == 0  # resubmitted: the second fit (resumed), then both tests
     arrays = json.loads((out / "slurm" / "submitted.json").read_text())["arrays"]
     assert [(a["command"], sorted(a["jobs"])) for a in arrays] == [
         ("fit", [second.name]), ("test", [first.name, second.name])]
@@ -221,7 +222,7 @@ def test_a_preempted_job_is_requeued_and_resumes_its_fit(tmp_path, cluster, monk
     """SLURM's preemption/time-limit signal (USR2, as submitit's script asks) to a running fit: submitit calls
     RunJob.checkpoint and requeues the task (same job id); the requeued task resumes the fit from latest.ckpt."""
     monkeypatch.setattr(sw.launch, "run_command", fake_command)
-    assert sw.main([str(_fake_sweep(tmp_path, "local", None, epochs=4, seeds=(0,)))]) == 0
+    assert sweep_main([str(_fake_sweep(tmp_path, "local", None, epochs=4, seeds=(0,)))]) == 0
     monkeypatch.setattr(sw.launch, "RunJob", FakeRunJob)
     path = _fake_sweep(tmp_path, "cluster", SLURM, epochs=4, seeds=(0,))
     out = tmp_path / "cluster"
@@ -253,10 +254,10 @@ def test_a_real_two_run_sweep_on_the_fake_cluster_equals_the_local_one(tiny_stor
     store = tmp_path / "tiny.h5"  # the teacher cache is written beside the store
     shutil.copy(tiny_store, store)
     local = _real_yaml(tmp_path / "local.yaml", store, ["fit"], 1, ["val/average/*", "!val/*/sub-*"])
-    assert sw.main([str(local), "--out", str(tmp_path / "local"), "--parallel", "2"]) == 0
+    assert sweep_main([str(local), "--out", str(tmp_path / "local"), "--parallel", "2"]) == 0
     doc = yaml.safe_load(local.read_text())
     cluster_yaml = _write(tmp_path / "cluster.yaml", {**doc, "launcher": {**SLURM, "array_parallelism": 2}})
-    assert sw.main([str(cluster_yaml), "--out", str(tmp_path / "cluster")]) == 0
+    assert sweep_main([str(cluster_yaml), "--out", str(tmp_path / "cluster")]) == 0
     a, b = _results(tmp_path / "local"), _results(tmp_path / "cluster")
     assert len(a) > 0 and (a.drop(columns="value") == b.drop(columns="value")).all().all()
     assert ((a.value - b.value).abs() < 1e-6).all(), pd.concat([a, b.value], axis=1).to_string()

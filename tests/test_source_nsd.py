@@ -287,7 +287,7 @@ def test_stage1_fit_on_the_default_nsd_store_logs_its_checkpoint_monitor(store: 
     so the ModelCheckpoint's monitor is logged and it keeps a best checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from neurovision.cli.lightning import NeuroVisionCLI
+    from neurovision.runs.lightning import NeuroVisionCLI
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     local = tmp_path / "nsd.h5"

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from neurovision.cli.sweep import main as sweep_main
 from neurovision.runs import sweep as sw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_unknown_sweep_key_is_an_error_naming_the_file_and_the_key(tmp_path, cap
     path = _write(tmp_path / "bad.yaml", {"configs": [str(STAGE1)], "seed": [0, 1]})
     with pytest.raises(sw.SweepError, match=r"bad\.yaml: unknown key 'seed'"):
         sw.load_sweep(path)
-    assert sw.main([str(path), "--out", str(tmp_path / "o")]) == 2
+    assert sweep_main([str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "'seed'" in err
     assert not (tmp_path / "o").exists()
@@ -101,7 +102,7 @@ def test_an_override_the_config_rejects_stops_the_sweep_with_lightningclis_messa
     monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     path = _write(tmp_path / "s.yaml", {"configs": [str(STAGE1), str(TINY)],
                                          "grid": {"model.init_args.dimm": [8]}, "seeds": [3]})
-    assert sw.main([str(path), "--out", str(tmp_path / "o")]) == 2
+    assert sweep_main([str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "run dimm=8__seed=3" in err and "Option 'dimm' is not accepted" in err
     assert not (tmp_path / "o").exists()  # nothing started
@@ -224,7 +225,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     out = tmp_path / "out"
     bad = FakeLauncher(fail=lambda argv: "--model.init_args.dim=64" in argv and "--seed_everything=1" in argv)
     monkeypatch.setattr(sw.launch, "run_command", bad)
-    assert sw.main([str(fake_sweep)]) == 1  # a failed run: exit 1, the others still ran
+    assert sweep_main([str(fake_sweep)]) == 1  # a failed run: exit 1, the others still ran
     err = capsys.readouterr().err
     assert f"FAILED dim=64__seed=1: fit (exit 1); log: {out / 'dim=64__seed=1' / 'fit.log'}" in err
     assert "RuntimeError: boom" in err
@@ -260,7 +261,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     # re-run: the done runs are skipped, the failed one is retried (fit then test)
     good = FakeLauncher()
     monkeypatch.setattr(sw.launch, "run_command", good)
-    assert sw.main([str(fake_sweep)]) == 0
+    assert sweep_main([str(fake_sweep)]) == 0
     assert good.runs() == [("dim=64__seed=1", "fit", None),
                            ("dim=64__seed=1", "test", str(out / "dim=64__seed=1/fit/checkpoints/latest.ckpt"))]
     assert json.loads((out / "dim=64__seed=1" / "status.json").read_text())["commands"]["fit"]["attempts"] == 2
@@ -276,14 +277,14 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     st["state"], st["commands"]["test"]["state"] = "running", "running"
     sw.write_json(untested / "status.json", st)
     capsys.readouterr()
-    assert sw.main([str(fake_sweep), "--dry_run"]) == 0
+    assert sweep_main([str(fake_sweep), "--dry_run"]) == 0
     listing = capsys.readouterr().out
     assert "dim=32__seed=0  done         skip" in listing
     assert "dim=32__seed=1  interrupted  fit (resume from fit/checkpoints/latest.ckpt) -> test" in listing
     assert "dim=64__seed=0  interrupted  test" in listing
     resume = FakeLauncher()
     monkeypatch.setattr(sw.launch, "run_command", resume)
-    assert sw.main([str(fake_sweep)]) == 0
+    assert sweep_main([str(fake_sweep)]) == 0
     ck = str(killed / "fit/checkpoints/latest.ckpt")
     assert resume.runs() == [("dim=32__seed=1", "fit", ck), ("dim=32__seed=1", "test", ck),
                              ("dim=64__seed=0", "test", str(untested / "fit/checkpoints/latest.ckpt"))]
@@ -295,7 +296,7 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     for n in before:
         (out / n).unlink()
     monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
-    assert sw.main([str(fake_sweep), "--aggregate_only"]) == 0
+    assert sweep_main([str(fake_sweep), "--aggregate_only"]) == 0
     assert {n: (out / n).read_text() for n in before} == before
     assert "mean ± sd" in capsys.readouterr().out
 
@@ -306,17 +307,17 @@ def test_failures_retries_resumes_and_tables_with_a_fake_launcher(fake_sweep, tm
     monkeypatch.setitem(sw.AFTER_HOOKS, "tests.test_sweep.failing_hook", failing_hook)
     doc = yaml.safe_load(fake_sweep.read_text())
     doc["after"] = ["tests.test_sweep.failing_hook"]
-    assert sw.main([str(_write(fake_sweep, doc)), "--aggregate_only"]) == 1
+    assert sweep_main([str(_write(fake_sweep, doc)), "--aggregate_only"]) == 1
     assert "after: tests.test_sweep.failing_hook failed" in capsys.readouterr().err
     # a name outside the registry: refused before anything runs (exit 2), naming the file and the key
     refused = _write(tmp_path / "refused.yaml", {**doc, "after": ["tests.test_sweep.no_such_function"]})
-    assert sw.main([str(refused), "--aggregate_only"]) == 2
+    assert sweep_main([str(refused), "--aggregate_only"]) == 2
     assert f"{refused}: after: 'tests.test_sweep.no_such_function' is not an allowed" in capsys.readouterr().err
 
     # a run recorded with other settings is not silently reused
     doc = yaml.safe_load(fake_sweep.read_text())
     doc["args"] = ["--trainer.max_epochs=3"]
-    assert sw.main([str(_write(fake_sweep, doc))]) == 2
+    assert sweep_main([str(_write(fake_sweep, doc))]) == 2
     assert "were made with other settings" in capsys.readouterr().err
 
 
@@ -324,7 +325,7 @@ def test_parallel_runs_each_get_their_own_gpu(fake_sweep, tmp_path, monkeypatch)
     fake = FakeLauncher(delay=0.3)
     monkeypatch.setattr(sw.launch, "run_command", fake)
     monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["3", "5"])
-    assert sw.main([str(fake_sweep), "--parallel", "2"]) == 0
+    assert sweep_main([str(fake_sweep), "--parallel", "2"]) == 0
     assert len(fake.calls) == 8
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls} == {"3", "5"}
     assert max(len(s) for s in fake.overlaps) == 2  # two at once, never on the same GPU (asserted in the fake)
@@ -360,7 +361,7 @@ def fit_sweep(store, tmp_path_factory) -> tuple[Path, Path]:
     """2 seeds x 1-epoch fit (validation metrics), 2 runs at once."""
     tmp = tmp_path_factory.mktemp("fit_sweep")
     path = _real_yaml(tmp / "fit.yaml", store, ["fit"], 1, ["val/average/*", "!val/*/sub-*"])
-    assert sw.main([str(path), "--out", str(tmp / "out"), "--parallel", "2"]) == 0
+    assert sweep_main([str(path), "--out", str(tmp / "out"), "--parallel", "2"]) == 0
     return path, tmp / "out"
 
 
@@ -369,7 +370,7 @@ def fit_test_sweep(store, tmp_path_factory) -> tuple[Path, Path]:
     """2 seeds x (3-epoch fit, test on its latest.ckpt), uninterrupted: the reference of the kill test."""
     tmp = tmp_path_factory.mktemp("fit_test_sweep")
     path = _real_yaml(tmp / "fit_test.yaml", store, ["fit", "test"], 3, ["test/*", "!test/*/sub-*"])
-    assert sw.main([str(path), "--out", str(tmp / "reference")]) == 0
+    assert sweep_main([str(path), "--out", str(tmp / "reference")]) == 0
     return path, tmp / "reference"
 
 
@@ -414,7 +415,7 @@ def test_rerunning_a_finished_sweep_trains_nothing(fit_sweep, monkeypatch, capsy
     results = (out / "results.csv").read_text()
     monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     monkeypatch.setattr(subprocess, "Popen", _must_not_launch)
-    assert sw.main([str(path), "--out", str(out)]) == 0
+    assert sweep_main([str(path), "--out", str(out)]) == 0
     assert "2 of 2 runs done (2 skipped), 0 failed" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in files} == files  # checkpoints, logs, status: untouched
     assert (out / "results.csv").read_text() == results
@@ -434,7 +435,7 @@ def test_a_killed_sweep_resumes_to_the_results_of_an_uninterrupted_one(fit_test_
     path, reference = fit_test_sweep
     out = tmp_path / "killed"
     run0 = out / "dim=32__seed=0"
-    proc = subprocess.Popen([sys.executable, "-m", "neurovision.runs.sweep", str(path), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "neurovision.cli", "sweep", str(path), "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -449,7 +450,7 @@ def test_a_killed_sweep_resumes_to_the_results_of_an_uninterrupted_one(fit_test_
     assert st["state"] == "running" and st["commands"]["fit"]["state"] == "running", "killed too late"
     assert not (out / "dim=32__seed=1" / "fit").exists()
 
-    assert sw.main([str(path), "--out", str(out)]) == 0
+    assert sweep_main([str(path), "--out", str(out)]) == 0
     st = json.loads((run0 / "status.json").read_text())
     assert st["commands"]["fit"]["attempts"] == 2
     assert st["commands"]["fit"]["resumed_from"] == str(run0 / "fit/checkpoints/latest.ckpt")
@@ -467,7 +468,7 @@ def test_a_killed_sweep_resumes_to_the_results_of_an_uninterrupted_one(fit_test_
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_the_repository_sweeps_resolve(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Every sweep YAML in experiments/sweeps/ parses, and each run's overrides pass the config (a dry run)."""
-    assert sw.main([str(path), "--dry_run", "--out", str(tmp_path / "s")]) == 0
+    assert sweep_main([str(path), "--dry_run", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     spec = yaml.safe_load(path.read_text())
     n = math.prod(len(v) for v in (spec.get("grid") or {}).values()) * max(1, len(spec.get("runs") or [])) \
@@ -495,18 +496,18 @@ def test_devices_per_run_makes_each_run_one_ddp_job(fake_sweep, tmp_path, monkey
     fake = FakeLauncher(delay=0.2)
     monkeypatch.setattr(sw.launch, "run_command", fake)
     monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["0", "1", "2", "3"])
-    assert sw.main([str(path), "--parallel", "2"]) == 0
+    assert sweep_main([str(path), "--parallel", "2"]) == 0
     assert len(fake.calls) == 8
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls} == {"0,1", "2,3"}
     assert all({"--trainer.devices=2", "--trainer.strategy=ddp"} <= set(a) for a, _ in fake.calls)
     # the device count is not a run setting: the finished sweep is still done without it
-    assert sw.main([str(_write(path, doc)), "--dry_run"]) == 0
+    assert sweep_main([str(_write(path, doc)), "--dry_run"]) == 0
     assert "4 runs, 0 to run" in capsys.readouterr().out
 
     # too few GPUs: one error before anything starts
     monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     monkeypatch.setattr(sw.launch, "visible_gpus", lambda: ["0", "1", "2"])
-    assert sw.main([str(_write(path, {**doc, "devices_per_run": 2})), "--parallel", "2", "--out",
+    assert sweep_main([str(_write(path, {**doc, "devices_per_run": 2})), "--parallel", "2", "--out",
                     str(tmp_path / "o2")]) == 2
     assert "needs 4 GPUs, 3 visible" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from callbacks.latest_checkpoint import LatestCheckpoint
+from neurovision.cli.sweep import main as sweep_main
 from neurovision.runs import sweep as sw
 from tests.test_sweep import ROOT, STAGE1, TINY, TINY_CLIP, _cli_args, _write  # noqa: F401  (shared helpers)
 
@@ -30,7 +31,7 @@ def test_after_os_system_with_a_crafted_out_is_refused_before_anything_runs(tmp_
     path = _write(tmp_path / "evil.yaml", {"after": ["os.system"], "out": out})
     monkeypatch.setattr(sw.launch, "run_command", _must_not_launch)
     for extra in ([], ["--aggregate_only"], ["--dry_run"]):
-        assert sw.main([str(path), *extra]) == 2
+        assert sweep_main([str(path), *extra]) == 2
         err = capsys.readouterr().err
         assert f"{path}: after: 'os.system' is not an allowed after function" in err
         assert "neurovision.runs.beta_figures.figures" in err and "Traceback" not in err
@@ -46,7 +47,7 @@ def test_a_refused_after_name_is_never_imported(tmp_path, monkeypatch, capsys):
     (pkg / "h3_sweep_evil_hook.py").write_text(f"open({str(marker)!r}, 'w').close()\n\ndef hook(out):\n    pass\n")
     monkeypatch.syspath_prepend(str(pkg))
     path = _write(tmp_path / "s.yaml", {"after": ["h3_sweep_evil_hook.hook"], "out": str(tmp_path / "out")})
-    assert sw.main([str(path), "--aggregate_only"]) == 2
+    assert sweep_main([str(path), "--aggregate_only"]) == 2
     assert "after: 'h3_sweep_evil_hook.hook' is not an allowed after function" in capsys.readouterr().err
     assert not marker.exists() and "h3_sweep_evil_hook" not in sys.modules
     # a Sweep built in code bypasses load_sweep: run_after still calls only registered names
@@ -64,7 +65,7 @@ def test_registered_after_hooks_run_and_the_shipped_sweeps_use_only_registered_o
 
     monkeypatch.setitem(sw.AFTER_HOOKS, "tests.h3.hook", hook)
     path = _write(tmp_path / "s.yaml", {"after": ["tests.h3.hook"], "out": str(tmp_path / "out")})
-    assert sw.main([str(path), "--aggregate_only"]) == 0
+    assert sweep_main([str(path), "--aggregate_only"]) == 0
     assert seen == [(tmp_path / "out").resolve()] and "after: tests.h3.hook -> 0 files" in capsys.readouterr().out
     # register_after (a decorator): <module>.<qualname>
     monkeypatch.setattr(sw.spec, "AFTER_HOOKS", dict(sw.AFTER_HOOKS))  # the registry lives in sweep/spec.py
@@ -303,7 +304,7 @@ def test_a_real_sweep_with_a_truncated_latest_ckpt_resumes_from_the_configs_last
                  "--model.init_args.head_hidden=32", "--model.init_args.dim=32",
                  f"--model.init_args.clip_teacher.init_args.model_config={TINY_CLIP}"],
         "seeds": [0], "metrics": ["val/average/*"], "out": str(tmp_path / "out")})
-    assert sw.main([str(path)]) == 0
+    assert sweep_main([str(path)]) == 0
     run = tmp_path / "out" / "seed=0"
     latest = run / "fit" / "checkpoints" / "latest.ckpt"
     data = latest.read_bytes()
@@ -312,7 +313,7 @@ def test_a_real_sweep_with_a_truncated_latest_ckpt_resumes_from_the_configs_last
     st["state"], st["commands"]["fit"]["state"] = "running", "running"
     sw.write_json(run / "status.json", st)
     capsys.readouterr()
-    assert sw.main([str(path)]) == 0
+    assert sweep_main([str(path)]) == 0
     assert "set aside as latest.ckpt.corrupt-1, resuming from fit/checkpoints/last.ckpt" in capsys.readouterr().err
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "done" and st["commands"]["fit"]["resumed_from"] == str(run / "fit/checkpoints/last.ckpt")

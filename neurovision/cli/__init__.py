@@ -364,35 +364,6 @@ def _text(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    out = []
-    for i, a in enumerate(argv):
-        if a in ("-c", "--config") and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif a.startswith("--config="):
-            out.append(a.split("=", 1)[1])
-    return out
-
-
-def where_given(key: str, argv: list[str]) -> str:
-    """Where the user set ``key`` (dotted): the flag when one sets it, else the last ``-c`` YAML file holding it."""
-    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
-        return f"flag --{key}"
-    import yaml
-
-    for f in reversed(_config_files(argv)):
-        try:
-            node: Any = yaml.safe_load(Path(f).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        for part in key.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            return f"in {f}"
-    return ""
-
-
-_MISSING = object()
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
           "- Expected a <class 'NoneType'>", "tip:")
 
@@ -403,7 +374,9 @@ def _condense_parse_error(message: str, argv: list[str]) -> str:
     if message.startswith("Problems parsing config"):  # a YAML syntax error: which -c file (jsonargparse says none)
         import yaml
 
-        for f in _config_files(argv):
+        from neurovision.runs.argv import config_files
+
+        for f in config_files(argv):
             try:
                 yaml.safe_load(Path(f).read_text())
             except yaml.YAMLError as e:
@@ -432,6 +405,8 @@ def _condense_parse_error(message: str, argv: list[str]) -> str:
         if m:
             keys.append(m.group(1))
         key = ".".join(keys).removesuffix(".init_args")
+        from neurovision.runs.argv import where_given
+
         where = where_given(key, argv) if key else ""
         return f"{key}: {t}" + (f" ({where})" if where else "") if key else t
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
@@ -462,7 +437,7 @@ MOVED = {
     "teachers": "pretrained.teachers", "reconstruction": "pretrained.unclip", "llm": "pretrained.llm",
     "interpretation": "localization.maps", "teacher_training": "tiny.teachers", "unclip_training": "tiny.unclip",
     "sweep": "runs.sweep", "report": "runs.report", "beta_sweep": "runs.beta_figures",
-    "checkpoints": "runs.checkpoints", "lightning_cli": "cli.lightning", "checked_cli": "cli.checked",
+    "checkpoints": "runs.checkpoints", "lightning_cli": "runs.lightning", "checked_cli": "runs.lightning",
     "cli_habits": "cli.habits", "_compat": "cli.environment",
 }
 _MOVED_RE = re.compile(r"(?:neurovision\.([\w.]+)|module 'neurovision' has no attribute '(\w+)')")
@@ -495,7 +470,7 @@ def user_error(e: BaseException, argv: list[str]) -> str | None:
     """
     from argparse import ArgumentError
 
-    if isinstance(e, ArgumentError):  # jsonargparse parse errors (exit_on_error=False: see checked_cli)
+    if isinstance(e, ArgumentError):  # jsonargparse parse errors (exit_on_error=False: see runs.lightning.CheckedCLI)
         return moved_hint(_short(_condense_parse_error(e.message, argv)))
     x: BaseException | None = e
     for _ in range(32):  # a cause chain is short; a cycle must not hang the error report
@@ -542,7 +517,7 @@ def main(args: list[str] | None = None) -> int:
         if cmd in tools:
             return tools[cmd](argv[1:])
         if cmd == "sweep":
-            from neurovision.runs.sweep import main as sweep_main
+            from neurovision.cli.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
         if cmd == "encode":
@@ -554,7 +529,7 @@ def main(args: list[str] | None = None) -> int:
 
             return report_main(argv[1:])
         if cmd in TRAINER_COMMANDS or cmd.startswith("-"):
-            from neurovision.cli.checked import CheckedCLI
+            from neurovision.runs.lightning import CheckedCLI
 
             CheckedCLI(args=None if args is None else argv)
             return 0

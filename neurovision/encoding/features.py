@@ -353,7 +353,8 @@ def _run_network(dm: StimulusDataModule, network: FeatureNetwork, group: h5py.Gr
     if trainer.world_size != 1:
         raise ValueError(f"extract_features runs on one device (got devices={devices!r}, world size "
                          f"{trainer.world_size})")
-    trainer.predict(FeatureExtractor(network), datamodule=dm, return_predictions=False)
+    store = dm.store if isinstance(dm.store, EventStore) else None
+    trainer.predict(FeatureExtractor(network, store), datamodule=dm, return_predictions=False)
     if writer.offset != len(dm.items[0]):
         raise RuntimeError(f"{owner}: feature extraction returned {writer.offset} of {len(dm.items[0])} items")
 

@@ -4,7 +4,7 @@
 Which file resumes
     A monitored ``ModelCheckpoint`` (the stage YAMLs monitor a validation metric) writes ``last.ckpt`` only when
     a top-k checkpoint is saved (Lightning 2.6), so its ``last.ckpt`` is the *best* epoch, not the latest one.
-    :class:`LatestCheckpoint` (installed by :class:`~neurovision.cli.lightning.NeuroVisionCLI` for every ``fit``)
+    :class:`LatestCheckpoint` (installed by :class:`~neurovision.runs.lightning.NeuroVisionCLI` for every ``fit``)
     rewrites ``<checkpoint dir>/latest.ckpt`` at the end of every training epoch: the newest complete state.
     ``--ckpt_path=last`` resolves to the ``latest.ckpt`` of the newest run folder (``<save_dir>/<name>/version_N``
     with the highest N that holds a complete checkpoint; a run from before ``latest.ckpt`` existed: its newest

@@ -18,6 +18,7 @@ every call (written beside, then swapped in), so re-aggregating a sweep does not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
+DIGEST_FILE = ".inputs.sha256"  # what the view was written from
 TABLE_COLUMNS = {"run", "seed", "metric", "value"}
 #: status.json state -> tensorboard.plugins.hparams.api_pb2.Status name
 STATES = {"done": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_ABORTED",
@@ -141,6 +143,14 @@ def write_hparams(sweep_out: str | os.PathLike[str]) -> Path:
     hparams = {k: hp.HParam(k, hp.Discrete(sorted(vs, key=str))) for k, vs in domains.items()}
     metric_names = list(dict.fromkeys(m for _, _, metrics, _ in sessions for m in metrics))
 
+    # the view is a function of these inputs: unchanged inputs leave the folder (and its files' times) as it is,
+    # so re-running a finished sweep touches nothing
+    digest = hashlib.sha256(json.dumps([[n, o, m, s.get("state"), s.get("started"), s.get("updated")]
+                                        for n, o, m, s in sessions], sort_keys=True, default=str).encode()).hexdigest()
+    target = out / TENSORBOARD_DIR
+    stamp = target / DIGEST_FILE
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{TENSORBOARD_DIR}.", dir=out))
     try:
         with SummaryWriter(str(tmp)) as w:
@@ -159,7 +169,7 @@ def write_hparams(sweep_out: str | os.PathLike[str]) -> Path:
                     status=api_pb2.Status.Value(state), end_time_secs=_epoch(status.get("updated")) or 0.0))
                 w.file_writer.add_summary(Summary(value=[Summary.Value(
                     tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))]))
-        target = out / TENSORBOARD_DIR
+        (tmp / DIGEST_FILE).write_text(digest + "\n")
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

@@ -31,7 +31,7 @@ class BaseTask(L.LightningModule):
     ``IMMUTABLE_HPARAMS``: init args that cannot change after training (architecture; each task sets its own, paths
     such as ``llm`` or ``stage1`` are locations and may move); with ``--ckpt_path`` the CLI refuses a config that gives them other values than the checkpoint's (``data_spec`` always counts).
     Every other init arg given on the command line or in a ``-c`` file applies to the run; one given nowhere
-    takes the checkpoint's value (see :class:`neurovision.cli.lightning.NeuroVisionCLI`).
+    takes the checkpoint's value (see :class:`neurovision.runs.lightning.NeuroVisionCLI`).
     """
 
     IMMUTABLE_HPARAMS: ClassVar[tuple[str, ...]] = ()

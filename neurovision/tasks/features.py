@@ -15,19 +15,18 @@ __all__ = ["FeatureExtractor"]
 
 class FeatureExtractor(L.LightningModule):
     """Runs a feature network in ``Trainer.predict``; each step returns ``{"frame_index", "sentence_index",
-    "features": {layer: float32 (B, D) on the CPU}}``. The network gets ``setup_store`` with the datamodule's
-    store (when it has one) at setup."""
+    "features": {layer: float32 (B, D) on the CPU}}``. A network with ``setup_store`` gets ``store`` (the events
+    store its datamodule reads, handed in by the caller: the task does not reach into ``trainer.datamodule``) at
+    setup."""
 
-    def __init__(self, network: FeatureNetwork) -> None:
+    def __init__(self, network: FeatureNetwork, store: EventStore | None = None) -> None:
         super().__init__()
         self.network = network
+        self.store = store
 
     def setup(self, stage: str) -> None:
-        trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        store = getattr(dm, "store", None)
-        if isinstance(store, EventStore) and hasattr(self.network, "setup_store"):
-            self.network.setup_store(store)
+        if self.store is not None and hasattr(self.network, "setup_store"):
+            self.network.setup_store(self.store)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         feats = self.network.extract(batch)

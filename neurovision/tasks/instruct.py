@@ -138,7 +138,7 @@ class InstructTask(BaseTask):
         if phase == "lora" and lora is None:
             raise ValueError("model.init_args.phase='lora' needs model.init_args.lora (class_path: peft.LoraConfig)")
         # the paths before anything is built (the LLM's is load_llm's; `neurovision fit` checks all of them
-        # before any class is built: neurovision.cli.checked)
+        # before any class is built: neurovision.runs.lightning)
         if not Path(stage1).is_file():
             raise FileNotFoundError(f"{stage1}: stage-1 checkpoint does not exist (YAML key model.init_args.stage1)")
         for key, path in (("init_from", init_from), ("adapter", adapter)):

@@ -120,7 +120,6 @@ started), 130 the sweep itself was interrupted (Ctrl-C, SIGTERM).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -193,8 +192,8 @@ __all__ = [
     "AFTER_HOOKS", "LATEST", "LAUNCHERS", "SLURM_KEYS", "SWEEP_KEYS", "TABLE_FIELDS", "TRAINER_COMMANDS", "Launcher",
     "Plan", "ResumePoint", "Run", "RunJob", "Runner", "Sweep", "SweepError", "after_function", "aggregate",
     "base_argv", "checkpoint_problem", "cli_value", "cmd_done", "combine_tables", "command_argv", "commands_todo",
-    "describe", "device_args", "expand", "final_metrics", "format_summary", "gpu_groups", "launch",
-    "lightning_parser", "load_launcher", "load_sweep", "logger_args", "main", "metric_columns", "metric_selected",
+    "describe", "device_args", "execute", "expand", "final_metrics", "format_summary", "gpu_groups", "launch",
+    "lightning_parser", "load_launcher", "load_sweep", "logger_args", "metric_columns", "metric_selected",
     "older_checkpoint", "override_keys", "parse", "plan_run", "prepare_runs", "read_status", "register_after",
     "resume_ckpt", "resume_point", "run_after", "run_done", "run_name", "run_sweep", "sbatch_script", "short_names",
     "spec_of", "write_json", "write_table",
@@ -203,48 +202,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from neurovision.cli.habits import argparse_parser
-
-    p = argparse_parser(prog="neurovision sweep", description="reproducible ablation sweeps of "
-                        "LightningCLI runs: grid x runs x seeds, resumable, aggregated to CSV, here or on SLURM",
-                        epilog="The sweep file format: see `python -c 'import neurovision.runs.sweep as s; "
-                        "help(s)'` or docs/sweeps.md.")
-    p.add_argument("sweep", help="sweep YAML")
-    p.add_argument("--out", default=None, help="output folder (default: the sweep's out, else runs/sweeps/<stem>)")
-    p.add_argument("--parallel", type=int, default=1, help="local launcher: runs at once (default 1); with CUDA "
-                   "GPUs each gets its own CUDA_VISIBLE_DEVICES, round robin (with the sweep's devices_per_run: n "
-                   "GPUs each)")
-    p.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their state (slurm: and "
-                   "the sbatch scripts); run nothing")
-    p.add_argument("--aggregate_only", "--aggregate-only", action="store_true", help="only rebuild the tables")
-    return p
-
-
-def main(args: list[str] | None = None) -> int:
-    ns = _parser().parse_args(sys.argv[1:] if args is None else args)
-    try:
-        return _main(ns)
-    except SweepError as e:
-        print(f"neurovision sweep: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(ns: argparse.Namespace) -> int:
-    sweep = load_sweep(ns.sweep)
-    if ns.parallel < 1:
+def execute(sweep_file: str | Path, out: str | Path | None = None, parallel: int = 1, dry_run: bool = False,
+            aggregate_only: bool = False) -> int:
+    """What ``neurovision sweep`` does: check every run's overrides, then run what is not done (or only list it,
+    ``dry_run``; or only rebuild the tables, ``aggregate_only``); the exit status. Raises :class:`SweepError` (one
+    message naming the file and field) before anything runs when the sweep is not valid."""
+    sweep = load_sweep(sweep_file)
+    if parallel < 1:
         raise SweepError("--parallel must be at least 1")
     slurm = sweep.launcher.name == "slurm"
-    if slurm and ns.parallel > 1:
+    if slurm and parallel > 1:
         raise SweepError(f"{sweep.path}: --parallel is the local launcher's; the slurm launcher runs "
                          "launcher.array_parallelism tasks of an array at once")
-    out = Path(ns.out or sweep.out or Path("runs") / "sweeps" / sweep.path.stem).resolve()
+    out = Path(out or sweep.out or Path("runs") / "sweeps" / sweep.path.stem).resolve()
     runs = expand(sweep, out)
     keys = override_keys(sweep)
-    if ns.aggregate_only or sweep.aggregate_only:
+    if aggregate_only or sweep.aggregate_only:
         tables = aggregate(sweep, runs, out)
         print(format_summary(tables))
         print(f"tables: {out / 'results.csv'}, {out / 'summary.csv'}")
+        _hparams(out)
         return 0 if run_after(sweep, out) else 1
     statuses = {r.name: read_status(r.dir) for r in runs}
     changed = [r.name for r in runs if (st := statuses[r.name]) and st.get("spec") not in (None, spec_of(sweep, r))]
@@ -261,14 +238,14 @@ def _main(ns: argparse.Namespace) -> int:
             errors.append(str(e))
     if errors:
         raise SweepError("\n".join(errors[:3]) + (f"\n(and {len(errors) - 3} more runs)" if len(errors) > 3 else ""))
-    if ns.dry_run:
-        _dry_run(sweep, runs, todo, statuses, out, ns.parallel)
+    if dry_run:
+        _dry_run(sweep, runs, todo, statuses, out, parallel)
         return 0
 
     if slurm:
         launch.require_sbatch(sweep)
-    gpus = launch.visible_gpus() if not slurm and (ns.parallel > 1 or sweep.devices_per_run is not None) else []
-    groups = gpu_groups(gpus, ns.parallel, sweep.devices_per_run)  # SweepError before anything starts
+    gpus = launch.visible_gpus() if not slurm and (parallel > 1 or sweep.devices_per_run is not None) else []
+    groups = gpu_groups(gpus, parallel, sweep.devices_per_run)  # SweepError before anything starts
     out.mkdir(parents=True, exist_ok=True)
     import fcntl
 
@@ -278,9 +255,20 @@ def _main(ns: argparse.Namespace) -> int:
     except BlockingIOError:
         raise SweepError(f"{out}: another sweep is running in this folder") from None
     try:
-        return run_sweep(sweep, runs, todo, plans, out, ns.parallel, groups)
+        return run_sweep(sweep, runs, todo, plans, out, parallel, groups)
     finally:
         lock.close()
+
+
+def _hparams(out: Path) -> None:
+    """The sweep's TensorBoard HParams view (``tensorboard --logdir <out>/tensorboard``), rebuilt with the tables;
+    a problem is reported and the sweep goes on (the tables are written)."""
+    from neurovision.runs.hparams import write_hparams
+
+    try:
+        log.info("HParams: %s", write_hparams(out))
+    except (OSError, ValueError) as e:
+        log.warning("neurovision sweep: no HParams view: %s", e)
 
 
 def _dry_run(sweep: Sweep, runs: list[Run], todo: list[Run], statuses: dict[str, Any], out: Path,
@@ -322,6 +310,7 @@ def run_sweep(sweep: Sweep, runs: list[Run], todo: list[Run], plans: dict[str, P
     print(f"tables: {out / 'results.csv'}, {out / 'summary.csv'}")
     for name in tables["no_metrics"]:
         log.warning("warning: run %s logged no metric matching %s", name, sweep.metrics)
+    _hparams(out)
     after_ok = run_after(sweep, out)
     failed = [r for r in runs if (finals.get(r.name) or {}).get("state") == "failed"]
     stopped = [r for r in runs if (finals.get(r.name) or {}).get("state") == "interrupted"]

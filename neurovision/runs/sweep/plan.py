@@ -216,7 +216,7 @@ def lightning_parser() -> Any:
     global _PARSER
     with _PARSER_LOCK:
         if _PARSER is None:
-            from neurovision.cli.lightning import NeuroVisionCLI
+            from neurovision.runs.lightning import NeuroVisionCLI
 
             class _ParseOnly(NeuroVisionCLI):
                 def parse_arguments(self, parser: Any, args: Any) -> None:
