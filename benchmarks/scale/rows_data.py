@@ -761,7 +761,7 @@ def row_encoding_fit(args: argparse.Namespace) -> Row:
         f"T^{k_time:.2f}, FLOPs ~ T^{k_flops:.2f}), peak RSS {p2:.2f} GB (memory model: {ram_meas_model:.2f} GB)",
         f"FLOPs counted (FlopCounterMode): {r1['flops'] / 1e9:.1f} / {r2['flops'] / 1e9:.1f} G -> {fixed / 1e9:.2f} G "
         f"fixed + {per_t / 1e6:.2f} M per target; the cost model (_downdate_flops: Gram 2nr², downdates and "
-        f"projections 4nr², per target 2nr + {ENC_INNER} x (2r² + {ENC_ALPHAS} x 2 min(n_b, r) r) + 4r² "
+        f"projections 4nr², per target 2nr + {ENC_INNER} x (2r² + {ENC_ALPHAS} x 2 min(n_b, r) (r + 1)) + 4r² "
         f"[+ 2 n_b r when n_b > r]) gives x {c_fixed:.3f} / x {c_per_t:.3f} of that",
         f"one subject, one model layer: {Ef:,} events x {Tf:,} targets ({Scale.bt_electrodes // Scale.bt_subjects} "
         f"electrodes x {Scale.bt_bins} bins): {f_lo} features {cnt_lo / 1e12:.1f} TFLOP counted + "
