@@ -20,15 +20,15 @@ reason. Where each number comes from (the Makefile's `demo` recipe):
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neurovision.runs.report import (
+from neurovision.runs.report import (  # noqa: E402
     Unreadable,
     best_beta,
     encoding_scores,
+    finite_float,
     last_test_metrics,
     read_json_object,
 )
@@ -36,16 +36,8 @@ from neurovision.runs.report import (
 NOT_RUN = "not run"
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
-    f = _num(v)
+    f = finite_float(v)
     if f is None:
         return NOT_RUN
     return f"{100 * f:.1f} %" if pct else f"{f:.{digits}f}"

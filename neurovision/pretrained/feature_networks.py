@@ -181,6 +181,22 @@ class FeatureNetwork(torch.nn.Module):
         raise NotImplementedError
 
 
+def fuse_pair(img: torch.Tensor, txt: torch.Tensor, fusion: str) -> torch.Tensor:
+    """The multimodal feature of a (frame, sentence) pair from its image and text embeddings: ``concat``,
+    ``product`` (elementwise), or both with the embeddings (``concat_product``, any other value)."""
+    if fusion == "concat":
+        return torch.cat([img, txt], 1)
+    if fusion == "product":
+        return img * txt
+    return torch.cat([img, txt, img * txt], 1)
+
+
+def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T, D) token states -> (B, D) float: the first (CLS) token for ``cls``, else the mean over ``mask``."""
+    h = h.float()
+    return h[:, 0] if pooling == "cls" else _pool(h, len(h), mask)
+
+
 class OpenClipNetwork(FeatureNetwork):
     """An ``open_clip`` CLIP model as a vision, language or multimodal feature space.
 
@@ -275,12 +291,8 @@ class OpenClipNetwork(FeatureNetwork):
         return _normalise(x, pp["mean"], pp["std"])
 
     def fuse(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        """The multimodal pair feature of (normalised) image and text embeddings."""
-        if self.fusion == "concat":
-            return torch.cat([img, txt], 1)
-        if self.fusion == "product":
-            return img * txt
-        return torch.cat([img, txt, img * txt], 1)
+        """The multimodal pair feature of (normalised) image and text embeddings (:func:`fuse_pair`)."""
+        return fuse_pair(img, txt, self.fusion)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -528,10 +540,7 @@ class HFFusedNetwork(FeatureNetwork):
         return self._id
 
     def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = h.float()
-        if self.pooling == "cls":
-            return h[:, 0]
-        return _pool(h, len(h), mask)
+        return pool_tokens(h, mask, self.pooling)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -620,8 +629,7 @@ class HFCrossAttentionNetwork(FeatureNetwork):
         return self._id
 
     def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = h.float()
-        return h[:, 0] if self.pooling == "cls" else _pool(h, len(h), mask)
+        return pool_tokens(h, mask, self.pooling)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -762,11 +770,8 @@ class SlipNetwork(FeatureNetwork):
         return _normalise(x, self.MEAN, self.STD)
 
     def fuse(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        if self.fusion == "concat":
-            return torch.cat([img, txt], 1)
-        if self.fusion == "product":
-            return img * txt
-        return torch.cat([img, txt, img * txt], 1)
+        """The multimodal pair feature of (normalised) image and text embeddings (:func:`fuse_pair`)."""
+        return fuse_pair(img, txt, self.fusion)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

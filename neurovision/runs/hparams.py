@@ -29,6 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from neurovision.runs.report import read_json_object
+
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
@@ -72,16 +74,6 @@ def _label(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return f"{v:g}"
     return str(v)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
 
 
 def _uniform(sessions: list[dict[str, HParamValue]]) -> list[dict[str, HParamValue]]:
@@ -130,9 +122,9 @@ def write_hparams(sweep_out: str | os.PathLike[str]) -> Path:
     if stray:
         log.warning("%s: no run folder (overrides.json) for %s: left out of the HParams view", table, ", ".join(stray))
 
-    statuses = [_read_json(d / "status.json") if (d / "status.json").is_file() else {"state": "pending"}
+    statuses = [read_json_object(d / "status.json") or {"state": "pending"}
                 for d in run_dirs]
-    all_overrides = _uniform([{k: hparam_value(v) for k, v in _read_json(d / "overrides.json").items()}
+    all_overrides = _uniform([{k: hparam_value(v) for k, v in (read_json_object(d / "overrides.json") or {}).items()}
                               for d in run_dirs])
     sessions = [(d.name, o, run_metrics(results[results["run"].astype(str) == d.name]), st)
                 for d, o, st in zip(run_dirs, all_overrides, statuses, strict=True)]

@@ -84,7 +84,7 @@ class ReportError(ValueError):
     """Nothing recognisable to report (or a malformed input); the message names the directory."""
 
 
-class Unreadable(Exception):
+class Unreadable(ValueError):
     """A file that exists but does not hold what the chain writes (its message names the file)."""
 
 
@@ -208,7 +208,8 @@ def _isnan(v: Any) -> bool:
         return False
 
 
-def _num(v: Any) -> float | None:
+def finite_float(v: Any) -> float | None:
+    """``v`` as a finite float; None when it is not a number, NaN or infinite."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -333,7 +334,7 @@ def best_beta(path: Path, metric: str = BETA_SCORE) -> tuple[dict[str, str] | No
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise Unreadable(f"{path}: {e}") from None
-    scored = [r for r in rows if r.get("metric") == metric and _num(r.get("mean")) is not None]
+    scored = [r for r in rows if r.get("metric") == metric and finite_float(r.get("mean")) is not None]
     return (max(scored, key=lambda r: float(r["mean"])) if scored else None), rows
 
 
@@ -343,16 +344,16 @@ def encoding_scores(path: Path) -> dict[str, float | None] | None:
     if s is None:
         return None
     sets = s.get("event_sets") or {}
-    out = {name: _num(e.get("f1")) for name, e in sorted(sets.items()) if isinstance(e, dict)}
+    out = {name: finite_float(e.get("f1")) for name, e in sorted(sets.items()) if isinstance(e, dict)}
     if isinstance(s.get("all"), dict):
-        out["all"] = _num(s["all"].get("f1"))
+        out["all"] = finite_float(s["all"].get("f1"))
     return out
 
 
 def concept_r_mean(path: Path) -> tuple[float | None, int]:
     """Mean r (and the number of maps) of a ``concept_r.csv`` (``subject, concept, r``)."""
     with open(path, newline="") as f:
-        vals = [_num(r.get("r")) for r in csv.DictReader(f)]
+        vals = [finite_float(r.get("r")) for r in csv.DictReader(f)]
     nums = [v for v in vals if v is not None]
     return (sum(nums) / len(nums) if nums else None), len(nums)
 
@@ -754,7 +755,7 @@ def _sweep_rows(sweep: Path, root: Path) -> list[HeadlineRow]:
             return [HeadlineRow("stage3", name, f"best β ({BETA_SCORE})", "–", _rel(bt, root))]
         at = [r for r in rows if r.get("beta") == best.get("beta") and r.get("prompt") == best.get("prompt")
               and r.get("condition") == best.get("condition")]
-        scores = ", ".join(f"{r['metric']} {float(r['mean']):.3f}" for r in at if _num(r.get("mean")) is not None)
+        scores = ", ".join(f"{r['metric']} {float(r['mean']):.3f}" for r in at if finite_float(r.get("mean")) is not None)
         return [HeadlineRow("stage3", name, f"best β by mean CLIP two-way identification ({best.get('condition')}, "
                             f"{best.get('prompt')}; n = {best.get('n')})", f"β = {best.get('beta')}", _rel(bt, root)),
                 HeadlineRow("stage3", name, f"scores at β = {best.get('beta')}", scores, _rel(bt, root))]
