@@ -29,7 +29,7 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _sweep_folder(out: Path) -> dict[str, dict]:
-    """The layout ``neurovision sweep`` leaves (see neurovision/runs/sweep.py's docstring): a grid over ``dim`` and
+    """The layout ``neurovision sweep`` leaves (see neurovision/runs/sweep/__init__.py's docstring): a grid over ``dim`` and
     ``prompts`` (null or a file: mixed types), a β list per run (so results.csv has a ``beta`` column moved out
     of the metric names), two seeds, one run failed (no rows in results.csv). Returns the runs' specs."""
     runs: dict[str, dict] = {}
