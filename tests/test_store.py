@@ -116,7 +116,7 @@ def _raises_field(path: Path, field: str) -> StoreError:
 def test_round_trip_every_field(handmade: Path, content: dict[str, Any]) -> None:
     c = content
     s = Store(handmade)
-    assert s.attrs["schema"] == "neurovision.data.store" and s.attrs["schema_version"] == SCHEMA_VERSION
+    assert s.attrs["schema"] == "neurovision.store" and s.attrs["schema_version"] == SCHEMA_VERSION
     assert s.attrs["source"] == "handmade" and s.attrs["converter_version"] == "t-1"
     assert json.loads(s.attrs["options"]) == c["options"] and s.attrs["fingerprint"] == "fp-123"
     assert s.attrs["complete"] is True

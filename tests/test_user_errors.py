@@ -279,3 +279,12 @@ def test_a_yaml_naming_a_moved_module_is_told_where_it_went(tmp_path: Path, caps
     code = run_cli(["fit", "-c", str(ROOT / "experiments" / "stage1_vit3d.yaml"), "-c", str(old), "--print_config"])
     err = assert_user_error(code, capsys, str(old), "model.init_args.clip_teacher")
     assert f"moved to {new}" in err
+
+
+def test_a_sweep_naming_a_moved_after_hook_is_told_where_it_went(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old = tmp_path / "old_beta.yaml"
+    old.write_text((ROOT / "experiments" / "sweeps" / "beta.yaml").read_text().replace(
+        "after: [neurovision.runs.beta_figures.figures]", "after: [neurovision.beta_sweep.figures]"))
+    code = run_cli(["sweep", str(old), "--dry_run"])
+    err = assert_user_error(code, capsys, str(old), "after")
+    assert "neurovision.beta_sweep moved to neurovision.runs.beta_figures" in err

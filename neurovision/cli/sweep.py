@@ -33,5 +33,7 @@ def main(args: list[str] | None = None) -> int:
     try:
         return execute(ns.sweep, ns.out, ns.parallel, ns.dry_run, ns.aggregate_only)
     except SweepError as e:
-        print(f"neurovision sweep: error: {e}", file=sys.stderr)
+        from neurovision.cli import moved_hint
+
+        print(f"neurovision sweep: error: {moved_hint(str(e))}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ One file per dataset, written once by ``neurovision prepare <source>`` through :
 (temp file + atomic rename) and read by :class:`Store`, which validates the schema on open and names the
 offending file and field on any mismatch. Layout (``SCHEMA_VERSION`` 2)::
 
-    /                       attrs: schema="neurovision.data.store", schema_version, source, converter_version,
+    /                       attrs: schema="neurovision.store", schema_version, source, converter_version,
                                    options (JSON), fingerprint, created, complete
     /grid                   attrs: shape (3,), padded_shape (3,), patch_size
       active_index          int64 (A,)    flat index of each active patch in the padded patch grid (C order)
@@ -61,7 +61,7 @@ import numpy as np
 
 from neurovision.data.atomic import atomic_path, remove_stale_partials
 
-SCHEMA = "neurovision.data.store"
+SCHEMA = "neurovision.store"  # the file format's name (not the module's: files written before the layout change keep it)
 #: 2: every numeric dataset chunked with a Fletcher32 checksum (version 1 files had none)
 SCHEMA_VERSION = 2
 #: ``create_dataset`` keywords of a checksummed dataset (HDF5 verifies the checksum of every chunk it reads)
