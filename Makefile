@@ -57,7 +57,7 @@ DEMO_LLM_STEPS ?= 150
 LLM_THREADS := 1
 # stage 1 with the read-out of 64 principal components (docs/stage1.md); stage 2 with the stage-1 CLIP prediction
 # as one more fMRI token (`clip_token`, docs/stage2.md): what lets the quick chain's 4 epochs and few hundred
-# stage-2 batches meet issue 19's bars. With these budgets `make demo` took 14.7 min on an idle 2-core machine,
+# stage-2 batches meet issue 19's bars. With these budgets `make demo` took 15.6 min on an idle 2-core machine,
 # venv installed (docs/results.md, "make demo (quick chain)").
 DEMO_S1_EPOCHS ?= 4
 DEMO_S2_A_BATCHES ?= 300
