@@ -499,7 +499,21 @@ class HFTextNetwork(FeatureNetwork):
         return out
 
 
-class HFFusedNetwork(FeatureNetwork):
+class HFPairNetwork(FeatureNetwork):
+    """What the transformers image-text networks share: the model id their loader builds and token pooling."""
+
+    _id: str
+    pooling: str
+
+    @property
+    def model_id(self) -> str:
+        return self._id
+
+    def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return pool_tokens(h, mask, self.pooling)
+
+
+class HFFusedNetwork(HFPairNetwork):
     """A fused image-text model from transformers (FLAVA: a multimodal encoder attending over both towers) as a
     multimodal feature space of (frame, sentence) pairs.
 
@@ -534,13 +548,6 @@ class HFFusedNetwork(FeatureNetwork):
         hooked = [n for n in self.layers if n not in self._OUTPUTS]
         check_module_names(self.model, hooked, "HFFusedNetwork")
         self._id = f"{head}|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}"
-
-    @property
-    def model_id(self) -> str:
-        return self._id
-
-    def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return pool_tokens(h, mask, self.pooling)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -587,7 +594,7 @@ def _cross_attention_class(config: Any) -> Any:
     return getattr(transformers, HFCrossAttentionNetwork.CLASSES[model_type])
 
 
-class HFCrossAttentionNetwork(FeatureNetwork):
+class HFCrossAttentionNetwork(HFPairNetwork):
     """An ALBEF / BLIP-style image-text model from transformers (an image encoder, and a text encoder whose
     layers cross-attend to the image tokens) as a multimodal feature space of (frame, sentence) pairs.
 
@@ -623,13 +630,6 @@ class HFCrossAttentionNetwork(FeatureNetwork):
         self._hooked = [n for n in self.layers if n not in self._OUTPUTS]
         check_module_names(self.model, self._hooked, "HFCrossAttentionNetwork")
         self._id = f"{head}|layers={','.join(self.layers)}|pooling={self.pooling}|max_length={self.max_length}"
-
-    @property
-    def model_id(self) -> str:
-        return self._id
-
-    def _pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return pool_tokens(h, mask, self.pooling)
 
     @torch.no_grad()
     def extract(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -868,6 +868,6 @@ class PhantomOracle(FeatureNetwork):
 
 
 __all__ = [
-    "FeatureNetwork", "HFCrossAttentionNetwork", "HFFusedNetwork", "HFTextNetwork", "MODALITIES", "Modality",
-    "OpenClipNetwork", "PhantomOracle", "SlipNetwork", "TimmVisionNetwork", "check_modality",
+    "FeatureNetwork", "HFCrossAttentionNetwork", "HFFusedNetwork", "HFPairNetwork", "HFTextNetwork", "MODALITIES", "Modality",
+    "OpenClipNetwork", "PhantomOracle", "SlipNetwork", "TimmVisionNetwork", "check_modality", "fuse_pair", "pool_tokens",
 ]
