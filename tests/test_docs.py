@@ -88,6 +88,14 @@ def test_relative_links_point_at_existing_files(page: Path) -> None:
     assert not bad, f"{page.relative_to(ROOT)}: dead links:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_site_pages_link_only_inside_the_site(page: Path) -> None:
+    """mkdocs serves docs/ only: a page's relative link out of it is dead on the site (`--strict` refuses it)."""
+    outside = [link for link in _relative_links(page)
+               if link.partition("#")[0] and not (page.parent / link.partition("#")[0]).resolve().is_relative_to(DOCS)]
+    assert not outside, f"{page.relative_to(ROOT)}: links outside docs/ (name the file in `code` instead): {outside}"
+
+
 def test_every_page_is_in_the_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     missing = [p.name for p in PAGES if not re.search(rf":\s*{re.escape(p.name)}\s*$", nav, re.M)]

@@ -63,8 +63,10 @@ class UnCLIPReconstructor(torch.nn.Module):
             ``[image embedding, noise-level embedding]`` (twice the CLIP dimension), as in Stable unCLIP.
         scheduler: the sampling scheduler (DDIM, DPM-Solver, …; any diffusers scheduler with
             ``set_timesteps``/``add_noise``/``step``).
-        text_encoder, tokenizer: ``transformers`` CLIP text model + tokenizer (prompt conditioning).
-        image_normalizer, image_noising_scheduler: unCLIP's embedding noise augmentation (``noise_level``).
+        text_encoder: the ``transformers`` CLIP text model (prompt conditioning).
+        tokenizer: its tokenizer.
+        image_normalizer: unCLIP's embedding normaliser for the noise augmentation (``noise_level``).
+        image_noising_scheduler: the scheduler that noises the image embedding (``noise_level``).
         meta: what the tiny trainer recorded (e.g. ``clip_norm``, the mean norm of its training embeddings).
     """
 
