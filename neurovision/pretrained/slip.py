@@ -121,39 +121,6 @@ def slip_arch(model: str, state_dict: Mapping[str, torch.Tensor] | None = None) 
     return arch
 
 
-class _QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class _Block(nn.Module):
-    """OpenAI CLIP's residual attention block (sequence-first), with SLIP's parameter names."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", _QuickGELU()),
-                                              ("c_proj", nn.Linear(width * 4, width))]))
-        self.ln_2 = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask.to(x.dtype))[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int) -> None:
-        super().__init__()
-        self.resblocks = nn.ModuleList([_Block(width, heads) for _ in range(layers)])
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, mask)
-        return x
-
-
 class SlipModel(nn.Module):
     """A SLIP-repository model (``visual``; CLIP/SLIP: the text tower and projections; SIMCLR/SLIP: ``image_mlp``),
     initialised as the repository does (call under a seeded generator for a reproducible random control)."""
@@ -167,7 +134,10 @@ class SlipModel(nn.Module):
                                         depth=arch.vision_depth, num_heads=arch.vision_heads,
                                         patch_size=arch.patch_size, img_size=arch.image_size)
         if arch.has_text:
-            self.transformer = _Transformer(arch.text_width, arch.text_layers, arch.text_heads)
+            from open_clip.transformer import QuickGELU, Transformer
+
+            # OpenAI CLIP's text transformer: open_clip's has SLIP's parameter names (resblocks.i.attn, .mlp.c_fc, ...)
+            self.transformer = Transformer(arch.text_width, arch.text_layers, arch.text_heads, act_layer=QuickGELU)
             self.token_embedding = nn.Embedding(arch.vocab_size, arch.text_width)
             self.positional_embedding = nn.Parameter(torch.empty(arch.context_length, arch.text_width))
             self.ln_final = nn.LayerNorm(arch.text_width)
@@ -200,7 +170,7 @@ class SlipModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """The projected text embedding at the end-of-text token (the highest id), not normalised."""
         x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.transformer(x.permute(1, 0, 2), cast(torch.Tensor, self.attn_mask)).permute(1, 0, 2)
+        x = self.transformer(x, attn_mask=cast(torch.Tensor, self.attn_mask))
         x = self.ln_final(x)
         return cast(torch.Tensor, x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection)
 

@@ -23,12 +23,11 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from neurovision.data.atomic import atomic_dir
 from neurovision.runs.report import read_json_object
 
 log = logging.getLogger(__name__)
@@ -143,8 +142,7 @@ def write_hparams(sweep_out: str | os.PathLike[str]) -> Path:
     stamp = target / DIGEST_FILE
     if stamp.is_file() and stamp.read_text().strip() == digest:
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TENSORBOARD_DIR}.", dir=out))
-    try:
+    with atomic_dir(target) as tmp:  # written whole, then renamed over the previous view
         with SummaryWriter(str(tmp)) as w:
             w.file_writer.add_summary(hp.hparams_config_pb(
                 hparams=list(hparams.values()), metrics=[hp.Metric(m, display_name=m) for m in metric_names]))
@@ -162,11 +160,6 @@ def write_hparams(sweep_out: str | os.PathLike[str]) -> Path:
                 w.file_writer.add_summary(Summary(value=[Summary.Value(
                     tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))]))
         (tmp / DIGEST_FILE).write_text(digest + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("HParams of %d runs (%d metrics): tensorboard --logdir %s", len(sessions), len(metric_names), out)
     return target
 

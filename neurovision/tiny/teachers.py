@@ -34,8 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from neurovision.data.atomic import atomic_path, shared_mode, write_json
+from neurovision.data.atomic import atomic_dir, atomic_path, shared_mode, write_json
 from neurovision.data.store import SPLITS, Store
 from neurovision.tiny.loop import (
     PassBatches,
@@ -385,22 +383,10 @@ def train_tiny_vae(
 
     target = out / VAE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{VAE_DIR}.", suffix=".partial", dir=out))
-    try:
+    with atomic_dir(target) as tmp:  # written whole, renamed over any previous VAE
         vae.save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors writes 0600
             os.chmod(f, shared_mode())
-        os.chmod(tmp, shared_mode(0o777))
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{VAE_DIR}.old.", dir=out))
-            os.replace(target, old / VAE_DIR)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
     metrics: dict[str, Any] = {
         "store": str(st.path), "n_images": n, "epochs": batches.epochs, "batch_size": batch_size, "lr": lr,
